@@ -1,0 +1,62 @@
+"""The paper's 3D U-Net, built with Keras 3 so it runs on TensorFlow, JAX or PyTorch.
+
+The paper's network has two 3x3x3 convolution + batch-norm + ReLU layers per
+block, 2x2x2 max-pooling, 64-128-256-512 filters down, a 1024-filter bridge,
+2x2x2 transposed-convolution up-sampling with skip concatenation, and a 1x1x1
+sigmoid output, trained with binary cross-entropy and Adam (1e-4).
+``build_unet(base_filters=64, depth=4)`` is exactly that network; smaller
+``base_filters`` and ``depth`` give CPU-friendly variants from the same code.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+PAPER_ARCHITECTURE = {"base_filters": 64, "depth": 4}
+
+
+def _conv_block(x, filters: int, name: str):
+    for n in (1, 2):
+        x = layers.Conv3D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{n}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{n}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{n}")(x)
+    return x
+
+
+def build_unet(patch_size: int = 64, base_filters: int = 64, depth: int = 4) -> keras.Model:
+    """Build the 3D U-Net for cubic ``patch_size`` sub-volumes with one channel.
+
+    ``depth`` is the number of 2x pooling steps; level ``n`` has
+    ``base_filters * 2**n`` filters and the bridge ``base_filters * 2**depth``.
+    ``patch_size`` must be divisible by ``2**depth``.
+    """
+    if depth < 1 or base_filters < 1:
+        raise ValueError("depth and base_filters must be positive")
+    if patch_size % (2**depth):
+        raise ValueError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
+    inputs = keras.Input((patch_size, patch_size, patch_size, 1), name="image")
+    x = inputs
+    skips = []
+    for level in range(depth):
+        x = _conv_block(x, base_filters * 2**level, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling3D(2, name=f"pool{level}")(x)
+    x = _conv_block(x, base_filters * 2**depth, "bridge")
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        x = layers.Conv3DTranspose(filters, 2, strides=2, name=f"up{level}_transpose")(x)
+        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = _conv_block(x, filters, f"up{level}")
+    outputs = layers.Conv3D(1, 1, activation="sigmoid", name="bone_probability", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=f"unet3d_f{base_filters}_d{depth}")
+
+
+def compile_unet(model: keras.Model, learning_rate: float = 1e-4) -> keras.Model:
+    """Compile with the paper's loss and optimiser: binary cross-entropy and Adam."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")],
+    )
+    return model

@@ -1,0 +1,58 @@
+"""Intensity normalisation, as a model's card describes it.
+
+MRI intensities have no fixed scale: this scan is 12-bit, other scanners and
+exports give 8-bit or floating-point values. A network only works on the
+scale it was trained on, so the normalisation is part of the model's card
+(``{"method": ..., parameters}``) and applied here, never hard-coded in the
+pipeline.
+
+Methods:
+
+``percentile`` (default)
+    Clip to the ``low``-th and ``high``-th percentiles of the volume and map
+    that range to [0, 1]. Robust to a few hot voxels and to the scanner's scale.
+``minmax``
+    Map the volume's minimum and maximum to [0, 1].
+``divide``
+    ``value / divisor``; with ``"to_uint8": true`` the volume is first
+    rescaled min-max to the integers 0..255, which reproduces the paper's
+    notebook (8-bit images divided by 255).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_NORMALIZATION = {"method": "percentile", "low": 0.5, "high": 99.5}
+
+# Percentiles of a strided sample are as good as of the whole volume and
+# 27 times cheaper on a 75-million-voxel scan.
+_PERCENTILE_SAMPLE_STEP = 3
+
+
+def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.ndarray:
+    """Return ``array`` as float32 normalised as ``spec`` says (see module doc)."""
+    spec = dict(DEFAULT_NORMALIZATION if spec is None else spec)
+    method = spec.pop("method", "percentile")
+    values = np.asarray(array, dtype=np.float32)
+    if method == "percentile":
+        sample = values[::_PERCENTILE_SAMPLE_STEP, ::_PERCENTILE_SAMPLE_STEP, ::_PERCENTILE_SAMPLE_STEP]
+        low, high = np.percentile(sample, [spec.get("low", 0.5), spec.get("high", 99.5)])
+        return _rescale(values, low, high, clip=True)
+    if method == "minmax":
+        return _rescale(values, values.min(), values.max(), clip=False)
+    if method == "divide":
+        if spec.get("to_uint8", False):
+            values = np.round(_rescale(values, values.min(), values.max(), clip=False) * 255.0)
+        return (values / np.float32(spec.get("divisor", 255.0))).astype(np.float32)
+    raise ValueError(f"unknown normalisation method {method!r}; use percentile, minmax or divide")
+
+
+def _rescale(values: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:
+    scale = float(high - low)
+    if scale <= 0:
+        return np.zeros_like(values, dtype=np.float32)
+    out = (values - np.float32(low)) / np.float32(scale)
+    if clip:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)

@@ -31,6 +31,9 @@ from pathlib import Path
 from .errors import ModelError
 from .normalization import DEFAULT_NORMALIZATION
 
+SHIPPED_MODEL = "kneeboneseg-compact.keras"
+MODEL_ENV = "KNEEBONESEG_MODEL"
+
 
 @dataclass
 class ModelCard:
@@ -67,6 +70,19 @@ class Model:
 def card_path(model_path: str | os.PathLike) -> Path:
     """The card's path for a model file: ``model.keras`` -> ``model.json``."""
     return Path(model_path).with_suffix(".json")
+
+
+def default_model_path() -> Path:
+    """The model used when none is given: ``$KNEEBONESEG_MODEL``, else the shipped one.
+
+    The shipped model lives in the repository's ``Resources/Models`` folder,
+    beside this package in a checkout, an editable install and the Slicer
+    extension alike.
+    """
+    override = os.environ.get(MODEL_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
 
 
 def default_card(network=None) -> ModelCard:

@@ -34,3 +34,41 @@ def sample_labels(sample_dir):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20251124)
+
+
+def knee_phantom(shape=(72, 64, 64), spacing=(0.5, 0.5, 0.5)):
+    """A bright three-bone 'knee' on a dark background, in an identity-direction LPS frame.
+
+    Returns ``(image, labels, geometry)``: femur (1) large and superior (high k,
+    LPS +z), tibia (2) below it, patella (3) small and anterior (low j, LPS -y).
+    """
+    from KneeBoneSegLib.volume import Geometry
+
+    k, j, i = np.indices(shape, dtype=float)
+    centre_i = shape[2] / 2
+
+    def ellipsoid(ck, cj, ci, rk, rj, ri):
+        return ((k - ck) / rk) ** 2 + ((j - cj) / rj) ** 2 + ((i - ci) / ri) ** 2 <= 1
+
+    labels = np.zeros(shape, np.uint8)
+    labels[ellipsoid(shape[0] * 0.72, shape[1] * 0.55, centre_i, 16, 14, 18)] = 1
+    labels[ellipsoid(shape[0] * 0.22, shape[1] * 0.55, centre_i, 12, 12, 16)] = 2
+    labels[ellipsoid(shape[0] * 0.55, shape[1] * 0.14, centre_i, 6, 4, 7)] = 3
+    image = np.where(labels > 0, 900.0, 100.0) + np.random.default_rng(7).normal(0, 20, shape)
+    return image.astype(np.float32), labels, Geometry(spacing, (-10.0, 20.0, -30.0))
+
+
+def threshold_network(patch_size: int = 16):
+    """A real Keras 3D model that calls a voxel bone when its normalised intensity is above 0.5.
+
+    It stands in for a trained U-Net where a test needs known, correct
+    predictions: same input and output contract, computed by Keras.
+    """
+    import keras
+
+    inputs = keras.Input((patch_size, patch_size, patch_size, 1))
+    layer = keras.layers.Conv3D(1, 1, activation="sigmoid")
+    outputs = layer(inputs)
+    network = keras.Model(inputs, outputs)
+    layer.set_weights([np.full((1, 1, 1, 1, 1), 40.0, np.float32), np.array([-20.0], np.float32)])
+    return network

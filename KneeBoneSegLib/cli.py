@@ -1,0 +1,227 @@
+"""The ``kneeboneseg`` command line: segment, postprocess, evaluate, train, info.
+
+Every sub-command calls the same library entry points as the Slicer module.
+A user error (bad path, unusable image, model that does not fit, output that
+exists) prints one line and exits with status 2; nothing partial is written.
+With ``--progress json`` progress goes to stdout as one JSON object per line,
+which is how the Slicer module follows a run in its background process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import KneeBoneSegError
+
+log = logging.getLogger("kneeboneseg")
+
+EXIT_USER_ERROR = 2
+
+
+class _Reporter:
+    """Shows progress as tqdm bars (text) or JSON lines (for a driving process)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.mode == "json":
+            print(json.dumps({"stage": stage, "fraction": round(fraction, 4)}), flush=True)
+            return
+        if self.mode != "text":
+            return
+        if stage != self._stage:
+            self.close()
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr, bar_format="{desc:<20} {bar} {n_fmt}%")
+            self._stage = stage
+        self._bar.n = int(round(100 * fraction))
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._stage = None
+
+    def finish(self, payload: dict) -> None:
+        self.close()
+        if self.mode == "json":
+            print(json.dumps({"done": True, **payload}), flush=True)
+
+    def error(self, message: str) -> None:
+        self.close()
+        if self.mode == "json":
+            print(json.dumps({"error": message}), flush=True)
+        print(f"kneeboneseg: error: {message}", file=sys.stderr)
+
+
+def _add_postprocess_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("post-processing")
+    group.add_argument("--closing-radius", type=float, default=9.0, help="sphere radius of the closing, 0 to skip (default: 9, as in the paper)")
+    group.add_argument("--closing-units", choices=("voxels", "mm"), default="voxels", help="units of --closing-radius (default: voxels)")
+    group.add_argument("--smoothing-iterations", type=int, default=None, help="Laplacian smoothing iterations of the surfaces")
+    group.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is bone (default: 0.5)")
+    group.add_argument("--no-surfaces", action="store_true", help="skip the surfaces and STL files")
+    group.add_argument("--nifti", action="store_true", help="also write the label map as labels.nii.gz")
+    group.add_argument("--overwrite", action="store_true", help="replace the outputs in an existing, non-empty OUTDIR")
+    group.add_argument("--progress", choices=("text", "json", "none"), default="text", help="progress display (json: one object per line on stdout)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import AGGREGATIONS, FUSIONS
+
+    parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = commands.add_parser("segment", help="segment femur, tibia and patella in a knee MRI")
+    seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
+    seg.add_argument("--model", type=Path, default=None, help="trained .keras model with its .json card (default: the shipped model)")
+    seg.add_argument("--projections", type=int, choices=(1, 3), default=3, help="predict on 1 (axial) or 3 projections (default: 3)")
+    seg.add_argument("--fusion", choices=FUSIONS, default="mean", help="how projections are fused (or: paper; default: mean)")
+    seg.add_argument("--aggregate", choices=AGGREGATIONS, default="mean", help="how overlapping sub-volumes are merged (or: paper; default: mean)")
+    seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs (default: auto)")
+    seg.add_argument("--batch-size", type=int, default=2, help="sub-volumes per network call")
+    seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
+    _add_postprocess_options(seg)
+
+    post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
+    post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
+    post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _add_postprocess_options(post)
+
+    evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
+    evaluate.add_argument("prediction", type=Path)
+    evaluate.add_argument("reference", type=Path)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all")
+
+    train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
+    from .training import add_arguments as add_training_arguments
+
+    add_training_arguments(train)
+
+    commands.add_parser("info", help="versions, compute devices and the default model's card")
+    return parser
+
+
+def _options_from_args(args) -> "SegmentOptions":
+    from .pipeline import SegmentOptions
+
+    options = SegmentOptions(
+        closing_radius=args.closing_radius,
+        closing_units=args.closing_units,
+        threshold=args.threshold,
+        surfaces=not args.no_surfaces,
+    )
+    if args.smoothing_iterations is not None:
+        options.smoothing_iterations = args.smoothing_iterations
+    for name in ("projections", "fusion", "aggregate", "device", "batch_size"):
+        if hasattr(args, name):
+            setattr(options, name, getattr(args, name))
+    return options.validate()
+
+
+def _run_segment(args, reporter: _Reporter) -> dict:
+    from .io import read_volume
+    from .models import default_model_path, load_model
+    from .outputs import write_outputs
+    from .pipeline import segment
+
+    options = _options_from_args(args)
+    volume = read_volume(args.input)
+    model = load_model(args.model or default_model_path())
+    result = segment(volume, model, options, progress=reporter)
+    result.report["input"] = str(args.input)
+    return write_outputs(
+        result,
+        args.output,
+        overwrite=args.overwrite,
+        inputs=[args.input, model.path],
+        nifti=args.nifti,
+        probability=args.save_probability,
+    )
+
+
+def _run_postprocess(args, reporter: _Reporter) -> dict:
+    from .io import read_mask
+    from .outputs import write_outputs
+    from .pipeline import postprocess
+
+    options = _options_from_args(args)
+    result = postprocess(read_mask(args.mask), options, progress=reporter)
+    result.report["input"] = str(args.mask)
+    return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask], nifti=args.nifti)
+
+
+def _run_evaluate(args) -> None:
+    from .io import read_volume
+    from .metrics import evaluate_labels, format_metrics_table
+
+    prediction, reference = read_volume(args.prediction), read_volume(args.reference)
+    if prediction.array.shape != reference.array.shape:
+        raise KneeBoneSegError(
+            f"{args.prediction} has {prediction.shape_ijk} voxels but {args.reference} has {reference.shape_ijk}; "
+            "evaluate needs both on the same grid"
+        )
+    metrics = evaluate_labels(prediction.array, reference.array, reference.geometry.spacing)
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
+
+
+def _run_info() -> None:
+    from . import __version__
+    from .devices import describe_devices
+    from .models import default_model_path
+    from .pipeline import _versions
+
+    info = {"kneeboneseg": __version__, "versions": _versions(), "devices": describe_devices()}
+    model_path = default_model_path()
+    card_file = model_path.with_suffix(".json")
+    info["default_model"] = {"path": str(model_path), "card": json.loads(card_file.read_text()) if card_file.is_file() else None}
+    print(json.dumps(info, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    reporter = _Reporter(getattr(args, "progress", "none"))
+    start = time.perf_counter()
+    try:
+        if args.command == "segment":
+            written = _run_segment(args, reporter)
+        elif args.command == "postprocess":
+            written = _run_postprocess(args, reporter)
+        elif args.command == "evaluate":
+            _run_evaluate(args)
+            return 0
+        elif args.command == "train":
+            from .training import config_from_args, train
+
+            train(config_from_args(args))
+            return 0
+        else:
+            _run_info()
+            return 0
+    except KneeBoneSegError as error:
+        reporter.error(str(error))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        reporter.error("interrupted; nothing was written")
+        return 130
+    reporter.finish({"outputs": written["files"], "seconds": round(time.perf_counter() - start, 1)})
+    if reporter.mode != "json":
+        print(written["summary_line"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Sub-volume inference: tile a volume, predict the tiles in batches, put them back.
+
+The paper tiles the volume into 64-voxel cubes with a stride of 32, padding it
+to fit. The tile grid is a :func:`skimage.util.view_as_windows` view (the
+``patchify`` package the paper used is a thin alias of it that pins numpy<2),
+so tiles are copied only one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from skimage.util import view_as_windows
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("or", "mean")
+
+
+def padded_shape(shape, patch_size: int, stride: int) -> tuple[int, ...]:
+    """The smallest shape >= ``shape`` that whole tiles of ``patch_size`` at ``stride`` cover."""
+    return tuple(patch_size + max(0, int(np.ceil((n - patch_size) / stride))) * stride for n in shape)
+
+
+def tile_weights(patch_size: int) -> np.ndarray:
+    """Weights of a tile's voxels when overlapping tiles are averaged.
+
+    A Gaussian centred on the tile (sigma a quarter of its side), floored at
+    1e-3 so every voxel still counts: predictions near a tile's border, where
+    the network saw the least context, weigh less than those at its centre.
+    """
+    position = np.arange(patch_size) - (patch_size - 1) / 2
+    profile = np.exp(-0.5 * (position / (patch_size / 4)) ** 2)
+    weights = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def tile_corners(shape, patch_size: int, stride: int) -> np.ndarray:
+    """(N, 3) corners of the tiles covering a volume of ``padded_shape``."""
+    axes = [np.arange(0, n - patch_size + 1, stride) for n in shape]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def predict_volume(
+    image: np.ndarray,
+    network,
+    patch_size: int = 64,
+    stride: int = 32,
+    batch_size: int = 2,
+    aggregate: str = "mean",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Bone probability of every voxel of ``image``, predicted tile by tile.
+
+    Parameters
+    ----------
+    image : ndarray, shape (k, j, i)
+        Normalised intensities.
+    network : keras.Model
+        Maps a batch (B, p, p, p, 1) to probabilities of the same shape.
+    patch_size, stride : int
+        Tile side and step; the volume is zero-padded (after its last voxel)
+        so the tiles cover it.
+    aggregate : {"mean", "or"}
+        ``"mean"``: Gaussian-weighted average of the overlapping tiles'
+        probabilities. ``"or"`` (the paper's): threshold each tile at 0.5 and
+        OR the overlaps; the result is then 0 or 1.
+    progress : callable, optional
+        ``progress(done, total)`` after each batch; an exception raised from it
+        stops the prediction.
+
+    Returns
+    -------
+    ndarray of float32, the shape of ``image``
+    """
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {aggregate!r}")
+    padded = np.zeros(padded_shape(image.shape, patch_size, stride), np.float32)
+    padded[tuple(slice(0, n) for n in image.shape)] = image
+    windows = view_as_windows(padded, patch_size, stride)
+    corners = tile_corners(padded.shape, patch_size, stride)
+    weights = tile_weights(patch_size) if aggregate == "mean" else None
+    total = np.zeros(padded.shape, np.float32)
+    weight_sum = np.zeros(padded.shape, np.float32) if aggregate == "mean" else None
+    batches = range(0, len(corners), batch_size)
+    log.debug("Predicting %d tiles of %d^3 in %d batches", len(corners), patch_size, len(batches))
+    for done, first in enumerate(batches, start=1):
+        batch_corners = corners[first : first + batch_size]
+        grid = tuple((batch_corners // stride).T)
+        batch = windows[grid][..., None]
+        predicted = np.asarray(network.predict_on_batch(batch), dtype=np.float32)[..., 0]
+        for corner, tile in zip(batch_corners, predicted):
+            region = tuple(slice(c, c + patch_size) for c in corner)
+            if aggregate == "mean":
+                total[region] += tile * weights
+                weight_sum[region] += weights
+            else:
+                np.maximum(total[region], tile >= 0.5, out=total[region])
+        if progress is not None:
+            progress(done, len(batches))
+    if aggregate == "mean":
+        total /= weight_sum
+    return total[tuple(slice(0, n) for n in image.shape)]

@@ -1,0 +1,269 @@
+"""Volume in, labelled bones and surfaces out: the one path every caller takes.
+
+The command line, the Slicer module and the tests all call :func:`segment`
+(the whole method) or :func:`postprocess` (everything after the network, from
+a kept probability map, an existing mask or a label map). The stages are the
+paper's, each a function of its own module:
+
+1. normalise intensities as the model's card says       (normalization)
+2. resample to the model's voxel spacing, if it has one  (resampling)
+3. predict overlapping sub-volumes on 1 or 3 projections (inference, projections)
+4. fuse the projections and bring them back to the scan's grid
+5. keep the three largest components, name them          (components)
+6. close each bone with a sphere                          (morphology)
+7. smoothed closed surfaces in patient millimetres        (surfaces)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .anatomy import BONES
+from .components import label_bones
+from .errors import Cancelled, InputError
+from .inference import AGGREGATIONS
+from .io import check_volume
+from .models import Model
+from .projections import FUSIONS
+from .volume import Geometry, Volume
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class SegmentOptions:
+    """Settings of one run; the defaults are the recommended ones.
+
+    ``fusion`` and ``aggregate`` default to averaged probabilities; ``"or"``
+    gives the paper's rule (threshold each tile / projection at 0.5, then OR).
+    ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
+    is ``"mm"``; 0 skips closing.
+    """
+
+    projections: int = 3
+    fusion: str = "mean"
+    aggregate: str = "mean"
+    threshold: float = 0.5
+    closing_radius: float = 9.0
+    closing_units: str = "voxels"
+    smoothing_iterations: int = 20
+    surfaces: bool = True
+    device: str = "auto"
+    batch_size: int = 2
+
+    def validate(self) -> "SegmentOptions":
+        if self.projections not in (1, 3):
+            raise InputError(f"projections must be 1 or 3, not {self.projections}")
+        if self.fusion not in FUSIONS:
+            raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+        if self.aggregate not in AGGREGATIONS:
+            raise InputError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {self.aggregate!r}")
+        if self.closing_units not in ("voxels", "mm"):
+            raise InputError(f"closing units must be voxels or mm, not {self.closing_units!r}")
+        if self.closing_radius < 0 or self.smoothing_iterations < 0 or self.batch_size < 1:
+            raise InputError("closing radius and smoothing iterations must be >= 0 and batch size >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"threshold must lie between 0 and 1, not {self.threshold}")
+        return self
+
+
+@dataclass
+class SegmentationResult:
+    """Everything a run produces, on the input's grid."""
+
+    labels: np.ndarray
+    geometry: Geometry
+    probability: np.ndarray | None = None
+    surfaces: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+class _Stages:
+    """Times the stages of a run and reports progress; a raising callback cancels."""
+
+    def __init__(self, progress: Progress | None):
+        self._progress = progress
+        self.timings: dict[str, float] = {}
+
+    def report(self, stage: str, fraction: float) -> None:
+        if self._progress is not None:
+            try:
+                self._progress(stage, float(fraction))
+            except Cancelled:
+                raise
+            except Exception as error:
+                raise Cancelled(f"stopped during {stage}: {error}") from None
+
+    def run(self, stage: str, function, *args, **kwargs):
+        self.report(stage, 0.0)
+        start = time.perf_counter()
+        value = function(*args, **kwargs)
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 3)
+        self.report(stage, 1.0)
+        return value
+
+
+def segment(
+    volume: Volume,
+    model: Model,
+    options: SegmentOptions | None = None,
+    progress: Progress | None = None,
+) -> SegmentationResult:
+    """Segment femur, tibia and patella in a knee MRI ``volume`` with ``model``.
+
+    Returns labels (0 background, 1 femur, 2 tibia, 3 patella) and the fused
+    bone probability on the input's grid, the smoothed surfaces of the bones
+    found and a JSON-able report. ``progress(stage, fraction)`` is called as
+    the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
+    """
+    import keras
+
+    from .devices import select_device
+    from .inference import predict_volume
+    from .normalization import normalize_intensities
+    from .projections import fuse_probabilities, predict_projections
+    from .resampling import grid_shape_for_spacing, resample_to_shape
+
+    options = (options or SegmentOptions()).validate()
+    card = model.card
+    stages = _Stages(progress)
+    warnings = check_volume(volume, min_shape=(card.patch_size,) * 3)
+    device = select_device(options.device)
+    log.info("Running the network on %s", device)
+
+    image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
+    model_shape = image.shape
+    if card.spacing_mm:
+        model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
+        image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
+
+    def predict_view(view: np.ndarray, name: str) -> np.ndarray:
+        def batches_done(done: int, total: int) -> None:
+            stages.report(f"network: {name}", done / max(total, 1))
+
+        return predict_volume(
+            view,
+            model.network,
+            patch_size=card.patch_size,
+            stride=card.stride,
+            batch_size=options.batch_size,
+            aggregate=options.aggregate,
+            progress=batches_done,
+        )
+
+    start = time.perf_counter()
+    with keras.device(device):
+        maps = predict_projections(image, predict_view, projections=options.projections)
+    stages.timings["network"] = round(time.perf_counter() - start, 3)
+    probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
+    del maps, image
+    if probability.shape != volume.array.shape:
+        probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+
+    result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
+    result.report.update(
+        model=_model_summary(model),
+        device=device,
+        warnings=warnings + result.report.get("warnings", []),
+    )
+    return result
+
+
+def postprocess(
+    volume: Volume,
+    options: SegmentOptions | None = None,
+    progress: Progress | None = None,
+    _stages: _Stages | None = None,
+) -> SegmentationResult:
+    """Turn a probability map, binary mask or label map into named, closed, surfaced bones.
+
+    ``volume.array`` may be a floating-point probability map (thresholded at
+    ``options.threshold``) or an integer mask or label map (any non-zero voxel
+    is bone; names are re-derived from anatomy, so a label map from another
+    tool with other label values works too).
+    """
+    from .morphology import close_bones
+    from .surfaces import bone_surface
+
+    options = (options or SegmentOptions()).validate()
+    stages = _stages or _Stages(progress)
+    array = volume.array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError("the probability map holds NaN or infinite values; re-run the segmentation")
+        bone = array >= options.threshold
+        probability = array
+    else:
+        bone = array > 0
+        probability = None
+
+    labels, bone_report = stages.run("components", label_bones, bone, volume.geometry)
+    del bone
+    if options.closing_radius > 0:
+        labels = stages.run(
+            "closing",
+            close_bones,
+            labels,
+            options.closing_radius,
+            spacing=volume.geometry.spacing,
+            units=options.closing_units,
+        )
+
+    voxel_mm3 = float(np.prod(volume.geometry.spacing))
+    counts = np.bincount(labels.ravel(), minlength=len(BONES) + 1)
+    bones = {bone.key: {"label": bone.label, "voxels": int(counts[bone.label]), "volume_mm3": round(counts[bone.label] * voxel_mm3, 1)} for bone in BONES if counts[bone.label]}
+
+    surfaces = {}
+    if options.surfaces:
+        for n, bone in enumerate(b for b in BONES if b.key in bones):
+            stages.report("surfaces", n / max(len(bones), 1))
+            start = time.perf_counter()
+            surface, surface_report = bone_surface(labels == bone.label, volume.geometry, smoothing_iterations=options.smoothing_iterations)
+            surfaces[bone.key] = surface
+            bones[bone.key]["surface"] = surface_report
+            stages.timings["surfaces"] = round(stages.timings.get("surfaces", 0.0) + time.perf_counter() - start, 3)
+        stages.report("surfaces", 1.0)
+
+    report = {
+        "kneeboneseg_version": __version__,
+        "options": asdict(options),
+        "bones": bones,
+        "missing": bone_report.get("missing", []),
+        "components": bone_report,
+        "timings_s": stages.timings,
+        "warnings": list(bone_report.get("warnings", [])),
+        "versions": _versions(),
+    }
+    return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report)
+
+
+def _model_summary(model: Model) -> dict:
+    return {"path": str(model.path) if model.path else None, "name": model.card.name, "card": model.card.to_dict()}
+
+
+@functools.cache
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "keras"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    try:
+        import keras
+
+        found["keras_backend"] = keras.config.backend()
+    except ImportError:
+        pass
+    return found

@@ -1,0 +1,81 @@
+"""The whole pipeline, end to end, through the same entry points the CLI and Slicer use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import knee_phantom, threshold_network
+
+from KneeBoneSegLib.errors import Cancelled, InputError
+from KneeBoneSegLib.models import Model, ModelCard
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
+from KneeBoneSegLib.volume import Volume
+
+MINMAX = {"method": "minmax"}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return knee_phantom()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model(threshold_network(16), ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX))
+
+
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.mark.parametrize("projections,fusion,aggregate", [(3, "mean", "mean"), (3, "or", "or"), (3, "vote", "mean"), (1, "mean", "or")])
+def test_segment_finds_and_names_the_three_bones(phantom, model, projections, fusion, aggregate):
+    image, truth, geometry = phantom
+    options = SegmentOptions(projections=projections, fusion=fusion, aggregate=aggregate, closing_radius=2, smoothing_iterations=5)
+    result = segment(Volume(image, geometry), model, options)
+    assert result.labels.shape == image.shape and result.labels.dtype == np.uint8
+    assert result.report["missing"] == []
+    for label in (1, 2, 3):
+        assert _dice(result.labels == label, truth == label) > 0.97
+    assert set(result.surfaces) == {"femur", "tibia", "patella"}
+    assert all(bone["surface"]["watertight"] for bone in result.report["bones"].values())
+    assert result.probability.shape == image.shape
+
+
+def test_segment_reports_stages_in_order_and_can_be_cancelled(phantom, model):
+    image, _, geometry = phantom
+    seen = []
+    segment(Volume(image, geometry), model, SegmentOptions(projections=1, closing_radius=1, surfaces=False), progress=lambda s, f: seen.append(s))
+    stages = list(dict.fromkeys(seen))
+    assert stages[0] == "normalise" and stages.index("network: axial") < stages.index("components") < stages.index("closing")
+
+    def stop_in_network(stage, fraction):
+        if stage.startswith("network") and fraction > 0:
+            raise KeyboardInterrupt("user pressed Cancel")
+
+    with pytest.raises((Cancelled, KeyboardInterrupt)):
+        segment(Volume(image, geometry), model, SegmentOptions(projections=1), progress=stop_in_network)
+
+
+def test_model_spacing_resamples_there_and_back_onto_the_input_grid(phantom, model):
+    image, truth, geometry = phantom
+    coarse = Model(model.network, ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]))
+    result = segment(Volume(image, geometry), coarse, SegmentOptions(projections=1, closing_radius=0, surfaces=False))
+    assert result.labels.shape == image.shape
+    assert _dice(result.labels > 0, truth > 0) > 0.95
+
+
+def test_postprocess_accepts_label_maps_with_other_values_and_probabilities(phantom):
+    _, truth, geometry = phantom
+    foreign = np.select([truth == 1, truth == 2, truth == 3], [7, 3, 12]).astype(np.int16)
+    result = postprocess(Volume(foreign, geometry), SegmentOptions(closing_radius=0, surfaces=False))
+    np.testing.assert_array_equal(result.labels, truth)
+    probability = np.where(truth > 0, 0.8, 0.1).astype(np.float32)
+    result = postprocess(Volume(probability, geometry), SegmentOptions(closing_radius=0, surfaces=False))
+    np.testing.assert_array_equal(result.labels, truth)
+
+
+def test_options_are_checked():
+    for bad in (dict(projections=2), dict(fusion="and"), dict(aggregate="max"), dict(closing_units="cm"), dict(threshold=1.5)):
+        with pytest.raises(InputError):
+            SegmentOptions(**bad).validate()

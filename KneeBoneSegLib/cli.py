@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--fusion", choices=FUSIONS, default="mean", help="how projections are fused (or: paper; default: mean)")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default="mean", help="how overlapping sub-volumes are merged (or: paper; default: mean)")
     seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs (default: auto)")
-    seg.add_argument("--batch-size", type=int, default=2, help="sub-volumes per network call")
+    seg.add_argument("--batch-size", type=int, default=8, help="sub-volumes per network call (default: 8)")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
     _add_postprocess_options(seg)
 

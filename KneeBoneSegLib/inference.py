@@ -90,7 +90,9 @@ def predict_volume(
         batch_corners = corners[first : first + batch_size]
         grid = tuple((batch_corners // stride).T)
         batch = windows[grid][..., None]
-        predicted = np.asarray(network.predict_on_batch(batch), dtype=np.float32)[..., 0]
+        if len(batch) < batch_size:  # a full last batch keeps the compiled network's input shape
+            batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
+        predicted = np.asarray(network.predict_on_batch(batch), dtype=np.float32)[: len(batch_corners), ..., 0]
         for corner, tile in zip(batch_corners, predicted):
             region = tuple(slice(c, c + patch_size) for c in corner)
             if aggregate == "mean":

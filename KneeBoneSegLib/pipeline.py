@@ -58,7 +58,7 @@ class SegmentOptions:
     smoothing_iterations: int = 20
     surfaces: bool = True
     device: str = "auto"
-    batch_size: int = 2
+    batch_size: int = 8
 
     def validate(self) -> "SegmentOptions":
         if self.projections not in (1, 3):

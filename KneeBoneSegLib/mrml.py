@@ -1,0 +1,291 @@
+"""Between 3D Slicer's scene (MRML) and the library: volumes in, named bone segments and STL files out.
+
+This module uses only MRML, segmentation-core and VTK classes (no ``slicer.app``,
+``slicer.util``, Qt or CTK), so it runs inside the Slicer application and,
+unchanged, under the PyPI package ``slicer-core``, where the tests use it.
+
+Conventions: Slicer places a volume with its IJK-to-RAS matrix; the library's
+:class:`~KneeBoneSegLib.volume.Geometry` is ITK's LPS. The two differ by the
+sign of the first two world axes, so ``ijk_to_lps = diag(-1, -1, 1, 1) @ ijk_to_ras``.
+Arrays keep SimpleITK's ``array[k, j, i]`` order, which is also how
+``vtkImageData`` stores its voxels (i fastest).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .anatomy import BONE_BY_LABEL, BONES
+from .errors import InputError, OutputError
+from .io import geometry_from_ijk_to_lps
+from .outputs import _slicer_segment
+from .surfaces import Surface
+from .volume import Geometry, Volume
+
+log = logging.getLogger(__name__)
+
+#: Flips the first two world axes: RAS <-> LPS (its own inverse).
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+BINARY_LABELMAP = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+CLOSED_SURFACE = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+
+# The Slicer application registers these when its Segmentations module starts;
+# a bare MRML scene (slicer-core) has none until registered by hand.
+_CONVERTER_RULES = (
+    slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+    slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+)
+
+
+def register_segmentation_converters() -> None:
+    """Make binary labelmap <-> closed surface conversion available, once.
+
+    Rules already registered (as in the Slicer application) are not added again.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    for rule_class in _CONVERTER_RULES:
+        if rule_class.__name__ not in registered:
+            factory.RegisterConverterRule(rule_class())
+
+
+def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 NumPy array."""
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def array_to_matrix(array) -> vtk.vtkMatrix4x4:
+    """A 4x4 array-like as a ``vtkMatrix4x4``."""
+    matrix = vtk.vtkMatrix4x4()
+    matrix.DeepCopy(np.asarray(array, dtype=float).ravel())
+    return matrix
+
+
+def geometry_from_node(volume_node) -> Geometry:
+    """The LPS :class:`Geometry` of a volume node (from its IJK-to-RAS matrix).
+
+    A parent transform of the node is not part of the geometry; put the
+    results under the same transform (:func:`labels_to_segmentation_node`
+    does when given the volume node).
+    """
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return geometry_from_ijk_to_lps(RAS_TO_LPS @ matrix_to_array(ijk_to_ras))
+
+
+def volume_from_node(volume_node) -> Volume:
+    """A copy of a scalar volume node's voxels, ``array[k, j, i]``, with its LPS geometry.
+
+    Raises
+    ------
+    InputError
+        If the node holds no image or more than one component per voxel.
+    """
+    image = volume_node.GetImageData() if volume_node is not None else None
+    name = volume_node.GetName() if volume_node is not None else "the input"
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"volume '{name}' holds no image data; load a knee MRI first")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(
+            f"volume '{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "choose a single-channel (grey-level) MRI"
+        )
+    dimensions_ijk = image.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    # Copy: the node's buffer may change or be freed while the library works.
+    array = voxels.reshape(dimensions_ijk[::-1]).copy()
+    return Volume(array, geometry_from_node(volume_node))
+
+
+def volume_to_node(volume: Volume, scene, name: str = "Volume", class_name: str = "vtkMRMLScalarVolumeNode"):
+    """Add ``volume`` to ``scene`` as a new volume node (a copy of its voxels) and return the node.
+
+    ``class_name`` may be ``"vtkMRMLLabelMapVolumeNode"`` for a label map.
+    """
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetIJKToRASMatrix(array_to_matrix(volume.geometry.ijk_to_ras))
+    node.SetAndObserveImageData(_image_data(volume.array, vtk.vtkImageData()))
+    return node
+
+
+def terminology_entry(bone) -> str:
+    """The ``TerminologyEntry`` tag of a bone's segment, in Slicer's serialised form.
+
+    ``context~category~type~type modifier~anatomic context~region~region
+    modifier``, each code ``scheme^value^meaning``; the codes are those of
+    :data:`~KneeBoneSegLib.anatomy.BONES`, the same as in the ``.seg.nrrd``
+    files the library writes.
+    """
+    from slicerio.segmentation import terminology_entry_to_string
+
+    return terminology_entry_to_string(_slicer_segment(bone)["terminology"])
+
+
+def labels_to_segmentation_node(
+    labels: np.ndarray,
+    geometry: Geometry,
+    target,
+    reference_volume_node=None,
+    surfaces: dict[str, Surface] | None = None,
+    name: str = "Knee bones",
+):
+    """Show a label map as a segmentation: one named, coloured, coded segment per bone present.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (k, j, i)
+        0 background, 1 femur, 2 tibia, 3 patella (:data:`~KneeBoneSegLib.anatomy.BONES`).
+    geometry : Geometry
+        Where ``labels`` lies (LPS).
+    target : vtkMRMLSegmentationNode or vtkMRMLScene
+        The node to fill (its segments are replaced), or the scene to add a
+        new node named ``name`` to.
+    reference_volume_node : vtkMRMLScalarVolumeNode, optional
+        The scanned volume: the segmentation takes its grid as reference
+        geometry and sits under the same parent transform.
+    surfaces : dict of str to Surface, optional
+        Closed surfaces by bone key (``"femur"``, ...) in LPS millimetres, as
+        the library makes them; they become the segments' closed-surface
+        representation. Without them, Slicer's labelmap-to-surface converter
+        makes one.
+
+    Returns
+    -------
+    vtkMRMLSegmentationNode
+        Source representation binary labelmap (one shared layer), with a
+        closed-surface representation, shown in 2D and 3D.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a 3D array, not {labels.ndim}D")
+    register_segmentation_converters()
+    if isinstance(target, slicer.vtkMRMLScene):
+        node = target.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    else:
+        node = target
+        node.GetSegmentation().RemoveAllSegments()
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+
+    labelmap = _image_data(labels.astype(np.uint8, copy=False), slicer.vtkOrientedImageData())
+    labelmap.SetImageToWorldMatrix(array_to_matrix(geometry.ijk_to_ras))
+    segmentation = node.GetSegmentation()
+    if reference_volume_node is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+        node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+    else:
+        segmentation.SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            slicer.vtkSegmentationConverter.SerializeImageGeometry(labelmap),
+        )
+
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(BONES) + 1)[1:]) + 1
+    for label in present:
+        bone = BONE_BY_LABEL.get(int(label))
+        if bone is None:
+            raise ValueError(f"label {label} is not a bone; labels must lie in 0..{len(BONES)}")
+        segment = slicer.vtkSegment()
+        segment.SetName(bone.name)
+        segment.SetNameAutoGenerated(False)
+        segment.SetColor(*bone.color)
+        segment.SetColorAutoGenerated(False)
+        segment.SetLabelValue(bone.label)
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_entry(bone))
+        # All segments share one labelmap (one layer), each with its own label value.
+        segment.AddRepresentation(BINARY_LABELMAP, labelmap)
+        if surfaces and bone.key in surfaces:
+            segment.AddRepresentation(CLOSED_SURFACE, surface_to_polydata(surfaces[bone.key]))
+        segmentation.AddSegment(segment, bone.name)
+
+    if present.size and not node.CreateClosedSurfaceRepresentation():
+        raise OutputError(f"segmentation '{node.GetName()}': Slicer could not make its closed surfaces")
+    display = node.GetDisplayNode()
+    display.SetPreferredDisplayRepresentationName2D(BINARY_LABELMAP)
+    display.SetPreferredDisplayRepresentationName3D(CLOSED_SURFACE)
+    missing = [bone.name for bone in BONES if bone.label not in present]
+    if missing:
+        log.warning("No %s in the segmentation '%s'", ", ".join(missing), node.GetName())
+    return node
+
+
+def surface_to_polydata(surface: Surface) -> vtk.vtkPolyData:
+    """A library :class:`Surface` (LPS mm) as triangles in Slicer's RAS world."""
+    points = vtk.vtkPoints()
+    points.SetData(numpy_support.numpy_to_vtk(surface.vertices * RAS_TO_LPS.diagonal()[:3], deep=True))
+    faces = np.asarray(surface.faces, dtype=np.int64)
+    cells = vtk.vtkCellArray()
+    cells.SetData(
+        numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64), deep=True),
+        numpy_support.numpy_to_vtkIdTypeArray(faces.ravel(), deep=True),
+    )
+    polydata = vtk.vtkPolyData()
+    polydata.SetPoints(points)
+    polydata.SetPolys(cells)
+    return polydata
+
+
+def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[Path]:
+    """Write each segment's closed surface as a binary STL (LPS millimetres), as Slicer exports it.
+
+    Uses ``vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles``:
+    files are named ``<segmentation name>_<segment name>.stl`` and their
+    header says ``SPACE=LPS``. Existing files of the same names are replaced.
+
+    Parameters
+    ----------
+    segmentation_node : vtkMRMLSegmentationNode
+    folder : str or Path
+        Created if missing.
+    segment_ids : sequence of str, optional
+        Default: all segments.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    register_segmentation_converters()
+    folder = Path(folder)
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_ids is None:
+        segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    if not segment_ids:
+        raise OutputError(f"segmentation '{segmentation_node.GetName()}' has no segments to export")
+    ids = vtk.vtkStringArray()
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Export into a fresh folder first: it tells exactly which files were
+        # written, and the target never holds a half-written set.
+        staging = Path(tempfile.mkdtemp(prefix=".kneeboneseg-stl-", dir=folder))
+    except OSError as error:
+        raise OutputError(f"{folder} cannot be written ({error.strerror or error}); choose a folder you can write to") from None
+    try:
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles(
+            str(staging), segmentation_node, ids, "STL", True, 1.0, False
+        )
+        written = sorted(staging.glob("*.stl"))
+        if not exported or len(written) != len(segment_ids):
+            raise OutputError(f"{folder}: Slicer could not write the STL files of '{segmentation_node.GetName()}'")
+        return [Path(shutil.move(str(path), folder / path.name)) for path in written]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _image_data(array: np.ndarray, image):
+    """Fill ``image`` (a ``vtkImageData`` or ``vtkOrientedImageData``) with a copy of ``array[k, j, i]``."""
+    array = np.ascontiguousarray(array)
+    image.SetDimensions(*array.shape[::-1])
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    return image

@@ -1,0 +1,87 @@
+"""Sub-volume tiling, batching and aggregation, and the three projections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from KneeBoneSegLib.inference import padded_shape, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.projections import VIEWS, fuse_probabilities, predict_projections
+
+
+def identity_network(patch_size: int):
+    """A real Keras model whose output is its input (a 1x1x1 linear convolution of weight 1)."""
+    import keras
+
+    inputs = keras.Input((patch_size, patch_size, patch_size, 1))
+    layer = keras.layers.Conv3D(1, 1, use_bias=False)
+    network = keras.Model(inputs, layer(inputs))
+    layer.set_weights([np.ones((1, 1, 1, 1, 1), np.float32)])
+    return network
+
+
+@pytest.mark.parametrize("shape,patch,stride", [((40, 33, 20), 16, 8), ((16, 16, 16), 16, 16), ((50, 17, 31), 16, 12)])
+def test_tiles_cover_the_padded_volume(shape, patch, stride):
+    padded = padded_shape(shape, patch, stride)
+    assert all(p >= n and (p - patch) % stride == 0 for p, n in zip(padded, shape))
+    assert all(p - n < stride for p, n in zip(padded, shape) if n > patch)
+    covered = np.zeros(padded, bool)
+    for corner in tile_corners(padded, patch, stride):
+        covered[tuple(slice(c, c + patch) for c in corner)] = True
+    assert covered.all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_mean_aggregation_puts_every_voxel_back_where_it_came_from(rng, batch_size):
+    image = rng.random((37, 29, 22)).astype(np.float32)
+    calls = []
+    result = predict_volume(image, identity_network(16), 16, 8, batch_size, "mean", progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_allclose(result, image, atol=1e-5)
+    tiles = len(tile_corners(padded_shape(image.shape, 16, 8), 16, 8))
+    assert calls[-1] == (-(-tiles // batch_size),) * 2 and [d for d, _ in calls] == list(range(1, len(calls) + 1))
+
+
+def test_or_aggregation_thresholds_each_tile_then_ors_them(rng):
+    image = rng.random((30, 30, 30)).astype(np.float32)
+    result = predict_volume(image, identity_network(16), 16, 8, 4, "or")
+    np.testing.assert_array_equal(result, (image >= 0.5).astype(np.float32))
+
+
+def test_a_raising_progress_callback_stops_the_prediction(rng):
+    def stop(done, total):
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        predict_volume(rng.random((32, 32, 32)).astype(np.float32), identity_network(16), 16, 8, 2, progress=stop)
+
+
+def test_tile_weights_peak_in_the_centre_and_never_vanish():
+    weights = tile_weights(16)
+    assert weights.shape == (16, 16, 16) and weights.min() >= 1e-3
+    assert weights[7, 7, 7] == weights.max() and weights[0, 0, 0] < weights[4, 4, 4]
+    np.testing.assert_array_equal(weights, weights.transpose(2, 0, 1))
+
+
+def test_projections_come_back_on_the_input_grid(rng):
+    image = rng.random((6, 7, 8)).astype(np.float32)
+    seen = {}
+
+    def predict(view, name):
+        seen[name] = view.shape
+        return view * 2
+
+    maps = predict_projections(image, predict, projections=3)
+    assert seen == {name: tuple(image.shape[a] for a in order) for name, order in VIEWS.items()}
+    assert len(set(seen.values())) == 3
+    for fused in maps:
+        np.testing.assert_array_equal(fused, image * 2)
+    assert len(predict_projections(image, predict, projections=1)) == 1
+
+
+def test_fusion_rules_are_or_majority_and_mean():
+    maps = [np.array([0.9, 0.2, 0.6, 0.1]), np.array([0.1, 0.7, 0.6, 0.2]), np.array([0.2, 0.8, 0.1, 0.3])]
+    np.testing.assert_array_equal(fuse_probabilities(maps, "or") >= 0.5, [True, True, True, False])
+    np.testing.assert_array_equal(fuse_probabilities(maps, "vote") >= 0.5, [False, True, True, False])
+    np.testing.assert_allclose(fuse_probabilities(maps, "mean"), [0.4, 0.5666667, 0.4333333, 0.2], atol=1e-6)
+    with pytest.raises(ValueError, match="fusion"):
+        fuse_probabilities(maps, "and")

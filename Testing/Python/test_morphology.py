@@ -1,0 +1,62 @@
+"""Closing with a ball: identical to scikit-image, per bone, in voxels or millimetres."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.morphology import ball, closing
+
+from KneeBoneSegLib.morphology import close_bones, closing_ball
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])
+def test_closing_is_voxel_for_voxel_skimage_closing_with_a_ball(rng, radius):
+    for density in (0.003, 0.02):
+        mask = ndimage.binary_dilation(rng.random((34, 30, 26)) < density)
+        mask[0, 5:9, 5:9] = True  # bone cut by the image border
+        np.testing.assert_array_equal(closing_ball(mask, radius), closing(mask, ball(radius)).astype(bool))
+
+
+def test_closing_fills_a_gap_narrower_than_the_ball_and_keeps_a_wider_one():
+    mask = np.zeros((40, 40, 60), bool)
+    mask[10:30, 10:30, 5:25] = True
+    mask[10:30, 10:30, 29:49] = True  # 4-voxel gap
+    assert closing_ball(mask, 3)[20, 20, 26] and not closing_ball(mask, 1)[20, 20, 26]
+
+
+def test_radius_in_millimetres_is_a_sphere_on_an_anisotropic_grid():
+    point = np.zeros((21, 21, 21), bool)
+    point[10, 10, 10] = True
+    spacing = (0.5, 0.5, 2.0)  # i, j, k
+    dilated = ndimage.distance_transform_edt(~point, sampling=spacing[::-1]) <= 4.0
+    assert dilated[10, 10, 18] and not dilated[10, 10, 19] and dilated[12, 10, 10] and not dilated[13, 10, 10]
+    # A 2 mm-wide slit along k is one voxel; a 3 mm ball closes it, a 1.5 mm one does not.
+    mask = np.ones((12, 12, 12), bool)
+    mask[6, :, :] = False
+    mask[:, :, :2] = mask[:, :, -2:] = False
+    assert closing_ball(mask, 3.0, spacing)[6, 6, 6] and not closing_ball(mask, 1.5, spacing)[6, 6, 6]
+
+
+def test_close_bones_grows_each_bone_into_background_only():
+    labels = np.zeros((30, 30, 40), np.uint8)
+    labels[5:25, 5:25, 2:15] = 1
+    labels[5:25, 5:25, 18:30] = 2  # femur and tibia 3 voxels apart
+    labels[12, 12, 8] = 0  # a hole in the femur
+    labels[5:25, 5:25, 16] = 3  # a thin plate between them
+    closed = close_bones(labels, 3)
+    assert closed[12, 12, 8] == 1
+    np.testing.assert_array_equal(closed[labels > 0], labels[labels > 0])
+    np.testing.assert_array_equal(close_bones(labels, 0), labels)
+    with pytest.raises(ValueError, match="units"):
+        close_bones(labels, 3, units="cm")
+
+
+def test_closing_the_ground_truth_bones_of_the_sample_scan(sample_labels):
+    labels = sample_labels.array
+    patella = labels == 3
+    box = tuple(slice(max(0, s.start - 10), s.stop + 10) for s in ndimage.find_objects(patella.astype(np.uint8))[0])
+    np.testing.assert_array_equal(closing_ball(patella, 9)[box], closing(patella[box], ball(9)).astype(bool))
+    closed = close_bones(labels, 9)
+    for label in (1, 2, 3):
+        assert np.count_nonzero(closed == label) >= np.count_nonzero(labels == label)

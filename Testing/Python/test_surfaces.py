@@ -1,0 +1,107 @@
+"""Smoothed closed surfaces in patient millimetres, and binary STL files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from KneeBoneSegLib.surfaces import (
+    Surface,
+    bone_surface,
+    enclosed_volume,
+    extract_surface,
+    is_watertight,
+    read_stl,
+    smooth_laplacian,
+    surface_area,
+    write_stl,
+)
+from KneeBoneSegLib.volume import Geometry
+
+TILTED = Geometry((0.5, 0.6, 0.8), (12.0, -40.0, 7.0), (0, -1, 0, 1, 0, 0, 0, 0, 1))
+
+
+def ball_mask(shape=(40, 44, 48), centre=(20, 22, 24), radius=12.0):
+    k, j, i = np.indices(shape)
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+
+
+def test_surface_is_closed_outward_and_where_the_voxels_are():
+    mask = ball_mask()
+    surface = extract_surface(mask, TILTED)
+    assert is_watertight(surface)
+    centre_lps = TILTED.index_to_lps(np.argwhere(mask)[:, ::-1].mean(axis=0)[None])[0]
+    np.testing.assert_allclose(surface.vertices.mean(axis=0), centre_lps, atol=0.05)
+    voxels_mm3 = mask.sum() * np.prod(TILTED.spacing)
+    assert enclosed_volume(surface) == pytest.approx(voxels_mm3, rel=0.03)
+
+
+def test_a_bone_cut_by_the_image_edge_still_gets_a_closed_surface():
+    mask = ball_mask()
+    mask[:8] = False
+    cut = mask[6:]  # the ball's flat face lies on the first slice
+    assert is_watertight(extract_surface(cut, Geometry((1, 1, 1), (0, 0, 0))))
+
+
+def test_inverse_distance_laplacian_smoothing_rounds_a_voxel_sphere():
+    mask = ball_mask(radius=10.0)
+    geometry = Geometry((1, 1, 1), (0, 0, 0))
+    raw = extract_surface(mask, geometry)
+    smooth = smooth_laplacian(raw, 20)
+    centre = np.array([24.0, 22.0, 20.0])
+
+    def radial_spread(surface):
+        return np.std(np.linalg.norm(surface.vertices - centre, axis=1))
+
+    assert radial_spread(smooth) < 0.5 * radial_spread(raw)
+    assert is_watertight(smooth) and np.array_equal(smooth.faces, raw.faces)
+    # Laplacian smoothing shrinks a little: 20 steps take a 10-voxel ball within 15 % of its volume.
+    assert 0.85 * 4 / 3 * np.pi * 10**3 < enclosed_volume(smooth) < enclosed_volume(raw)
+    assert surface_area(smooth) < surface_area(raw)
+    np.testing.assert_array_equal(smooth_laplacian(raw, 0).vertices, raw.vertices)
+
+
+def test_smoothing_weights_nearer_neighbours_more():
+    # Vertex 0 has neighbours at distance 1 (vertex 1) and 3 (vertex 2): it moves a quarter of the way to their plain mean.
+    surface = Surface(np.array([[0.0, 0, 0], [1, 0, 0], [0, 3, 0]]), np.array([[0, 1, 2]]))
+    moved = smooth_laplacian(surface, 1, relaxation=1.0).vertices[0]
+    expected = (np.array([1.0, 0, 0]) / 1 + np.array([0, 3.0, 0]) / 3) / (1 / 1 + 1 / 3)
+    np.testing.assert_allclose(moved, expected)
+
+
+def test_watertight_check_catches_holes_and_flipped_faces():
+    surface = extract_surface(ball_mask(radius=5.0), Geometry((1, 1, 1), (0, 0, 0)))
+    assert not is_watertight(Surface(surface.vertices, surface.faces[1:]))
+    flipped = surface.faces.copy()
+    flipped[0] = flipped[0, ::-1]
+    assert not is_watertight(Surface(surface.vertices, flipped))
+
+
+def test_bone_surface_reports_volumes_area_and_watertightness():
+    surface, report = bone_surface(ball_mask(), TILTED, smoothing_iterations=10)
+    assert report["watertight"] is True and report["faces"] == len(surface.faces)
+    assert report["volume_mm3"] < report["volume_mm3_before_smoothing"]
+    assert report["area_mm2"] == pytest.approx(surface_area(surface), abs=0.1)
+
+
+def test_stl_round_trip_keeps_millimetres_and_says_lps(tmp_path):
+    surface = extract_surface(ball_mask(radius=6.0), TILTED)
+    path = tmp_path / "bone.stl"
+    write_stl(surface, path)
+    assert b"SPACE=LPS" in path.read_bytes()[:80]
+    assert path.stat().st_size == 84 + 50 * len(surface.faces)
+    back = read_stl(path)
+    assert is_watertight(back) and len(back.faces) == len(surface.faces)
+    assert enclosed_volume(back) == pytest.approx(enclosed_volume(surface), rel=1e-5)
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_sample_patella_surface_is_watertight_and_matches_its_voxels(sample_labels):
+    patella = sample_labels.array == 3
+    surface, report = bone_surface(patella, sample_labels.geometry)
+    voxels_mm3 = patella.sum() * np.prod(sample_labels.geometry.spacing)
+    assert report["watertight"]
+    assert report["volume_mm3_before_smoothing"] == pytest.approx(voxels_mm3, rel=0.02)
+    assert report["volume_mm3"] == pytest.approx(voxels_mm3, rel=0.05)
+    centre = sample_labels.geometry.index_to_lps(np.argwhere(patella)[:, ::-1].mean(axis=0)[None])[0]
+    assert np.linalg.norm(surface.vertices.mean(axis=0) - centre) < 1.0

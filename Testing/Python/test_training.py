@@ -1,0 +1,217 @@
+"""Training smoke tests: a few steps of a tiny U-Net on a small crop; the sampler; the held-out split; resume."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import SAMPLE_ENV, knee_phantom
+
+from KneeBoneSegLib.errors import Cancelled, InputError
+from KneeBoneSegLib.io import read_volume, write_volume
+from KneeBoneSegLib.models import load_model
+from KneeBoneSegLib.training import (
+    Augmentation,
+    PatchSampler,
+    TrainingConfig,
+    add_arguments,
+    command_line,
+    config_from_args,
+    heldout_range,
+    prepare_volume,
+    train,
+)
+from KneeBoneSegLib.volume import Geometry, Volume
+
+CROP = 64  # voxels of the sample scan around the patella: bone, cartilage, soft tissue and femur
+
+
+@pytest.fixture(scope="module")
+def training_pair(tmp_path_factory):
+    """An image + label-map pair on disk: a 64^3 crop of the sample scan when it is available, else the phantom."""
+    folder = tmp_path_factory.mktemp("training_pair")
+    sample = os.environ.get(SAMPLE_ENV)
+    if sample and (Path(sample) / "knee_mri.nrrd").is_file():
+        image, labels = read_volume(Path(sample) / "knee_mri.nrrd"), read_volume(Path(sample) / "knee_bones_labels.nrrd")
+        centre = np.round(np.mean(np.nonzero(labels.array == 3), axis=1)).astype(int)
+        start = np.clip(centre - CROP // 2, 0, np.array(labels.array.shape) - CROP)
+        box = tuple(slice(s, s + CROP) for s in start)
+        geometry = labels.geometry.cropped(start)
+        image, labels = Volume(image.array[box], geometry), Volume(labels.array[box], geometry)
+    else:
+        array, label_array, geometry = knee_phantom()
+        image, labels = Volume(array, geometry), Volume(label_array, geometry)
+    image_path, labels_path = folder / "image.nrrd", folder / "labels.nrrd"
+    write_volume(image, image_path)
+    write_volume(labels, labels_path)
+    # Train at twice the scan's voxel size, as the compact model does (0.35 -> 0.7 mm).
+    return image_path, labels_path, 2 * max(image.geometry.spacing)
+
+
+def _tiny_config(training_pair, output: Path, **changes) -> TrainingConfig:
+    image_path, labels_path, spacing_mm = training_pair
+    config = TrainingConfig(
+        images=[image_path],
+        labels=[labels_path],
+        output=output,
+        base_filters=4,
+        depth=2,
+        patch_size=16,
+        stride=8,
+        spacing_mm=spacing_mm,
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=2,
+        learning_rate=3e-3,
+        dice_weight=0.0,
+        validation_patches=4,
+        progress_bar=False,
+    )
+    return replace(config, **changes)
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curves(training_pair, tmp_path):
+    output = tmp_path / "tiny.keras"
+    result = train(_tiny_config(training_pair, output, epochs=6, steps_per_epoch=5))
+
+    losses = [entry["loss"] for entry in result.history]
+    validation_losses = [entry["validation_loss"] for entry in result.history]
+    assert len(losses) == 6 and result.steps == 30
+    assert losses[-1] < 0.7 * losses[0], losses
+    # Batch-norm running statistics lag in a run this short, so the (inference-mode) validation loss falls
+    # slower and less steadily; the model file keeps the best epoch.
+    assert min(validation_losses) < validation_losses[0] - 0.05, validation_losses
+
+    model = load_model(output)
+    card = model.card
+    assert card.patch_size == 16 and card.architecture == {"base_filters": 4, "depth": 2}
+    assert card.spacing_mm == [training_pair[2]] * 3
+    assert card.heldout is None
+    training = card.training
+    assert training["steps"] == 30 and len(training["history"]) == 6
+    assert training["best_validation_loss"] == min(validation_losses)
+    assert training["best_epoch"] == 1 + validation_losses.index(min(validation_losses))
+    assert training["data"][0]["image"] == "image.nrrd" and len(training["data"][0]["image_sha256"]) == 64
+    assert training["command"].startswith("kneeboneseg train image.nrrd labels.nrrd -o tiny.keras")
+    assert training["augmentation"]["projections"] is True
+
+    # The saved file holds the best epoch's weights: on the run's validation sub-volumes it scores the best loss.
+    volume = prepare_volume(read_volume(training_pair[0]), read_volume(training_pair[1]), training_pair[2], card.normalization)
+    images, bone = PatchSampler([volume], 16, 0.5, Augmentation.none(), seed=[0, 1]).batch(4)
+    probability = np.clip(np.asarray(model.network.predict(images, verbose=0), np.float64), 1e-7, 1 - 1e-7)
+    saved_loss = -np.mean(bone * np.log(probability) + (1 - bone) * np.log(1 - probability))
+    assert saved_loss == pytest.approx(min(validation_losses), rel=1e-3)
+
+    curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))
+    assert curves.shape == (360, 600, 3)
+    for colour in ((31, 119, 180), (230, 110, 0)):  # training and validation curves are drawn
+        assert np.count_nonzero(np.all(curves == colour, axis=-1)) > 200
+
+
+def test_a_resumed_run_continues_exactly_where_it_stopped(training_pair, tmp_path):
+    uninterrupted = train(_tiny_config(training_pair, tmp_path / "whole.keras"))
+
+    def stop_after_four_steps(stage, fraction):
+        if fraction >= 4 / 6:  # in the middle of the second epoch
+            raise Cancelled("stopped by the user")
+
+    interrupted = _tiny_config(training_pair, tmp_path / "parts.keras")
+    with pytest.raises(Cancelled, match="step 4 of 6"):
+        train(interrupted, progress=stop_after_four_steps)
+    resumed = train(replace(interrupted, resume=True))
+
+    assert resumed.steps == uninterrupted.steps == 6
+    assert [e["loss"] for e in resumed.history] == [e["loss"] for e in uninterrupted.history]
+    for got, expected in zip(resumed.network.get_weights(), uninterrupted.network.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    saved = [w for w in load_model(tmp_path / "parts.keras").network.get_weights()]
+    for got, expected in zip(saved, load_model(tmp_path / "whole.keras").network.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_settings_and_a_new_run_refuses_to_overwrite(training_pair, tmp_path):
+    config = _tiny_config(training_pair, tmp_path / "model.keras", epochs=1, steps_per_epoch=1)
+    train(config)
+    with pytest.raises(InputError, match="learning_rate"):
+        train(replace(config, learning_rate=1e-2, resume=True))
+    with pytest.raises(InputError, match="--resume"):
+        train(config)
+
+
+def test_sub_volumes_keep_image_and_labels_aligned_and_boundary_sampling_finds_boundaries():
+    array, labels, geometry = knee_phantom()
+    volume = prepare_volume(Volume(array, geometry), Volume(labels, geometry))
+    spatial_only = replace(Augmentation.none(), projections=True, flips=True, rotation_deg=15.0, scale=0.1)
+    images, bone = PatchSampler([volume], 24, 0.5, spatial_only, seed=1).batch(8)
+    # The phantom's bone is its bright part: the rotated, flipped, zoomed labels still cover it.
+    agreement = np.mean((images > 0.5) == (bone > 0))
+    assert agreement > 0.97
+
+    _, at_boundaries = PatchSampler([volume], 24, 1.0, Augmentation.none(), seed=2).batch(16)
+    bone_share = at_boundaries.mean(axis=(1, 2, 3, 4))
+    assert np.all((bone_share > 0) & (bone_share < 1))
+
+    noisy, _ = PatchSampler([volume], 24, 0.5, Augmentation(), seed=1).batch(8)
+    assert not np.allclose(noisy, images)  # intensity augmentation changes the same sub-volumes
+
+
+def test_sampler_state_replays_the_same_sub_volumes():
+    array, labels, geometry = knee_phantom()
+    volume = prepare_volume(Volume(array, geometry), Volume(labels, geometry))
+    sampler = PatchSampler([volume], 16, 0.5, Augmentation(), seed=3)
+    sampler.batch(2)
+    state = sampler.state
+    first = sampler.batch(2)
+    sampler.set_state(state)
+    again = sampler.batch(2)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+
+
+def test_no_held_out_voxel_reaches_training():
+    shape = (32, 32, 64)
+    image = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.uint8)
+    image[8:24, 8:24, 8:24], labels[8:24, 8:24, 8:24] = 1000.0, 1  # a bone in the trained part (i < 32)
+    image[:, :, 32:], labels[:, :, 32:] = 100000.0, 2  # the held-out half: all bright, all bone
+    geometry = Geometry((0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
+
+    volume = prepare_volume(Volume(image, geometry), Volume(labels, geometry), spacing_mm=1.0, train_range_i=(0, 32))
+    assert volume.image.shape == (16, 16, 16)
+    # Normalised over the whole scan the held-out half is 1.0 and the trained bone 0.01; smoothing
+    # before cutting would blend some of the held-out half into the last voxels.
+    assert volume.image.max() < 0.02
+    assert volume.bone.sum() == 8**3
+    assert heldout_range((0, 32), 64) == {"axis": "i", "from": 32, "to": 64}
+    assert heldout_range((40, 64), 64) == {"axis": "i", "from": 0, "to": 40}
+    assert heldout_range((0, 64), 64) is None
+    with pytest.raises(InputError, match="one slab"):
+        heldout_range((10, 50), 64)
+
+
+def test_the_card_command_line_rebuilds_the_same_configuration():
+    config = TrainingConfig(
+        images=[Path("a.nrrd"), Path("c.nii.gz")],
+        labels=[Path("b.nrrd"), Path("d.seg.nrrd")],
+        output=Path("models/knee.keras"),
+        base_filters=12,
+        spacing_mm=None,
+        train_range_i=(0, 220),
+        dice_weight=0.5,
+        augmentation=replace(Augmentation(), rotation_deg=5.0, flips=False),
+        normalization={"method": "minmax"},
+    ).validate()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = shlex.split(command_line(config))
+    assert words[:2] == ["kneeboneseg", "train"]
+    rebuilt = config_from_args(parser.parse_args(words[2:]))
+    assert rebuilt == config
+    with pytest.raises(InputError, match="odd"):
+        config_from_args(parser.parse_args(["a.nrrd", "b.nrrd", "c.nrrd", "-o", "m.keras"]))

@@ -1,0 +1,144 @@
+"""The kneeboneseg command line: what a user types, what they get back, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import knee_phantom, threshold_network
+
+from KneeBoneSegLib.cli import main
+from KneeBoneSegLib.io import read_mask, write_volume
+from KneeBoneSegLib.models import Model, ModelCard, save_model
+from KneeBoneSegLib.volume import Geometry, Volume
+
+
+@pytest.fixture(scope="module")
+def scan_and_model(tmp_path_factory):
+    """The phantom knee on disk and a small real Keras model file that segments it, with its card."""
+    folder = tmp_path_factory.mktemp("cli")
+    image, labels, geometry = knee_phantom()
+    write_volume(Volume(image, geometry), folder / "knee.nrrd")
+    write_volume(Volume(labels, geometry), folder / "truth.nrrd")
+    card = ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})
+    save_model(Model(threshold_network(16), card), folder / "threshold.keras")
+    return folder
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_path, capsys):
+    folder = scan_and_model
+    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.keras",
+                        "--closing-radius", "2", "--progress", "none", "--nifti", "--save-probability"], capsys)
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["femur.stl", "labels.nii.gz", "patella.stl", "probability.nrrd", "segmentation.seg.nrrd", "summary.json", "tibia.stl"]
+    assert "femur" in out and "cm3" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["missing"] == [] and summary["device"].startswith("cpu")
+    assert {"normalise", "network", "fuse", "components", "closing", "surfaces"} <= set(summary["timings_s"])
+    assert summary["model"]["name"] == "threshold" and summary["options"]["closing_radius"] == 2
+    truth = read_mask(folder / "truth.nrrd").array
+    labels = read_mask(tmp_path / "out" / "labels.nii.gz").array
+    assert np.mean(labels[truth > 0] == truth[truth > 0]) > 0.97
+
+
+def test_progress_json_streams_stages_then_done(scan_and_model, tmp_path, capsys):
+    folder = scan_and_model
+    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.keras",
+                        "--projections", "1", "--no-surfaces", "--progress", "json"], capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and lines[-1]["done"] is True
+    assert [line["stage"] for line in lines[:-1]][0] == "normalise"
+    assert any(line["stage"] == "network: axial" and 0 < line["fraction"] <= 1 for line in lines[:-1])
+
+
+def _write(path, array, spacing=(0.5, 0.5, 0.5)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_input,words",
+    [
+        (lambda d: d / "missing.nrrd", "does not exist"),
+        (lambda d: (d / "empty_folder").mkdir() or d / "empty_folder", "DICOM"),
+        (lambda d: _write(d / "flat.nrrd", np.zeros((40, 40), np.int16)), "2D"),
+        (lambda d: _write(d / "rgb.nrrd", np.zeros((20, 20, 20, 3), np.uint8)), "single-channel"),
+        (lambda d: _write(d / "constant.nrrd", np.full((20, 20, 20), 7, np.int16)), "constant"),
+        (lambda d: _write(d / "nan.nrrd", np.where(np.indices((20, 20, 20))[0] == 3, np.nan, 1.0).astype(np.float32)), "NaN"),
+        (lambda d: _write(d / "tiny.nrrd", np.random.default_rng(0).random((8, 30, 30)).astype(np.float32)), "smaller"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line_and_leave_nothing(scan_and_model, tmp_path, capsys, make_input, words):
+    path = make_input(tmp_path)
+    code, out, err = run(["segment", path, "-o", tmp_path / "out", "--model", scan_and_model / "threshold.keras", "--progress", "none"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kneeboneseg: error:") and words.lower() in err.lower(), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_content,words", [(None, "not found"), (b"not a zip file", "not a Keras")])
+def test_bad_model_files_fail_with_one_line(scan_and_model, tmp_path, capsys, model_content, words):
+    model = tmp_path / "model.keras"
+    if model_content is not None:
+        model.write_bytes(model_content)
+    code, _, err = run(["segment", scan_and_model / "knee.nrrd", "-o", tmp_path / "out", "--model", model, "--progress", "none"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words.lower() in err.lower(), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_and_existing_outputs_are_refused(scan_and_model, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = ["postprocess", scan_and_model / "truth.nrrd", "--progress", "none", "--no-surfaces"]
+    code, _, err = run([*argv, "-o", blocker / "out"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(blocker) in err
+    assert run([*argv, "-o", tmp_path / "out"], capsys)[0] == 0
+    before = (tmp_path / "out" / "segmentation.seg.nrrd").stat().st_mtime_ns
+    code, _, err = run([*argv, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "overwrit" in err
+    assert (tmp_path / "out" / "segmentation.seg.nrrd").stat().st_mtime_ns == before
+
+
+def test_thick_slices_warn_and_still_run(tmp_path, capsys, caplog, scan_and_model):
+    image, _, _ = knee_phantom(shape=(24, 64, 64))
+    write_volume(Volume(image, Geometry((0.35, 0.35, 3.0), (0, 0, 0))), tmp_path / "thick.nrrd")
+    code, _, _ = run(["segment", tmp_path / "thick.nrrd", "-o", tmp_path / "out", "--model", scan_and_model / "threshold.keras",
+                      "--closing-radius", "0", "--no-surfaces", "--progress", "none"], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert any("3 mm" in w and "isotropic" in w for w in summary["warnings"]), summary["warnings"]
+
+
+def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, capsys):
+    truth = sample_dir / "knee_bones_labels.nrrd"
+    code, _, _ = run(["postprocess", truth, "-o", tmp_path / "bones", "--progress", "none", "--nifti"], capsys)
+    assert code == 0
+    assert {"femur.stl", "tibia.stl", "patella.stl", "segmentation.seg.nrrd", "summary.json"} <= {p.name for p in (tmp_path / "bones").iterdir()}
+    summary = json.loads((tmp_path / "bones" / "summary.json").read_text())
+    assert all(bone["surface"]["watertight"] for bone in summary["bones"].values())
+    code, out, _ = run(["evaluate", tmp_path / "bones" / "labels.nii.gz", truth, "--json"], capsys)
+    metrics = json.loads(out)
+    assert code == 0 and set(metrics) == {"femur", "tibia", "patella", "all"}
+    # Closing only adds voxels, so the closed ground truth still overlaps the original almost entirely.
+    assert all(0.97 < metrics[key]["dice"] <= 1.0 for key in metrics)
+    assert set(metrics["all"]) == {"dice", "iou", "ahd_voxels", "ahd_mm", "hd95_mm"}
+
+
+def test_the_console_script_runs_as_a_module():
+    completed = subprocess.run([sys.executable, "-m", "KneeBoneSegLib", "info"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    info = json.loads(completed.stdout)
+    assert info["devices"]["auto"] in ("cpu:0", "gpu:0") and "numpy" in info["versions"]

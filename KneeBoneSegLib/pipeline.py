@@ -125,23 +125,52 @@ def segment(
     found and a JSON-able report. ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
+    from .projections import fuse_probabilities
+    from .resampling import resample_to_shape
+
+    options = (options or SegmentOptions()).validate()
+    stages = _Stages(progress)
+    maps, report = _predict_projection_maps(volume, model, options, stages)
+    probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
+    del maps
+    if probability.shape != volume.array.shape:
+        probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+
+    result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
+    result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
+    return result
+
+
+def predict_projection_maps(
+    volume: Volume,
+    model: Model,
+    options: SegmentOptions | None = None,
+    progress: Progress | None = None,
+) -> list[np.ndarray]:
+    """The network's bone probability for each projection, on the model's grid, before fusion.
+
+    The first stages of :func:`segment`, for callers that compare fusions
+    (``projections.fuse_probabilities``) without running the network again.
+    """
+    options = (options or SegmentOptions()).validate()
+    return _predict_projection_maps(volume, model, options, _Stages(progress))[0]
+
+
+def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[list, dict]:
     import keras
 
     from .devices import select_device
     from .inference import predict_volume
     from .normalization import normalize_intensities
-    from .projections import fuse_probabilities, predict_projections
+    from .projections import predict_projections
     from .resampling import grid_shape_for_spacing, resample_to_shape
 
-    options = (options or SegmentOptions()).validate()
     card = model.card
-    stages = _Stages(progress)
     warnings = check_volume(volume, min_shape=(card.patch_size,) * 3)
     device = select_device(options.device)
     log.info("Running the network on %s", device)
 
     image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
-    model_shape = image.shape
     if card.spacing_mm:
         model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
         image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
@@ -164,18 +193,7 @@ def segment(
     with keras.device(device):
         maps = predict_projections(image, predict_view, projections=options.projections)
     stages.timings["network"] = round(time.perf_counter() - start, 3)
-    probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
-    del maps, image
-    if probability.shape != volume.array.shape:
-        probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
-
-    result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
-    result.report.update(
-        model=_model_summary(model),
-        device=device,
-        warnings=warnings + result.report.get("warnings", []),
-    )
-    return result
+    return maps, {"model": _model_summary(model), "device": device, "warnings": warnings}
 
 
 def postprocess(

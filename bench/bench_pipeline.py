@@ -1,0 +1,68 @@
+"""Whole-pipeline time and peak memory on the full sample scan: the default settings and the paper's, side by side.
+
+    python bench/bench_pipeline.py [--model M.keras]
+
+Each configuration runs ``kneeboneseg segment`` in a fresh process (so its
+peak resident memory is its own) on the 512 x 512 x 286 scan and reports the
+wall time, the time of each stage from its summary.json, and the peak memory.
+The paper's configuration ORs thresholded sub-volumes and projections; the
+default averages probabilities. Both use the same model and post-processing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _sample import sample_dir
+
+CONFIGURATIONS = {
+    "default (mean, mean)": [],
+    "paper (or, or)": ["--aggregate", "or", "--fusion", "or"],
+}
+STAGES = ("normalise", "resample", "network", "fuse", "components", "closing", "surfaces")
+
+
+def run(scan: Path, extra: list[str], model: str | None) -> tuple[float, float, dict]:
+    """Wall seconds, peak memory (GiB) and summary of one segmentation in a child process."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "KneeBoneSegLib", "segment", str(scan), "-o", f"{folder}/out", "--progress", "none", *extra]
+        if model:
+            command += ["--model", model]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        summary = json.loads(Path(folder, "out", "summary.json").read_text())
+    if peak_kib <= before:
+        print("note: the peak memory below is that of an earlier, larger child process", file=sys.stderr)
+    return seconds, peak_kib / 2**20, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    args = parser.parse_args()
+    scan = sample_dir() / "knee_mri.nrrd"
+    results = {name: run(scan, extra, args.model) for name, extra in CONFIGURATIONS.items()}
+    summary = next(iter(results.values()))[2]
+    print(f"whole segmentation of {scan.name} (512 x 512 x 286), model {summary['model']['name']}, device {summary['device']}")
+    print(f"{'seconds':22}" + "".join(f"{name:>22}" for name in results))
+    for stage in STAGES:
+        print(f"  {stage:20}" + "".join(f"{r[2]['timings_s'].get(stage, 0.0):22.1f}" for r in results.values()))
+    print(f"{'wall (with start-up)':22}" + "".join(f"{r[0]:22.1f}" for r in results.values()))
+    print(f"{'peak memory GiB':22}" + "".join(f"{r[1]:22.2f}" for r in results.values()))
+    for name, (_, _, run_summary) in results.items():
+        bones = ", ".join(f"{k} {v['volume_mm3'] / 1000:.1f} cm3" for k, v in run_summary["bones"].items())
+        print(f"{name}: {bones}; missing: {run_summary['missing'] or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

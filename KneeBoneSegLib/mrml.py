@@ -26,7 +26,7 @@ from vtk.util import numpy_support
 from .anatomy import BONE_BY_LABEL, BONES
 from .errors import InputError, OutputError
 from .io import geometry_from_ijk_to_lps
-from .outputs import _slicer_segment
+from .outputs import slicer_segment_metadata
 from .surfaces import Surface
 from .volume import Geometry, Volume
 
@@ -127,7 +127,7 @@ def terminology_entry(bone) -> str:
     """
     from slicerio.segmentation import terminology_entry_to_string
 
-    return terminology_entry_to_string(_slicer_segment(bone)["terminology"])
+    return terminology_entry_to_string(slicer_segment_metadata(bone)["terminology"])
 
 
 def labels_to_segmentation_node(

@@ -67,14 +67,15 @@ def write_segmentation_nrrd(labels: np.ndarray, geometry: Geometry, path) -> Pat
         "ijkToLPS": geometry.ijk_to_lps,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
-        "segments": [_slicer_segment(bone) for bone in BONES if counts[bone.label]],
+        "segments": [slicer_segment_metadata(bone) for bone in BONES if counts[bone.label]],
     }
     with atomic_file(path) as temporary:
         slicerio.write_segmentation(str(temporary), segmentation, compression_level=6)
     return Path(path)
 
 
-def _slicer_segment(bone) -> dict:
+def slicer_segment_metadata(bone) -> dict:
+    """A bone's segment as slicerio writes it: id, name, colour and SNOMED CT terminology."""
     return {
         "id": bone.name,
         "name": bone.name,

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options_from_args(args) -> "SegmentOptions":
+def _options_from_args(args):
     from .pipeline import SegmentOptions
 
     options = SegmentOptions(

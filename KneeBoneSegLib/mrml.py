@@ -27,7 +27,7 @@ from .anatomy import BONE_BY_LABEL, BONES
 from .errors import InputError, OutputError
 from .io import geometry_from_ijk_to_lps
 from .outputs import slicer_segment_metadata
-from .surfaces import Surface
+from .surfaces import Surface, to_vtk_polydata
 from .volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -219,18 +219,8 @@ def labels_to_segmentation_node(
 
 def surface_to_polydata(surface: Surface) -> vtk.vtkPolyData:
     """A library :class:`Surface` (LPS mm) as triangles in Slicer's RAS world."""
-    points = vtk.vtkPoints()
-    points.SetData(numpy_support.numpy_to_vtk(surface.vertices * RAS_TO_LPS.diagonal()[:3], deep=True))
-    faces = np.asarray(surface.faces, dtype=np.int64)
-    cells = vtk.vtkCellArray()
-    cells.SetData(
-        numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64), deep=True),
-        numpy_support.numpy_to_vtkIdTypeArray(faces.ravel(), deep=True),
-    )
-    polydata = vtk.vtkPolyData()
-    polydata.SetPoints(points)
-    polydata.SetPolys(cells)
-    return polydata
+    # Negating two axes is a rotation, so the faces keep their outward winding.
+    return to_vtk_polydata(Surface(surface.vertices * RAS_TO_LPS.diagonal()[:3], surface.faces))
 
 
 def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[Path]:

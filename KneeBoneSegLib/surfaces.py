@@ -131,6 +131,25 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
     return smoothed, report
 
 
+def to_vtk_polydata(surface: Surface):
+    """The surface as a ``vtkPolyData`` of triangles, in the surface's own coordinates."""
+    import vtk
+    from vtk.util import numpy_support
+
+    points = vtk.vtkPoints()
+    points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(surface.vertices, dtype=np.float64), deep=True))
+    faces = np.asarray(surface.faces, dtype=np.int64)
+    cells = vtk.vtkCellArray()
+    cells.SetData(
+        numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64), deep=True),
+        numpy_support.numpy_to_vtkIdTypeArray(faces.ravel(), deep=True),
+    )
+    polydata = vtk.vtkPolyData()
+    polydata.SetPoints(points)
+    polydata.SetPolys(cells)
+    return polydata
+
+
 _STL_RECORD = np.dtype([("normal", "<f4", 3), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
 
 

@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .errors import Cancelled, InputError, KneeBoneSegError
+from .errors import Cancelled, InputError
 from .models import Model, ModelCard, load_model, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
 from .resampling import grid_shape_for_spacing, resample_to_shape

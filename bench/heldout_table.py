@@ -109,7 +109,7 @@ def main() -> None:
             SegmentOptions(surfaces=False),
         )
         results["training_figure"] = evaluate_labels(result.labels, truth, spacing)
-        print(f"\nTRAINING figure (the shipped model on the scan it was trained on; not a measure of quality):")
+        print("\nTRAINING figure (the shipped model on the scan it was trained on; not a measure of quality):")
         print(format_metrics_table(results["training_figure"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -28,24 +28,14 @@ from vtk.util import numpy_support
 
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.surfaces import Surface, bone_surface
+from KneeBoneSegLib.surfaces import Surface, bone_surface, to_vtk_polydata
 
 log = logging.getLogger("render_surfaces")
 
 
 def surface_actor(surface: Surface, color) -> vtk.vtkActor:
     """A lit, smooth-shaded actor of a surface."""
-    points = vtk.vtkPoints()
-    points.SetData(numpy_support.numpy_to_vtk(surface.vertices, deep=True))
-    faces = np.asarray(surface.faces, dtype=np.int64)
-    cells = vtk.vtkCellArray()
-    cells.SetData(
-        numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64), deep=True),
-        numpy_support.numpy_to_vtkIdTypeArray(faces.ravel(), deep=True),
-    )
-    polydata = vtk.vtkPolyData()
-    polydata.SetPoints(points)
-    polydata.SetPolys(cells)
+    polydata = to_vtk_polydata(surface)
     normals = vtk.vtkPolyDataNormals()
     normals.SetInputData(polydata)
     normals.SplittingOff()

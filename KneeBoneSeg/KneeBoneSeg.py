@@ -158,6 +158,11 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollRun)
+        # Dragging the closing-radius slider fires many changes: re-apply once it rests.
+        self._reapplyTimer = qt.QTimer()
+        self._reapplyTimer.setSingleShot(True)
+        self._reapplyTimer.setInterval(600)
+        self._reapplyTimer.connect("timeout()", self.onReapplyPostprocessing)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -174,6 +179,8 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.exportSTLButton.connect("clicked(bool)", self.onExportSTLButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.closingRadiusSliderWidget.connect("valueChanged(double)", self.onPostprocessingSettingChanged)
+        self.ui.smoothingIterationsSpinBox.connect("valueChanged(int)", self.onPostprocessingSettingChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
         self.ui.progressBar.hide()
         self.ui.stageLabel.hide()
@@ -275,6 +282,21 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stageLabel.text = "Starting..."
         self.updateButtons()
         self._pollTimer.start()
+
+    def onPostprocessingSettingChanged(self, value):
+        self._reapplyTimer.start()
+
+    def onReapplyPostprocessing(self):
+        """Redo closing and smoothing from the kept network output when only those settings changed."""
+        parameters = self._parameterNode
+        if (
+            self._run is None
+            and parameters
+            and parameters.inputVolume
+            and parameters.outputSegmentation
+            and self.logic.canReusePrediction(parameters.inputVolume, **networkSettings(parameters))
+        ):
+            self.onSegmentButton()
 
     def onProgress(self, stage, fraction):
         self.ui.stageLabel.text = stage

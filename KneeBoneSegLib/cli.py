@@ -186,7 +186,7 @@ def _run_info() -> None:
     info = {"kneeboneseg": __version__, "versions": _versions(), "devices": describe_devices()}
     model_path = default_model_path()
     card_file = model_path.with_suffix(".json")
-    info["default_model"] = {"path": str(model_path), "card": json.loads(card_file.read_text()) if card_file.is_file() else None}
+    info["default_model"] = {"path": str(model_path), "card": json.loads(card_file.read_text(encoding="utf-8")) if card_file.is_file() else None}
     print(json.dumps(info, indent=2))
 
 

@@ -100,7 +100,7 @@ def save_model(model: Model, path: str | os.PathLike) -> Path:
     if path.suffix != ".keras":
         raise ModelError(f"{path}: model files must end in .keras")
     model.network.save(path)
-    card_path(path).write_text(json.dumps(model.card.to_dict(), indent=2) + "\n")
+    card_path(path).write_text(json.dumps(model.card.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -127,7 +127,7 @@ def load_model(path: str | os.PathLike, card: ModelCard | None = None) -> Model:
         card_file = card_path(path)
         if card_file.is_file():
             try:
-                card = ModelCard.from_dict(json.loads(card_file.read_text()))
+                card = ModelCard.from_dict(json.loads(card_file.read_text(encoding="utf-8")))
             except (ValueError, TypeError) as error:
                 raise ModelError(f"{card_file}: the model card is not valid JSON ({error})") from None
         else:

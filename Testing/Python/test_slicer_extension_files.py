@@ -281,7 +281,7 @@ def test_sample_checksums_match_the_sample_files(module_tree, sample_dir):
 
 
 def test_slicer_docs_show_what_exists(module_tree):
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (ROOT / image).is_file(), image
     logic_methods = {node.name for node in _class(module_tree, "KneeBoneSegLogic").body if isinstance(node, ast.FunctionDef)}

@@ -68,6 +68,7 @@ def _add_postprocess_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("post-processing")
     group.add_argument("--closing-radius", type=float, default=9.0, help="sphere radius of the closing, 0 to skip (default: 9, as in the paper)")
     group.add_argument("--closing-units", choices=("voxels", "mm"), default="voxels", help="units of --closing-radius (default: voxels)")
+    group.add_argument("--no-fill-holes", action="store_true", help="keep holes enclosed in 3D or in a slice (filled by default)")
     group.add_argument("--smoothing-iterations", type=int, default=None, help="Laplacian smoothing iterations of the surfaces")
     group.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is bone (default: 0.5)")
     group.add_argument("--no-surfaces", action="store_true", help="skip the surfaces and STL files")
@@ -122,6 +123,7 @@ def _options_from_args(args):
         closing_units=args.closing_units,
         threshold=args.threshold,
         surfaces=not args.no_surfaces,
+        fill_holes=not args.no_fill_holes,
     )
     if args.smoothing_iterations is not None:
         options.smoothing_iterations = args.smoothing_iterations

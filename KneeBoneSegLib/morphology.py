@@ -84,6 +84,39 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     return closed
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of a binary ``mask``: enclosed in 3D, or in any axial, coronal or sagittal slice.
+
+    A bone is solid, but a network can miss the inside of its marrow, and such
+    a hole is often open to the outside in 3D (a tunnel, or the shaft cut by
+    the scan's edge) while it is enclosed in the slices that cross it.
+    Filling holes slice by slice in the three orientations closes them
+    without touching concavities that open to the outside in the slice
+    (the intercondylar notch, the trochlear groove).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    filled = ndimage.binary_fill_holes(mask)
+    for axis in range(3):
+        in_slice = np.zeros((3, 3, 3), bool)
+        plane = [slice(None)] * 3
+        plane[axis] = 1
+        in_slice[tuple(plane)] = ndimage.generate_binary_structure(2, 1)
+        filled |= ndimage.binary_fill_holes(mask, structure=in_slice)
+    return filled
+
+
+def fill_bone_holes(labels: np.ndarray) -> np.ndarray:
+    """:func:`fill_holes` for every bone of a label map, in its bounding box, into background only."""
+    filled = labels.copy()
+    for bone in BONES:
+        mask = labels == bone.label
+        if mask.any():
+            box = _grown_bounding_box(mask, (0, 0, 0))
+            region = filled[box]
+            region[fill_holes(mask[box]) & (region == 0)] = bone.label
+    return filled
+
+
 def _grown_bounding_box(mask: np.ndarray, margin) -> tuple[slice, ...]:
     """Slices of ``mask``'s bounding box grown by ``margin`` voxels per axis, clipped to the array."""
     box = []

@@ -3,7 +3,7 @@
 The command line, the Slicer module and the tests all call :func:`segment`
 (the whole method) or :func:`postprocess` (everything after the network, from
 a kept probability map, an existing mask or a label map). The stages are the
-paper's, each a function of its own module:
+paper's (with one addition, 7), each a function of its own module:
 
 1. normalise intensities as the model's card says       (normalization)
 2. resample to the model's voxel spacing, if it has one  (resampling)
@@ -11,7 +11,8 @@ paper's, each a function of its own module:
 4. fuse the projections and bring them back to the scan's grid
 5. keep the three largest components, name them          (components)
 6. close each bone with a sphere                          (morphology)
-7. smoothed closed surfaces in patient millimetres        (surfaces)
+7. fill holes left inside each bone                       (morphology)
+8. smoothed closed surfaces in patient millimetres        (surfaces)
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class SegmentOptions:
     ``fusion`` and ``aggregate`` default to averaged probabilities; ``"or"``
     gives the paper's rule (threshold each tile / projection at 0.5, then OR).
     ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
-    is ``"mm"``; 0 skips closing.
+    is ``"mm"``; 0 skips closing. ``fill_holes`` then fills what is still
+    enclosed in 3D or in a slice of any orientation (not in the paper).
     """
 
     projections: int = 3
@@ -55,6 +57,7 @@ class SegmentOptions:
     threshold: float = 0.5
     closing_radius: float = 9.0
     closing_units: str = "voxels"
+    fill_holes: bool = True
     smoothing_iterations: int = 20
     surfaces: bool = True
     device: str = "auto"
@@ -209,7 +212,7 @@ def postprocess(
     is bone; names are re-derived from anatomy, so a label map from another
     tool with other label values works too).
     """
-    from .morphology import close_bones
+    from .morphology import close_bones, fill_bone_holes
     from .surfaces import bone_surface
 
     options = (options or SegmentOptions()).validate()
@@ -235,6 +238,8 @@ def postprocess(
             spacing=volume.geometry.spacing,
             units=options.closing_units,
         )
+    if options.fill_holes:
+        labels = stages.run("fill holes", fill_bone_holes, labels)
 
     voxel_mm3 = float(np.prod(volume.geometry.spacing))
     counts = np.bincount(labels.ravel(), minlength=len(BONES) + 1)

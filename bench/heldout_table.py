@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from _sample import sample_dir
 
-from KneeBoneSegLib.io import read_volume
+from KneeBoneSegLib.io import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
 from KneeBoneSegLib.models import load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps
@@ -33,16 +33,18 @@ from KneeBoneSegLib.volume import Volume
 FOLDS = ("kneeboneseg-compact-fold-right.keras", "kneeboneseg-compact-fold-left.keras")
 SHIPPED = "kneeboneseg-compact.keras"
 
-#: (row name, projections, fusion, closing radius in voxels); the first row is the default pipeline.
+#: (row name, projections, fusion, closing radius in voxels, fill holes); the first row is the default pipeline.
 VARIANTS = [
-    ("3 projections, mean fusion, closing 9 (default)", 3, "mean", 9),
-    ("no closing", 3, "mean", 0),
-    ("closing radius 3", 3, "mean", 3),
-    ("closing radius 6", 3, "mean", 6),
-    ("closing radius 12", 3, "mean", 12),
-    ("1 projection (axial)", 1, "mean", 9),
-    ("3 projections, OR fusion (paper)", 3, "or", 9),
-    ("3 projections, majority vote", 3, "vote", 9),
+    ("3 projections, mean fusion, closing 9, fill (default)", 3, "mean", 9, True),
+    ("no hole filling", 3, "mean", 9, False),
+    ("no closing", 3, "mean", 0, True),
+    ("no closing, no hole filling", 3, "mean", 0, False),
+    ("closing radius 3", 3, "mean", 3, True),
+    ("closing radius 6", 3, "mean", 6, True),
+    ("closing radius 12", 3, "mean", 12, True),
+    ("1 projection (axial)", 1, "mean", 9, True),
+    ("3 projections, OR fusion (paper)", 3, "or", 9, True),
+    ("3 projections, majority vote", 3, "vote", 9, True),
 ]
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parent.parent / "Resources" / "Models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--labels-out", type=Path, default=None, help="write the stitched held-out label map of the default row here")
     parser.add_argument("--no-training-figure", action="store_true", help="skip the shipped model on its own training scan")
     args = parser.parse_args()
     data = sample_dir()
@@ -84,7 +87,7 @@ def main() -> None:
     print(f"network, both folds, 3 projections: {time.perf_counter() - start:.0f} s")
 
     rows = {}
-    for name, projections, fusion, radius in VARIANTS:
+    for name, projections, fusion, radius, fill in VARIANTS:
         probability = np.empty(truth.shape, np.float32)
         low = fused_on_input_grid(maps[sides["low"]], projections, fusion, truth.shape)
         probability[..., :split] = low[..., :split]
@@ -92,10 +95,12 @@ def main() -> None:
         high = fused_on_input_grid(maps[sides["high"]], projections, fusion, truth.shape)
         probability[..., split:] = high[..., split:]
         del high
-        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius, surfaces=False)
+        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius, fill_holes=fill, surfaces=False)
         labels = postprocess(Volume(probability, scan.geometry), options).labels
         rows[name] = evaluate_labels(labels, truth, spacing)
-        print(f"{name:50} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  AHD {rows[name]['all']['ahd_voxels']:.4f} vox", flush=True)
+        if name == VARIANTS[0][0] and args.labels_out:
+            write_volume(Volume(labels, scan.geometry), args.labels_out)
+        print(f"{name:55} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  AHD {rows[name]['all']['ahd_voxels']:.4f} vox", flush=True)
 
     default = VARIANTS[0][0]
     print(f"\nheld-out, stitched 2-fold prediction, {default}:")

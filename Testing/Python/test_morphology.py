@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing
 
-from KneeBoneSegLib.morphology import close_bones, closing_ball
+from KneeBoneSegLib.morphology import close_bones, closing_ball, fill_bone_holes, fill_holes
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])
@@ -60,3 +60,29 @@ def test_closing_the_ground_truth_bones_of_the_sample_scan(sample_labels):
     closed = close_bones(labels, 9)
     for label in (1, 2, 3):
         assert np.count_nonzero(closed == label) >= np.count_nonzero(labels == label)
+
+
+def test_fill_holes_fills_marrow_open_to_the_outside_but_not_a_notch():
+    bone = np.zeros((30, 30, 30), bool)
+    bone[5:25, 5:25, 5:25] = True
+    bone[10:20, 10:20, 10:20] = False  # missed marrow...
+    bone[14:16, 14:16, 20:25] = False  # ...with a tunnel to the outside: not a hole in 3D
+    notch = np.zeros_like(bone)
+    notch[5:25, 12:18, 5:12] = True  # a groove cut into one face
+    bone &= ~notch
+    filled = fill_holes(bone)
+    assert filled[15, 15, 15] and filled[15, 15, 22]
+    assert not filled[notch].any()
+    np.testing.assert_array_equal(filled[bone], True)
+
+
+def test_fill_bone_holes_fills_into_background_only_and_barely_changes_the_ground_truth(sample_labels):
+    labels = np.zeros((20, 20, 40), np.uint8)
+    labels[2:18, 2:18, 2:18] = 1
+    labels[6:14, 6:14, 6:14] = 0
+    labels[9:11, 9:11, 9:11] = 3  # another bone inside the hole keeps its voxels
+    filled = fill_bone_holes(labels)
+    assert (filled[6:14, 6:14, 6:14] == 1).sum() == 8**3 - 8 and (filled == 3).sum() == 8
+    truth = sample_labels.array
+    changed = np.count_nonzero(fill_bone_holes(truth) != truth)
+    assert changed < 1e-3 * np.count_nonzero(truth)

@@ -1,14 +1,19 @@
-"""Keep the three largest bone components and name them femur, tibia and patella.
+"""Keep the bone components of a prediction and name them femur, tibia and patella.
 
 Names come from anatomy in patient coordinates, never from array order, so a
-scan stored with flipped or permuted axes is named the same: the patella is
-the smallest of the three (and should be the most anterior), the femur is
-the more superior of the other two. LPS: +y is posterior, +z is superior.
+scan stored with flipped or permuted axes is named the same. The three bones
+are the largest components that sit where they should: the femur above the
+tibia, the patella (the smallest) anterior to the femur and above the tibia.
+Choosing by place as well as size, rather than taking the three largest,
+keeps a false-positive blob of fat (bright like marrow, sometimes larger
+than the patella, but beside or behind the femur) from being called a bone.
+LPS: +y is posterior, +z is superior.
 """
 
 from __future__ import annotations
 
 import logging
+from itertools import permutations
 
 import numpy as np
 from scipy import ndimage
@@ -23,8 +28,8 @@ log = logging.getLogger(__name__)
 MIN_BONE_FRACTION = 0.01
 
 
-def largest_components(mask: np.ndarray, count: int = 3, min_fraction: float = 0.0) -> tuple[np.ndarray, list[int]]:
-    """Label the face-connected components of ``mask`` and keep the ``count`` largest.
+def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: float = 0.0) -> tuple[np.ndarray, list[int]]:
+    """Label the face-connected components of ``mask`` and keep the ``count`` largest (all if None).
 
     Components smaller than ``min_fraction`` of the largest are dropped.
 
@@ -43,42 +48,55 @@ def largest_components(mask: np.ndarray, count: int = 3, min_fraction: float = 0
         return np.zeros(mask.shape, np.int32), []
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
-    order = np.argsort(sizes)[::-1][:count]
+    order = np.argsort(sizes)[::-1][:found if count is None else count]
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
     return relabel[labelled], [int(sizes[n]) for n in order]
 
 
-def name_components(centroids_lps: np.ndarray, sizes) -> tuple[list[str], list[str]]:
+def name_components(centroids_lps: np.ndarray, sizes, candidates: int = 8) -> tuple[list[str], list[str]]:
     """Bone names for components from their LPS centroids (mm) and sizes.
 
-    Returns the names (one per component) and warnings where the anatomy is
-    unusual. Three components: the smallest is the patella, the more superior
-    of the others the femur. Two: femur above tibia, patella missing. One:
-    called femur, with a warning.
+    Of the ``candidates`` largest components, the femur, tibia and patella are
+    the three with the largest total size whose places are anatomical: the
+    femur above the tibia; the patella the smallest of the three, anterior to
+    the femur and above the tibia. Without such a triple, the largest pair
+    with the femur above the tibia (patella missing); one component is called
+    femur, with a warning. Returns one name per component (``""`` for a
+    component that is not one of the bones) and the warnings.
     """
-    count = len(sizes)
+    sizes = np.asarray(sizes)
+    names = [""] * len(sizes)
     warnings: list[str] = []
-    names = [""] * count
-    remaining = list(range(count))
-    if count == 3:
-        patella = int(np.argmin(sizes))
-        names[patella] = "patella"
-        remaining.remove(patella)
-        if centroids_lps[patella, 1] > min(centroids_lps[n, 1] for n in remaining):
-            warnings.append("the smallest bone, named patella, is not the most anterior one; check the names")
-    if len(remaining) == 2:
-        upper, lower = sorted(remaining, key=lambda n: -centroids_lps[n, 2])
-        names[upper], names[lower] = "femur", "tibia"
-    elif len(remaining) == 1:
-        names[remaining[0]] = "femur"
+    top = range(min(len(sizes), candidates))
+    superior, posterior = centroids_lps[:, 2], centroids_lps[:, 1]
+    triples = [
+        (femur, tibia, patella)
+        for femur, tibia, patella in permutations(top, 3)
+        if superior[femur] > superior[tibia] < superior[patella]
+        and posterior[patella] < posterior[femur]
+        and sizes[patella] < min(sizes[femur], sizes[tibia])
+    ]
+    pairs = [(femur, tibia) for femur, tibia in permutations(top, 2) if superior[femur] > superior[tibia]]
+    if triples:
+        chosen = max(triples, key=lambda triple: sizes[list(triple)].sum())
+    elif pairs:
+        chosen = max(pairs, key=lambda pair: sizes[list(pair)].sum())
+        if len(sizes) > 2:
+            warnings.append("no component lies where the patella should (anterior to the femur, above the tibia); none is called patella")
+    elif len(sizes):
+        chosen = (0,)
         warnings.append("only one bone-sized component was found (it may be several bones joined); it is called femur")
+    else:
+        chosen = ()
+    for index, name in zip(chosen, ("femur", "tibia", "patella")):
+        names[index] = name
     return names, warnings
 
 
 def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_BONE_FRACTION) -> tuple[np.ndarray, dict]:
-    """Keep the three largest components of a bone ``mask`` and label them by anatomy.
+    """Keep the femur, tibia and patella among the components of a bone ``mask``, labelled by anatomy.
 
     Parameters
     ----------
@@ -94,20 +112,26 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         0 background, 1 femur, 2 tibia, 3 patella (see :data:`~KneeBoneSegLib.anatomy.BONES`).
     report : dict
         ``found`` (per bone: voxels and LPS centroid), ``missing`` (bone
-        names not found), ``dropped_voxels`` and ``warnings``.
+        names not found), ``dropped_voxels`` (in components that are not
+        bones), ``dropped_components`` (bone-sized ones among them) and ``warnings``.
     """
-    components, sizes = largest_components(mask, count=3, min_fraction=min_fraction)
+    components, sizes = largest_components(mask, count=None, min_fraction=min_fraction)
     labels = np.zeros(mask.shape, np.uint8)
-    report = {"found": {}, "missing": [], "dropped_voxels": int(np.count_nonzero(mask) - sum(sizes)), "warnings": []}
+    report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "warnings": []}
     if sizes:
         centroids_kji = np.array(ndimage.center_of_mass(mask, components, range(1, len(sizes) + 1)))
         centroids_lps = geometry.index_to_lps(centroids_kji[:, ::-1])
         names, report["warnings"] = name_components(centroids_lps, sizes)
         lookup = np.zeros(len(sizes) + 1, np.uint8)
         for n, name in enumerate(names):
-            lookup[n + 1] = BONE_BY_KEY[name].label
-            report["found"][name] = {"voxels": sizes[n], "centroid_lps_mm": [round(float(c), 2) for c in centroids_lps[n]]}
+            entry = {"voxels": sizes[n], "centroid_lps_mm": [round(float(c), 2) for c in centroids_lps[n]]}
+            if name:
+                lookup[n + 1] = BONE_BY_KEY[name].label
+                report["found"][name] = entry
+            else:
+                report["dropped_components"].append(entry)
         labels = lookup[components]
+    report["dropped_voxels"] = int(np.count_nonzero(mask) - np.count_nonzero(labels))
     report["missing"] = [bone.key for bone in BONES if bone.key not in report["found"]]
     if report["missing"]:
         report["warnings"].append(f"not found: {', '.join(report['missing'])} (fewer than three bone-sized components)")

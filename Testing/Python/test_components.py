@@ -65,13 +65,26 @@ def test_missing_bones_are_reported_not_invented():
     assert report["missing"] == ["femur", "tibia", "patella"] and not labels.any()
 
 
-def test_a_patella_that_is_not_anterior_is_flagged():
+def test_a_component_behind_the_femur_is_not_called_patella():
     _, truth, geometry = knee_phantom()
     moved = truth.copy()
     moved[truth == 3] = 0
     moved[np.roll(truth == 3, 50, axis=1)] = 3  # now posterior to the femur and tibia, touching neither
-    _, report = label_bones(moved > 0, geometry)
-    assert any("anterior" in w for w in report["warnings"])
+    labels, report = label_bones(moved > 0, geometry)
+    assert report["missing"] == ["patella"] and any("anterior" in w for w in report["warnings"])
+    assert not (labels == 3).any() and len(report["dropped_components"]) == 1
+
+
+def test_the_patella_is_the_anterior_component_even_when_a_larger_blob_lies_behind():
+    _, truth, geometry = knee_phantom()
+    blob = np.zeros_like(truth, bool)
+    k, j, i = np.nonzero(truth == 3)
+    # A posterior false positive (like fat, bright as marrow) twice the patella's size.
+    blob[k.min() : k.max() + 1, -12:-2, i.min() : i.max() + 1] = True
+    assert blob.sum() > 2 * (truth == 3).sum() and not (blob & (truth > 0)).any()
+    labels, report = label_bones((truth > 0) | blob, geometry)
+    np.testing.assert_array_equal(labels, truth)
+    assert report["missing"] == [] and report["dropped_voxels"] == blob.sum()
 
 
 def test_sample_ground_truth_is_named_as_annotated(sample_labels):

@@ -134,7 +134,7 @@ class KneeBoneSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     modelPath: str = ""
     threeProjections: bool = True
-    fusion: Annotated[str, Choice(["mean", "vote", "or"])] = "mean"
+    fusion: Annotated[str, Choice(["or", "vote", "mean"])] = "or"
     closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 9.0
     smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
@@ -554,7 +554,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         volumeNode,
         closingRadius=9.0,
         projections=3,
-        fusion="mean",
+        fusion="or",
         smoothingIterations=20,
         device="auto",
         modelPath="",
@@ -634,7 +634,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         volumeNode,
         closingRadius=9.0,
         projections=3,
-        fusion="mean",
+        fusion="or",
         smoothingIterations=20,
         device="auto",
         modelPath="",
@@ -654,7 +654,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         projections : int
             3 to predict on the axial, coronal and sagittal orientations, 1 for axial only (faster).
         fusion : str
-            How the projections are fused: ``"mean"``, ``"vote"`` or ``"or"`` (the paper's).
+            How the projections are fused: ``"or"`` (the paper's, the default), ``"vote"`` or ``"mean"``.
         smoothingIterations : int
             Laplacian smoothing steps of the surfaces.
         device : str

@@ -89,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
     seg.add_argument("--model", type=Path, default=None, help="trained .keras model with its .json card (default: the shipped model)")
     seg.add_argument("--projections", type=int, choices=(1, 3), default=3, help="predict on 1 (axial) or 3 projections (default: 3)")
-    seg.add_argument("--fusion", choices=FUSIONS, default="mean", help="how projections are fused (or: paper; default: mean)")
+    seg.add_argument("--fusion", choices=FUSIONS, default="or", help="how projections are fused (default: or, the paper's)")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default="mean", help="how overlapping sub-volumes are merged (or: paper; default: mean)")
     seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs (default: auto)")
-    seg.add_argument("--batch-size", type=int, default=8, help="sub-volumes per network call (default: 8)")
+    seg.add_argument("--batch-size", type=int, default=32, help="sub-volumes per network call (default: 32)")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
     _add_postprocess_options(seg)
 

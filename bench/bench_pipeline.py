@@ -26,7 +26,7 @@ CONFIGURATIONS = {
     "default (mean, mean)": [],
     "paper (or, or)": ["--aggregate", "or", "--fusion", "or"],
 }
-STAGES = ("normalise", "resample", "network", "fuse", "components", "closing", "surfaces")
+STAGES = ("normalise", "resample", "network", "fuse", "components", "closing", "fill holes", "surfaces")
 
 
 def run(scan: Path, extra: list[str], model: str | None) -> tuple[float, float, dict]:

@@ -1,14 +1,17 @@
-"""Render the bones of a label map as smoothed surfaces into a PNG, with VTK off screen.
+"""Render bone surfaces into a PNG with VTK off screen: the STL files of a segmentation, or a label map's bones.
 
-Makes the README's picture and the Slicer module's icon from the annotated
-sample scan's ground truth::
+Makes the README's pictures (the STL files ``kneeboneseg segment`` wrote, and
+the annotated sample scan's ground truth) and the Slicer module's icon::
+
+    python docs/render_surfaces.py knee_bones/ docs/images/segmented_stl.png
 
     python docs/render_surfaces.py $KNEEBONESEG_SAMPLE_DIR/knee_bones_labels.nrrd docs/images/kneeboneseg_3d.png
     python docs/render_surfaces.py $KNEEBONESEG_SAMPLE_DIR/knee_bones_labels.nrrd \
         KneeBoneSeg/Resources/Icons/KneeBoneSeg.png --size 128 --background none
 
-Surfaces come from :func:`KneeBoneSegLib.surfaces.bone_surface` (the library's
-own, as written to the STL files); colours from :mod:`KneeBoneSegLib.anatomy`.
+A folder is read as its ``femur.stl``, ``tibia.stl`` and ``patella.stl``; a
+label map's surfaces come from :func:`KneeBoneSegLib.surfaces.bone_surface`
+(the library's own, as written to the STL files). Colours from :mod:`KneeBoneSegLib.anatomy`.
 The view looks at the knee from the front (anterior), slightly from the
 patient's right and above, in LPS millimetres. Off-screen rendering needs
 VTK's EGL or OSMesa back end (the PyPI VTK wheels have EGL); without a GPU or
@@ -28,7 +31,7 @@ from vtk.util import numpy_support
 
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.surfaces import Surface, bone_surface, to_vtk_polydata
+from KneeBoneSegLib.surfaces import Surface, bone_surface, read_stl, to_vtk_polydata
 
 log = logging.getLogger("render_surfaces")
 
@@ -90,7 +93,7 @@ def render(surfaces: dict, size: int, background: str) -> vtk.vtkImageData:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("labels", type=Path, help="label map: 1 femur, 2 tibia, 3 patella")
+    parser.add_argument("labels", type=Path, help="label map (1 femur, 2 tibia, 3 patella), or a folder with femur.stl, tibia.stl, patella.stl")
     parser.add_argument("output", type=Path, help="PNG file to write")
     parser.add_argument("--size", type=int, default=800, help="width and height in pixels (default: 800)")
     parser.add_argument("--background", default="white", help="a VTK colour name, or 'none' for transparent (default: white)")
@@ -98,9 +101,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    labels = read_volume(args.labels)
     surfaces = {}
-    for bone in BONES:
+    if args.labels.is_dir():
+        surfaces = {bone.key: read_stl(args.labels / f"{bone.key}.stl") for bone in BONES if (args.labels / f"{bone.key}.stl").is_file()}
+        log.info("Read %s from %s", ", ".join(f"{key}.stl" for key in surfaces), args.labels)
+    labels = None if args.labels.is_dir() else read_volume(args.labels)
+    for bone in BONES if labels is not None else ():
         mask = labels.array == bone.label
         if mask.any():
             surfaces[bone.key], report = bone_surface(mask, labels.geometry, smoothing_iterations=args.smoothing_iterations)

@@ -64,13 +64,16 @@ class _Reporter:
         print(f"kneeboneseg: error: {message}", file=sys.stderr)
 
 
-def _add_postprocess_options(parser: argparse.ArgumentParser) -> None:
+def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
     group = parser.add_argument_group("post-processing")
-    group.add_argument("--closing-radius", type=float, default=9.0, help="sphere radius of the closing, 0 to skip (default: 9, as in the paper)")
-    group.add_argument("--closing-units", choices=("voxels", "mm"), default="voxels", help="units of --closing-radius (default: voxels)")
+    group.add_argument(
+        "--closing-radius", type=float, default=defaults.closing_radius,
+        help=f"sphere radius of the closing, 0 to skip (default: {defaults.closing_radius:g}; the paper used 9)",
+    )  # fmt: skip
+    group.add_argument("--closing-units", choices=("voxels", "mm"), default=defaults.closing_units, help=f"units of --closing-radius (default: {defaults.closing_units})")
     group.add_argument("--no-fill-holes", action="store_true", help="keep holes enclosed in 3D or in a slice (filled by default)")
     group.add_argument("--smoothing-iterations", type=int, default=None, help="Laplacian smoothing iterations of the surfaces")
-    group.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is bone (default: 0.5)")
+    group.add_argument("--threshold", type=float, default=defaults.threshold, help=f"probability above which a voxel is bone (default: {defaults.threshold:g})")
     group.add_argument("--no-surfaces", action="store_true", help="skip the surfaces and STL files")
     group.add_argument("--nifti", action="store_true", help="also write the label map as labels.nii.gz")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs in an existing, non-empty OUTDIR")
@@ -78,8 +81,9 @@ def _add_postprocess_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import AGGREGATIONS, FUSIONS
+    from .pipeline import AGGREGATIONS, FUSIONS, SegmentOptions
 
+    defaults = SegmentOptions()  # one place for the recommended settings: the library's
     parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,18 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
     seg.add_argument("--model", type=Path, default=None, help="trained .keras model with its .json card (default: the shipped model)")
-    seg.add_argument("--projections", type=int, choices=(1, 3), default=3, help="predict on 1 (axial) or 3 projections (default: 3)")
-    seg.add_argument("--fusion", choices=FUSIONS, default="or", help="how projections are fused (default: or, the paper's)")
-    seg.add_argument("--aggregate", choices=AGGREGATIONS, default="mean", help="how overlapping sub-volumes are merged (or: paper; default: mean)")
-    seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs (default: auto)")
-    seg.add_argument("--batch-size", type=int, default=32, help="sub-volumes per network call (default: 32)")
+    seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help=f"predict on 1 (axial) or 3 projections (default: {defaults.projections})")
+    seg.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion, help=f"how projections are fused (or: the paper's; default: {defaults.fusion})")
+    seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
+    seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default=defaults.device, help=f"where the network runs (default: {defaults.device})")
+    seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
-    _add_postprocess_options(seg)
+    _add_postprocess_options(seg, defaults)
 
     post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
     post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
     post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    _add_postprocess_options(post)
+    _add_postprocess_options(post, defaults)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
     evaluate.add_argument("prediction", type=Path)

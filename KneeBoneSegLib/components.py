@@ -134,7 +134,7 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
     report["dropped_voxels"] = int(np.count_nonzero(mask) - np.count_nonzero(labels))
     report["missing"] = [bone.key for bone in BONES if bone.key not in report["found"]]
     if report["missing"]:
-        report["warnings"].append(f"not found: {', '.join(report['missing'])} (fewer than three bone-sized components)")
+        report["warnings"].append(f"not found: {', '.join(report['missing'])} (no bone-sized component where it should be)")
     for warning in report["warnings"]:
         log.warning(warning)
     return labels, report

@@ -6,8 +6,8 @@ Each configuration runs ``kneeboneseg segment`` in a fresh process (so its
 peak resident memory is its own) on the 512 x 512 x 286 scan and reports the
 wall time, the time of each stage from its summary.json, and the peak memory.
 The paper's configuration ORs thresholded sub-volumes and projections; the
-default averages overlapping sub-volumes and ORs
-the projections. Both use the same model and post-processing.
+default averages overlapping sub-volumes and ORs the projections. Both use
+the same model and post-processing.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from _sample import sample_dir
 from KneeBoneSegLib.io import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
 from KneeBoneSegLib.models import card_path, load_model
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.projections import fuse_probabilities
 from KneeBoneSegLib.resampling import resample_to_shape
 from KneeBoneSegLib.volume import Volume
@@ -110,10 +110,7 @@ def main() -> None:
 
     results = {"split_i": split, "folds": FOLDS, "heldout_ranges_i": sides["ranges"], "heldout": rows}
     if not args.no_training_figure and (args.models / SHIPPED).is_file():
-        result = postprocess(
-            Volume(fused_on_input_grid(predict_projection_maps(scan, load_model(args.models / SHIPPED)), 3, SegmentOptions().fusion, truth.shape), scan.geometry),
-            SegmentOptions(surfaces=False),
-        )
+        result = segment(scan, load_model(args.models / SHIPPED), SegmentOptions(surfaces=False))
         results["training_figure"] = evaluate_labels(result.labels, truth, spacing)
         print("\nTRAINING figure (the shipped model on the scan it was trained on; not a measure of quality):")
         print(format_metrics_table(results["training_figure"]))
@@ -122,6 +119,11 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write_card:
         write_quality(args.models / SHIPPED, results, split)
+
+
+def rounded(metrics: dict) -> dict:
+    """Per-bone figures to 4 decimals, as a card holds them."""
+    return {bone: {name: round(value, 4) for name, value in figures.items()} for bone, figures in metrics.items()}
 
 
 def write_quality(model_path: Path, results: dict, split: int) -> None:
@@ -137,13 +139,13 @@ def write_quality(model_path: Path, results: dict, split: int) -> None:
                 "the stitched full-volume prediction is post-processed and compared with the ground truth"
             ),
             "pipeline": default,
-            "metrics": {bone: {k: round(v, 4) for k, v in figures.items()} for bone, figures in results["heldout"][default].items()},
+            "metrics": rounded(results["heldout"][default]),
         },
     }
     if "training_figure" in results:
         card["quality"]["training_figure"] = {
             "note": "this model on the scan it was trained on: not a measure of quality",
-            "metrics": {bone: {k: round(v, 4) for k, v in figures.items()} for bone, figures in results["training_figure"].items()},
+            "metrics": rounded(results["training_figure"]),
         }
     card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(f"wrote the figures into {card_file.name}")

@@ -91,6 +91,17 @@ def render(surfaces: dict, size: int, background: str) -> vtk.vtkImageData:
     return image
 
 
+def label_surfaces(labels, smoothing_iterations: int) -> dict:
+    """Bone key -> smoothed surface of each bone present in a label map."""
+    surfaces = {}
+    for bone in BONES:
+        mask = labels.array == bone.label
+        if mask.any():
+            surfaces[bone.key], report = bone_surface(mask, labels.geometry, smoothing_iterations=smoothing_iterations)
+            log.info("%s: %d triangles, %.1f cm3, watertight %s", bone.name, report["faces"], report["volume_mm3"] / 1000, report["watertight"])
+    return surfaces
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("labels", type=Path, help="label map (1 femur, 2 tibia, 3 patella), or a folder with femur.stl, tibia.stl, patella.stl")
@@ -101,16 +112,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    surfaces = {}
     if args.labels.is_dir():
         surfaces = {bone.key: read_stl(args.labels / f"{bone.key}.stl") for bone in BONES if (args.labels / f"{bone.key}.stl").is_file()}
         log.info("Read %s from %s", ", ".join(f"{key}.stl" for key in surfaces), args.labels)
-    labels = None if args.labels.is_dir() else read_volume(args.labels)
-    for bone in BONES if labels is not None else ():
-        mask = labels.array == bone.label
-        if mask.any():
-            surfaces[bone.key], report = bone_surface(mask, labels.geometry, smoothing_iterations=args.smoothing_iterations)
-            log.info("%s: %d triangles, %.1f cm3, watertight %s", bone.name, report["faces"], report["volume_mm3"] / 1000, report["watertight"])
+    else:
+        surfaces = label_surfaces(read_volume(args.labels), args.smoothing_iterations)
     image = render(surfaces, args.size, args.background)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     writer = vtk.vtkPNGWriter()

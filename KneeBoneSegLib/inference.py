@@ -3,7 +3,9 @@
 The paper tiles the volume into 64-voxel cubes with a stride of 32, padding it
 to fit. The tile grid is a :func:`skimage.util.view_as_windows` view (the
 ``patchify`` package the paper used is a thin alias of it that pins numpy<2),
-so tiles are copied only one batch at a time.
+so tiles are copied only one batch at a time. Tiles of pure air, about half
+of a knee scan's field of view, can be left out of the network altogether
+(:func:`air_level`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ from typing import Callable
 import numpy as np
 from skimage.util import view_as_windows
 
+from .normalization import sampled_percentiles
+
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("or", "mean")
+
+# Air in MRI is dark noise. On the sample scan (at the shipped model's 0.7 mm)
+# every 32^3 tile that holds bone reaches half the bright-tissue level, and in
+# the 44 % of tiles that stay below a tenth of it the network's highest bone
+# probability is 0.01: a tenth leaves out only what would be predicted as air.
+AIR_FRACTION_OF_TISSUE = 0.1
+_TISSUE_PERCENTILE = 99.5
 
 
 def padded_shape(shape, patch_size: int, stride: int) -> tuple[int, ...]:
@@ -37,6 +48,15 @@ def tile_weights(patch_size: int) -> np.ndarray:
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
 
 
+def air_level(image: np.ndarray) -> float:
+    """Intensity below which a whole tile is air: 10 % of the image's bright-tissue level.
+
+    The bright-tissue level is the 99.5th percentile (of a strided sample),
+    so the level follows whatever intensity scale the model's normalisation gives.
+    """
+    return AIR_FRACTION_OF_TISSUE * float(sampled_percentiles(image, _TISSUE_PERCENTILE))
+
+
 def tile_corners(shape, patch_size: int, stride: int) -> np.ndarray:
     """(N, 3) corners of the tiles covering a volume of ``padded_shape``."""
     axes = [np.arange(0, n - patch_size + 1, stride) for n in shape]
@@ -51,6 +71,7 @@ def predict_volume(
     batch_size: int = 2,
     aggregate: str = "mean",
     progress: Callable[[int, int], None] | None = None,
+    skip_below: float | None = None,
 ) -> np.ndarray:
     """Bone probability of every voxel of ``image``, predicted tile by tile.
 
@@ -70,6 +91,10 @@ def predict_volume(
     progress : callable, optional
         ``progress(done, total)`` after each batch; an exception raised from it
         stops the prediction.
+    skip_below : float, optional
+        Tiles none of whose voxels reaches this intensity (air, see
+        :func:`air_level`) are not run through the network and count as
+        background, probability 0, in the aggregation.
 
     Returns
     -------
@@ -84,6 +109,13 @@ def predict_volume(
     weights = tile_weights(patch_size) if aggregate == "mean" else None
     total = np.zeros(padded.shape, np.float32)
     weight_sum = np.zeros(padded.shape, np.float32) if aggregate == "mean" else None
+    if skip_below is not None:
+        holds_tissue = windows.max(axis=(3, 4, 5))[tuple((corners // stride).T)] >= skip_below
+        if aggregate == "mean":
+            for corner in corners[~holds_tissue]:
+                weight_sum[tuple(slice(c, c + patch_size) for c in corner)] += weights
+        log.debug("Leaving out %d of %d tiles that hold only air", np.count_nonzero(~holds_tissue), len(corners))
+        corners = corners[holds_tissue]
     batches = range(0, len(corners), batch_size)
     log.debug("Predicting %d tiles of %d^3 in %d batches", len(corners), patch_size, len(batches))
     for done, first in enumerate(batches, start=1):
@@ -103,5 +135,5 @@ def predict_volume(
         if progress is not None:
             progress(done, len(batches))
     if aggregate == "mean":
-        total /= weight_sum
+        np.divide(total, weight_sum, out=total, where=weight_sum > 0)
     return total[tuple(slice(0, n) for n in image.shape)]

@@ -36,8 +36,7 @@ def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.nda
     method = spec.pop("method", "percentile")
     values = np.asarray(array, dtype=np.float32)
     if method == "percentile":
-        sample = values[::_PERCENTILE_SAMPLE_STEP, ::_PERCENTILE_SAMPLE_STEP, ::_PERCENTILE_SAMPLE_STEP]
-        low, high = np.percentile(sample, [spec.get("low", 0.5), spec.get("high", 99.5)])
+        low, high = sampled_percentiles(values, [spec.get("low", 0.5), spec.get("high", 99.5)])
         return _rescale(values, low, high, clip=True)
     if method == "minmax":
         return _rescale(values, values.min(), values.max(), clip=False)
@@ -46,6 +45,12 @@ def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.nda
             values = np.round(_rescale(values, values.min(), values.max(), clip=False) * 255.0)
         return (values / np.float32(spec.get("divisor", 255.0))).astype(np.float32)
     raise ValueError(f"unknown normalisation method {method!r}; use percentile, minmax or divide")
+
+
+def sampled_percentiles(array: np.ndarray, percentiles) -> np.ndarray:
+    """``np.percentile`` of every third voxel along each axis of a 3D ``array``."""
+    step = _PERCENTILE_SAMPLE_STEP
+    return np.percentile(array[::step, ::step, ::step], percentiles)
 
 
 def _rescale(values: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:

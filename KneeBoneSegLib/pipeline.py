@@ -49,6 +49,8 @@ class SegmentOptions:
     and OR fusion scored best held out (``bench/heldout_table.py``).
     ``aggregate`` defaults to a weighted mean of overlapping sub-volumes;
     ``"or"`` gives the paper's rule there too (threshold each tile, then OR).
+    ``skip_air_tiles`` leaves sub-volumes of pure air out of the network
+    (about half of them on a knee scan; see ``inference.air_level``).
     ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
     is ``"mm"``; 0 skips closing. ``fill_holes`` then fills what is still
     enclosed in 3D or in a slice of any orientation (not in the paper).
@@ -57,6 +59,7 @@ class SegmentOptions:
     projections: int = 3
     fusion: str = "or"
     aggregate: str = "mean"
+    skip_air_tiles: bool = True
     threshold: float = 0.5
     closing_radius: float = 9.0
     closing_units: str = "voxels"
@@ -166,7 +169,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
     import keras
 
     from .devices import select_device
-    from .inference import predict_volume
+    from .inference import air_level, predict_volume
     from .normalization import normalize_intensities
     from .projections import predict_projections
     from .resampling import grid_shape_for_spacing, resample_to_shape
@@ -180,6 +183,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
     if card.spacing_mm:
         model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
         image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
+    skip_below = air_level(image) if options.skip_air_tiles else None
 
     def predict_view(view: np.ndarray, name: str) -> np.ndarray:
         def batches_done(done: int, total: int) -> None:
@@ -193,6 +197,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
             batch_size=options.batch_size,
             aggregate=options.aggregate,
             progress=batches_done,
+            skip_below=skip_below,
         )
 
     start = time.perf_counter()

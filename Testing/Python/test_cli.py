@@ -47,6 +47,7 @@ def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_pa
     assert summary["missing"] == [] and summary["device"].startswith("cpu")
     assert {"normalise", "network", "fuse", "components", "closing", "surfaces"} <= set(summary["timings_s"])
     assert summary["model"]["name"] == "threshold" and summary["options"]["closing_radius"] == 2
+    assert summary["options"]["skip_air_tiles"] is True
     truth = read_mask(folder / "truth.nrrd").array
     labels = read_mask(tmp_path / "out" / "labels.nii.gz").array
     assert np.mean(labels[truth > 0] == truth[truth > 0]) > 0.97
@@ -55,9 +56,10 @@ def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_pa
 def test_progress_json_streams_stages_then_done(scan_and_model, tmp_path, capsys):
     folder = scan_and_model
     code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.keras",
-                        "--projections", "1", "--no-surfaces", "--progress", "json"], capsys)
+                        "--projections", "1", "--no-surfaces", "--all-tiles", "--progress", "json"], capsys)
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[-1]["done"] is True
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["options"]["skip_air_tiles"] is False
     assert [line["stage"] for line in lines[:-1]][0] == "normalise"
     assert any(line["stage"] == "network: axial" and 0 < line["fraction"] <= 1 for line in lines[:-1])
 

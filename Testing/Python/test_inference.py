@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from KneeBoneSegLib.inference import padded_shape, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_volume, tile_corners, tile_weights
 from KneeBoneSegLib.projections import VIEWS, fuse_probabilities, predict_projections
 
 
@@ -45,6 +45,32 @@ def test_or_aggregation_thresholds_each_tile_then_ors_them(rng):
     image = rng.random((30, 30, 30)).astype(np.float32)
     result = predict_volume(image, identity_network(16), 16, 8, 4, "or")
     np.testing.assert_array_equal(result, (image >= 0.5).astype(np.float32))
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATIONS)
+def test_air_tiles_are_left_out_of_the_network_and_come_out_as_background(rng, aggregate):
+    image = np.zeros((48, 48, 48), np.float32)
+    image[:20, :20, :20] = rng.uniform(0.55, 1.0, (20, 20, 20))  # tissue in one corner, air elsewhere
+    image[32:, 32:, 32:] = rng.uniform(0.01, 0.05, (16, 16, 16))  # dark noise, in no tile that reaches the tissue
+    batches = {}
+
+    def predict(skip_below):
+        calls = []
+        result = predict_volume(image, identity_network(16), 16, 8, 1, aggregate, progress=lambda d, t: calls.append(t), skip_below=skip_below)
+        batches[skip_below] = calls[-1]
+        return result
+
+    every_tile, tissue_tiles = predict(None), predict(air_level(image))
+    assert batches[None] == len(tile_corners(padded_shape(image.shape, 16, 8), 16, 8)) == 125
+    assert batches[air_level(image)] == 27  # the tiles that reach into the tissue corner
+    expected = every_tile.copy()
+    expected[32:, 32:, 32:] = 0  # the identity network returns the noise; a left-out tile is background
+    np.testing.assert_allclose(tissue_tiles, expected, atol=1e-6)
+
+
+def test_air_level_is_a_tenth_of_the_bright_tissue_level(rng):
+    image = rng.uniform(0, 400, (30, 30, 30)).astype(np.float32)
+    assert air_level(image) == pytest.approx(0.1 * np.percentile(image[::3, ::3, ::3], 99.5))
 
 
 def test_a_raising_progress_callback_stops_the_prediction(rng):

@@ -52,10 +52,21 @@ def extract_surface(mask: np.ndarray, geometry: Geometry) -> Surface:
     return surface
 
 
+def directed_edges(faces: np.ndarray) -> np.ndarray:
+    """(3M, 2) edges of each triangle in its winding order."""
+    return np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+
+
+def _edge_keys(edges: np.ndarray, vertex_count: int) -> np.ndarray:
+    # One int64 per edge: np.unique on these is many times faster than on rows of an (E, 2) array.
+    return edges[:, 0].astype(np.int64) * vertex_count + edges[:, 1]
+
+
 def mesh_edges(faces: np.ndarray) -> np.ndarray:
-    """(E, 2) unique undirected edges of a triangle mesh, smaller index first."""
-    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    return np.unique(np.sort(edges, axis=1), axis=0)
+    """(E, 2) unique undirected edges of a triangle mesh, smaller index first, sorted."""
+    vertex_count = int(faces.max()) + 1 if len(faces) else 0
+    keys = np.unique(_edge_keys(np.sort(directed_edges(faces), axis=1), vertex_count))
+    return np.stack([keys // vertex_count, keys % vertex_count], axis=1)
 
 
 def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float = SMOOTHING_RELAXATION) -> Surface:
@@ -72,11 +83,16 @@ def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float =
     rows = np.concatenate([edges[:, 0], edges[:, 1]])
     columns = np.concatenate([edges[:, 1], edges[:, 0]])
     count = len(vertices)
+    # The neighbour matrix keeps its sparsity pattern; only its weights change
+    # from step to step, so it is laid out once, row by row.
+    order = np.lexsort((columns, rows))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=count))])
+    matrix = sparse.csr_matrix((np.ones(len(rows)), columns[order], indptr), shape=(count, count))
     for _ in range(iterations):
         lengths = np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1)
-        weights = 1.0 / np.maximum(lengths, 1e-9)
-        matrix = sparse.csr_matrix((np.concatenate([weights, weights]), (rows, columns)), shape=(count, count))
-        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        weights = np.tile(1.0 / np.maximum(lengths, 1e-9), 2)
+        matrix.data = weights[order]
+        totals = np.bincount(rows, weights=weights, minlength=count)
         neighbour_mean = (matrix @ vertices) / totals[:, None]
         vertices += relaxation * (neighbour_mean - vertices)
     return Surface(vertices, surface.faces)
@@ -100,11 +116,11 @@ def is_watertight(surface: Surface) -> bool:
     That is a closed, consistently oriented, edge-manifold mesh: what a slicer
     for 3D printing needs.
     """
-    directed = np.concatenate([surface.faces[:, [0, 1]], surface.faces[:, [1, 2]], surface.faces[:, [2, 0]]])
-    unique_directed = np.unique(directed, axis=0)
-    if len(unique_directed) != len(directed):
+    directed = directed_edges(surface.faces)
+    vertex_count = len(surface.vertices)
+    if len(np.unique(_edge_keys(directed, vertex_count))) != len(directed):
         return False
-    undirected, counts = np.unique(np.sort(directed, axis=1), axis=0, return_counts=True)
+    _, counts = np.unique(_edge_keys(np.sort(directed, axis=1), vertex_count), return_counts=True)
     return bool(np.all(counts == 2))
 
 

@@ -11,6 +11,7 @@ from KneeBoneSegLib.surfaces import (
     enclosed_volume,
     extract_surface,
     is_watertight,
+    mesh_edges,
     read_stl,
     smooth_laplacian,
     surface_area,
@@ -67,6 +68,13 @@ def test_smoothing_weights_nearer_neighbours_more():
     moved = smooth_laplacian(surface, 1, relaxation=1.0).vertices[0]
     expected = (np.array([1.0, 0, 0]) / 1 + np.array([0, 3.0, 0]) / 3) / (1 / 1 + 1 / 3)
     np.testing.assert_allclose(moved, expected)
+
+
+def test_mesh_edges_are_each_undirected_edge_once():
+    tetrahedron = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [2, 0, 3]])
+    np.testing.assert_array_equal(mesh_edges(tetrahedron), [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    assert is_watertight(Surface(np.eye(4)[:, :3], tetrahedron))
+    assert not is_watertight(Surface(np.eye(4)[:, :3], tetrahedron[:3]))
 
 
 def test_watertight_check_catches_holes_and_flipped_faces():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import knee_phantom
+from scipy import ndimage
 
-from KneeBoneSegLib.components import label_bones, largest_components
+from KneeBoneSegLib.components import component_centroids, label_bones, largest_components
 from KneeBoneSegLib.volume import Geometry
 
 
@@ -21,6 +22,12 @@ def test_largest_components_drops_specks_and_orders_by_size():
     assert sizes == [512, 216, 27]
     assert components[5, 5, 5] == 1 and components[15, 15, 15] == 2 and components[2, 15, 2] == 3
     assert components[18, 1, 18] == 0 and components[10, 10, 10] == 0
+
+
+def test_component_centroids_match_scipy_center_of_mass(rng):
+    components, sizes = largest_components(rng.random((30, 25, 20)) > 0.6, count=None)
+    expected = ndimage.center_of_mass(components > 0, components, range(1, len(sizes) + 1))
+    np.testing.assert_allclose(component_centroids(components, len(sizes)), expected, atol=1e-9)
 
 
 def _reoriented(labels, geometry, permutation, flips):

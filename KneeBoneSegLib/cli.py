@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion, help=f"how projections are fused (or: the paper's; default: {defaults.fusion})")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
     seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default=defaults.device, help=f"where the network runs (default: {defaults.device})")
+    seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
@@ -132,7 +133,7 @@ def _options_from_args(args):
     )
     if args.smoothing_iterations is not None:
         options.smoothing_iterations = args.smoothing_iterations
-    for name in ("projections", "fusion", "aggregate", "device", "batch_size"):
+    for name in ("projections", "fusion", "aggregate", "stride", "device", "batch_size"):
         if hasattr(args, name):
             setattr(options, name, getattr(args, name))
     if getattr(args, "all_tiles", False):

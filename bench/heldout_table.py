@@ -33,18 +33,21 @@ from KneeBoneSegLib.volume import Volume
 FOLDS = ("kneeboneseg-compact-fold-right.keras", "kneeboneseg-compact-fold-left.keras")
 SHIPPED = "kneeboneseg-compact.keras"
 
-#: (row name, projections, fusion, closing radius in voxels, fill holes); the first row is the default pipeline.
+#: (row name, projections, fusion, closing radius in voxels, fill holes, sub-volume stride or None for the
+#: card's); the first row is the default pipeline.
 VARIANTS = [
-    ("3 projections, OR fusion, closing 9, fill (default)", 3, "or", 9, True),
-    ("no hole filling", 3, "or", 9, False),
-    ("no closing", 3, "or", 0, True),
-    ("no closing, no hole filling (network and components only)", 3, "or", 0, False),
-    ("closing radius 3", 3, "or", 3, True),
-    ("closing radius 6", 3, "or", 6, True),
-    ("closing radius 12", 3, "or", 12, True),
-    ("1 projection (axial)", 1, "or", 9, True),
-    ("3 projections, majority vote", 3, "vote", 9, True),
-    ("3 projections, mean fusion", 3, "mean", 9, True),
+    ("3 projections, OR fusion, closing 9, fill (default)", 3, "or", 9, True, None),
+    ("no hole filling", 3, "or", 9, False, None),
+    ("no closing", 3, "or", 0, True, None),
+    ("no closing, no hole filling (network and components only)", 3, "or", 0, False, None),
+    ("closing radius 3", 3, "or", 3, True, None),
+    ("closing radius 6", 3, "or", 6, True, None),
+    ("closing radius 12", 3, "or", 12, True, None),
+    ("1 projection (axial)", 1, "or", 9, True, None),
+    ("3 projections, majority vote", 3, "vote", 9, True, None),
+    ("3 projections, mean fusion", 3, "mean", 9, True, None),
+    ("sub-volume stride 16 (half overlap; default 24)", 3, "or", 9, True, 16),
+    ("sub-volume stride 32 (no overlap)", 3, "or", 9, True, 32),
 ]
 
 
@@ -83,12 +86,19 @@ def main() -> None:
     print(f"held-out split along i at {split}: {FOLDS[sides['low']]} predicts i < {split}, {FOLDS[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(FOLDS, sides['ranges']))}")
 
-    start = time.perf_counter()
-    maps = [predict_projection_maps(scan, model, SegmentOptions(projections=3)) for model in models]
-    print(f"network, both folds, 3 projections: {time.perf_counter() - start:.0f} s")
+    maps_by_stride = {}
+
+    def network_maps(stride):
+        if stride not in maps_by_stride:
+            maps_by_stride.clear()  # one set of maps at a time: each is a few hundred MB
+            start = time.perf_counter()
+            maps_by_stride[stride] = [predict_projection_maps(scan, model, SegmentOptions(projections=3, stride=stride)) for model in models]
+            print(f"network, both folds, 3 projections, stride {stride or models[0].card.stride}: {time.perf_counter() - start:.0f} s")
+        return maps_by_stride[stride]
 
     rows = {}
-    for name, projections, fusion, radius, fill in VARIANTS:
+    for name, projections, fusion, radius, fill, stride in VARIANTS:
+        maps = network_maps(stride)
         probability = np.empty(truth.shape, np.float32)
         low = fused_on_input_grid(maps[sides["low"]], projections, fusion, truth.shape)
         probability[..., :split] = low[..., :split]

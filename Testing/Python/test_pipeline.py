@@ -75,7 +75,22 @@ def test_postprocess_accepts_label_maps_with_other_values_and_probabilities(phan
     np.testing.assert_array_equal(result.labels, truth)
 
 
-def test_options_are_checked():
-    for bad in (dict(projections=2), dict(fusion="and"), dict(aggregate="max"), dict(closing_units="cm"), dict(threshold=1.5)):
+def test_options_are_checked(phantom, model):
+    for bad in (dict(projections=2), dict(fusion="and"), dict(aggregate="max"), dict(closing_units="cm"), dict(threshold=1.5), dict(stride=0)):
         with pytest.raises(InputError):
             SegmentOptions(**bad).validate()
+    image, _, geometry = phantom
+    with pytest.raises(InputError, match="stride 20 is larger than the model's 16-voxel sub-volumes"):
+        segment(Volume(image, geometry), model, SegmentOptions(stride=20))
+
+
+def test_a_stride_other_than_the_cards_changes_the_tiling_and_still_segments(phantom, model):
+    image, truth, geometry = phantom
+    batches = {}
+    for stride in (None, 16):
+        seen = []
+        options = SegmentOptions(projections=1, stride=stride, batch_size=1, closing_radius=0, surfaces=False)
+        result = segment(Volume(image, geometry), model, options, progress=lambda s, f: seen.append(f) if s == "network: axial" else None)
+        batches[stride] = round(1 / min(f for f in seen if f > 0))
+        assert _dice(result.labels > 0, truth > 0) > 0.97
+    assert batches == {None: 7 * 7 * 8, 16: 4 * 4 * 5}  # the card's stride 8 on 72 x 64 x 64, then 16

@@ -57,16 +57,21 @@ def directed_edges(faces: np.ndarray) -> np.ndarray:
     return np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
 
 
-def _edge_keys(edges: np.ndarray, vertex_count: int) -> np.ndarray:
+def _key_base(faces: np.ndarray) -> int:
+    """One more than the largest vertex index the faces use: the base of :func:`_edge_keys`."""
+    return int(faces.max()) + 1 if len(faces) else 1
+
+
+def _edge_keys(edges: np.ndarray, base: int) -> np.ndarray:
     # One int64 per edge: np.unique on these is many times faster than on rows of an (E, 2) array.
-    return edges[:, 0].astype(np.int64) * vertex_count + edges[:, 1]
+    return edges[:, 0].astype(np.int64) * base + edges[:, 1]
 
 
 def mesh_edges(faces: np.ndarray) -> np.ndarray:
     """(E, 2) unique undirected edges of a triangle mesh, smaller index first, sorted."""
-    vertex_count = int(faces.max()) + 1 if len(faces) else 0
-    keys = np.unique(_edge_keys(np.sort(directed_edges(faces), axis=1), vertex_count))
-    return np.stack([keys // vertex_count, keys % vertex_count], axis=1)
+    base = _key_base(faces)
+    keys = np.unique(_edge_keys(np.sort(directed_edges(faces), axis=1), base))
+    return np.stack([keys // base, keys % base], axis=1)
 
 
 def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float = SMOOTHING_RELAXATION) -> Surface:
@@ -117,10 +122,10 @@ def is_watertight(surface: Surface) -> bool:
     for 3D printing needs.
     """
     directed = directed_edges(surface.faces)
-    vertex_count = len(surface.vertices)
-    if len(np.unique(_edge_keys(directed, vertex_count))) != len(directed):
+    base = _key_base(surface.faces)
+    if len(np.unique(_edge_keys(directed, base))) != len(directed):
         return False
-    _, counts = np.unique(_edge_keys(np.sort(directed, axis=1), vertex_count), return_counts=True)
+    _, counts = np.unique(_edge_keys(np.sort(directed, axis=1), base), return_counts=True)
     return bool(np.all(counts == 2))
 
 

@@ -34,13 +34,14 @@ def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.nda
     """Return ``array`` as float32 normalised as ``spec`` says (see module doc)."""
     spec = dict(DEFAULT_NORMALIZATION if spec is None else spec)
     method = spec.pop("method", "percentile")
-    values = np.asarray(array, dtype=np.float32)
+    array = np.asarray(array)
     if method == "percentile":
-        low, high = sampled_percentiles(values, [spec.get("low", 0.5), spec.get("high", 99.5)])
-        return _rescale(values, low, high, clip=True)
+        low, high = sampled_percentiles(array, [spec.get("low", 0.5), spec.get("high", 99.5)])
+        return _rescale(array, low, high, clip=True)
     if method == "minmax":
-        return _rescale(values, values.min(), values.max(), clip=False)
+        return _rescale(array, array.min(), array.max(), clip=False)
     if method == "divide":
+        values = np.asarray(array, dtype=np.float32)
         if spec.get("to_uint8", False):
             values = np.round(_rescale(values, values.min(), values.max(), clip=False) * 255.0)
         return (values / np.float32(spec.get("divisor", 255.0))).astype(np.float32)
@@ -48,16 +49,23 @@ def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.nda
 
 
 def sampled_percentiles(array: np.ndarray, percentiles) -> np.ndarray:
-    """``np.percentile`` of every third voxel along each axis of a 3D ``array``."""
+    """``np.percentile`` of every third voxel along each axis of a 3D ``array``, as float32 values."""
     step = _PERCENTILE_SAMPLE_STEP
-    return np.percentile(array[::step, ::step, ::step], percentiles)
+    return np.percentile(np.asarray(array[::step, ::step, ::step], dtype=np.float32), percentiles)
 
 
 def _rescale(values: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:
+    """``(values - low) / (high - low)`` in float32, optionally clipped to [0, 1]; zeros for an empty range.
+
+    The arithmetic is float32 whatever ``values``' type, converting each
+    voxel on the fly into the one output array (no float32 copy of an
+    integer scan first).
+    """
     scale = float(high - low)
     if scale <= 0:
-        return np.zeros_like(values, dtype=np.float32)
-    out = (values - np.float32(low)) / np.float32(scale)
+        return np.zeros(np.shape(values), dtype=np.float32)
+    out = np.subtract(values, np.float32(low), dtype=np.float32)
+    out /= np.float32(scale)
     if clip:
         np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32, copy=False)
+    return out

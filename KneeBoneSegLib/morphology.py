@@ -1,22 +1,27 @@
-"""Morphological closing of each bone with a sphere, fast and exact.
+"""Morphological closing of each bone with a sphere, and hole filling, fast and exact.
 
 The paper closes each bone with a sphere of radius 9 voxels (455 s on CPU).
 A dilation by a ball of radius r keeps the voxels whose Euclidean distance to
 the object is at most r, and an erosion keeps those farther than r from the
-background, so both come from one exact Euclidean distance transform each,
-computed only in the bone's bounding box grown by r + 1 voxels. The result
-is voxel for voxel what ``skimage.morphology.binary_closing(mask, ball(r))``
-gives (including its treatment of the image border, where nothing outside
-the image dilates in or erodes away), in seconds. A radius in millimetres
-closes with the ellipsoid that is a true sphere on an anisotropic grid.
+background, so both come from one exact Euclidean distance transform each
+(the ``edt`` package: exact, anisotropic, multi-threaded), computed only in
+the bone's bounding box grown by r + 1 voxels. The result is voxel for voxel
+what ``skimage.morphology.binary_closing(mask, ball(r))`` gives (including
+its treatment of the image border, where nothing outside the image dilates
+in or erodes away), in about a second. A radius in millimetres closes with
+the ellipsoid that is a true sphere on an anisotropic grid. Holes are filled
+plane by plane with the ``fill-voids`` package, the same voxels as
+``scipy.ndimage.binary_fill_holes`` in a fraction of the time.
 """
 
 from __future__ import annotations
 
+import edt
+import fill_voids
 import numpy as np
-from scipy import ndimage
 
 from .anatomy import BONES
+from .threads import thread_count
 
 
 def closing_ball(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -38,21 +43,36 @@ def closing_ball(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np
     """
     mask = np.asarray(mask, dtype=bool)
     closed = mask.copy()
-    if radius <= 0 or not mask.any():
+    if radius <= 0:
         return closed
     sampling = np.asarray(spacing, dtype=float)[::-1]
+    box = bounding_box(mask, _closing_margin(radius, sampling))
+    if box is None:
+        return closed
+    closed[box] = _closed_in_box(mask[box], radius, sampling)
+    return closed
+
+
+def _closing_margin(radius: float, sampling: np.ndarray) -> np.ndarray:
+    """Voxels per axis (k, j, i) by which a bone's box grows so that its closing fits inside."""
+    return np.ceil(radius / sampling).astype(int) + 1
+
+
+def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.ndarray:
+    """Closing of a bone ``crop`` whose border lies at least r + 1 voxels from the bone, or on the image's edge.
+
+    ``black_border=False``: what lies beyond the crop is neither object nor
+    background to the distance transforms, as beyond the image for scikit-image.
+    """
     # Squared distances between voxel centres take discrete values; half the
     # smallest step between them keeps the ball's rim exact against round-off.
     limit = radius**2 + 0.5 * float(np.min(sampling)) ** 2
-    margin = np.ceil(radius / sampling).astype(int) + 1
-    box = _grown_bounding_box(mask, margin)
-    crop = mask[box]
-    dilated = ndimage.distance_transform_edt(~crop, sampling=sampling) ** 2 <= limit
+    anisotropy = tuple(float(s) for s in sampling)
+    threads = thread_count()
+    dilated = edt.edtsq(~crop, anisotropy=anisotropy, black_border=False, parallel=threads) <= limit
     if dilated.all():
-        closed[box] = True
-        return closed
-    closed[box] = ndimage.distance_transform_edt(dilated, sampling=sampling) ** 2 > limit
-    return closed
+        return dilated
+    return edt.edtsq(dilated, anisotropy=anisotropy, black_border=False, parallel=threads) > limit
 
 
 def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), units: str = "voxels") -> np.ndarray:
@@ -74,13 +94,18 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     """
     if units not in ("voxels", "mm"):
         raise ValueError(f"units must be voxels or mm, not {units!r}")
-    sampling = spacing if units == "mm" else (1.0, 1.0, 1.0)
+    sampling = np.asarray(spacing if units == "mm" else (1.0, 1.0, 1.0), dtype=float)[::-1]
     closed = labels.copy()
+    if radius <= 0:
+        return closed
+    margin = _closing_margin(radius, sampling)
     for bone in BONES:
         mask = labels == bone.label
-        if mask.any():
-            grown = closing_ball(mask, radius, sampling) & ~mask
-            closed[grown & (closed == 0)] = bone.label
+        box = bounding_box(mask, margin)
+        if box is not None:
+            grown = _closed_in_box(mask[box], radius, sampling) & ~mask[box]
+            region = closed[box]
+            region[grown & (region == 0)] = bone.label
     return closed
 
 
@@ -92,17 +117,23 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     the scan's edge) while it is enclosed in the slices that cross it.
     Filling holes slice by slice in the three orientations closes them
     without touching concavities that open to the outside in the slice
-    (the intercondylar notch, the trochlear groove).
+    (the intercondylar notch, the trochlear groove). A hole enclosed in 3D
+    is enclosed in every slice through it (a path to the outside within a
+    slice would be one in 3D), so the slice fills include the 3D fill.
     """
     mask = np.asarray(mask, dtype=bool)
-    filled = ndimage.binary_fill_holes(mask)
-    for axis in range(3):
-        in_slice = np.zeros((3, 3, 3), bool)
-        plane = [slice(None)] * 3
-        plane[axis] = 1
-        in_slice[tuple(plane)] = ndimage.generate_binary_structure(2, 1)
-        filled |= ndimage.binary_fill_holes(mask, structure=in_slice)
+    filled = _filled_slices(mask, 0)
+    for axis in (1, 2):
+        filled |= _filled_slices(mask, axis)
     return filled
+
+
+def _filled_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``mask`` with the holes of each of its slices across ``axis`` filled (4-connected background)."""
+    planes = np.moveaxis(mask, axis, 0).copy()  # contiguous planes, which the fill may use as its scratch space
+    for n, plane in enumerate(planes):
+        planes[n] = fill_voids.fill(plane, in_place=True)  # the returned plane is the filled one, not the scratch
+    return np.moveaxis(planes, 0, axis)
 
 
 def fill_bone_holes(labels: np.ndarray) -> np.ndarray:
@@ -110,17 +141,23 @@ def fill_bone_holes(labels: np.ndarray) -> np.ndarray:
     filled = labels.copy()
     for bone in BONES:
         mask = labels == bone.label
-        if mask.any():
-            box = _grown_bounding_box(mask, (0, 0, 0))
+        box = bounding_box(mask)
+        if box is not None:
             region = filled[box]
             region[fill_holes(mask[box]) & (region == 0)] = bone.label
     return filled
 
 
-def _grown_bounding_box(mask: np.ndarray, margin) -> tuple[slice, ...]:
-    """Slices of ``mask``'s bounding box grown by ``margin`` voxels per axis, clipped to the array."""
-    box = []
-    for axis, size in enumerate(mask.shape):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(0, present[0] - margin[axis]), min(size, present[-1] + 1 + margin[axis])))
-    return tuple(box)
+def bounding_box(mask: np.ndarray, margin=(0, 0, 0)) -> tuple[slice, ...] | None:
+    """Slices of a 3D ``mask``'s bounding box grown by ``margin`` voxels per axis (k, j, i), clipped to the array.
+
+    ``None`` for an empty mask. Projections with ``any`` find it in a few
+    hundredths of a second on a whole scan, an order of magnitude faster
+    than ``np.argwhere`` or ``ndimage.find_objects``.
+    """
+    planes = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(planes) == 0:
+        return None
+    slab = mask[planes[0] : planes[-1] + 1]
+    extents = [planes, np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))]
+    return tuple(slice(max(0, int(found[0]) - int(m)), min(n, int(found[-1]) + 1 + int(m))) for found, m, n in zip(extents, margin, mask.shape))

@@ -1,8 +1,10 @@
 """Smoothed, closed bone surfaces in patient millimetres, and binary STL files.
 
-A bone's surface is the 0.5 isosurface of its mask (marching cubes on the mask
-padded with background, so a bone cut by the scan's edge still gets a closed
-surface), mapped to LPS millimetres through the image geometry, then smoothed
+A bone's surface is the 0.5 isosurface of its mask (VTK's flying edges, a
+marching-cubes variant that is several times faster than scikit-image's
+marching cubes with the same vertices, on the mask padded with background,
+so a bone cut by the scan's edge still gets a closed surface), mapped to LPS
+millimetres through the image geometry, then smoothed
 by Laplacian smoothing with inverse-distance weights as in the paper: each
 vertex moves towards the average of its neighbours, nearer neighbours
 weighing more. Each step is one sparse matrix product over all vertices.
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
-from skimage.measure import marching_cubes
 
+from .morphology import bounding_box
 from .outputs import atomic_file
+from .threads import thread_count
 from .volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -39,17 +42,47 @@ class Surface:
 
 def extract_surface(mask: np.ndarray, geometry: Geometry) -> Surface:
     """The closed 0.5-isosurface of a binary ``mask`` (k, j, i), in LPS millimetres."""
-    present = np.argwhere(mask)
-    if len(present) == 0:
+    box = bounding_box(np.asarray(mask, dtype=bool))
+    if box is None:
         raise ValueError("the mask is empty: there is no surface to extract")
-    low, high = present.min(axis=0), present.max(axis=0) + 1
-    crop = np.pad(mask[tuple(slice(a, b) for a, b in zip(low, high))], 1).astype(np.float32)
-    vertices_kji, faces, _, _ = marching_cubes(crop, level=0.5, method="lewiner", allow_degenerate=False)
-    vertices_ijk = (vertices_kji + low - 1)[:, ::-1]
-    surface = Surface(geometry.index_to_lps(vertices_ijk), faces.astype(np.int64))
+    crop = np.pad(mask[box], 1).astype(np.uint8)
+    vertices_ijk, faces = _isosurface(crop, origin_ijk=[b.start - 1 for b in box][::-1])
+    surface = Surface(geometry.index_to_lps(vertices_ijk), faces)
     if enclosed_volume(surface) < 0:
         surface.faces = surface.faces[:, ::-1].copy()
     return surface
+
+
+def _isosurface(crop: np.ndarray, origin_ijk) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (N, 3) as continuous (i, j, k) indices and triangles (M, 3) of the 0.5-isosurface of a uint8 ``crop``.
+
+    ``origin_ijk`` is the index of ``crop``'s first voxel in the whole image.
+    On a binary mask every vertex is the midpoint of a voxel edge, as with
+    ``skimage.measure.marching_cubes``; VTK's filter runs on the run's threads.
+    """
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from vtkmodules.vtkCommonCore import vtkSMPTools
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
+
+    if vtkSMPTools.GetBackend() == "Sequential":  # the PyPI wheels' default; they ship the thread-pool backend too
+        vtkSMPTools.SetBackend("STDThread")
+    vtkSMPTools.Initialize(thread_count())
+    image = vtkImageData()
+    image.SetDimensions(*crop.shape[::-1])
+    image.SetOrigin(*(float(n) for n in origin_ijk))
+    image.GetPointData().SetScalars(numpy_to_vtk(crop.ravel(), deep=True))
+    isosurface = vtkFlyingEdges3D()
+    isosurface.SetInputData(image)
+    isosurface.SetValue(0, 0.5)
+    isosurface.ComputeNormalsOff()
+    isosurface.ComputeGradientsOff()
+    isosurface.ComputeScalarsOff()
+    isosurface.Update()
+    output = isosurface.GetOutput()
+    vertices = vtk_to_numpy(output.GetPoints().GetData()).astype(np.float64)
+    faces = vtk_to_numpy(output.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+    return vertices, faces
 
 
 def directed_edges(faces: np.ndarray) -> np.ndarray:
@@ -70,8 +103,14 @@ def _edge_keys(edges: np.ndarray, base: int) -> np.ndarray:
 def mesh_edges(faces: np.ndarray) -> np.ndarray:
     """(E, 2) unique undirected edges of a triangle mesh, smaller index first, sorted."""
     base = _key_base(faces)
-    keys = np.unique(_edge_keys(np.sort(directed_edges(faces), axis=1), base))
+    keys = _sorted_unique(_edge_keys(np.sort(directed_edges(faces), axis=1), base))
     return np.stack([keys // base, keys % base], axis=1)
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)``: a sort and one comparison (numpy 2.3+'s hashing ``np.unique`` is many times slower on int64)."""
+    keys = np.sort(keys)
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
 
 
 def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float = SMOOTHING_RELAXATION) -> Surface:
@@ -84,9 +123,9 @@ def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float =
     vertices = surface.vertices.astype(np.float64, copy=True)
     if iterations <= 0:
         return Surface(vertices, surface.faces)
-    edges = mesh_edges(surface.faces)
-    rows = np.concatenate([edges[:, 0], edges[:, 1]])
-    columns = np.concatenate([edges[:, 1], edges[:, 0]])
+    first, second = (np.ascontiguousarray(end) for end in mesh_edges(surface.faces).T)
+    rows = np.concatenate([first, second])
+    columns = np.concatenate([second, first])
     count = len(vertices)
     # The neighbour matrix keeps its sparsity pattern; only its weights change
     # from step to step, so it is laid out once, row by row.
@@ -94,9 +133,11 @@ def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float =
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=count))])
     matrix = sparse.csr_matrix((np.ones(len(rows)), columns[order], indptr), shape=(count, count))
     for _ in range(iterations):
-        lengths = np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1)
+        # np.take and einsum: several times faster than fancy indexing and np.linalg.norm on (N, 3) rows.
+        offsets = np.take(vertices, first, axis=0) - np.take(vertices, second, axis=0)
+        lengths = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
         weights = np.tile(1.0 / np.maximum(lengths, 1e-9), 2)
-        matrix.data = weights[order]
+        matrix.data = np.take(weights, order)
         totals = np.bincount(rows, weights=weights, minlength=count)
         neighbour_mean = (matrix @ vertices) / totals[:, None]
         vertices += relaxation * (neighbour_mean - vertices)
@@ -105,13 +146,13 @@ def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float =
 
 def enclosed_volume(surface: Surface) -> float:
     """Signed volume (mm3) enclosed by a closed mesh; positive when normals point out."""
-    a, b, c = (surface.vertices[surface.faces[:, n]] for n in range(3))
+    a, b, c = (np.take(surface.vertices, surface.faces[:, n], axis=0) for n in range(3))
     return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
 
 
 def surface_area(surface: Surface) -> float:
     """Total triangle area in mm2."""
-    a, b, c = (surface.vertices[surface.faces[:, n]] for n in range(3))
+    a, b, c = (np.take(surface.vertices, surface.faces[:, n], axis=0) for n in range(3))
     return float(0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1).sum())
 
 
@@ -123,10 +164,11 @@ def is_watertight(surface: Surface) -> bool:
     """
     directed = directed_edges(surface.faces)
     base = _key_base(surface.faces)
-    if len(np.unique(_edge_keys(directed, base))) != len(directed):
+    if len(_sorted_unique(_edge_keys(directed, base))) != len(directed):
         return False
-    _, counts = np.unique(_edge_keys(np.sort(directed, axis=1), base), return_counts=True)
-    return bool(np.all(counts == 2))
+    undirected = np.sort(_edge_keys(np.sort(directed, axis=1), base))
+    # Sorted, every key exactly twice: equal in pairs, and each pair unlike the next.
+    return bool(len(undirected) % 2 == 0 and np.array_equal(undirected[0::2], undirected[1::2]) and np.all(undirected[1:-1:2] != undirected[2::2]))
 
 
 def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20) -> tuple[Surface, dict]:
@@ -179,7 +221,7 @@ def write_stl(surface: Surface, path) -> None:
 
     The header says ``SPACE=LPS``, which 3D Slicer reads to place the model.
     """
-    triangles = surface.vertices[surface.faces]
+    triangles = np.take(surface.vertices, surface.faces, axis=0)
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     records = np.zeros(len(triangles), _STL_RECORD)

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import BONE_BY_KEY, BONES
+from .morphology import bounding_box
 from .volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,21 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     sizes : list of int
         Their voxel counts.
     """
-    labelled, found = ndimage.label(mask)
-    if found == 0:
-        return np.zeros(mask.shape, np.int32), []
+    components = np.zeros(mask.shape, np.int32)
+    # Every component lies in the mask's bounding box (a quarter of a knee
+    # scan), and labelling there numbers them as in the whole volume.
+    box = bounding_box(mask)
+    if box is None:
+        return components, []
+    labelled, found = ndimage.label(mask[box])
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
     order = np.argsort(sizes)[::-1][:found if count is None else count]
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
-    return relabel[labelled], [int(sizes[n]) for n in order]
+    components[box] = relabel[labelled]
+    return components, [int(sizes[n]) for n in order]
 
 
 def component_centroids(components: np.ndarray, count: int) -> np.ndarray:

@@ -99,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
     seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")
     seg.add_argument("--engine", choices=ENGINES, default="auto", help="what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)")
-    seg.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads the network may use (default: all cores)")
     seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
@@ -110,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
     post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     _add_postprocess_options(post, defaults)
+    for command in (seg, post):
+        command.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads every stage (the network too) may use (default: all cores this process may run on)")
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
     evaluate.add_argument("prediction", type=Path)

@@ -34,6 +34,7 @@ from .inference import AGGREGATIONS
 from .io import check_volume
 from .models import Model
 from .projections import FUSIONS
+from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class SegmentOptions:
     ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
     is ``"mm"``; 0 skips closing. ``fill_holes`` then fills what is still
     enclosed in 3D or in a slice of any orientation (not in the paper).
+    ``threads`` is how many CPU threads every stage may use (``None``: all
+    the cores the process may run on; see :mod:`~KneeBoneSegLib.threads`).
     """
 
     projections: int = 3
@@ -151,13 +154,14 @@ def segment(
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
-    maps, report = _predict_projection_maps(volume, model, options, stages)
-    probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
-    del maps
-    if probability.shape != volume.array.shape:
-        probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+    with using_threads(options.threads):
+        maps, report = _predict_projection_maps(volume, model, options, stages)
+        probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
+        del maps
+        if probability.shape != volume.array.shape:
+            probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
 
-    result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
+        result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
     result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
     return result
 
@@ -174,7 +178,8 @@ def predict_projection_maps(
     (``projections.fuse_probabilities``) without running the network again.
     """
     options = (options or SegmentOptions()).validate()
-    return _predict_projection_maps(volume, model, options, _Stages(progress))[0]
+    with using_threads(options.threads):
+        return _predict_projection_maps(volume, model, options, _Stages(progress))[0]
 
 
 def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[list, dict]:
@@ -233,11 +238,15 @@ def postprocess(
     is bone; names are re-derived from anatomy, so a label map from another
     tool with other label values works too).
     """
+    options = (options or SegmentOptions()).validate()
+    with using_threads(options.threads):
+        return _postprocess(volume, options, _stages or _Stages(progress))
+
+
+def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> SegmentationResult:
     from .morphology import close_bones, fill_bone_holes
     from .surfaces import bone_surface
 
-    options = (options or SegmentOptions()).validate()
-    stages = _stages or _Stages(progress)
     array = volume.array
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
@@ -284,6 +293,7 @@ def postprocess(
         "missing": bone_report.get("missing", []),
         "components": bone_report,
         "timings_s": stages.timings,
+        "threads": thread_count(),
         "warnings": list(bone_report.get("warnings", [])),
         "versions": _versions(),
     }

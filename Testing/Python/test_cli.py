@@ -149,3 +149,16 @@ def test_the_console_script_runs_as_a_module():
     info = json.loads(completed.stdout)
     assert info["devices"]["auto"] in ("cpu", "gpu") and "onnxruntime" in info["versions"]
     assert "CPUExecutionProvider" in info["devices"]["onnxruntime_providers"]
+
+
+def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path, capsys):
+    from KneeBoneSegLib.threads import available_cores
+
+    truth = scan_and_model / "truth.nrrd"
+    for argv, expected in (([], available_cores()), (["--threads", "1"], 1)):
+        out = tmp_path / f"out{expected}{len(argv)}"
+        code, _, _ = run(["postprocess", truth, "-o", out, "--closing-radius", "2", "--progress", "none", *argv], capsys)
+        summary = json.loads((out / "summary.json").read_text())
+        assert code == 0 and summary["threads"] == expected and sorted(summary["bones"]) == ["femur", "patella", "tibia"]
+    code, _, err = run(["postprocess", truth, "-o", tmp_path / "zero", "--threads", "0", "--progress", "none"], capsys)
+    assert code == 2 and "threads" in err and len(err.strip().splitlines()) == 1

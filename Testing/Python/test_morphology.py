@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing
 
-from KneeBoneSegLib.morphology import close_bones, closing_ball, fill_bone_holes, fill_holes
+from KneeBoneSegLib.morphology import bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])
@@ -86,3 +86,23 @@ def test_fill_bone_holes_fills_into_background_only_and_barely_changes_the_groun
     truth = sample_labels.array
     changed = np.count_nonzero(fill_bone_holes(truth) != truth)
     assert changed < 1e-3 * np.count_nonzero(truth)
+
+
+def test_fill_holes_is_scipy_binary_fill_holes_in_3d_and_in_every_slice_of_each_orientation(rng):
+    for density in (0.55, 0.7, 0.85):
+        mask = rng.random((24, 20, 28)) < density
+        expected = ndimage.binary_fill_holes(mask)
+        for axis in range(3):
+            planes = [ndimage.binary_fill_holes(plane) for plane in np.moveaxis(mask, axis, 0)]
+            expected |= np.moveaxis(np.stack(planes), 0, axis)
+        filled = fill_holes(mask)
+        assert np.count_nonzero(filled & ~mask) > 10  # there were holes to fill
+        np.testing.assert_array_equal(filled, expected)
+
+
+def test_bounding_box_is_where_the_voxels_are_grown_and_clipped():
+    mask = np.zeros((10, 12, 14), bool)
+    assert bounding_box(mask) is None
+    mask[2, 5, 13] = mask[6, 3, 4] = True
+    assert bounding_box(mask) == (slice(2, 7), slice(3, 6), slice(4, 14))
+    assert bounding_box(mask, (1, 4, 2)) == (slice(1, 8), slice(0, 10), slice(2, 14))

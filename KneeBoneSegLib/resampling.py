@@ -11,8 +11,8 @@ exactly the grid it was trained on.
 
 Linear interpolation, nearest-neighbour sampling and the Gaussian that keeps
 fine noise from aliasing into a coarser grid all act on one axis at a time,
-so the resampling is done axis by axis, shrinking axes first: each later
-pass works on fewer voxels, and each pass is split over the run's threads
+so the resampling is done axis by axis, shrinking axes first (each later
+pass works on fewer voxels), and each pass is split over the run's threads
 (:func:`~KneeBoneSegLib.threads.thread_count`). The result is that of
 ``ndimage.gaussian_filter`` and ``ndimage.zoom(order=1, mode="nearest",
 grid_mode=True)`` on the whole volume to float32 rounding (within 1e-6 on
@@ -65,9 +65,12 @@ def resample_to_shape(array: np.ndarray, shape, order: int = 1) -> np.ndarray:
         return array
     factors = np.asarray(shape, dtype=float) / np.asarray(array.shape, dtype=float)
     result = array if order == 0 else np.asarray(array, dtype=np.float32)
-    for axis in np.argsort(factors, kind="stable"):  # shrinking axes first: later passes see fewer voxels
-        if shape[axis] == result.shape[axis]:
-            continue
+    # Shrinking axes first, so that later passes see fewer voxels; among them the
+    # last (contiguous in memory, the cheapest to filter) while the volume is
+    # largest, and among growing axes the last once it has grown most.
+    shrinking = [axis for axis in reversed(range(array.ndim)) if shape[axis] < array.shape[axis]]
+    growing = [axis for axis in range(array.ndim) if shape[axis] > array.shape[axis]]
+    for axis in shrinking + growing:
         if order == 1 and factors[axis] < 1:
             sigma = np.sqrt(1.0 / factors[axis] ** 2 - 1.0) / 2.0
             result = _along_axis(result, axis, result.shape[axis], _smooth_lines, sigma)

@@ -1,18 +1,26 @@
-"""Whole-pipeline time and peak memory on the full sample scan: the default settings and three others, side by side.
+"""Every stage after the network before and after the speed-ups, side by side in one run; then whole segmentations.
 
-    python bench/bench_pipeline.py [--model M.keras]
+    python bench/bench_pipeline.py [--threads N] [--stages-only] [--configuration NAME ...]
 
-Each configuration runs ``kneeboneseg segment`` in a fresh process (so its
-peak resident memory is its own) on the 512 x 512 x 286 scan and reports the
-wall time, the time of each stage from its summary.json, the peak memory and
-how far its bones agree with the default's (Dice of the label maps).
-The default leaves sub-volumes of pure air out of the network, averages
-overlapping sub-volumes and ORs the projections; "every tile" is the same
-with the network run on all sub-volumes; "stride 16" steps sub-volumes by
-half their side instead of the card's 24 voxels (more accurate held out,
-slower); the paper's configuration runs all sub-volumes, ORs thresholded
-sub-volumes and ORs the projections. All use the same model and
-post-processing.
+1. Stages, in this process, on the 512 x 512 x 286 sample scan: intensity
+   normalisation and resampling to the model's grid (0.7 mm); a probability
+   map brought back from the model's grid; components, closing (ball of
+   radius 9 voxels), hole filling and the smoothed, checked surfaces of the
+   three bones. "before" is the library at the baseline commit
+   (``bench/_baseline.py``: scipy distance transforms and hole filling,
+   scikit-image marching cubes, ``ndimage.zoom``), "after" this checkout, on
+   the same inputs; the last column says how far their results agree. So
+   that no network is needed, the probability map is the ground truth's bone
+   mask taken to the model's grid (what the network's would be at best), and
+   the later stages work on what it gives back. Then the alternatives the
+   speed-ups were chosen against, timed on the same data: SimpleITK's
+   resampling, connected-components-3d (``cc3d``), VTK's surface nets.
+2. Whole segmentations, each ``kneeboneseg segment`` in a fresh process (so
+   its peak memory is its own) with the default settings or the named
+   configurations: "before" runs the baseline commit's code and its Keras
+   model (TensorFlow), "after" this checkout and its shipped model; stage
+   times from each summary.json, wall time, peak memory, and the Dice of
+   the two label maps.
 """
 
 from __future__ import annotations
@@ -27,13 +35,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _baseline import BASELINE_COMMIT, baseline_module, baseline_tree
 from _sample import sample_dir
+from scipy.spatial import cKDTree
 
 from KneeBoneSegLib.anatomy import BONES
-from KneeBoneSegLib.io import read_mask
+from KneeBoneSegLib.io import read_mask, read_volume
 from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.outputs import SEGMENTATION_FILE
+from KneeBoneSegLib.threads import thread_count, using_threads
 
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_SPACING_MM = 0.7  # the shipped model's grid
+CLOSING_RADIUS = 9
 CONFIGURATIONS = {
     "default": [],
     "every tile": ["--all-tiles"],
@@ -43,14 +57,148 @@ CONFIGURATIONS = {
 STAGES = ("normalise", "resample", "network", "fuse", "components", "closing", "fill holes", "surfaces")
 
 
-def run(scan: Path, extra: list[str], model: str | None) -> tuple[float, float, dict, np.ndarray]:
-    """Wall seconds, peak memory (GiB), summary and label map of one segmentation in a child process."""
+def timed(function, *args, **kwargs):
+    """(seconds, value) of one call."""
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return time.perf_counter() - start, value
+
+
+def largest_difference(before: np.ndarray, after: np.ndarray) -> str:
+    if np.array_equal(before, after):
+        return "identical"
+    if before.dtype.kind == "f":
+        return f"max |difference| {np.abs(before.astype(np.float64) - after).max():.1e}"
+    return f"{np.count_nonzero(before != after)} voxels differ"
+
+
+def mesh_distance_mm(before, after) -> float:
+    """Largest distance from a vertex of one mesh to the nearest vertex of the other (mm)."""
+    return max(cKDTree(after.vertices).query(before.vertices)[0].max(), cKDTree(before.vertices).query(after.vertices)[0].max())
+
+
+def stage_rows(scan, truth) -> tuple[list, dict]:
+    """Before/after seconds and agreement of each post-network stage; the inputs the alternatives use."""
+    from KneeBoneSegLib.components import label_bones
+    from KneeBoneSegLib.morphology import close_bones, fill_bone_holes
+    from KneeBoneSegLib.normalization import normalize_intensities
+    from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
+    from KneeBoneSegLib.surfaces import bone_surface
+
+    old = {name: baseline_module(name) for name in ("normalization", "resampling", "components", "morphology", "surfaces")}
+    geometry = scan.geometry
+    rows = []
+
+    def compare(stage, before_call, after_call, agreement=largest_difference):
+        before_s, before = before_call()
+        after_s, after = after_call()
+        rows.append((stage, before_s, after_s, agreement(before, after)))
+        return after
+
+    image = compare("normalise", lambda: timed(old["normalization"].normalize_intensities, scan.array), lambda: timed(normalize_intensities, scan.array))
+    model_shape = grid_shape_for_spacing(image.shape, geometry.spacing, MODEL_SPACING_MM)
+    compare("resample to the model grid", lambda: timed(old["resampling"].resample_to_shape, image, model_shape), lambda: timed(resample_to_shape, image, model_shape))
+    coarse = resample_to_shape((truth.array > 0).astype(np.float32), model_shape)
+    probability = compare("resample back", lambda: timed(old["resampling"].resample_to_shape, coarse, image.shape), lambda: timed(resample_to_shape, coarse, image.shape))
+    bone = probability >= 0.5
+    labels = compare(
+        "components",
+        lambda: timed(lambda: old["components"].label_bones(bone, geometry)[0]),
+        lambda: timed(lambda: label_bones(bone, geometry)[0]),
+    )
+    closed = compare(
+        f"closing (radius {CLOSING_RADIUS} voxels)",
+        lambda: timed(old["morphology"].close_bones, labels, CLOSING_RADIUS, spacing=geometry.spacing, units="voxels"),
+        lambda: timed(close_bones, labels, CLOSING_RADIUS, spacing=geometry.spacing, units="voxels"),
+    )
+    filled = compare("fill holes", lambda: timed(old["morphology"].fill_bone_holes, closed), lambda: timed(fill_bone_holes, closed))
+    for bone_info in BONES:
+        mask = filled == bone_info.label
+        compare(
+            f"surface: {bone_info.key}",
+            lambda: timed(old["surfaces"].bone_surface, mask, geometry),
+            lambda: timed(bone_surface, mask, geometry),
+            lambda before, after: (
+                f"closed {before[1]['watertight']} / {after[1]['watertight']}, volume {before[1]['volume_mm3']:.0f} / {after[1]['volume_mm3']:.0f} mm3, "
+                f"vertices within {mesh_distance_mm(before[0], after[0]):.2f} mm"
+            ),
+        )
+    return rows, {"image": image, "coarse": coarse, "probability": probability, "bone": bone, "femur": filled == 1, "geometry": geometry}
+
+
+def alternative_rows(data: dict) -> list:
+    """Seconds of the alternatives not adopted, beside what the library does now, on the same inputs."""
+    from scipy import ndimage
+
+    from KneeBoneSegLib.resampling import resample_to_shape
+    from KneeBoneSegLib.surfaces import extract_surface
+
+    rows = []
+    library_s, ours = timed(resample_to_shape, data["coarse"], data["image"].shape)
+    sitk_s, theirs = timed(sitk_resample, data["coarse"], data["image"].shape)
+    rows.append(("resample back: SimpleITK ResampleImageFilter (linear)", sitk_s, library_s, largest_difference(theirs, ours)))
+    library_s, (_, found) = timed(ndimage.label, data["bone"])
+    try:
+        import cc3d
+    except ImportError:
+        rows.append(("components: cc3d.connected_components", float("nan"), library_s, "cc3d is not installed"))
+    else:
+        cc3d_s, (_, found_cc3d) = timed(cc3d.connected_components, data["bone"], connectivity=6, return_N=True)
+        rows.append(("components: cc3d.connected_components (6-connected)", cc3d_s, library_s, f"{found_cc3d} / {found} components"))
+    library_s, ours = timed(extract_surface, data["femur"], data["geometry"])
+    nets_s, (vertices, faces) = timed(surface_nets, data["femur"])
+    rows.append(("femur isosurface: vtkSurfaceNets3D", nets_s, library_s, f"{len(vertices)} / {len(ours.vertices)} vertices, {len(faces)} / {len(ours.faces)} triangles"))
+    return rows
+
+
+def sitk_resample(array: np.ndarray, shape) -> np.ndarray:
+    """Linear resampling with SimpleITK on the run's threads, voxel edges aligned as ``resample_to_shape``."""
+    import SimpleITK as sitk
+
+    step = np.asarray(array.shape, float)[::-1] / np.asarray(shape, float)[::-1]
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize([int(n) for n in shape[::-1]])
+    resample.SetOutputSpacing(step.tolist())
+    resample.SetOutputOrigin((0.5 * step - 0.5).tolist())
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetNumberOfThreads(thread_count())
+    return sitk.GetArrayFromImage(resample.Execute(sitk.GetImageFromArray(array)))
+
+
+def surface_nets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices and triangles of VTK's surface nets (smoothing off) on a mask padded with background."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkSurfaceNets3D
+
+    from KneeBoneSegLib.morphology import bounding_box
+
+    crop = np.pad(mask[bounding_box(mask)], 1).astype(np.uint8)
+    image = vtkImageData()
+    image.SetDimensions(*crop.shape[::-1])
+    image.GetPointData().SetScalars(numpy_to_vtk(crop.ravel(), deep=True))
+    nets = vtkSurfaceNets3D()
+    nets.SetInputData(image)
+    nets.SetLabel(0, 1)
+    nets.SmoothingOff()
+    nets.SetOutputMeshTypeToTriangles()
+    nets.Update()
+    output = nets.GetOutput()
+    return vtk_to_numpy(output.GetPoints().GetData()), vtk_to_numpy(output.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+
+
+def run(scan: Path, extra: list[str], model: str | None, library: Path | None = None) -> tuple[float, float, dict, np.ndarray]:
+    """Wall seconds, peak memory (GiB), summary and label map of one segmentation in a child process.
+
+    ``library``: a folder holding another ``KneeBoneSegLib`` to run instead of this one.
+    """
+    environment = dict(os.environ, **({"PYTHONPATH": str(library)} if library else {}))
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "KneeBoneSegLib", "segment", str(scan), "-o", f"{folder}/out", "--progress", "none", *extra]
         if model:
             command += ["--model", model]
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=library, env=environment)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own resource use, peak memory included
         seconds = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
@@ -62,24 +210,42 @@ def run(scan: Path, extra: list[str], model: str | None) -> tuple[float, float, 
     return seconds, peak_kib / 2**20, summary, labels
 
 
+def print_table(title: str, header: tuple[str, str], rows: list) -> None:
+    print(title)
+    print(f"  {'':54}{header[0]:>10}{header[1]:>10}{'speed-up':>10}  agreement")
+    for stage, before_s, after_s, agreement in rows:
+        print(f"  {stage:54}{before_s:10.2f}{after_s:10.2f}{before_s / after_s:9.1f}x  {agreement}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for the stages (default: all cores)")
+    parser.add_argument("--stages-only", action="store_true", help="skip the whole segmentations")
+    parser.add_argument("--configuration", action="append", choices=CONFIGURATIONS, help="whole-segmentation settings to compare (default: default; repeatable)")
     args = parser.parse_args()
-    scan = sample_dir() / "knee_mri.nrrd"
-    results = {name: run(scan, extra, args.model) for name, extra in CONFIGURATIONS.items()}
-    summary = next(iter(results.values()))[2]
-    print(f"whole segmentation of {scan.name} (512 x 512 x 286), model {summary['model']['name']}, device {summary['device']}")
-    print(f"{'seconds':22}" + "".join(f"{name:>22}" for name in results))
-    for stage in STAGES:
-        print(f"  {stage:20}" + "".join(f"{r[2]['timings_s'].get(stage, 0.0):22.1f}" for r in results.values()))
-    print(f"{'wall (with start-up)':22}" + "".join(f"{r[0]:22.1f}" for r in results.values()))
-    print(f"{'peak memory GiB':22}" + "".join(f"{r[1]:22.2f}" for r in results.values()))
-    default_labels = next(iter(results.values()))[3]
-    for name, (_, _, run_summary, labels) in results.items():
-        bones = ", ".join(f"{k} {v['volume_mm3'] / 1000:.1f} cm3" for k, v in run_summary["bones"].items())
-        agreement = ", ".join(f"{bone.key} {dice(labels == bone.label, default_labels == bone.label):.4f}" for bone in BONES)
-        print(f"{name}: {bones}; missing: {run_summary['missing'] or 'none'}; Dice with the default: {agreement}")
+    folder = sample_dir()
+    scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
+    with using_threads(args.threads) as threads:
+        print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
+        rows, data = stage_rows(scan, truth)
+        print_table("stages after the network, seconds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
+        main_stages = [row for row in rows if not row[0].startswith("surface")] + [("surfaces (three bones)", *(sum(row[n] for row in rows if row[0].startswith("surface")) for n in (1, 2)), "")]
+        print(f"  {'all of them':54}{sum(r[1] for r in main_stages):10.2f}{sum(r[2] for r in main_stages):10.2f}")
+        print_table("alternatives measured on the same data, seconds", ("them", "library"), alternative_rows(data))
+    if args.stages_only:
+        return
+    threads_option = ["--threads", str(args.threads)] if args.threads else []
+    for name in args.configuration or ["default"]:
+        extra = CONFIGURATIONS[name] + threads_option
+        results = {"before": run(folder / "knee_mri.nrrd", extra, None, baseline_tree()), "after": run(folder / "knee_mri.nrrd", extra, None)}
+        print(f"whole segmentation, {name} settings, seconds (after: {results['after'][2]['model']['name']} on {results['after'][2].get('engine', {}).get('engine', 'keras')})")
+        print(f"  {'':22}{'before':>10}{'after':>10}")
+        for stage in STAGES:
+            print(f"  {stage:22}" + "".join(f"{result[2]['timings_s'].get(stage, 0.0):10.1f}" for result in results.values()))
+        print(f"  {'wall (with start-up)':22}" + "".join(f"{result[0]:10.1f}" for result in results.values()))
+        print(f"  {'peak memory GiB':22}" + "".join(f"{result[1]:10.2f}" for result in results.values()))
+        agreement = ", ".join(f"{bone.key} {dice(results['before'][3] == bone.label, results['after'][3] == bone.label):.4f}" for bone in BONES)
+        print(f"  Dice of the two label maps: {agreement}")
 
 
 if __name__ == "__main__":

@@ -60,20 +60,15 @@ def _isosurface(crop: np.ndarray, origin_ijk) -> tuple[np.ndarray, np.ndarray]:
     On a binary mask every vertex is the midpoint of a voxel edge, as with
     ``skimage.measure.marching_cubes``; VTK's filter runs on the run's threads.
     """
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkCommonCore import vtkSMPTools
-    from vtkmodules.vtkCommonDataModel import vtkImageData
     from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
 
     if vtkSMPTools.GetBackend() == "Sequential":  # the PyPI wheels' default; they ship the thread-pool backend too
         vtkSMPTools.SetBackend("STDThread")
     vtkSMPTools.Initialize(thread_count())
-    image = vtkImageData()
-    image.SetDimensions(*crop.shape[::-1])
-    image.SetOrigin(*(float(n) for n in origin_ijk))
-    image.GetPointData().SetScalars(numpy_to_vtk(crop.ravel(), deep=True))
     isosurface = vtkFlyingEdges3D()
-    isosurface.SetInputData(image)
+    isosurface.SetInputData(to_vtk_image(crop, origin_ijk))
     isosurface.SetValue(0, 0.5)
     isosurface.ComputeNormalsOff()
     isosurface.ComputeGradientsOff()
@@ -83,6 +78,18 @@ def _isosurface(crop: np.ndarray, origin_ijk) -> tuple[np.ndarray, np.ndarray]:
     vertices = vtk_to_numpy(output.GetPoints().GetData()).astype(np.float64)
     faces = vtk_to_numpy(output.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     return vertices, faces
+
+
+def to_vtk_image(array: np.ndarray, origin_ijk=(0.0, 0.0, 0.0)):
+    """A 3D ``array`` (k, j, i) as a ``vtkImageData`` of unit spacing whose first voxel is at ``origin_ijk``."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    image = vtkImageData()
+    image.SetDimensions(*array.shape[::-1])
+    image.SetOrigin(*(float(n) for n in origin_ijk))
+    image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
+    return image
 
 
 def directed_edges(faces: np.ndarray) -> np.ndarray:

@@ -167,18 +167,14 @@ def sitk_resample(array: np.ndarray, shape) -> np.ndarray:
 
 def surface_nets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vertices and triangles of VTK's surface nets (smoothing off) on a mask padded with background."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkFiltersCore import vtkSurfaceNets3D
 
     from KneeBoneSegLib.morphology import bounding_box
+    from KneeBoneSegLib.surfaces import to_vtk_image
 
-    crop = np.pad(mask[bounding_box(mask)], 1).astype(np.uint8)
-    image = vtkImageData()
-    image.SetDimensions(*crop.shape[::-1])
-    image.GetPointData().SetScalars(numpy_to_vtk(crop.ravel(), deep=True))
     nets = vtkSurfaceNets3D()
-    nets.SetInputData(image)
+    nets.SetInputData(to_vtk_image(np.pad(mask[bounding_box(mask)], 1).astype(np.uint8)))
     nets.SetLabel(0, 1)
     nets.SmoothingOff()
     nets.SetOutputMeshTypeToTriangles()

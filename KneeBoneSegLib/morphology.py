@@ -16,8 +16,6 @@ plane by plane with the ``fill-voids`` package, the same voxels as
 
 from __future__ import annotations
 
-import edt
-import fill_voids
 import numpy as np
 
 from .anatomy import BONES
@@ -64,6 +62,8 @@ def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.
     ``black_border=False``: what lies beyond the crop is neither object nor
     background to the distance transforms, as beyond the image for scikit-image.
     """
+    import edt  # on use: importing the pipeline (which needs bounding_box) must not need it
+
     # Squared distances between voxel centres take discrete values; half the
     # smallest step between them keeps the ball's rim exact against round-off.
     limit = radius**2 + 0.5 * float(np.min(sampling)) ** 2
@@ -130,6 +130,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def _filled_slices(mask: np.ndarray, axis: int) -> np.ndarray:
     """``mask`` with the holes of each of its slices across ``axis`` filled (4-connected background)."""
+    import fill_voids
+
     planes = np.moveaxis(mask, axis, 0).copy()  # contiguous planes, which the fill may use as its scratch space
     for n, plane in enumerate(planes):
         planes[n] = fill_voids.fill(plane, in_place=True)  # the returned plane is the filled one, not the scratch

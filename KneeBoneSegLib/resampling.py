@@ -87,8 +87,8 @@ def _along_axis(array: np.ndarray, axis: int, length: int, function, *args) -> n
     shape = list(array.shape)
     shape[axis] = length
     out = np.empty(shape, dtype=array.dtype)
-    across = 1 if axis == 0 else 0  # slabs along the first axis are contiguous in memory
-    slabs = split_ranges(array.shape[across], thread_count())
+    across = 1 if axis == 0 and array.ndim > 1 else 0  # slabs along the first axis are contiguous in memory
+    slabs = split_ranges(array.shape[across], thread_count()) if across != axis else [slice(None)]
 
     def run(slab: slice) -> None:
         part = (slice(None),) * across + (slab,)

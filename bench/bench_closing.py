@@ -14,6 +14,7 @@ bone).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -37,7 +38,7 @@ def main() -> None:
     closing_before = baseline_module("morphology").closing_ball
     footprint = ball(args.radius)
     with using_threads(args.threads) as threads:
-        print(f"closing with a ball of radius {args.radius} voxels, ground-truth bones of the sample scan {labels.shape[::-1]}, {threads} threads")
+        print(f"closing with a ball of radius {args.radius} voxels, ground-truth bones of the sample scan {labels.shape[::-1]}, {threads} threads, load average {os.getloadavg()[0]:.1f}")
         print(f"{'bone':8}{'voxels':>11}{'before s':>10}{'after s':>10}{'skimage s':>11}{'after vs skimage':>18}  identical")
         totals = np.zeros(3)
         for bone in BONES:

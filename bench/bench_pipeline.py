@@ -222,7 +222,7 @@ def main() -> None:
     folder = sample_dir()
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
     with using_threads(args.threads) as threads:
-        print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
+        print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
         rows, data = stage_rows(scan, truth)
         print_table("stages after the network, seconds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
         main_stages = [row for row in rows if not row[0].startswith("surface")] + [("surfaces (three bones)", *(sum(row[n] for row in rows if row[0].startswith("surface")) for n in (1, 2)), "")]

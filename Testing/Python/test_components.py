@@ -24,6 +24,18 @@ def test_largest_components_drops_specks_and_orders_by_size():
     assert components[18, 1, 18] == 0 and components[10, 10, 10] == 0
 
 
+def test_largest_components_are_scipys_face_connected_components_by_size(rng):
+    mask = rng.random((30, 26, 34)) < 0.3
+    mask[:3] = False  # the components' box is smaller than the volume
+    labelled, found = ndimage.label(mask)
+    sizes = np.bincount(labelled.ravel())[1:]
+    components, kept = largest_components(mask, count=None)
+    assert kept == sorted(sizes.tolist(), reverse=True)
+    for rank in (1, 2, len(kept)):
+        voxels = components == rank
+        assert np.count_nonzero(voxels) == kept[rank - 1] and len(np.unique(labelled[voxels])) == 1
+
+
 def test_component_centroids_match_scipy_center_of_mass(rng):
     components, sizes = largest_components(rng.random((30, 25, 20)) > 0.6, count=None)
     expected = ndimage.center_of_mass(components > 0, components, range(1, len(sizes) + 1))

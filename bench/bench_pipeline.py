@@ -58,10 +58,15 @@ STAGES = ("normalise", "resample", "network", "fuse", "components", "closing", "
 
 
 def timed(function, *args, **kwargs):
-    """(seconds, value) of one call."""
-    start = time.perf_counter()
+    """((wall seconds, CPU seconds of all this process's threads), value) of one call.
+
+    On a machine shared with other work the wall time grows with the load;
+    the CPU time does not, and bounds the wall time the call would take on
+    an idle machine with at least one core.
+    """
+    start, start_cpu = time.perf_counter(), time.process_time()
     value = function(*args, **kwargs)
-    return time.perf_counter() - start, value
+    return (time.perf_counter() - start, time.process_time() - start_cpu), value
 
 
 def largest_difference(before: np.ndarray, after: np.ndarray) -> str:
@@ -204,10 +209,12 @@ def run(scan: Path, extra: list[str], model: str | None, library: Path | None = 
 
 
 def print_table(title: str, header: tuple[str, str], rows: list) -> None:
+    """Rows of (stage, (wall, CPU) before, (wall, CPU) after, agreement): seconds side by side."""
     print(title)
-    print(f"  {'':54}{header[0]:>10}{header[1]:>10}{'speed-up':>10}  agreement")
-    for stage, before_s, after_s, agreement in rows:
-        print(f"  {stage:54}{before_s:10.2f}{after_s:10.2f}{before_s / after_s:9.1f}x  {agreement}")
+    columns = [f"{name} {kind}" for kind in ("wall", "CPU") for name in header]
+    print(f"  {'':54}" + "".join(f"{column:>13}" for column in columns) + f"{'CPU ratio':>11}  agreement")
+    for stage, before, after, agreement in rows:
+        print(f"  {stage:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x  {agreement}")
 
 
 def main() -> None:
@@ -222,8 +229,10 @@ def main() -> None:
         print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
         rows, data = stage_rows(scan, truth)
         print_table("stages after the network, seconds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
-        main_stages = [row for row in rows if not row[0].startswith("surface")] + [("surfaces (three bones)", *(sum(row[n] for row in rows if row[0].startswith("surface")) for n in (1, 2)), "")]
-        print(f"  {'all of them':54}{sum(r[1] for r in main_stages):10.2f}{sum(r[2] for r in main_stages):10.2f}")
+        surfaces = [row for row in rows if row[0].startswith("surface")]
+        totals = [np.sum([row[side] for row in rows], axis=0) for side in (1, 2)]
+        for name, (before, after) in (("surfaces, three bones", [np.sum([row[side] for row in surfaces], axis=0) for side in (1, 2)]), ("all of them", totals)):
+            print(f"  {name:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x")
         print_table("alternatives measured on the same data, seconds", ("them", "library"), alternative_rows(data))
     if args.stages_only:
         return

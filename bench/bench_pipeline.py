@@ -230,6 +230,21 @@ def main() -> None:
     parser.add_argument("--configuration", action="append", choices=CONFIGURATIONS, help="whole-segmentation settings to compare (default: default; repeatable)")
     args = parser.parse_args()
     folder = sample_dir()
+    # The whole segmentations first: a child's peak memory (ru_maxrss) counts this
+    # process's resident memory when it was forked, which the stages below grow.
+    if not args.stages_only:
+        threads_option = ["--threads", str(args.threads)] if args.threads else []
+        for name in args.configuration or ["default"]:
+            extra = CONFIGURATIONS[name] + threads_option
+            results = {"before": run(folder / "knee_mri.nrrd", extra, None, baseline_tree()), "after": run(folder / "knee_mri.nrrd", extra, None)}
+            print(f"whole segmentation, {name} settings, seconds (after: {results['after'][2]['model']['name']} on {results['after'][2].get('engine', {}).get('engine', 'keras')})")
+            print(f"  {'':22}{'before':>10}{'after':>10}")
+            for stage in STAGES:
+                print(f"  {stage:22}" + "".join(f"{result[2]['timings_s'].get(stage, 0.0):10.1f}" for result in results.values()))
+            print(f"  {'wall (with start-up)':22}" + "".join(f"{result[0]:10.1f}" for result in results.values()))
+            print(f"  {'peak memory GiB':22}" + "".join(f"{result[1]:10.2f}" for result in results.values()))
+            agreement = ", ".join(f"{bone.key} {dice(results['before'][3] == bone.label, results['after'][3] == bone.label):.4f}" for bone in BONES)
+            print(f"  Dice of the two label maps: {agreement}")
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
     with using_threads(args.threads) as threads:
         print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
@@ -240,20 +255,6 @@ def main() -> None:
         for name, (before, after) in (("surfaces, three bones", [np.sum([row[side] for row in surfaces], axis=0) for side in (1, 2)]), ("all of them", totals)):
             print(f"  {name:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x")
         print_table(f"alternatives measured on the same data, least seconds of {ALTERNATIVE_ROUNDS} rounds", ("them", "library"), alternative_rows(data))
-    if args.stages_only:
-        return
-    threads_option = ["--threads", str(args.threads)] if args.threads else []
-    for name in args.configuration or ["default"]:
-        extra = CONFIGURATIONS[name] + threads_option
-        results = {"before": run(folder / "knee_mri.nrrd", extra, None, baseline_tree()), "after": run(folder / "knee_mri.nrrd", extra, None)}
-        print(f"whole segmentation, {name} settings, seconds (after: {results['after'][2]['model']['name']} on {results['after'][2].get('engine', {}).get('engine', 'keras')})")
-        print(f"  {'':22}{'before':>10}{'after':>10}")
-        for stage in STAGES:
-            print(f"  {stage:22}" + "".join(f"{result[2]['timings_s'].get(stage, 0.0):10.1f}" for result in results.values()))
-        print(f"  {'wall (with start-up)':22}" + "".join(f"{result[0]:10.1f}" for result in results.values()))
-        print(f"  {'peak memory GiB':22}" + "".join(f"{result[1]:10.2f}" for result in results.values()))
-        agreement = ", ".join(f"{bone.key} {dice(results['before'][3] == bone.label, results['after'][3] == bone.label):.4f}" for bone in BONES)
-        print(f"  Dice of the two label maps: {agreement}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_volume, tile_corners, tile_weights
-from KneeBoneSegLib.projections import VIEWS, fuse_probabilities, predict_projections
+from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
 
 
 def identity_network(patch_size: int):
@@ -97,7 +97,7 @@ def test_projections_come_back_on_the_input_grid(rng):
         return view * 2
 
     maps = predict_projections(image, predict, projections=3)
-    assert seen == {name: tuple(image.shape[a] for a in order) for name, order in VIEWS.items()}
+    assert seen == {name: tuple(image.shape[a] for a in order) for name, order in view_orders().items()}
     assert len(set(seen.values())) == 3
     for fused in maps:
         np.testing.assert_array_equal(fused, image * 2)

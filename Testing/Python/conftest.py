@@ -112,28 +112,30 @@ def patient_phantom(shape, geometry):
     return image.astype(np.float32), labels
 
 
-def position_network(patch_size: int = 16, width: int = 5):
+def position_network(patch_size: int = 16, widths=(3, 5)):
     """A real Keras model whose output depends on where a voxel lies in its sub-volume.
 
-    The :func:`threshold_network`'s bone call, then averaged over ``width``
-    voxels along the sub-volume's last axis with zero padding: near the two
-    faces across that axis the probability falls, as a U-Net's does near a
-    sub-volume's faces, and only along that axis, so the three projections
-    (which present different patient axes last) predict different maps.
+    The :func:`threshold_network`'s bone call, then averaged over a box of
+    ``widths`` voxels along the sub-volume's last two axes with zero padding:
+    near those faces the probability falls (as a U-Net's does near a
+    sub-volume's faces), differently along each, and not along the first
+    axis, so the three projections (which present the patient axes in
+    different orders) predict three different maps.
     """
     import keras
 
     inputs = keras.Input((patch_size, patch_size, patch_size, 1))
     threshold = keras.layers.Conv3D(1, 1, activation="sigmoid")
-    average = keras.layers.Conv3D(1, (1, 1, width), padding="same", use_bias=False)
+    average = keras.layers.Conv3D(1, (1, *widths), padding="same", use_bias=False)
     network = keras.Model(inputs, average(threshold(inputs)))
     threshold.set_weights([np.full((1, 1, 1, 1, 1), 40.0, np.float32), np.array([-20.0], np.float32)])
-    average.set_weights([np.full((1, 1, width, 1, 1), 1.0 / width, np.float32)])
+    average.set_weights([np.full((1, *widths, 1, 1), 1.0 / np.prod(widths), np.float32)])
     return network
 
 
-def position_network_tile(tile: np.ndarray, width: int = 5) -> np.ndarray:
+def position_network_tile(tile: np.ndarray, widths=(3, 5)) -> np.ndarray:
     """What :func:`position_network` computes for one sub-volume, in numpy (to check against)."""
     called = 1.0 / (1.0 + np.exp(-(40.0 * tile.astype(np.float64) - 20.0)))
-    padded = np.pad(called, [(0, 0), (0, 0), (width // 2, width // 2)])
-    return sum(padded[..., n : n + tile.shape[2]] for n in range(width)) / width
+    (a, b), (n, m) = widths, tile.shape[1:]
+    padded = np.pad(called, [(0, 0), (a // 2, a // 2), (b // 2, b // 2)])
+    return sum(padded[:, p : p + n, q : q + m] for p in range(a) for q in range(b)) / (a * b)

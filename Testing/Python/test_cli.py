@@ -46,7 +46,7 @@ def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_pa
     assert "femur" in out and "cm3" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["missing"] == [] and summary["device"].startswith("cpu")
-    assert {"normalise", "network", "fuse", "components", "closing", "surfaces"} <= set(summary["timings_s"])
+    assert {"normalise", "network", "components", "closing", "surfaces"} <= set(summary["timings_s"])  # fusion is part of network
     assert summary["model"]["name"] == "threshold" and summary["options"]["closing_radius"] == 2
     assert summary["options"]["skip_air_tiles"] is True
     truth = read_mask(folder / "truth.nrrd").array

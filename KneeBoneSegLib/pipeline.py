@@ -28,6 +28,7 @@ import numpy as np
 from . import __version__
 from .anatomy import BONES
 from .components import label_bones
+from .devices import check_device
 from .errors import Cancelled, InputError
 from .inference import AGGREGATIONS
 from .io import check_volume
@@ -86,6 +87,7 @@ class SegmentOptions:
     smoothing_iterations: int = 20
     surfaces: bool = True
     device: str = "auto"
+    threads: int | None = None
     batch_size: int = 32
 
     def validate(self) -> "SegmentOptions":
@@ -99,6 +101,9 @@ class SegmentOptions:
             raise InputError(f"closing units must be mm or voxels, not {self.closing_units!r}")
         if self.stride is not None and self.stride < 1:
             raise InputError(f"stride must be a positive number of voxels, not {self.stride}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be a positive number, not {self.threads}")
+        check_device(self.device)
         if self.closing_radius < 0 or self.smoothing_iterations < 0 or self.batch_size < 1:
             raise InputError("closing radius and smoothing iterations must be >= 0 and batch size >= 1")
         if not 0.0 < self.threshold < 1.0:
@@ -188,9 +193,7 @@ def predict_projection_maps(
 
 def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], dict]:
     """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed."""
-    import keras
-
-    from .devices import select_device
+    from .engines import as_network
     from .inference import air_level, predict_volume
     from .normalization import normalize_intensities
     from .projections import iter_projections
@@ -201,8 +204,9 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     if stride > card.patch_size:
         raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
     warnings = check_volume(volume, min_shape=(card.patch_size,) * 3, model_spacing=card.spacing_mm)
-    device = select_device(options.device)
-    log.info("Running the network on %s", device)
+    network = as_network(model.network, options.device, options.threads)
+    engine = network.describe()
+    log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
 
     image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
     if card.spacing_mm:
@@ -214,21 +218,20 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
         def batches_done(done: int, total: int) -> None:
             stages.report(f"network: {name}", done / max(total, 1))
 
-        with keras.device(device):
-            return predict_volume(
-                view,
-                model.network,
-                patch_size=card.patch_size,
-                stride=stride,
-                batch_size=options.batch_size,
-                aggregate=options.aggregate,
-                progress=batches_done,
-                skip_below=skip_below,
-            )
+        return predict_volume(
+            view,
+            network,
+            patch_size=card.patch_size,
+            stride=stride,
+            batch_size=options.batch_size,
+            aggregate=options.aggregate,
+            progress=batches_done,
+            skip_below=skip_below,
+        )
 
     maps = iter_projections(image, predict_view, projections=options.projections, direction=volume.geometry.direction_matrix)
     del image  # the iterator holds it only as long as it needs it
-    return maps, {"model": _model_summary(model), "device": device, "warnings": warnings}
+    return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "warnings": warnings}
 
 
 def postprocess(
@@ -310,15 +313,9 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "keras"):
+    for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "onnxruntime", "openvino", "keras"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             continue
-    try:
-        import keras
-
-        found["keras_backend"] = keras.config.backend()
-    except ImportError:
-        pass
     return found

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import knee_phantom, position_network, threshold_network
+from conftest import knee_phantom, position_network, write_threshold_onnx
 
 from KneeBoneSegLib.errors import Cancelled, InputError
-from KneeBoneSegLib.models import Model, ModelCard
+from KneeBoneSegLib.models import Model, ModelCard, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.volume import Volume
 
@@ -22,8 +22,9 @@ def phantom():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return Model(threshold_network(16), ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX))
+def model(tmp_path_factory):
+    card = ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX)
+    return load_model(write_threshold_onnx(tmp_path_factory.mktemp("model") / "threshold.onnx", card))
 
 
 def _dice(a, b):

@@ -125,7 +125,8 @@ class KneeBoneSegParameterNode:
     modelPath - a trained .keras model; empty: the model shipped with the extension.
     threeProjections - predict on the axial, coronal and sagittal orientations (else axial only).
     fusion - how the projections' probabilities are fused.
-    closingRadius - radius (voxels) of the sphere that closes each bone; 0: no closing.
+    closingRadius - radius of the sphere that closes each bone, in closingUnits; 0: no closing.
+    closingUnits - "mm" (3.2 mm is the paper's 9 voxels of its 0.352 mm scan) or "voxels" (the paper's rule: 9).
     smoothingIterations - Laplacian smoothing steps of the surfaces.
     device - where the network runs.
     """
@@ -135,7 +136,8 @@ class KneeBoneSegParameterNode:
     modelPath: str = ""
     threeProjections: bool = True
     fusion: Annotated[str, Choice(["or", "vote", "mean"])] = "or"
-    closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 9.0
+    closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 3.2
+    closingUnits: Annotated[str, Choice(["mm", "voxels"])] = "mm"
     smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
 
@@ -180,6 +182,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportSTLButton.connect("clicked(bool)", self.onExportSTLButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.closingRadiusSliderWidget.connect("valueChanged(double)", self.onPostprocessingSettingChanged)
+        self.ui.closingUnitsComboBox.connect("currentIndexChanged(int)", self.onPostprocessingSettingChanged)
         self.ui.smoothingIterationsSpinBox.connect("valueChanged(int)", self.onPostprocessingSettingChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
         self.ui.progressBar.hide()
@@ -270,6 +273,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.startSegmentation(
                 parameters.inputVolume,
                 closingRadius=parameters.closingRadius,
+                closingUnits=parameters.closingUnits,
                 smoothingIterations=parameters.smoothingIterations,
                 onProgress=self.onProgress,
                 **networkSettings(parameters),
@@ -496,7 +500,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     From Slicer's Python console::
 
         logic = slicer.util.getModuleLogic("KneeBoneSeg")
-        segmentationNode = logic.segment(volumeNode, closingRadius=9, projections=3)
+        segmentationNode = logic.segment(volumeNode, closingRadius=3.2, closingUnits="mm", projections=3)
         logic.exportSTL(segmentationNode, "/path/to/folder")
     """
 
@@ -552,12 +556,13 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     def startSegmentation(
         self,
         volumeNode,
-        closingRadius=9.0,
+        closingRadius=3.2,
         projections=3,
         fusion="or",
         smoothingIterations=20,
         device="auto",
         modelPath="",
+        closingUnits="mm",
         onProgress=None,
     ):
         """Start segmenting ``volumeNode`` in the background; returns the :class:`KneeBoneSegRun`.
@@ -570,7 +575,10 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         from KneeBoneSegLib.io import write_volume
         from KneeBoneSegLib.mrml import volume_from_node
 
-        postprocessing = ["--closing-radius", str(closingRadius), "--smoothing-iterations", str(int(smoothingIterations))]
+        postprocessing = [
+            "--closing-radius", str(closingRadius), "--closing-units", closingUnits,
+            "--smoothing-iterations", str(int(smoothingIterations)),
+        ]  # fmt: skip
         workFolder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=slicer.app.temporaryPath))
         try:
             if self.canReusePrediction(volumeNode, projections, fusion, device, modelPath):
@@ -632,12 +640,13 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     def segment(
         self,
         volumeNode,
-        closingRadius=9.0,
+        closingRadius=3.2,
         projections=3,
         fusion="or",
         smoothingIterations=20,
         device="auto",
         modelPath="",
+        closingUnits="mm",
         segmentationNode=None,
     ):
         """Segment femur, tibia and patella in ``volumeNode`` and return the segmentation node.
@@ -650,7 +659,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         volumeNode : vtkMRMLScalarVolumeNode
             The knee MRI.
         closingRadius : float
-            Radius in voxels of the sphere that closes each bone (the paper's 9); 0 skips it.
+            Radius of the sphere that closes each bone, in ``closingUnits``; 0 skips it.
         projections : int
             3 to predict on the axial, coronal and sagittal orientations, 1 for axial only (faster).
         fusion : str
@@ -661,6 +670,9 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
             ``"auto"``, ``"cpu"`` or ``"gpu"``.
         modelPath : str
             A trained ``.keras`` model; empty for the shipped one.
+        closingUnits : str
+            ``"mm"`` (3.2 mm is the paper's 9 voxels of its 0.352 mm scan, the
+            same sphere on any scan) or ``"voxels"`` (the paper's rule, with 9).
         segmentationNode : vtkMRMLSegmentationNode, optional
             Node to fill (its segments are replaced); default a new one.
 
@@ -678,7 +690,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         missing = self.missingRequirements()
         if missing:
             raise RuntimeError(f"missing Python packages {', '.join(missing)}: install them with slicer.util.pip_install or the module panel")
-        run = self.startSegmentation(volumeNode, closingRadius, projections, fusion, smoothingIterations, device, modelPath).wait()
+        run = self.startSegmentation(volumeNode, closingRadius, projections, fusion, smoothingIterations, device, modelPath, closingUnits).wait()
         if run.error:
             raise RuntimeError(run.error)
         return self.loadResults(run, volumeNode, segmentationNode)
@@ -708,8 +720,10 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
     until they are published for download; see the README's "Use in 3D Slicer".
     """
 
-    #: Largest relative difference between a bone's segmented and true volume.
-    VOLUME_TOLERANCE = 0.15
+    #: Smallest Dice of each bone with the ground truth. The shipped model was trained on this
+    #: scan: the same run through the library (one projection, default settings, 2 CPU cores)
+    #: scores femur 0.981, tibia 0.983, patella 0.959, so 0.9 fails only a real regression.
+    MIN_DICE = 0.9
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -719,7 +733,6 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
         self.test_segments_the_sample_scan()
 
     def test_segments_the_sample_scan(self):
-        import numpy as np
         import SampleData
 
         if sampleDataFolder() is None:
@@ -740,16 +753,16 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
         from KneeBoneSegLib.anatomy import BONES
         from KneeBoneSegLib.io import read_volume
 
+        from KneeBoneSegLib.metrics import dice
+
         truth = read_volume(groundTruthPath)
-        voxelMm3 = float(np.prod(volumeNode.GetSpacing()))
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual([segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())], [bone.name for bone in BONES])
         for bone in BONES:
-            found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, bone.name, volumeNode)
-            foundMm3 = np.count_nonzero(found) * voxelMm3
-            trueMm3 = np.count_nonzero(truth.array == bone.label) * voxelMm3
-            logging.info("%s: %.1f cm3 segmented, %.1f cm3 true", bone.name, foundMm3 / 1000, trueMm3 / 1000)
-            self.assertAlmostEqual(foundMm3 / trueMm3, 1.0, delta=self.VOLUME_TOLERANCE, msg=bone.name)
+            found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, bone.name, volumeNode) > 0
+            score = dice(found, truth.array == bone.label)
+            logging.info("%s: Dice %.4f with the ground truth", bone.name, score)
+            self.assertGreaterEqual(score, self.MIN_DICE, msg=bone.name)
 
         with tempfile.TemporaryDirectory() as folder:
             written = logic.exportSTL(segmentationNode, folder)

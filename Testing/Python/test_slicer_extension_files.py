@@ -33,6 +33,7 @@ EXPECTED_WIDGETS = {
     "threeProjectionsCheckBox": "QCheckBox",
     "fusionComboBox": "QComboBox",
     "closingRadiusSliderWidget": "ctkSliderWidget",
+    "closingUnitsComboBox": "QComboBox",
     "smoothingIterationsSpinBox": "QSpinBox",
     "deviceComboBox": "QComboBox",
     "deviceLabel": "QLabel",
@@ -130,7 +131,7 @@ def test_ui_parameters_are_fields_of_the_parameter_node(module_tree, ui_widgets)
 
 def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
     from KneeBoneSegLib.devices import DEVICE_CHOICES
-    from KneeBoneSegLib.pipeline import FUSIONS, SegmentOptions
+    from KneeBoneSegLib.pipeline import CLOSING_UNITS, FUSIONS, SegmentOptions
 
     parameter_class = _class(module_tree, "KneeBoneSegParameterNode")
     fields = {node.target.id: node for node in parameter_class.body if isinstance(node, ast.AnnAssign)}
@@ -144,6 +145,8 @@ def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
     defaults = SegmentOptions()
     assert ast.literal_eval(fields["fusion"].value) == defaults.fusion
     assert ast.literal_eval(fields["closingRadius"].value) == defaults.closing_radius
+    assert ast.literal_eval(fields["closingUnits"].value) == defaults.closing_units
+    assert choices("closingUnits") == set(CLOSING_UNITS)
     assert ast.literal_eval(fields["smoothingIterations"].value) == defaults.smoothing_iterations
     assert ast.literal_eval(fields["threeProjections"].value) == (defaults.projections == 3)
 
@@ -157,7 +160,7 @@ def test_command_line_options_the_module_passes_exist(module_tree):
     start = _method(_class(module_tree, "KneeBoneSegLogic"), "startSegmentation")
     strings = {node.value for node in ast.walk(start) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     passed = {text for text in strings if re.fullmatch(r"--[a-z][a-z-]*", text)}
-    assert {"--progress", "--save-probability", "--closing-radius"} <= passed
+    assert {"--progress", "--save-probability", "--closing-radius", "--closing-units"} <= passed
     assert passed <= accepted, f"options the command line does not know: {passed - accepted}"
     assert {"segment", "postprocess"} <= strings
 
@@ -182,7 +185,11 @@ def test_logic_offers_the_documented_console_api(module_tree):
     arguments = [argument.arg for argument in segment.args.args]
     defaults = dict(zip(arguments[-len(segment.args.defaults) :], (ast.literal_eval(d) for d in segment.args.defaults)))
     assert arguments[:2] == ["self", "volumeNode"]
-    assert defaults["closingRadius"] == 9 and defaults["projections"] == 3
+    from KneeBoneSegLib.pipeline import SegmentOptions
+
+    library = SegmentOptions()
+    assert (defaults["closingRadius"], defaults["closingUnits"]) == (library.closing_radius, library.closing_units)
+    assert defaults["projections"] == 3
     assert ast.get_docstring(segment)
 
     export = _method(logic, "exportSTL")

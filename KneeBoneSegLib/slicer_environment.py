@@ -41,9 +41,10 @@ class Requirement:
 
     ``minimum``: the oldest version the library works with; an older one
     already in Slicer's Python is reported, not used. ``pins``: what is
-    installed, by the oldest Python it is for (newest first). ``download_mb``:
-    the largest of its wheels for that pin (Windows, macOS, Linux), rounded up,
-    with the packages it pulls in.
+    installed, by the oldest Python it is for (newest first), with its download
+    in MB: its Windows wheel and those of the packages it pulls in that Slicer
+    does not ship (onnxruntime brings sympy, scikit-image networkx), measured
+    with ``pip download`` and rounded up.
     """
 
     distribution: str
@@ -65,14 +66,14 @@ FIRST_USE = (
         "onnxruntime",
         "onnxruntime",
         "1.17",
-        (("3.10", "1.23.2", 17), ("3.9", "1.19.2", 17)),
+        (("3.10", "1.23.2", 21), ("3.9", "1.19.2", 19)),
         "runs the network; 1.19.2 is the last release for Python 3.9, 1.23.2 the last with Intel-Mac wheels",
     ),
     Requirement(
         "scikit-image",
         "skimage",
         "0.22",
-        (("3.10", "0.25.2", 20), ("3.9", "0.24.0", 20)),
+        (("3.10", "0.25.2", 16), ("3.9", "0.24.0", 15)),
         "marching cubes and morphology; 0.24.0 is the last release for Python 3.9 (with networkx, imageio, tifffile)",
     ),
     Requirement("slicerio", "slicerio", "1.1", (("3.9", "1.4.0", 1),), "writes the .seg.nrrd file"),

@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from KneeBoneSegLib.worker import WorkerProcess, worker_environment
@@ -182,3 +183,41 @@ def test_the_real_command_line_reports_a_user_error_through_the_runner(tmp_path)
     worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(poll_interval=0.05)
     assert worker.outputs is None
     assert str(missing.name) in worker.error and "Traceback" not in worker.error
+
+
+#: A block of the sample scan across the joint line (k, j, i): parts of all three bones, 5 % of the voxels.
+SAMPLE_CROP = (slice(64, 176), slice(112, 304), slice(136, 296))
+
+
+@pytest.mark.sample
+def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels, tmp_path):
+    """What the Slicer module runs, end to end: the real command line in a worker, on real data."""
+    from KneeBoneSegLib.anatomy import BONES
+    from KneeBoneSegLib.io import read_volume, write_volume
+    from KneeBoneSegLib.metrics import dice
+    from KneeBoneSegLib.volume import Volume
+
+    scan = read_volume(sample_dir / "knee_mri.nrrd")
+    corner = [crop.start for crop in SAMPLE_CROP][::-1]  # i, j, k
+    geometry = type(scan.geometry)(scan.geometry.spacing, tuple(scan.geometry.index_to_lps(np.array(corner, float))), scan.geometry.direction)
+    crop_path = tmp_path / "crop.nrrd"
+    write_volume(Volume(scan.array[SAMPLE_CROP], geometry), crop_path)
+
+    work_folder = _work_folder(tmp_path)
+    command = [sys.executable, "-m", "KneeBoneSegLib", "segment", str(crop_path), "-o", str(work_folder / "output"),
+               "--projections", "1", "--device", "cpu", "--save-probability", "--progress", "json"]  # fmt: skip
+    stages = []
+    worker = WorkerProcess(command, work_folder, worker_environment(os.environ, LIBRARY_FOLDER), lambda stage, fraction: stages.append(fraction))
+    worker.wait(poll_interval=0.05)
+    assert worker.error is None, worker.error
+    assert stages, "no progress arrived while the worker ran"
+    written = {Path(path).name for path in worker.outputs}
+    assert {"segmentation.seg.nrrd", "probability.nrrd", "summary.json", "femur.stl", "tibia.stl", "patella.stl"} <= written
+
+    labels = read_volume(work_folder / "output" / "segmentation.seg.nrrd")
+    np.testing.assert_allclose(labels.geometry.origin, geometry.origin, atol=1e-6)
+    # Each bone where the ground truth has it. Not a quality figure (one projection,
+    # bones cut by the crop's faces; held-out quality is measured in bench/).
+    truth = sample_labels.array[SAMPLE_CROP]
+    scores = {bone.name: dice(labels.array == bone.label, truth == bone.label) for bone in BONES}
+    assert min(scores.values()) > 0.6, scores

@@ -10,10 +10,11 @@ and whether those already there are recent enough) and the CI jobs in
 
 Slicer 5.6 and 5.8 run Python 3.9, 5.10 runs 3.12; the versions of the
 packages Slicer ships come from its SuperBuild files (``External_python-numpy``,
-``External_python-scipy``, ``External_SimpleITK``, ``External_VTK``) at each
-release tag. Slicer's VTK is its own build; the CI stands in the PyPI ``vtk``
-of the same minor version. This module imports nothing beyond the standard
-library, so it runs in any Slicer before anything is installed.
+``External_python-scipy``, ``External_SimpleITK``) at each release tag.
+Slicer also ships its own build of VTK (9.2 in 5.6 and 5.8, 9.5 in 5.10); the
+worker does not use VTK, only the MRML bridge does, which the CI tests with
+the VTK that ``slicer-core`` brings. This module imports nothing beyond the
+standard library, so it runs in any Slicer before anything is installed.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Dict, List, Optional, Tuple
 
 #: Newest first. ``shipped``: packages in Slicer's Python (distribution name: version).
 SLICER_RELEASES = {
-    "5.10": {"python": "3.12", "shipped": {"numpy": "2.0.2", "scipy": "1.13.1", "SimpleITK": "2.5.2", "vtk": "9.5.2"}},
-    "5.8": {"python": "3.9", "shipped": {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.3.1", "vtk": "9.2.6"}},
-    "5.6": {"python": "3.9", "shipped": {"numpy": "1.26.1", "scipy": "1.11.3", "SimpleITK": "2.2.1", "vtk": "9.2.6"}},
+    "5.10": {"python": "3.12", "shipped": {"numpy": "2.0.2", "scipy": "1.13.1", "SimpleITK": "2.5.2"}},
+    "5.8": {"python": "3.9", "shipped": {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.3.1"}},
+    "5.6": {"python": "3.9", "shipped": {"numpy": "1.26.1", "scipy": "1.11.3", "SimpleITK": "2.2.1"}},
 }
 
 #: Packages Slicer ships that the install must never replace (a constraints file holds them).

@@ -25,17 +25,18 @@ the paper, with what a network trained on very few scans needs to generalise:
   and the sampler's random state, so a resumed run continues exactly where
   the last one stopped.
 
-Files written beside ``OUTPUT.keras``: ``OUTPUT.json`` (the card: data,
-augmentation, steps, time, machine, the command that reproduces it),
-``OUTPUT.loss.png`` (loss curves) and ``OUTPUT.checkpoint.npz``.
-Only Keras 3 APIs are used, so training runs on TensorFlow, JAX or PyTorch.
+Files written beside ``OUTPUT.keras``: ``OUTPUT.onnx`` (the same network for
+segmenting without Keras, :mod:`.export`), ``OUTPUT.json`` (the card: data,
+augmentation, steps, time, machine, the command that reproduces it, the
+export), ``OUTPUT.loss.png`` (loss curves) and ``OUTPUT.checkpoint.npz``.
+Only Keras 3 APIs are used; the ONNX export goes through tf2onnx and so needs
+the TensorFlow backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import Cancelled, InputError
-from .models import Model, ModelCard, load_model, save_model
+from .models import Model, ModelCard, file_sha256, load_model, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
 from .resampling import grid_shape_for_spacing, resample_to_shape
 
@@ -386,6 +387,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .export import export_onnx
     from .io import read_mask, read_volume
 
     config = config.validate()
@@ -440,6 +442,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
         _save_checkpoint(config.checkpoint_path, network, best_weights, state)
     card.training = _training_record(config, state, data, started)
     save_model(_export(network, best_weights, card), config.output)
+    card.export = {"onnx": export_onnx(config.output)}  # what segmenting runs, beside the .keras file
     return TrainingResult(config.output, card, state.history, network, state.step, round(state.seconds, 1))
 
 
@@ -608,13 +611,7 @@ def _machine() -> dict:
 
 def _sha256(path: Path) -> str | None:
     """Checksum of a data file, so a card names exactly what it was trained on (None for a DICOM folder)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------

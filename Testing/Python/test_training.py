@@ -13,9 +13,11 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_ENV, knee_phantom
 
+pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
+
 from KneeBoneSegLib.errors import Cancelled, InputError
 from KneeBoneSegLib.io import read_volume, write_volume
-from KneeBoneSegLib.models import load_model
+from KneeBoneSegLib.models import file_sha256, load_model
 from KneeBoneSegLib.training import (
     Augmentation,
     PatchSampler,
@@ -104,9 +106,14 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
     # The saved file holds the best epoch's weights: on the run's validation sub-volumes it scores the best loss.
     volume = prepare_volume(read_volume(training_pair[0]), read_volume(training_pair[1]), training_pair[2], card.normalization)
     images, bone = PatchSampler([volume], 16, 0.5, Augmentation.none(), seed=[0, 1]).batch(4)
-    probability = np.clip(np.asarray(model.network.predict(images, verbose=0), np.float64), 1e-7, 1 - 1e-7)
+    probability = np.clip(np.asarray(model.network.predict_on_batch(images), np.float64), 1e-7, 1 - 1e-7)
     saved_loss = -np.mean(bone * np.log(probability) + (1 - bone) * np.log(1 - probability))
     assert saved_loss == pytest.approx(min(validation_losses), rel=1e-3)
+
+    # Beside it, the same network as ONNX, which segmenting runs without Keras; the card records the export.
+    exported = load_model(output.with_suffix(".onnx"), engine="onnxruntime")
+    assert exported.card.export["onnx"]["onnx_sha256"] == file_sha256(output.with_suffix(".onnx"))
+    np.testing.assert_allclose(exported.network.predict_on_batch(images), model.network.predict_on_batch(images), atol=1e-4)
 
     curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))
     assert curves.shape == (360, 600, 3)
@@ -130,8 +137,8 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(training_pair, tmp_pat
     assert [e["loss"] for e in resumed.history] == [e["loss"] for e in uninterrupted.history]
     for got, expected in zip(resumed.network.get_weights(), uninterrupted.network.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    saved = [w for w in load_model(tmp_path / "parts.keras").network.get_weights()]
-    for got, expected in zip(saved, load_model(tmp_path / "whole.keras").network.get_weights()):
+    saved = load_model(tmp_path / "parts.keras").network.network.get_weights()
+    for got, expected in zip(saved, load_model(tmp_path / "whole.keras").network.network.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

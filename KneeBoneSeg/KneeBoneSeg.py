@@ -34,10 +34,9 @@ TERMINOLOGY_FILE = Path(__file__).resolve().parent / "Resources" / "Terminologie
 EXPORT_FOLDER_SETTING = "KneeBoneSeg/ExportFolder"
 
 #: The annotated KneeBones3Dify scan (GPL-3.0) and its ground truth, as NRRD files with
-#: their SHA-256. The published dataset (Zenodo 10.5281/zenodo.10534328, GitHub
-#: diego-romano/KneeBones3Dify-Annotated-Dataset) holds DICOM slices and PNG masks, with
-#: no direct link to these volumes; until they are published, SampleData fetches them from
-#: the folder named by KNEEBONESEG_SAMPLE_DIR (README: "Use in 3D Slicer").
+#: their SHA-256. The published dataset (Zenodo 10.5281/zenodo.10534328) holds DICOM slices
+#: and PNG masks; Sample Data assembles them with ``kneeboneseg sample`` (KneeBoneSegLib.sample)
+#: into Slicer's cache, or takes the files from the folder named by KNEEBONESEG_SAMPLE_DIR.
 SAMPLE_NAME = "KneeBones3Dify"
 SAMPLE_FILES = {
     "knee_mri.nrrd": "SHA256:cf1d8356655e0a83e9eadcae46061a06981917120efa336af078a1665623ba08",
@@ -83,28 +82,66 @@ def loadTerminology():
 
 
 def sampleDataFolder():
-    """The folder SampleData fetches the sample scan from, or None where none is set."""
-    folder = os.environ.get(SAMPLE_DIR_ENV)
-    return Path(folder) if folder and Path(folder, "knee_mri.nrrd").is_file() else None
+    """The folder holding the sample scan and its ground truth: KNEEBONESEG_SAMPLE_DIR's, else the one
+    Sample Data assembled it in; None where neither has them."""
+    for folder in (os.environ.get(SAMPLE_DIR_ENV), publicSampleFolder()):
+        if folder and all(Path(folder, name).is_file() for name in SAMPLE_FILES):
+            return Path(folder)
+    return None
+
+
+def publicSampleFolder():
+    """Where Sample Data assembles the public dataset (Slicer's cache)."""
+    return Path(slicer.app.cachePath) / "KneeBoneSeg" / SAMPLE_NAME
 
 
 def registerSampleData():
-    """Offer the annotated KneeBones3Dify scan in the Sample Data module (checked by SHA-256)."""
+    """Offer the annotated KneeBones3Dify scan in the Sample Data module.
+
+    With KNEEBONESEG_SAMPLE_DIR, its files (checked by SHA-256); otherwise the
+    public dataset, downloaded and assembled once in the background.
+    """
     import SampleData
 
-    folder = sampleDataFolder()
-    if folder is None:
-        return
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="KneeBoneSeg",
-        sampleName=SAMPLE_NAME,
-        thumbnailFileName=os.path.join(iconsPath, "KneeBoneSeg.png"),
-        uris=(folder / "knee_mri.nrrd").as_uri(),
-        fileNames="knee_mri.nrrd",
-        nodeNames=SAMPLE_NAME,
-        checksums=SAMPLE_FILES["knee_mri.nrrd"],
-    )
+    common = {
+        "category": "KneeBoneSeg",
+        "sampleName": SAMPLE_NAME,
+        "thumbnailFileName": os.path.join(os.path.dirname(__file__), "Resources", "Icons", "KneeBoneSeg.png"),
+        "fileNames": "knee_mri.nrrd",
+        "nodeNames": SAMPLE_NAME,
+    }
+    folder = os.environ.get(SAMPLE_DIR_ENV)
+    if folder and Path(folder, "knee_mri.nrrd").is_file():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            **common, uris=Path(folder, "knee_mri.nrrd").as_uri(), checksums=SAMPLE_FILES["knee_mri.nrrd"]
+        )
+    else:
+        from KneeBoneSegLib.sample import DATASET_URL
+
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**common, uris=DATASET_URL, customDownloader=loadPublicSample)
+
+
+def loadPublicSample(source=None):
+    """Sample Data's button: assemble the public dataset once (in the background, Slicer stays responsive) and load the scan."""
+    import shutil
+    import tempfile
+
+    from KneeBoneSegLib.worker import WorkerProcess, worker_environment
+
+    folder = publicSampleFolder()
+    if sampleDataFolder() != folder:
+        workFolder = tempfile.mkdtemp(prefix="KneeBoneSeg-sample-", dir=slicer.app.temporaryPath)
+        command = [pythonSlicerExecutable(), "-m", "KneeBoneSegLib", "sample", "-o", str(folder), "--progress", "json"]
+        try:
+            with slicer.util.WaitCursor():
+                worker = WorkerProcess(command, workFolder, worker_environment(os.environ, libraryParentFolder()))
+                worker.wait(on_idle=slicer.app.processEvents)
+        finally:
+            shutil.rmtree(workFolder, ignore_errors=True)
+        if worker.error:
+            slicer.util.errorDisplay(f"The sample scan could not be made: {worker.error}", windowTitle="KneeBoneSeg")
+            return None
+    return slicer.util.loadVolume(str(folder / "knee_mri.nrrd"), {"name": SAMPLE_NAME})
 
 
 #
@@ -640,15 +677,12 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-        import SampleData
 
-        registerSampleData()
         self.delayDisplay("Loading the KneeBones3Dify sample scan")
-        volumeNode = SampleData.downloadSample(SAMPLE_NAME)
+        folder = sampleDataFolder()
+        volumeNode = slicer.util.loadVolume(str(folder / "knee_mri.nrrd"), {"name": SAMPLE_NAME})
         self.assertIsNotNone(volumeNode)
-        groundTruthPath = SampleData.SampleDataLogic().downloadFileIntoCache(
-            (sampleDataFolder() / "knee_bones_labels.nrrd").as_uri(), "knee_bones_labels.nrrd", SAMPLE_FILES["knee_bones_labels.nrrd"]
-        )
+        groundTruthPath = folder / "knee_bones_labels.nrrd"
 
         self.delayDisplay("Segmenting (one projection, to keep the test short)")
         logic = KneeBoneSegLogic()

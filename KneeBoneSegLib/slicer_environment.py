@@ -40,8 +40,9 @@ SLICER_OWNED = ("numpy", "scipy", "SimpleITK", "vtk")
 class Requirement:
     """A package the first use installs.
 
-    ``minimum``: the oldest version the library works with; an older one
-    already in Slicer's Python is reported, not used. ``pins``: what is
+    ``minimum``: the oldest version the library works with (as in
+    ``pyproject.toml``'s dependencies); an older one already in Slicer's
+    Python is reported, not used. ``pins``: what is
     installed, by the oldest Python it is for (newest first), with its download
     in MB: its Windows wheel and those of the packages it pulls in that Slicer
     does not ship (onnxruntime brings sympy, scikit-image networkx), measured
@@ -66,14 +67,14 @@ FIRST_USE = (
     Requirement(
         "onnxruntime",
         "onnxruntime",
-        "1.17",
+        "1.16",
         (("3.10", "1.23.2", 21), ("3.9", "1.19.2", 19)),
         "runs the network; 1.19.2 is the last release for Python 3.9, 1.23.2 the last with Intel-Mac wheels",
     ),
     Requirement(
         "scikit-image",
         "skimage",
-        "0.22",
+        "0.21",
         (("3.10", "0.25.2", 16), ("3.9", "0.24.0", 15)),
         "marching cubes and morphology; 0.24.0 is the last release for Python 3.9 (with networkx, imageio, tifffile)",
     ),

@@ -68,7 +68,7 @@ def test_problems_name_missing_and_too_old_packages(tmp_path):
     problems = requirement_problems([str(site)])
     assert problems == {
         "onnxruntime": "not installed",
-        "scikit-image": "0.19.3 is installed; KneeBoneSeg needs 0.22 or later",
+        "scikit-image": "0.19.3 is installed; KneeBoneSeg needs 0.21 or later",
     }
     pins, _ = install_plan(problems, (3, 9))
     assert [pin.split("==")[0] for pin in pins] == ["onnxruntime", "scikit-image"]
@@ -99,3 +99,13 @@ def test_this_environment_is_the_slicer_it_stands_in_for():
     assert requirement_problems() == {}
     for requirement in FIRST_USE:
         assert installed_version(requirement.distribution) == requirement.pin_for(sys.version_info[:2])[0]
+
+
+def test_minimum_versions_are_the_packages_dependencies():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)",?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M))
+    for requirement in FIRST_USE:
+        assert dependencies[requirement.distribution] == requirement.minimum, requirement.distribution

@@ -401,3 +401,16 @@ def test_extensions_index_reads_literal_urls_and_a_matching_licence():
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in licence
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "Slicer" in readme and re.search(r"Extensions Index.*?prefix|prefix.*?Extensions Index", readme, re.S), "say how the repository name meets the index's naming rule"
+
+
+def test_sample_data_assembles_the_public_dataset_with_the_library_command(module_tree):
+    from KneeBoneSegLib.cli import build_parser
+
+    register = ast.unparse(next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData"))
+    assert "customDownloader=loadPublicSample" in register and "from KneeBoneSegLib.sample import DATASET_URL" in register
+    load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadPublicSample")
+    (command,) = [node.value for node in ast.walk(load) if isinstance(node, ast.Assign) and _dotted(node.targets[0]) == "command"]
+    arguments = [element.value if isinstance(element, ast.Constant) else "X" for element in command.elts][3:]
+    assert arguments[0] == "sample" and "WorkerProcess" in _calls(load)
+    parsed = build_parser().parse_args(arguments)
+    assert (parsed.command, parsed.progress) == ("sample", "json")

@@ -221,3 +221,12 @@ def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels
     truth = sample_labels.array[SAMPLE_CROP]
     scores = {bone.name: dice(labels.array == bone.label, truth == bone.label) for bone in BONES}
     assert min(scores.values()) > 0.6, scores
+
+
+def test_the_sample_command_reports_through_the_runner(tmp_path):
+    """Sample Data's download in Slicer runs ``kneeboneseg sample --progress json`` in a worker."""
+    absent = (tmp_path / "absent.zip").as_uri()
+    command = [sys.executable, "-m", "KneeBoneSegLib", "sample", "-o", str(tmp_path / "sample"), "--url", absent, "--progress", "json"]
+    worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(poll_interval=0.05)
+    assert worker.outputs is None and worker.error.startswith("could not download the sample scan from"), worker.error
+    assert not (tmp_path / "sample").exists()

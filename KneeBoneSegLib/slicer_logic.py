@@ -175,11 +175,11 @@ class SegmentationRuns:
         from .mrml import labels_to_segmentation_node
         from .surfaces import read_stl
 
-        if run in self._running:
-            self._running.remove(run)
         worker = run.worker
         if worker.poll():
             raise RuntimeError("the run has not ended yet")
+        if run in self._running:
+            self._running.remove(run)
         try:
             if worker.cancelled or worker.error or worker.outputs is None:
                 raise RuntimeError(worker.error or "the run was cancelled")

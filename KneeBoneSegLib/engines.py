@@ -40,110 +40,112 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-class OnnxRuntimeNetwork:
+class _OnnxFileNetwork:
+    """What both ONNX engines share: the file, where it runs, and how it reports itself."""
+
+    engine = ""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.provider, self.input_shape, self.output_shape = self._open()
+
+    def _open(self) -> tuple[str, tuple, tuple]:
+        """Load the file; return the provider that runs it and the input and output shapes."""
+        raise NotImplementedError
+
+    def _version(self) -> str:
+        raise NotImplementedError
+
+    def placed(self, device: str, threads: int | None):
+        """This network on ``device`` with ``threads`` (itself when it already is)."""
+        if (device, threads) == (self.device, self.threads):
+            return self
+        return type(self)(self.path, device, threads)
+
+    def describe(self) -> dict:
+        return {
+            "engine": self.engine,
+            "version": self._version(),
+            "device": "cpu" if self.provider in ("CPUExecutionProvider", "CPU") else "gpu",
+            "provider": self.provider,
+            "threads": self.threads or _cpu_count(),
+        }
+
+
+class OnnxRuntimeNetwork(_OnnxFileNetwork):
     """An ``.onnx`` network on ONNX Runtime, on the GPU provider ``device`` selects or the CPU."""
 
     engine = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+    def _open(self):
         import onnxruntime
 
-        self.path = Path(path)
-        self.device = device
-        self.threads = threads
-        providers = select_onnxruntime_providers(device)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: ONNX Runtime's notes are not for clinicians
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+        providers = select_onnxruntime_providers(self.device)
         try:
             self._session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # ONNX Runtime raises its own exception types for damaged files
             raise ModelError(f"{self.path}: ONNX Runtime could not load the model ({_first_line(error)})") from None
-        self.provider = self._session.get_providers()[0]
-        if device == "gpu" and self.provider == "CPUExecutionProvider":
+        provider = self._session.get_providers()[0]
+        if self.device == "gpu" and provider == "CPUExecutionProvider":
             raise InputError("--device gpu was asked for, but ONNX Runtime could not start its GPU provider; use --device cpu or auto")
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
         self._input_name = inputs[0].name
-        self.input_shape = _keras_shape(inputs[0].shape)
-        self.output_shape = _keras_shape(outputs[0].shape)
+        return provider, _keras_shape(inputs[0].shape), _keras_shape(outputs[0].shape)
+
+    def _version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
 
     def predict_on_batch(self, batch):
         import numpy as np
 
         return self._session.run(None, {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
-    def placed(self, device: str, threads: int | None) -> "OnnxRuntimeNetwork":
-        """This network on ``device`` with ``threads`` (itself when it already is)."""
-        if (device, threads) == (self.device, self.threads):
-            return self
-        return type(self)(self.path, device, threads)
 
-    def describe(self) -> dict:
-        import onnxruntime
-
-        return {
-            "engine": self.engine,
-            "version": onnxruntime.__version__,
-            "device": "cpu" if self.provider == "CPUExecutionProvider" else "gpu",
-            "provider": self.provider,
-            "threads": self.threads or _cpu_count(),
-        }
-
-
-class OpenVinoNetwork:
+class OpenVinoNetwork(_OnnxFileNetwork):
     """An ``.onnx`` network compiled by OpenVINO for its CPU (or, with ``device="gpu"``, its GPU) plugin."""
 
     engine = "openvino"
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+    def _open(self):
         import openvino
         from openvino.frontend import FrontEndManager
 
-        self.path = Path(path)
-        self.device = device
-        self.threads = threads
         core = openvino.Core()
-        self.plugin = select_openvino_device(device, core.available_devices)
+        plugin = select_openvino_device(self.device, core.available_devices)
         config = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads and self.plugin == "CPU":
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.threads and plugin == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
             # The ONNX front end alone: left to guess, OpenVINO also tries its TensorFlow reader,
             # which prints TensorFlow's parse errors at the user for a damaged file.
             onnx_reader = FrontEndManager().load_by_framework("onnx")
-            graph = onnx_reader.convert(onnx_reader.load(str(self.path)))
-            self._compiled = core.compile_model(graph, self.plugin, config)
+            self._compiled = core.compile_model(onnx_reader.convert(onnx_reader.load(str(self.path))), plugin, config)
         except Exception as error:  # OpenVINO raises its own exception types for unreadable files
             raise ModelError(f"{self.path}: OpenVINO could not load the model ({_first_line(error)})") from None
         if len(self._compiled.inputs) != 1 or len(self._compiled.outputs) != 1:
             raise ModelError(f"{self.path}: expected one input and one output")
-        self.input_shape = _keras_shape(self._compiled.inputs[0].get_partial_shape().to_string().strip("[]").split(","))
-        self.output_shape = _keras_shape(self._compiled.outputs[0].get_partial_shape().to_string().strip("[]").split(","))
+        shapes = [port.get_partial_shape().to_string().strip("[]").split(",") for port in (self._compiled.inputs[0], self._compiled.outputs[0])]
+        return plugin, _keras_shape(shapes[0]), _keras_shape(shapes[1])
+
+    def _version(self) -> str:
+        import openvino
+
+        return openvino.get_version()
 
     def predict_on_batch(self, batch):
         import numpy as np
 
         return self._compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
-
-    def placed(self, device: str, threads: int | None) -> "OpenVinoNetwork":
-        """This network on ``device`` with ``threads`` (itself when it already is)."""
-        if (device, threads) == (self.device, self.threads):
-            return self
-        return type(self)(self.path, device, threads)
-
-    def describe(self) -> dict:
-        import openvino
-
-        return {
-            "engine": self.engine,
-            "version": openvino.get_version(),
-            "device": self.plugin.lower(),
-            "provider": self.plugin,
-            "threads": self.threads or _cpu_count(),
-        }
 
 
 class KerasNetwork:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,12 +89,14 @@ def default_model_path() -> Path:
 
     The shipped model lives in the repository's ``Resources/Models`` folder,
     beside this package in a checkout, an editable install and the Slicer
-    extension alike.
+    extension alike; a wheel installs it under ``<prefix>/share/kneeboneseg/Models``.
     """
     override = os.environ.get(MODEL_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
+    beside_package = Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
+    installed = Path(sys.prefix) / "share" / "kneeboneseg" / "Models" / SHIPPED_MODEL
+    return installed if installed.is_file() and not beside_package.is_file() else beside_package
 
 
 def default_card(network=None) -> ModelCard:

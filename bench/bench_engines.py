@@ -1,6 +1,6 @@
 """The engines that run the shipped network, side by side in one run: speed, whole segmentation, install size.
 
-    python bench/bench_engines.py [--rounds 5] [--skip-install-sizes]
+    python bench/bench_engines.py [--rounds 5] [--parts 1,2,3,4]
 
 1. Per sub-volume: the shipped model on batches of 32 real 32^3 sub-volumes of
    the sample scan (tissue, not air), on Keras + TensorFlow (the engine before
@@ -110,8 +110,17 @@ def wheel_mib(package: str, python: str, tag: str) -> tuple[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the per-sub-volume timing")
-    parser.add_argument("--skip-install-sizes", action="store_true", help="leave out part 4 (it downloads TensorFlow)")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run (4 downloads TensorFlow; its sizes do not depend on load)")
     args = parser.parse_args()
+    parts = {int(part) for part in args.parts.split(",")}
+    if 4 in parts:
+        print_install_sizes()
+    if parts & {1, 2, 3}:
+        print_speeds(parts, args.rounds)
+
+
+def print_speeds(parts: set, rounds: int) -> None:
+    """Parts 1 to 3: the engines' speed on the sample scan."""
     scan_path = sample_dir() / "knee_mri.nrrd"
     scan = read_volume(scan_path)
     models = {name: load_model(MODELS / file, engine=engine, device="cpu") for name, (file, engine) in ENGINES.items()}
@@ -123,11 +132,19 @@ def main() -> None:
         described = model.network.describe()
         print(f"  {name:20} {described['engine']} {described['version']} ({described['provider']}, threads {described['threads']})")
 
-    print(f"\n1. milliseconds per sub-volume, batches of 32 tissue sub-volumes, median of {args.rounds} interleaved rounds")
-    per_tile = per_subvolume_ms({name: model.network for name, model in models.items()}, tissue_batches(scan, card, 4), args.rounds)
-    for name, ms in per_tile.items():
-        print(f"  {name:20} {ms:8.1f} ms")
+    if 1 in parts:
+        print(f"\n1. milliseconds per sub-volume, batches of 32 tissue sub-volumes, median of {rounds} interleaved rounds")
+        per_tile = per_subvolume_ms({name: model.network for name, model in models.items()}, tissue_batches(scan, card, 4), rounds)
+        for name, ms in per_tile.items():
+            print(f"  {name:20} {ms:8.1f} ms")
+    if 2 in parts:
+        print_network_stage(scan, models)
+    if 3 in parts:
+        print_whole_runs(scan_path)
 
+
+def print_network_stage(scan, models: dict) -> None:
+    """Part 2: the network stage of each engine on the whole scan, and how far their probabilities differ."""
     print("\n2. the network stage on the whole scan (3 projections, default tiling, air sub-volumes left out)")
     maps = {}
     for name, model in models.items():
@@ -138,16 +155,19 @@ def main() -> None:
     for name in ("onnxruntime", "openvino"):
         difference = max(float(np.abs(a - b).max()) for a, b in zip(maps[name], reference))
         print(f"  largest probability difference {name} vs Keras: {difference:.1e}")
-    del maps, reference
 
+
+def print_whole_runs(scan_path: Path) -> None:
+    """Part 3: a whole segmentation with each engine in a fresh process."""
     print("\n3. whole `kneeboneseg segment` of the scan in a fresh process")
     print(f"  {'engine':20} {'wall s':>8} {'network s':>10} {'peak GiB':>9}")
     for name, (file, engine) in ENGINES.items():
         seconds, peak_gib, summary, _ = run_segment(scan_path, ["--engine", engine], str(MODELS / file))
         print(f"  {name:20} {seconds:8.1f} {summary['timings_s']['network']:10.1f} {peak_gib:9.2f}")
 
-    if args.skip_install_sizes:
-        return
+
+def print_install_sizes() -> None:
+    """Part 4: what pip installs, and the ONNX Runtime download for each platform Slicer runs on."""
     print("\n4. install size")
     for requirement in (".", ".[train]"):
         print(f"  fresh venv + pip install {requirement:9} {venv_size_mib(requirement):8.0f} MiB")

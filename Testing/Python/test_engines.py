@@ -155,3 +155,38 @@ def test_an_unknown_engine_and_a_missing_openvino_are_clear_errors(tmp_path):
     if not HAS_OPENVINO:
         with pytest.raises(InputError, match=r"pip install kneeboneseg\[openvino\]"):
             open_network(path, engine="openvino")
+
+
+def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_checkout(tmp_path):
+    """``pip install`` of a built wheel (not ``-e``): the default model must come with it."""
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[2]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    if built.returncode != 0 and "No module named" in built.stderr:
+        pytest.skip(f"this environment cannot build wheels without isolation: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr
+    # A bare environment that sees this one's dependencies, but not the checkout, gets the wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    env_python = tmp_path / "env" / "bin" / "python"
+    env_site = subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    Path(env_site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(env_python), "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    image, _, geometry = knee_phantom()
+    write_volume(Volume(image, geometry), tmp_path / "knee.nrrd")
+    script = (
+        "import json\n"
+        "from KneeBoneSegLib import models\n"
+        "from KneeBoneSegLib.io import read_volume\n"
+        "from KneeBoneSegLib.pipeline import SegmentOptions, segment\n"
+        "model = models.load_model(models.default_model_path())\n"
+        f"result = segment(read_volume({str(tmp_path / 'knee.nrrd')!r}), model, SegmentOptions(projections=1, surfaces=False))\n"
+        "print(json.dumps({'module': models.__file__, 'model': str(model.path), 'engine': result.report['engine']['engine']}))\n"
+    )
+    completed = subprocess.run([str(env_python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    ran = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert str(root) not in ran["module"] and str(root) not in ran["model"]  # neither the code nor the model came from the checkout
+    assert ran["model"].endswith("share/kneeboneseg/Models/kneeboneseg-compact.onnx")

@@ -29,6 +29,7 @@ from KneeBoneSegLib.training import (
     prepare_volume,
     train,
 )
+from KneeBoneSegLib.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.volume import Geometry, Volume
 
 CROP = 64  # voxels of the sample scan around the patella: bone, cartilage, soft tissue and femur
@@ -200,6 +201,34 @@ def test_no_held_out_voxel_reaches_training():
     assert heldout_range((0, 64), 64) is None
     with pytest.raises(InputError, match="one slab"):
         heldout_range((10, 50), 64)
+
+
+def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_off():
+    # A bone box whose faces fall in the middle of coarse voxels (odd fine indices at half the resolution):
+    # the coarse mask must keep the box's centre, on every axis.
+    shape = (40, 40, 40)
+    labels = np.zeros(shape, np.uint8)
+    labels[11:31, 9:29, 13:33] = 1
+    image = np.where(labels > 0, 1000.0, 100.0).astype(np.float32)
+    geometry = Geometry((0.35, 0.35, 0.35), (0.0, 0.0, 0.0))
+    volume = prepare_volume(Volume(image, geometry), Volume(labels, geometry), spacing_mm=0.7)
+    fine_centre_mm = (np.mean(np.nonzero(labels), axis=1) + 0.5) * 0.35
+    coarse_centre_mm = (np.mean(np.nonzero(volume.bone), axis=1) + 0.5) * 0.7
+    np.testing.assert_allclose(coarse_centre_mm, fine_centre_mm, atol=0.01)
+    assert abs(int(volume.bone.sum()) - labels.sum() / 8) <= 0.15 * labels.sum() / 8
+
+
+def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tmp_path):
+    from KneeBoneSegLib.models import Model, ModelCard, save_model
+    from KneeBoneSegLib.network import build_unet
+
+    spacing = [0.7, 0.7, 1.05]  # a model trained on anisotropic voxels
+    start = save_model(Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras")
+    result = train(_tiny_config(training_pair, tmp_path / "tuned.keras", initial_model=start, spacing_mm=None, epochs=1, steps_per_epoch=1))
+    image = read_volume(training_pair[0])
+    expected_kji = grid_shape_for_spacing(image.array.shape, image.geometry.spacing, spacing)
+    assert result.card.spacing_mm == spacing
+    assert result.card.training["data"][0]["model_grid_ijk"] == list(expected_kji[::-1])
 
 
 def test_the_card_command_line_rebuilds_the_same_configuration():

@@ -44,9 +44,10 @@ class Requirement:
     ``pyproject.toml``'s dependencies); an older one already in Slicer's
     Python is reported, not used. ``pins``: what is
     installed, by the oldest Python it is for (newest first), with its download
-    in MB: its Windows wheel and those of the packages it pulls in that Slicer
-    does not ship (onnxruntime brings sympy, scikit-image networkx), measured
-    with ``pip download`` and rounded up.
+    in MB: its wheel and those of the packages it pulls in that Slicer does not
+    ship (onnxruntime brings sympy, scikit-image networkx), on the platform
+    where they are largest, rounded up (``bench/bench_slicer_first_use.py``,
+    ``bench/results/slicer_first_use.txt``).
     """
 
     distribution: str
@@ -68,14 +69,14 @@ FIRST_USE = (
         "onnxruntime",
         "onnxruntime",
         "1.16",
-        (("3.10", "1.23.2", 21), ("3.9", "1.19.2", 19)),
+        (("3.10", "1.23.2", 27), ("3.9", "1.19.2", 25)),
         "runs the network; 1.19.2 is the last release for Python 3.9, 1.23.2 the last with Intel-Mac wheels",
     ),
     Requirement(
         "scikit-image",
         "skimage",
         "0.21",
-        (("3.10", "0.25.2", 16), ("3.9", "0.24.0", 15)),
+        (("3.10", "0.25.2", 18), ("3.9", "0.24.0", 18)),
         "marching cubes and morphology; 0.24.0 is the last release for Python 3.9 (with networkx, imageio, tifffile)",
     ),
     Requirement("slicerio", "slicerio", "1.1", (("3.9", "1.4.0", 1),), "writes the .seg.nrrd file"),

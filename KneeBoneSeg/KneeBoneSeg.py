@@ -129,7 +129,7 @@ def loadPublicSample(source=None):
     from KneeBoneSegLib.worker import WorkerProcess, worker_environment
 
     folder = publicSampleFolder()
-    if sampleDataFolder() != folder:
+    if not all((folder / name).is_file() for name in SAMPLE_FILES):
         workFolder = tempfile.mkdtemp(prefix="KneeBoneSeg-sample-", dir=slicer.app.temporaryPath)
         command = [pythonSlicerExecutable(), "-m", "KneeBoneSegLib", "sample", "-o", str(folder), "--progress", "json"]
         try:

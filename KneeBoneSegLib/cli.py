@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD")
     sample.add_argument("-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd")
     sample.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
+    sample.add_argument("--progress", choices=("text", "json", "none"), default="none", help="progress display (json: one object per line on stdout, for the Slicer module)")
 
     commands.add_parser("info", help="versions, compute devices and the default model's card")
     return parser
@@ -239,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sample import download_sample
 
             written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
-            print("\n".join(str(path) for path in written))
+            if reporter.mode == "json":
+                reporter.finish({"outputs": [str(path) for path in written]})
+            else:
+                print("\n".join(str(path) for path in written))
             return 0
         elif args.command == "train":
             from .training import config_from_args, train

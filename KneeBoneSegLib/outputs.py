@@ -28,8 +28,11 @@ from .volume import Geometry
 
 log = logging.getLogger(__name__)
 
-# The context names Slicer's terminology module uses for these codes.
-SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# The terminology context that holds these codes: the extension's own list
+# (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since
+# neither Slicer's General Anatomy list nor the DICOM master list has all three
+# bones. The anatomic context is Slicer's default one (no region is given).
+SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - KneeBoneSeg"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 

@@ -59,7 +59,7 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
-    components[box] = relabel[labelled]
+    components[box] = relabel[labelled]  # one label array of the volume's size, the rest its box's
     return components, [int(sizes[n]) for n in order]
 
 

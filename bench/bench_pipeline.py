@@ -1,6 +1,7 @@
 """Every stage after the network before and after the speed-ups, side by side in one run; then whole segmentations.
 
     python bench/bench_pipeline.py [--threads N] [--stages-only] [--configuration NAME ...]
+    python bench/bench_pipeline.py --cube512 [--baseline CHECKOUT] [--model M.onnx]
 
 1. Stages, in this process, on the 512 x 512 x 286 sample scan: intensity
    normalisation and resampling to the model's grid (0.7 mm); a probability
@@ -21,6 +22,10 @@
    model (TensorFlow), "after" this checkout and its shipped model; stage
    times from each summary.json, wall time, peak memory, and the Dice of
    the two label maps.
+
+``--cube512`` instead measures the default configuration on a 512 x 512 x 512
+scan (see :func:`cube512`) against its memory target, beside the same run of
+another checkout of the library (``--baseline``) when one is given.
 """
 
 from __future__ import annotations
@@ -223,12 +228,57 @@ def print_table(title: str, header: tuple[str, str], rows: list) -> None:
         print(f"  {stage:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x  {agreement}")
 
 
+# --- the 512^3 case (issue 12): peak memory of the default run on a 512 x 512 x 512 scan ---------------
+
+#: Peak resident memory a 512^3 scan may take with the shipped model (its own 0.7 mm grid).
+CUBE512_TARGET_GIB = 3.0
+
+
+def cube512_scan(folder: Path) -> Path:
+    """The sample scan grown from 286 to 512 slices (mirrored at its ends), at its own 0.35 mm voxels.
+
+    A 512^3 knee scan at the sample's resolution: the bones and the network's
+    work grow with the field of view as they would on a longer acquisition.
+    """
+    from KneeBoneSegLib.io import read_volume, write_volume
+    from KneeBoneSegLib.volume import Volume
+
+    scan = read_volume(sample_dir() / "knee_mri.nrrd")
+    missing = 512 - scan.array.shape[0]
+    array = np.pad(scan.array, ((missing // 2, missing - missing // 2), (0, 0), (0, 0)), mode="symmetric")
+    path = folder / "knee_mri_512cubed.nrrd"
+    write_volume(Volume(array, scan.geometry.cropped((-(missing // 2), 0, 0))), path)
+    return path
+
+
+def cube512(model: str | None, baseline: Path | None) -> None:
+    """Time and peak memory of the default run on :func:`cube512_scan`, and of ``baseline``'s library."""
+    with tempfile.TemporaryDirectory() as folder:
+        scan = cube512_scan(Path(folder))
+        runs = {"this checkout": run(scan, [], model)}
+        if baseline:
+            runs[f"baseline {baseline.name}"] = run(scan, [], model, library=baseline.resolve())
+    print(f"default segmentation of a 512 x 512 x 512 scan (the sample scan's 286 slices mirrored to 512), model {runs['this checkout'][2]['model']['name']}")
+    for name, (seconds, peak_gib, _, _) in runs.items():
+        verdict = "within" if peak_gib <= CUBE512_TARGET_GIB else "OVER"
+        print(f"  {name:28} {seconds:7.1f} s   peak memory {peak_gib:5.2f} GiB ({verdict} the {CUBE512_TARGET_GIB:g} GiB target)")
+
+
+# --- end of the 512^3 case -------------------------------------------------------------------------
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="threads for the stages (default: all cores)")
     parser.add_argument("--stages-only", action="store_true", help="skip the whole segmentations")
     parser.add_argument("--configuration", action="append", choices=CONFIGURATIONS, help="whole-segmentation settings to compare (default: default; repeatable)")
+    parser.add_argument("--cube512", action="store_true", help="only the 512 x 512 x 512 case: default run, peak memory against its target")
+    parser.add_argument("--baseline", type=Path, default=None, help="with --cube512: also run the library of this checkout (e.g. main's)")
+    parser.add_argument("--model", default=None, help="with --cube512: model file (default: the shipped model)")
     args = parser.parse_args()
+    if args.cube512:
+        cube512(args.model, args.baseline)
+        return
     folder = sample_dir()
     # The whole segmentations first: a child's peak memory (ru_maxrss) counts this
     # process's resident memory when it was forked, which the stages below grow.

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .devices import select_onnxruntime_providers, select_openvino_device
 from .errors import InputError, ModelError
+from .threads import effective_threads
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class _OnnxFileNetwork:
             "version": self._version(),
             "device": "cpu" if self.provider in ("CPUExecutionProvider", "CPU") else "gpu",
             "provider": self.provider,
-            "threads": self.threads or _cpu_count(),
+            "threads": effective_threads(self.threads),
         }
 
 
@@ -262,7 +263,3 @@ def _keras_shape(dims) -> tuple:
         text = str(dim).strip()
         shape.append(int(text) if text.isdigit() else None)
     return tuple(shape)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

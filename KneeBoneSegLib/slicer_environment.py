@@ -79,6 +79,9 @@ FIRST_USE = (
         (("3.10", "0.25.2", 18), ("3.9", "0.24.0", 18)),
         "marching cubes and morphology; 0.24.0 is the last release for Python 3.9 (with networkx, imageio, tifffile)",
     ),
+    Requirement("edt", "edt", "3.1", (("3.9", "3.1.2", 3),), "exact multi-threaded distance transforms for the closing"),
+    Requirement("fill-voids", "fill_voids", "2.1", (("3.9", "2.1.2", 3),), "fills the holes inside each bone (with fastremap)"),
+    Requirement("connected-components-3d", "cc3d", "4.1", (("3.9", "4.1.1", 5),), "labels the bone mask's connected components"),
     Requirement("slicerio", "slicerio", "1.1", (("3.9", "1.4.0", 1),), "writes the .seg.nrrd file"),
     Requirement("tqdm", "tqdm", "4.60", (("3.9", "4.70.1", 1),), "progress of the command line"),
 )

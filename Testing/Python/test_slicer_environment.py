@@ -45,7 +45,7 @@ def test_first_use_installs_the_onnx_runtime_not_tensorflow(slicer_version):
     python = version_tuple(SLICER_RELEASES[slicer_version]["python"])
     requirements = first_use_requirements(python)
     names = {requirement.split("==")[0].lower() for requirement in requirements}
-    assert names == {"onnxruntime", "scikit-image", "slicerio", "tqdm"}
+    assert names == {"onnxruntime", "scikit-image", "edt", "fill-voids", "connected-components-3d", "slicerio", "tqdm"}
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "torch", "jax"}
     assert not names & {name.lower() for name in SLICER_RELEASES[slicer_version]["shipped"]}, "never replace what Slicer ships"
     pins, megabytes = install_plan(dict.fromkeys(names, "not installed"), python)
@@ -63,8 +63,8 @@ def test_python_39_gets_the_last_releases_that_support_it():
 def test_problems_name_missing_and_too_old_packages(tmp_path):
     site = tmp_path / "site-packages"
     _installed(site, "scikit-image", "0.19.3")  # as another extension may have left it
-    _installed(site, "slicerio", "1.4.0")
-    _installed(site, "tqdm", "4.66.1")
+    for name, version in (("edt", "3.1.2"), ("fill-voids", "2.1.2"), ("connected-components-3d", "4.1.1"), ("slicerio", "1.4.0"), ("tqdm", "4.66.1")):
+        _installed(site, name, version)
     problems = requirement_problems([str(site)])
     assert problems == {
         "onnxruntime": "not installed",

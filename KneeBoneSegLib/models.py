@@ -12,7 +12,9 @@ and what it was trained on, so that the pipeline never guesses::
       "spacing_mm": null,              # resample to this spacing first; null = native grid
       "training": {...},               # data, augmentation, steps, time, machine
       "quality": {...},                # measured figures, with the data they were measured on
-      "heldout": {"axis": "i", "from": 0, "to": 200}   # optional: voxels never trained on
+      "heldout": {"axis": "i", "from": 0, "to": 200},  # optional: voxels never trained on
+      "trained_on": {...},             # optional: field strength, sequence, voxel size, histogram (inputcheck)
+      "confidence": {...}              # optional: review thresholds, calibrated held out (verdicts)
     }
 
 A ``.keras`` file without a card (for example one saved by the paper's
@@ -48,6 +50,8 @@ class ModelCard:
     training: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     heldout: dict | None = None
+    trained_on: dict | None = None  # acquisition and histogram of the training data (inputcheck)
+    confidence: dict | None = None  # thresholds for a "review" verdict, calibrated held out (verdicts)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":

@@ -13,6 +13,11 @@ paper's (with one addition, 7), each a function of its own module:
 6. close each bone with a sphere                          (morphology)
 7. fill holes left inside each bone                       (morphology)
 8. smoothed closed surfaces in patient millimetres        (surfaces)
+
+Around them, what says whether to trust the result: the input compared with
+the model's card before the network runs (inputcheck), bones named only when
+their size and place fit (plausibility, in step 5), the network's confidence
+per bone (confidence) and a verdict per bone and per run (verdicts).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class SegmentOptions:
     ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
     is ``"mm"``; 0 skips closing. ``fill_holes`` then fills what is still
     enclosed in 3D or in a slice of any orientation (not in the paper).
+    ``keep_uncertainty`` keeps the projections' disagreement map in the
+    result (``result.uncertainty``, 0 to 1, on the input's grid).
     """
 
     projections: int = 3
@@ -73,6 +80,7 @@ class SegmentOptions:
     surfaces: bool = True
     device: str = "auto"
     batch_size: int = 32
+    keep_uncertainty: bool = False
 
     def validate(self) -> "SegmentOptions":
         if self.projections not in (1, 3):
@@ -101,6 +109,12 @@ class SegmentationResult:
     probability: np.ndarray | None = None
     surfaces: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None  # disagreement between projections, on request
+
+    @property
+    def verdict(self) -> dict:
+        """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.verdicts`)."""
+        return self.report["verdict"]
 
 
 class _Stages:
@@ -138,22 +152,32 @@ def segment(
 
     Returns labels (0 background, 1 femur, 2 tibia, 3 patella) and the fused
     bone probability on the input's grid, the smoothed surfaces of the bones
-    found and a JSON-able report. ``progress(stage, fraction)`` is called as
+    found and a JSON-able report whose ``verdict`` says, per bone and for the
+    run, whether to trust them (``ok``, ``review``, ``failed``, with reasons).
+    ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
+    from .confidence import bone_confidence, projection_disagreement
     from .projections import fuse_probabilities
     from .resampling import resample_to_shape
+    from .verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
     maps, report = _predict_projection_maps(volume, model, options, stages)
+    disagreement = stages.run("confidence", projection_disagreement, maps)
     probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
     del maps
     if probability.shape != volume.array.shape:
         probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+        if disagreement is not None:
+            disagreement = stages.run("resample", resample_to_shape, disagreement, volume.array.shape, order=1)
 
     result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
     result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
+    result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
+    result.report["verdict"] = judge(result.report, model.card.confidence)
+    result.uncertainty = disagreement if options.keep_uncertainty else None
     return result
 
 
@@ -177,6 +201,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
 
     from .devices import select_device
     from .inference import air_level, predict_volume
+    from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
     from .projections import predict_projections
     from .resampling import grid_shape_for_spacing, resample_to_shape
@@ -193,6 +218,10 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
     if card.spacing_mm:
         model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
         image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
+    input_check = compare_with_card(image, volume.geometry.spacing, volume.tags, card)
+    warnings += [f"the scan differs from the model's training data: {difference}" for difference in input_check["differences"]]
+    for difference in input_check["differences"]:
+        log.warning("the scan differs from the model's training data: %s", difference)
     skip_below = air_level(image) if options.skip_air_tiles else None
 
     def predict_view(view: np.ndarray, name: str) -> np.ndarray:
@@ -214,7 +243,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
     with keras.device(device):
         maps = predict_projections(image, predict_view, projections=options.projections)
     stages.timings["network"] = round(time.perf_counter() - start, 3)
-    return maps, {"model": _model_summary(model), "device": device, "warnings": warnings}
+    return maps, {"model": _model_summary(model), "device": device, "input_check": input_check, "warnings": warnings}
 
 
 def postprocess(
@@ -232,6 +261,7 @@ def postprocess(
     """
     from .morphology import close_bones, fill_bone_holes
     from .surfaces import bone_surface
+    from .verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _stages or _Stages(progress)
@@ -284,6 +314,7 @@ def postprocess(
         "warnings": list(bone_report.get("warnings", [])),
         "versions": _versions(),
     }
+    report["verdict"] = judge(report)
     return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report)
 
 

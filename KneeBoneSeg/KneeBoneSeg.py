@@ -595,19 +595,21 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, run, volumeNode, segmentationNode=None):
         """Put a finished run's bones into ``segmentationNode`` (a new node if None) and return it."""
         from KneeBoneSegLib.io import read_volume
-        from KneeBoneSegLib.mrml import labels_to_segmentation_node
+        from KneeBoneSegLib.mrml import labels_to_segmentation_node, mark_verdicts
         from KneeBoneSegLib.surfaces import read_stl
 
         if run.error or run.cancelled or run.outputs is None:
             raise RuntimeError(run.error or "the run did not finish")
         outputs = {Path(path).name: Path(path) for path in run.outputs}
         labels = read_volume(outputs["segmentation.seg.nrrd"])
-        surfaces = {Path(name).stem: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
+        # "femur.stl", or "femur.failed.stl" for a bone that failed its checks
+        surfaces = {name.split(".")[0]: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
         run.report = json.loads(outputs["summary.json"].read_text())
         self.lastDevice = run.report.get("device", self.lastDevice)
         if segmentationNode is None:
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", volumeNode.GetName() + " bones")
         labels_to_segmentation_node(labels.array, labels.geometry, segmentationNode, reference_volume_node=volumeNode, surfaces=surfaces)
+        mark_verdicts(segmentationNode, run.report["verdict"])
         self._keep(run)
         return segmentationNode
 
@@ -623,11 +625,12 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def summary(run):
-        """One line: the bones found with their volumes, and the time taken."""
+        """One line: the verdict per bone with its first reason, the bones' volumes, and the time taken."""
+        from KneeBoneSegLib.verdicts import verdict_line
+
         bones = run.report.get("bones", {})
         found = ", ".join(f"{name} {bone['volume_mm3'] / 1000:.1f} cm³" for name, bone in bones.items()) or "no bones"
-        missing = run.report.get("missing") or []
-        return f"{found}{'; not found: ' + ', '.join(missing) if missing else ''} ({run.seconds:.0f} s)."
+        return f"{verdict_line(run.report['verdict'])} | {found} ({run.seconds:.0f} s)."
 
     def segment(
         self,
@@ -668,7 +671,10 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         -------
         vtkMRMLSegmentationNode
             Segments Femur, Tibia and Patella (those found), coloured and
-            coded with SNOMED CT, with closed surfaces.
+            coded with SNOMED CT, with closed surfaces. Its attribute
+            ``KneeBoneSeg.Verdict`` is ``ok``, ``review`` or ``failed`` and
+            ``KneeBoneSeg.VerdictReasons`` says why; a bone that is not ok
+            is named so ("Tibia (review)") and flagged.
 
         Raises
         ------

@@ -1,4 +1,4 @@
-"""The ``kneeboneseg`` command line: segment, postprocess, evaluate, train, info.
+"""The ``kneeboneseg`` command line: segment, postprocess, evaluate, train, export, sample, info.
 
 Every sub-command calls the same library entry points as the Slicer module.
 A user error (bad path, unusable image, model that does not fit, output that
@@ -86,6 +86,8 @@ def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import DEVICE_CHOICES
+    from .engines import ENGINES
     from .pipeline import AGGREGATIONS, FUSIONS, SegmentOptions
 
     defaults = SegmentOptions()  # one place for the recommended settings: the library's
@@ -96,11 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", help="segment femur, tibia and patella in a knee MRI")
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
-    seg.add_argument("--model", type=Path, default=None, help="trained .keras model with its .json card (default: the shipped model)")
+    seg.add_argument("--model", type=Path, default=None, help="trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)")
     seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help=f"predict on 1 (axial) or 3 projections (default: {defaults.projections})")
     seg.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion, help=f"how projections are fused (or: the paper's; default: {defaults.fusion})")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
-    seg.add_argument("--device", choices=("auto", "cpu", "gpu"), default=defaults.device, help=f"where the network runs (default: {defaults.device})")
+    seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")
+    seg.add_argument("--engine", choices=ENGINES, default="auto", help="what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)")
+    seg.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads the network may use (default: all cores)")
     seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
@@ -126,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_arguments(train)
 
+    export = commands.add_parser("export", help="write a trained .keras model as .onnx (beside it) and record the export in its card")
+    export.add_argument("model", type=Path, help="the .keras model")
+    export.add_argument("-o", "--output", type=Path, default=None, help="the .onnx file to write (default: beside the model)")
+
+    sample = commands.add_parser("sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD")
+    sample.add_argument("-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd")
+    sample.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
+
     commands.add_parser("info", help="versions, compute devices and the default model's card")
     return parser
 
@@ -142,7 +154,7 @@ def _options_from_args(args):
     )
     if args.smoothing_iterations is not None:
         options.smoothing_iterations = args.smoothing_iterations
-    for name in ("projections", "fusion", "aggregate", "stride", "device", "batch_size"):
+    for name in ("projections", "fusion", "aggregate", "stride", "device", "threads", "batch_size"):
         if hasattr(args, name):
             setattr(options, name, getattr(args, name))
     if getattr(args, "all_tiles", False):
@@ -159,7 +171,7 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
     options = _options_from_args(args)
     volume = read_volume(args.input)
-    model = load_model(args.model or default_model_path())
+    model = load_model(args.model or default_model_path(), engine=args.engine, device=options.device, threads=options.threads)
     result = segment(volume, model, options, progress=reporter)
     result.report["input"] = str(args.input)
     return write_outputs(
@@ -223,6 +235,18 @@ def main(argv: list[str] | None = None) -> int:
             written = _run_postprocess(args, reporter)
         elif args.command == "evaluate":
             _run_evaluate(args)
+            return 0
+        elif args.command == "export":
+            from .export import export_onnx
+
+            record = export_onnx(args.model, args.output)
+            print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
+            return 0
+        elif args.command == "sample":
+            from .sample import download_sample
+
+            written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
+            print("\n".join(str(path) for path in written))
             return 0
         elif args.command == "train":
             from .training import config_from_args, train

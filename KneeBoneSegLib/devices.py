@@ -1,9 +1,9 @@
-"""Which compute device the network runs on, whatever Keras backend is installed.
+"""Which compute device the network runs on: the user's ``auto``, ``cpu`` or ``gpu``, per engine.
 
-Keras 3 runs on TensorFlow, JAX or PyTorch; each finds GPUs its own way.
-:func:`select_device` turns the user's choice (``auto``, ``cpu``, ``gpu``)
-into a Keras device name that :func:`keras.device` accepts, so the pipeline
-places the network with one call on every backend.
+ONNX Runtime reaches GPUs through execution providers that come with other
+wheels: CUDA (``onnxruntime-gpu``, NVIDIA), DirectML (``onnxruntime-directml``,
+any GPU on Windows) and CoreML (in the standard macOS wheel). OpenVINO names
+its plugins ``CPU`` and ``GPU``; Keras asks its backend.
 """
 
 from __future__ import annotations
@@ -17,9 +17,58 @@ log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
 
+#: ONNX Runtime's GPU execution providers, the preferred first.
+GPU_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 
-@functools.cache
-def list_gpus() -> tuple[str, ...]:
+
+def check_device(requested: str) -> str:
+    """``requested`` if it is one of ``auto``, ``cpu``, ``gpu``; else a one-line :class:`InputError`."""
+    if requested not in DEVICE_CHOICES:
+        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, not {requested!r}")
+    return requested
+
+
+def select_onnxruntime_providers(requested: str = "auto", available: tuple[str, ...] | None = None) -> list[str]:
+    """ONNX Runtime providers for ``requested``, in the order the session should try them.
+
+    ``auto`` takes the first installed GPU provider and falls back to the CPU;
+    ``gpu`` insists on one (a one-line :class:`InputError` names the wheels
+    that bring one when none is installed). ``available`` defaults to what
+    the installed ONNX Runtime offers.
+    """
+    check_device(requested)
+    if available is None:
+        available = onnxruntime_providers()
+    gpu = [p for p in GPU_PROVIDERS if p in available] if requested != "cpu" else []
+    if requested == "gpu" and not gpu:
+        raise InputError(
+            "--device gpu was asked for, but ONNX Runtime has no GPU provider here (install onnxruntime-gpu for NVIDIA "
+            "or onnxruntime-directml on Windows); use --device cpu or auto"
+        )
+    return gpu[:1] + ["CPUExecutionProvider"]
+
+
+def select_openvino_device(requested: str, available: list[str]) -> str:
+    """OpenVINO's plugin name for ``requested``: ``GPU`` when asked for (and ``auto`` finds one), else ``CPU``."""
+    check_device(requested)
+    has_gpu = any(name.startswith("GPU") for name in available)
+    if requested == "gpu" and not has_gpu:
+        raise InputError("--device gpu was asked for, but OpenVINO sees no GPU; use --device cpu or auto")
+    return "GPU" if has_gpu and requested != "cpu" else "CPU"
+
+
+@functools.lru_cache(maxsize=None)
+def onnxruntime_providers() -> tuple[str, ...]:
+    """The execution providers the installed ONNX Runtime offers (empty when it is not installed)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return ()
+    return tuple(onnxruntime.get_available_providers())
+
+
+@functools.lru_cache(maxsize=None)
+def keras_gpus() -> tuple[str, ...]:
     """Names of the GPUs the active Keras backend can use (empty on a CPU-only machine)."""
     import keras
 
@@ -39,25 +88,15 @@ def list_gpus() -> tuple[str, ...]:
     return ()
 
 
-def select_device(requested: str = "auto") -> str:
-    """Keras device name for ``requested`` (``"auto"``: the first GPU if there is one, else the CPU).
-
-    Raises
-    ------
-    InputError
-        If ``requested`` is not one of ``auto``, ``cpu``, ``gpu``, or a GPU is
-        asked for on a machine where the backend sees none.
-    """
-    if requested not in DEVICE_CHOICES:
-        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, not {requested!r}")
-    gpus = list_gpus() if requested != "cpu" else ()
-    if requested == "gpu" and not gpus:
-        raise InputError("--device gpu was asked for, but no GPU is visible to Keras; use --device cpu or auto")
-    return "gpu:0" if gpus else "cpu:0"
-
-
 def describe_devices() -> dict:
-    """The Keras backend, the GPUs it sees and the device ``auto`` picks, for ``kneeboneseg info`` and logs."""
-    import keras
+    """The engines installed and the devices they offer, for ``kneeboneseg info`` and logs."""
+    import importlib.util
 
-    return {"keras_backend": keras.config.backend(), "gpus": list(list_gpus()), "auto": select_device("auto")}
+    info = {"onnxruntime_providers": list(onnxruntime_providers())}
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino
+
+        info["openvino_devices"] = list(openvino.Core().available_devices)
+    providers = select_onnxruntime_providers("auto") if info["onnxruntime_providers"] else []
+    info["auto"] = "gpu" if providers and providers[0] != "CPUExecutionProvider" else "cpu"
+    return info

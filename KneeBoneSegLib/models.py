@@ -1,7 +1,8 @@
-"""Trained models: a Keras ``.keras`` file and the JSON card beside it.
+"""Trained models: a network file (``.onnx`` to segment, ``.keras`` to train) and the JSON card beside it.
 
-The card (``model.json`` next to ``model.keras``) says what the network needs
-and what it was trained on, so that the pipeline never guesses::
+Training writes ``model.keras`` and exports ``model.onnx`` beside it
+(:mod:`.export`); both share one card (``model.json``), which says what the
+network needs and what it was trained on, so that the pipeline never guesses::
 
     {
       "name": "compact-unet",
@@ -14,18 +15,23 @@ and what it was trained on, so that the pipeline never guesses::
       "quality": {...},                # measured figures, with the data they were measured on
       "heldout": {"axis": "i", "from": 0, "to": 200},  # optional: voxels never trained on
       "trained_on": {...},             # optional: field strength, sequence, voxel size, histogram (inputcheck)
-      "confidence": {...}              # optional: review thresholds, calibrated held out (verdicts)
+      "confidence": {...},             # optional: review thresholds, calibrated held out (verdicts)
+      "export": {"onnx": {...}}        # opset, tensor names, SHA-256 of both files
     }
 
-A ``.keras`` file without a card (for example one saved by the paper's
+Segmenting loads the ``.onnx`` file on ONNX Runtime (:mod:`.engines`) and
+needs neither Keras nor TensorFlow; a ``.keras`` file still runs, through
+Keras, where the ``[train]`` extra is installed. A network file without a card (for example one saved by the paper's
 notebook) loads with :func:`default_card`, which the caller may adjust (the
 paper's notebook wants ``{"method": "divide", "to_uint8": true}``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +39,8 @@ from pathlib import Path
 from .errors import ModelError
 from .normalization import DEFAULT_NORMALIZATION
 
-SHIPPED_MODEL = "kneeboneseg-compact.keras"
+SHIPPED_MODEL = "kneeboneseg-compact.onnx"
+MODEL_SUFFIXES = (".onnx", ".keras")
 MODEL_ENV = "KNEEBONESEG_MODEL"
 
 
@@ -52,6 +59,7 @@ class ModelCard:
     heldout: dict | None = None
     trained_on: dict | None = None  # acquisition and histogram of the training data (inputcheck)
     confidence: dict | None = None  # thresholds for a "review" verdict, calibrated held out (verdicts)
+    export: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":
@@ -64,15 +72,19 @@ class ModelCard:
 
 @dataclass
 class Model:
-    """A loaded Keras network with its card."""
+    """A loaded network with its card.
 
-    network: object  # keras.Model; typed loosely so importing this module stays cheap
+    ``network`` is an engine network (:mod:`.engines`) or a bare Keras model;
+    either maps a batch (B, p, p, p, 1) to probabilities with ``predict_on_batch``.
+    """
+
+    network: object
     card: ModelCard
     path: Path | None = None
 
 
 def card_path(model_path: str | os.PathLike) -> Path:
-    """The card's path for a model file: ``model.keras`` -> ``model.json``."""
+    """The card's path for a model file: ``model.onnx`` or ``model.keras`` -> ``model.json``."""
     return Path(model_path).with_suffix(".json")
 
 
@@ -81,21 +93,32 @@ def default_model_path() -> Path:
 
     The shipped model lives in the repository's ``Resources/Models`` folder,
     beside this package in a checkout, an editable install and the Slicer
-    extension alike.
+    extension alike; a wheel installs it under ``<prefix>/share/kneeboneseg/Models``.
     """
     override = os.environ.get(MODEL_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
+    beside_package = Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
+    installed = Path(sys.prefix) / "share" / "kneeboneseg" / "Models" / SHIPPED_MODEL
+    return installed if installed.is_file() and not beside_package.is_file() else beside_package
 
 
 def default_card(network=None) -> ModelCard:
-    """A card for a bare ``.keras`` file: patch size from its input, stride half of it."""
+    """A card for a network file without one: patch size from its input, stride half of it."""
     card = ModelCard()
     if network is not None:
         card.patch_size = int(network.input_shape[1])
         card.stride = card.patch_size // 2
     return card
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks: cards name exactly which files they describe."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_model(model: Model, path: str | os.PathLike) -> Path:
@@ -104,43 +127,62 @@ def save_model(model: Model, path: str | os.PathLike) -> Path:
     if path.suffix != ".keras":
         raise ModelError(f"{path}: model files must end in .keras")
     model.network.save(path)
-    card_path(path).write_text(json.dumps(model.card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_card(model.card, path)
     return path
 
 
-def load_model(path: str | os.PathLike, card: ModelCard | None = None) -> Model:
-    """Load a ``.keras`` model and its card, and check it fits the pipeline.
+def load_model(
+    path: str | os.PathLike,
+    card: ModelCard | None = None,
+    engine: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+) -> Model:
+    """Load a ``.onnx`` (or ``.keras``) model and its card, and check it fits the pipeline.
 
     ``card`` overrides the card file (or stands in for a missing one).
-    Raises :class:`ModelError` with a one-line reason for a missing, corrupt
-    or wrongly shaped model.
+    ``engine``, ``device`` and ``threads`` say where the network runs
+    (:func:`.engines.open_network`). Raises :class:`ModelError` with a
+    one-line reason for a missing, corrupt or wrongly shaped model.
     """
-    import keras
+    from .engines import open_network
 
     path = Path(path)
+    if path.suffix not in MODEL_SUFFIXES:
+        raise ModelError(f"{path}: a model file ends in .onnx (to segment) or .keras (to train); pass --model with one")
     if not path.is_file():
-        raise ModelError(f"{path}: model file not found; pass --model with a .keras file")
-    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: model file not found; pass --model with a .onnx or .keras file")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not a Keras .keras file (it is not a zip archive); re-download or re-train it")
-    try:
-        network = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many kinds for a damaged file
-        raise ModelError(f"{path}: the model could not be loaded ({type(error).__name__}: {error})") from None
+    network = open_network(path, engine=engine, device=device, threads=threads)
     _check_shape(network, path)
     if card is None:
-        card_file = card_path(path)
-        if card_file.is_file():
-            try:
-                card = ModelCard.from_dict(json.loads(card_file.read_text(encoding="utf-8")))
-            except (ValueError, TypeError) as error:
-                raise ModelError(f"{card_file}: the model card is not valid JSON ({error})") from None
-        else:
-            card = default_card(network)
+        card = read_card(path) or default_card(network)
     if int(network.input_shape[1]) != int(card.patch_size):
         raise ModelError(
             f"{path}: the network takes {network.input_shape[1]}^3 sub-volumes but its card says {card.patch_size}"
         )
     return Model(network=network, card=card, path=path)
+
+
+def read_card(model_path: str | os.PathLike) -> ModelCard | None:
+    """The card beside ``model_path``, or None where there is none."""
+    card_file = card_path(model_path)
+    if not card_file.is_file():
+        return None
+    try:
+        return ModelCard.from_dict(json.loads(card_file.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"{card_file}: the model card is not valid JSON ({error})") from None
+
+
+def write_card(card: ModelCard, model_path: str | os.PathLike) -> Path:
+    """Write ``card`` beside ``model_path`` (as ``.json``), whole or not at all."""
+    card_file = card_path(model_path)
+    partial = card_file.with_name(card_file.name + ".partial")
+    partial.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, card_file)
+    return card_file
 
 
 def _check_shape(network, path: Path) -> None:

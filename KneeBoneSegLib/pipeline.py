@@ -33,6 +33,7 @@ import numpy as np
 from . import __version__
 from .anatomy import BONES
 from .components import label_bones
+from .devices import check_device
 from .errors import Cancelled, InputError
 from .inference import AGGREGATIONS
 from .io import check_volume
@@ -79,6 +80,7 @@ class SegmentOptions:
     smoothing_iterations: int = 20
     surfaces: bool = True
     device: str = "auto"
+    threads: int | None = None
     batch_size: int = 32
     keep_uncertainty: bool = False
 
@@ -93,6 +95,9 @@ class SegmentOptions:
             raise InputError(f"closing units must be voxels or mm, not {self.closing_units!r}")
         if self.stride is not None and self.stride < 1:
             raise InputError(f"stride must be a positive number of voxels, not {self.stride}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be a positive number, not {self.threads}")
+        check_device(self.device)
         if self.closing_radius < 0 or self.smoothing_iterations < 0 or self.batch_size < 1:
             raise InputError("closing radius and smoothing iterations must be >= 0 and batch size >= 1")
         if not 0.0 < self.threshold < 1.0:
@@ -197,9 +202,7 @@ def predict_projection_maps(
 
 
 def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[list, dict]:
-    import keras
-
-    from .devices import select_device
+    from .engines import as_network
     from .inference import air_level, predict_volume
     from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
@@ -211,8 +214,9 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
     if stride > card.patch_size:
         raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
     warnings = check_volume(volume, min_shape=(card.patch_size,) * 3)
-    device = select_device(options.device)
-    log.info("Running the network on %s", device)
+    network = as_network(model.network, options.device, options.threads)
+    engine = network.describe()
+    log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
 
     image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
     if card.spacing_mm:
@@ -230,7 +234,7 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
 
         return predict_volume(
             view,
-            model.network,
+            network,
             patch_size=card.patch_size,
             stride=stride,
             batch_size=options.batch_size,
@@ -240,10 +244,9 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
         )
 
     start = time.perf_counter()
-    with keras.device(device):
-        maps = predict_projections(image, predict_view, projections=options.projections)
+    maps = predict_projections(image, predict_view, projections=options.projections)
     stages.timings["network"] = round(time.perf_counter() - start, 3)
-    return maps, {"model": _model_summary(model), "device": device, "input_check": input_check, "warnings": warnings}
+    return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
 
 def postprocess(
@@ -327,15 +330,9 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "keras"):
+    for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "onnxruntime", "openvino", "keras"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             continue
-    try:
-        import keras
-
-        found["keras_backend"] = keras.config.backend()
-    except ImportError:
-        pass
     return found

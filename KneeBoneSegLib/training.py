@@ -25,17 +25,18 @@ the paper, with what a network trained on very few scans needs to generalise:
   and the sampler's random state, so a resumed run continues exactly where
   the last one stopped.
 
-Files written beside ``OUTPUT.keras``: ``OUTPUT.json`` (the card: data,
-augmentation, steps, time, machine, the command that reproduces it),
-``OUTPUT.loss.png`` (loss curves) and ``OUTPUT.checkpoint.npz``.
-Only Keras 3 APIs are used, so training runs on TensorFlow, JAX or PyTorch.
+Files written beside ``OUTPUT.keras``: ``OUTPUT.onnx`` (the same network for
+segmenting without Keras, :mod:`.export`), ``OUTPUT.json`` (the card: data,
+augmentation, steps, time, machine, the command that reproduces it, the
+export), ``OUTPUT.loss.png`` (loss curves) and ``OUTPUT.checkpoint.npz``.
+Only Keras 3 APIs are used; the ONNX export goes through tf2onnx and so needs
+the TensorFlow backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import Cancelled, InputError
-from .models import Model, ModelCard, load_model, save_model
+from .models import Model, ModelCard, file_sha256, load_model, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
 from .resampling import grid_shape_for_spacing, resample_to_shape
 
@@ -188,7 +189,8 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     The image is normalised over the whole scan (as at inference), both are
     cut to ``train_range_i`` (input voxels ``from <= i < to``) before any
     resampling, so no voxel outside the range reaches training, then
-    resampled to ``spacing_mm`` (linear for the image, nearest for labels).
+    resampled to ``spacing_mm`` (a number or one per axis; linear for the
+    image, the labels as the share of bone in each voxel, kept from a half).
     """
     if image.array.shape != labels.array.shape:
         raise InputError(f"{name}: the image has {image.shape_ijk} voxels but its labels {labels.shape_ijk}; give labels on the image's grid")
@@ -207,7 +209,10 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
         spacing_ijk = image.geometry.spacing
         shape = grid_shape_for_spacing(normalized.shape, spacing_ijk, spacing_mm)
         normalized = resample_to_shape(normalized, shape, order=1)
-        bone = resample_to_shape(bone.view(np.uint8), shape, order=0)
+        # The share of each coarse voxel that is bone, kept where it is at least half: nearest-neighbour
+        # sampling would take one of two fine voxels on every tie (halving the spacing gives only ties)
+        # and shift the labels half a fine voxel off the image.
+        bone = resample_to_shape(bone.astype(np.float32), shape, order=1) >= 0.5
     bone = np.ascontiguousarray(bone, dtype=np.uint8)
     if not bone.any():
         raise InputError(f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i")
@@ -386,6 +391,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .export import export_onnx
     from .io import read_mask, read_volume
 
     config = config.validate()
@@ -397,7 +403,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     volumes, data = [], []
     for image_path, labels_path in zip(config.images, config.labels):
         image = read_volume(image_path)
-        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm and card.spacing_mm[0], card.normalization, config.train_range_i, name=str(labels_path))
+        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i, name=str(labels_path))
         volume.record.update(image=image_path.name, labels=labels_path.name, image_sha256=_sha256(image_path), labels_sha256=_sha256(labels_path))
         volumes.append(volume)
         data.append(volume.record)
@@ -440,6 +446,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
         _save_checkpoint(config.checkpoint_path, network, best_weights, state)
     card.training = _training_record(config, state, data, started)
     save_model(_export(network, best_weights, card), config.output)
+    card.export = {"onnx": export_onnx(config.output)}  # what segmenting runs, beside the .keras file
     return TrainingResult(config.output, card, state.history, network, state.step, round(state.seconds, 1))
 
 
@@ -484,6 +491,8 @@ def _check_output(config: TrainingConfig) -> None:
 def _initial_network(config: TrainingConfig):
     """The network to train and the card it will be saved with."""
     if config.initial_model is not None:
+        if Path(config.initial_model).suffix != ".keras":
+            raise InputError(f"{config.initial_model}: fine-tuning starts from the .keras file (an .onnx file holds no trainable weights)")
         start = load_model(config.initial_model)
         card = ModelCard(
             name=config.name or config.output.stem,
@@ -494,7 +503,7 @@ def _initial_network(config: TrainingConfig):
             spacing_mm=start.card.spacing_mm,
         )
         log.info("Fine-tuning %s: patch size, normalisation and spacing come from its card", config.initial_model)
-        return start.network, card
+        return start.network.network, card  # the Keras model inside the engine wrapper
     from .network import PAPER_ARCHITECTURE, build_unet
 
     architecture = dict(COMPACT_ARCHITECTURE if config.architecture == "compact" else PAPER_ARCHITECTURE)
@@ -608,13 +617,7 @@ def _machine() -> dict:
 
 def _sha256(path: Path) -> str | None:
     """Checksum of a data file, so a card names exactly what it was trained on (None for a DICOM folder)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from KneeBoneSegLib.projections import fuse_probabilities
 from KneeBoneSegLib.resampling import resample_to_shape
 from KneeBoneSegLib.volume import Volume
 
-FOLDS = ("kneeboneseg-compact-fold-right.keras", "kneeboneseg-compact-fold-left.keras")
-SHIPPED = "kneeboneseg-compact.keras"
+FOLDS = ("kneeboneseg-compact-fold-right.onnx", "kneeboneseg-compact-fold-left.onnx")
+SHIPPED = "kneeboneseg-compact.onnx"
 
 #: (row name, projections, fusion, closing radius in voxels, fill holes, sub-volume stride or None for the
 #: card's); the first row is the default pipeline.

@@ -72,3 +72,34 @@ def threshold_network(patch_size: int = 16):
     network = keras.Model(inputs, outputs)
     layer.set_weights([np.full((1, 1, 1, 1, 1), 40.0, np.float32), np.array([-20.0], np.float32)])
     return network
+
+
+def write_threshold_onnx(path, card=None, patch_size: int = 16):
+    """Write the same threshold network as :func:`threshold_network`, as an ONNX file (with ``card`` beside it).
+
+    Built with the ``onnx`` package alone, so tests of the segmenting path run
+    it on ONNX Runtime exactly as the shipped models run, without Keras.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from KneeBoneSegLib.models import write_card
+
+    shape = ["batch", patch_size, patch_size, patch_size, 1]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["image", "gain"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "offset"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["bone_probability"]),
+        ],
+        "threshold",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("bone_probability", TensorProto.FLOAT, shape)],
+        initializer=[helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]), helper.make_tensor("offset", TensorProto.FLOAT, [], [-20.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    if card is not None:
+        write_card(card, path)
+    return path

@@ -9,23 +9,23 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import knee_phantom, threshold_network
+from conftest import knee_phantom, write_threshold_onnx
 
 from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.io import read_mask, write_volume
-from KneeBoneSegLib.models import Model, ModelCard, save_model
+from KneeBoneSegLib.models import ModelCard
 from KneeBoneSegLib.volume import Geometry, Volume
 
 
 @pytest.fixture(scope="module")
 def scan_and_model(tmp_path_factory):
-    """The phantom knee on disk and a small real Keras model file that segments it, with its card."""
+    """The phantom knee on disk and a small real ONNX model file that segments it, with its card."""
     folder = tmp_path_factory.mktemp("cli")
     image, labels, geometry = knee_phantom()
     write_volume(Volume(image, geometry), folder / "knee.nrrd")
     write_volume(Volume(labels, geometry), folder / "truth.nrrd")
     card = ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})
-    save_model(Model(threshold_network(16), card), folder / "threshold.keras")
+    write_threshold_onnx(folder / "threshold.onnx", card)
     return folder
 
 
@@ -37,7 +37,7 @@ def run(argv, capsys):
 
 def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_path, capsys):
     folder = scan_and_model
-    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.keras",
+    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.onnx",
                         "--closing-radius", "2", "--progress", "none", "--nifti", "--save-probability"], capsys)
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -55,7 +55,7 @@ def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_pa
 
 def test_progress_json_streams_stages_then_done(scan_and_model, tmp_path, capsys):
     folder = scan_and_model
-    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.keras",
+    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.onnx",
                         "--projections", "1", "--no-surfaces", "--all-tiles", "--progress", "json"], capsys)
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[-1]["done"] is True
@@ -85,15 +85,19 @@ def _write(path, array, spacing=(0.5, 0.5, 0.5)):
 )
 def test_bad_inputs_fail_with_one_line_and_leave_nothing(scan_and_model, tmp_path, capsys, make_input, words):
     path = make_input(tmp_path)
-    code, out, err = run(["segment", path, "-o", tmp_path / "out", "--model", scan_and_model / "threshold.keras", "--progress", "none"], capsys)
+    code, out, err = run(["segment", path, "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx", "--progress", "none"], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("kneeboneseg: error:") and words.lower() in err.lower(), err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_content,words", [(None, "not found"), (b"not a zip file", "not a Keras")])
-def test_bad_model_files_fail_with_one_line(scan_and_model, tmp_path, capsys, model_content, words):
-    model = tmp_path / "model.keras"
+@pytest.mark.parametrize(
+    "name,model_content,words",
+    [("model.onnx", None, "not found"), ("model.onnx", b"not an onnx graph", "could not load the model"),
+     ("model.keras", b"not a zip file", "not a Keras"), ("model.h5", b"", "ends in .onnx")],
+)  # fmt: skip
+def test_bad_model_files_fail_with_one_line(scan_and_model, tmp_path, capsys, name, model_content, words):
+    model = tmp_path / name
     if model_content is not None:
         model.write_bytes(model_content)
     code, _, err = run(["segment", scan_and_model / "knee.nrrd", "-o", tmp_path / "out", "--model", model, "--progress", "none"], capsys)
@@ -117,7 +121,7 @@ def test_unwritable_output_and_existing_outputs_are_refused(scan_and_model, tmp_
 def test_thick_slices_warn_and_still_run(tmp_path, capsys, caplog, scan_and_model):
     image, _, _ = knee_phantom(shape=(24, 64, 64))
     write_volume(Volume(image, Geometry((0.35, 0.35, 3.0), (0, 0, 0))), tmp_path / "thick.nrrd")
-    code, _, _ = run(["segment", tmp_path / "thick.nrrd", "-o", tmp_path / "out", "--model", scan_and_model / "threshold.keras",
+    code, _, _ = run(["segment", tmp_path / "thick.nrrd", "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx",
                       "--closing-radius", "0", "--no-surfaces", "--progress", "none"], capsys)
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -143,4 +147,5 @@ def test_the_console_script_runs_as_a_module():
     completed = subprocess.run([sys.executable, "-m", "KneeBoneSegLib", "info"], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     info = json.loads(completed.stdout)
-    assert info["devices"]["auto"] in ("cpu:0", "gpu:0") and "numpy" in info["versions"]
+    assert info["devices"]["auto"] in ("cpu", "gpu") and "onnxruntime" in info["versions"]
+    assert "CPUExecutionProvider" in info["devices"]["onnxruntime_providers"]

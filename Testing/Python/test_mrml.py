@@ -232,14 +232,14 @@ def test_segmentation_follows_the_reference_volume(scene, phantom):
 
 def test_console_workflow_from_volume_node_to_stl(scene, tmp_path):
     """What logic.segment + logic.exportSTL do in Slicer, minus the background process."""
-    from conftest import threshold_network
+    from conftest import write_threshold_onnx
 
-    from KneeBoneSegLib.models import Model, ModelCard
+    from KneeBoneSegLib.models import ModelCard, load_model
     from KneeBoneSegLib.pipeline import SegmentOptions, segment
 
     image, truth, geometry = knee_phantom()
     volume_node = volume_to_node(Volume(image, geometry), scene, "knee MRI")
-    model = Model(threshold_network(16), ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"}))
+    model = load_model(write_threshold_onnx(tmp_path / "threshold.onnx", ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})))
 
     options = SegmentOptions(projections=1, closing_radius=1, smoothing_iterations=5)
     result = segment(volume_from_node(volume_node), model, options)

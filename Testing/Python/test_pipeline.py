@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import knee_phantom, threshold_network
+from conftest import knee_phantom, write_threshold_onnx
 
 from KneeBoneSegLib.errors import Cancelled, InputError
-from KneeBoneSegLib.models import Model, ModelCard
+from KneeBoneSegLib.models import Model, ModelCard, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.volume import Volume
 
@@ -20,8 +20,9 @@ def phantom():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return Model(threshold_network(16), ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX))
+def model(tmp_path_factory):
+    card = ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX)
+    return load_model(write_threshold_onnx(tmp_path_factory.mktemp("model") / "threshold.onnx", card))
 
 
 def _dice(a, b):

@@ -12,7 +12,7 @@ from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-FOLDS = ("kneeboneseg-compact-fold-right.keras", "kneeboneseg-compact-fold-left.keras")
+FOLDS = ("kneeboneseg-compact-fold-right.onnx", "kneeboneseg-compact-fold-left.onnx")
 
 
 def test_the_shipped_model_loads_and_its_card_says_how_it_was_trained():

@@ -13,9 +13,11 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_ENV, knee_phantom
 
+pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
+
 from KneeBoneSegLib.errors import Cancelled, InputError
 from KneeBoneSegLib.io import read_volume, write_volume
-from KneeBoneSegLib.models import load_model
+from KneeBoneSegLib.models import file_sha256, load_model
 from KneeBoneSegLib.training import (
     Augmentation,
     PatchSampler,
@@ -27,6 +29,7 @@ from KneeBoneSegLib.training import (
     prepare_volume,
     train,
 )
+from KneeBoneSegLib.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.volume import Geometry, Volume
 
 CROP = 64  # voxels of the sample scan around the patella: bone, cartilage, soft tissue and femur
@@ -104,9 +107,14 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
     # The saved file holds the best epoch's weights: on the run's validation sub-volumes it scores the best loss.
     volume = prepare_volume(read_volume(training_pair[0]), read_volume(training_pair[1]), training_pair[2], card.normalization)
     images, bone = PatchSampler([volume], 16, 0.5, Augmentation.none(), seed=[0, 1]).batch(4)
-    probability = np.clip(np.asarray(model.network.predict(images, verbose=0), np.float64), 1e-7, 1 - 1e-7)
+    probability = np.clip(np.asarray(model.network.predict_on_batch(images), np.float64), 1e-7, 1 - 1e-7)
     saved_loss = -np.mean(bone * np.log(probability) + (1 - bone) * np.log(1 - probability))
     assert saved_loss == pytest.approx(min(validation_losses), rel=1e-3)
+
+    # Beside it, the same network as ONNX, which segmenting runs without Keras; the card records the export.
+    exported = load_model(output.with_suffix(".onnx"), engine="onnxruntime")
+    assert exported.card.export["onnx"]["onnx_sha256"] == file_sha256(output.with_suffix(".onnx"))
+    np.testing.assert_allclose(exported.network.predict_on_batch(images), model.network.predict_on_batch(images), atol=1e-4)
 
     curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))
     assert curves.shape == (360, 600, 3)
@@ -130,8 +138,8 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(training_pair, tmp_pat
     assert [e["loss"] for e in resumed.history] == [e["loss"] for e in uninterrupted.history]
     for got, expected in zip(resumed.network.get_weights(), uninterrupted.network.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    saved = [w for w in load_model(tmp_path / "parts.keras").network.get_weights()]
-    for got, expected in zip(saved, load_model(tmp_path / "whole.keras").network.get_weights()):
+    saved = load_model(tmp_path / "parts.keras").network.network.get_weights()
+    for got, expected in zip(saved, load_model(tmp_path / "whole.keras").network.network.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -193,6 +201,34 @@ def test_no_held_out_voxel_reaches_training():
     assert heldout_range((0, 64), 64) is None
     with pytest.raises(InputError, match="one slab"):
         heldout_range((10, 50), 64)
+
+
+def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_off():
+    # A bone box whose faces fall in the middle of coarse voxels (odd fine indices at half the resolution):
+    # the coarse mask must keep the box's centre, on every axis.
+    shape = (40, 40, 40)
+    labels = np.zeros(shape, np.uint8)
+    labels[11:31, 9:29, 13:33] = 1
+    image = np.where(labels > 0, 1000.0, 100.0).astype(np.float32)
+    geometry = Geometry((0.35, 0.35, 0.35), (0.0, 0.0, 0.0))
+    volume = prepare_volume(Volume(image, geometry), Volume(labels, geometry), spacing_mm=0.7)
+    fine_centre_mm = (np.mean(np.nonzero(labels), axis=1) + 0.5) * 0.35
+    coarse_centre_mm = (np.mean(np.nonzero(volume.bone), axis=1) + 0.5) * 0.7
+    np.testing.assert_allclose(coarse_centre_mm, fine_centre_mm, atol=0.01)
+    assert abs(int(volume.bone.sum()) - labels.sum() / 8) <= 0.15 * labels.sum() / 8
+
+
+def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tmp_path):
+    from KneeBoneSegLib.models import Model, ModelCard, save_model
+    from KneeBoneSegLib.network import build_unet
+
+    spacing = [0.7, 0.7, 1.05]  # a model trained on anisotropic voxels
+    start = save_model(Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras")
+    result = train(_tiny_config(training_pair, tmp_path / "tuned.keras", initial_model=start, spacing_mm=None, epochs=1, steps_per_epoch=1))
+    image = read_volume(training_pair[0])
+    expected_kji = grid_shape_for_spacing(image.array.shape, image.geometry.spacing, spacing)
+    assert result.card.spacing_mm == spacing
+    assert result.card.training["data"][0]["model_grid_ijk"] == list(expected_kji[::-1])
 
 
 def test_the_card_command_line_rebuilds_the_same_configuration():

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import slicerio
-from conftest import knee_phantom, threshold_network
+from conftest import knee_phantom, write_threshold_onnx
 from scipy import ndimage
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
@@ -23,7 +23,7 @@ from KneeBoneSegLib.cli import EXIT_NO_BONE, main
 from KneeBoneSegLib.components import label_bones, largest_components
 from KneeBoneSegLib.inputcheck import compare_with_card
 from KneeBoneSegLib.io import read_volume, write_volume
-from KneeBoneSegLib.models import Model, ModelCard, default_model_path, load_model, save_model
+from KneeBoneSegLib.models import ModelCard, default_model_path, load_model
 from KneeBoneSegLib.outputs import write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.plausibility import assignment_reasons, measure_components
@@ -135,13 +135,13 @@ def phantom_on_disk(tmp_path):
     noise = np.random.default_rng(3).random((40, 40, 40)).astype(np.float32)
     write_volume(Volume(noise, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))), tmp_path / "noise.nrrd")
     card = ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})
-    save_model(Model(threshold_network(16), card), tmp_path / "threshold.keras")
+    write_threshold_onnx(tmp_path / "threshold.onnx", card)
     return tmp_path
 
 
 def test_cli_exits_3_when_no_bone_passes_and_keeps_the_outputs_marked(phantom_on_disk, capsys):
     folder = phantom_on_disk
-    code = main(["segment", str(folder / "noise.nrrd"), "-o", str(folder / "out"), "--model", str(folder / "threshold.keras"), "--progress", "none"])
+    code = main(["segment", str(folder / "noise.nrrd"), "-o", str(folder / "out"), "--model", str(folder / "threshold.onnx"), "--progress", "none"])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == EXIT_NO_BONE == 3
     assert last_line.startswith("FAILED: femur missing (not found")
@@ -149,7 +149,7 @@ def test_cli_exits_3_when_no_bone_passes_and_keeps_the_outputs_marked(phantom_on
     assert summary["verdict"]["run"] == "failed" and "no bone passed" in summary["verdict"]["reasons"][0]
     assert (folder / "out" / "segmentation.seg.nrrd").is_file()
 
-    code = main(["segment", str(folder / "knee.nrrd"), "-o", str(folder / "knee"), "--model", str(folder / "threshold.keras"), "--progress", "none", "--save-uncertainty"])
+    code = main(["segment", str(folder / "knee.nrrd"), "-o", str(folder / "knee"), "--model", str(folder / "threshold.onnx"), "--progress", "none", "--save-uncertainty"])
     assert code == 0
     summary = json.loads((folder / "knee" / "summary.json").read_text())
     assert summary["verdict"]["run"] == "ok" and set(summary["confidence"]) == {"femur", "tibia", "patella"}

@@ -1,0 +1,268 @@
+"""The engines that run a trained network: ONNX Runtime by default, OpenVINO or Keras on request.
+
+Every engine wraps one network file behind the same small interface, so that
+tiling (:mod:`.inference`) never knows which one runs:
+
+``predict_on_batch(batch)``
+    probabilities (B, p, p, p, 1) for a float32 batch (B, p, p, p, 1);
+``input_shape``
+    ``(None, p, p, p, 1)``, as Keras reports it;
+``describe()``
+    a JSON-able record of what ran (engine, device, provider, threads) for
+    the log and ``summary.json``.
+
+Segmenting needs ONNX Runtime alone (about 15-30 MB on every platform and
+Python that 3D Slicer ships). OpenVINO (``pip install kneeboneseg[openvino]``)
+runs the same ``.onnx`` file about twice as fast on x86 CPUs
+(``bench/bench_engines.py``) and is picked automatically on the CPU where it is
+installed. Keras (``[train]``) runs ``.keras`` files. Each engine's package is
+imported only when that engine is opened: nothing here imports TensorFlow
+unless a ``.keras`` model is run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .devices import select_onnxruntime_providers, select_openvino_device
+from .errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "onnxruntime", "openvino")
+
+
+def _available(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+class _OnnxFileNetwork:
+    """What both ONNX engines share: the file, where it runs, and how it reports itself."""
+
+    engine = ""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.provider, self.input_shape, self.output_shape = self._open()
+
+    def _open(self) -> tuple[str, tuple, tuple]:
+        """Load the file; return the provider that runs it and the input and output shapes."""
+        raise NotImplementedError
+
+    def _version(self) -> str:
+        raise NotImplementedError
+
+    def placed(self, device: str, threads: int | None):
+        """This network on ``device`` with ``threads`` (itself when it already is)."""
+        if (device, threads) == (self.device, self.threads):
+            return self
+        return type(self)(self.path, device, threads)
+
+    def describe(self) -> dict:
+        return {
+            "engine": self.engine,
+            "version": self._version(),
+            "device": "cpu" if self.provider in ("CPUExecutionProvider", "CPU") else "gpu",
+            "provider": self.provider,
+            "threads": self.threads or _cpu_count(),
+        }
+
+
+class OnnxRuntimeNetwork(_OnnxFileNetwork):
+    """An ``.onnx`` network on ONNX Runtime, on the GPU provider ``device`` selects or the CPU."""
+
+    engine = "onnxruntime"
+
+    def _open(self):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: ONNX Runtime's notes are not for clinicians
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+        providers = select_onnxruntime_providers(self.device)
+        try:
+            self._session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as error:  # ONNX Runtime raises its own exception types for damaged files
+            raise ModelError(f"{self.path}: ONNX Runtime could not load the model ({_first_line(error)})") from None
+        provider = self._session.get_providers()[0]
+        if self.device == "gpu" and provider == "CPUExecutionProvider":
+            raise InputError("--device gpu was asked for, but ONNX Runtime could not start its GPU provider; use --device cpu or auto")
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+        self._input_name = inputs[0].name
+        return provider, _keras_shape(inputs[0].shape), _keras_shape(outputs[0].shape)
+
+    def _version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def predict_on_batch(self, batch):
+        import numpy as np
+
+        return self._session.run(None, {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OpenVinoNetwork(_OnnxFileNetwork):
+    """An ``.onnx`` network compiled by OpenVINO for its CPU (or, with ``device="gpu"``, its GPU) plugin."""
+
+    engine = "openvino"
+
+    def _open(self):
+        import openvino
+        from openvino.frontend import FrontEndManager
+
+        core = openvino.Core()
+        plugin = select_openvino_device(self.device, core.available_devices)
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.threads and plugin == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        try:
+            # The ONNX front end alone: left to guess, OpenVINO also tries its TensorFlow reader,
+            # which prints TensorFlow's parse errors at the user for a damaged file.
+            onnx_reader = FrontEndManager().load_by_framework("onnx")
+            self._compiled = core.compile_model(onnx_reader.convert(onnx_reader.load(str(self.path))), plugin, config)
+        except Exception as error:  # OpenVINO raises its own exception types for unreadable files
+            raise ModelError(f"{self.path}: OpenVINO could not load the model ({_first_line(error)})") from None
+        if len(self._compiled.inputs) != 1 or len(self._compiled.outputs) != 1:
+            raise ModelError(f"{self.path}: expected one input and one output")
+        shapes = [port.get_partial_shape().to_string().strip("[]").split(",") for port in (self._compiled.inputs[0], self._compiled.outputs[0])]
+        return plugin, _keras_shape(shapes[0]), _keras_shape(shapes[1])
+
+    def _version(self) -> str:
+        import openvino
+
+        return openvino.get_version()
+
+    def predict_on_batch(self, batch):
+        import numpy as np
+
+        return self._compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
+
+
+class KerasNetwork:
+    """A Keras model (from a ``.keras`` file or built in memory), placed on a Keras device.
+
+    Needs the ``[train]`` extra. The backend is whatever Keras is configured
+    with; the Slicer worker and ``bench/`` pin ``KERAS_BACKEND`` so that a
+    user's ``~/.keras/keras.json`` cannot change it.
+    """
+
+    engine = "keras"
+
+    def __init__(self, network, device: str = "auto", path: str | os.PathLike | None = None):
+        self.network = network
+        self.device = device
+        self.path = Path(path) if path else None
+        self.keras_device = _keras_device(device)
+        self.input_shape = tuple(network.input_shape)
+        self.output_shape = tuple(network.output_shape)
+
+    def predict_on_batch(self, batch):
+        import keras
+
+        with keras.device(self.keras_device):
+            return keras.ops.convert_to_numpy(self.network.predict_on_batch(batch))
+
+    def placed(self, device: str, threads: int | None) -> "KerasNetwork":
+        """This network on ``device`` (Keras sets its own thread pools; ``threads`` is not applied)."""
+        return self if device == self.device else type(self)(self.network, device, self.path)
+
+    def describe(self) -> dict:
+        import keras
+
+        return {
+            "engine": self.engine,
+            "version": keras.__version__,
+            "backend": keras.config.backend(),
+            "device": self.keras_device.split(":")[0],
+            "provider": self.keras_device,
+            "threads": None,
+        }
+
+
+def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None):
+    """Open the network file ``path`` on the engine that runs it.
+
+    ``.onnx`` files run on ONNX Runtime, or on OpenVINO when ``engine`` is
+    ``"openvino"``; ``engine="auto"`` takes OpenVINO only where it is
+    installed and the network runs on the CPU (it is the faster CPU engine),
+    else ONNX Runtime. ``.keras`` files run on Keras whatever ``engine`` says.
+
+    Raises
+    ------
+    InputError
+        An unknown engine, or an engine or device that is not installed.
+    ModelError
+        A file the engine cannot load.
+    """
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    path = Path(path)
+    if path.suffix == ".keras":
+        return KerasNetwork(_load_keras(path), device, path)
+    if engine == "openvino" and not _available("openvino"):
+        raise InputError("--engine openvino was asked for, but OpenVINO is not installed; pip install kneeboneseg[openvino], or use --engine onnxruntime")
+    if engine == "openvino" or (engine == "auto" and _available("openvino") and _runs_on_cpu(device)):
+        return OpenVinoNetwork(path, device, threads)
+    if not _available("onnxruntime"):
+        raise InputError("ONNX Runtime is not installed: pip install onnxruntime (or reinstall kneeboneseg)")
+    return OnnxRuntimeNetwork(path, device, threads)
+
+
+def as_network(network, device: str = "auto", threads: int | None = None):
+    """``network`` placed on ``device``: an engine network as is, a bare Keras model wrapped."""
+    if hasattr(network, "placed"):
+        return network.placed(device, threads)
+    return KerasNetwork(network, device)
+
+
+def _runs_on_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and select_onnxruntime_providers("auto")[0] == "CPUExecutionProvider")
+
+
+def _load_keras(path: Path):
+    try:
+        import keras
+    except ImportError:
+        raise InputError(f"{path}: running a .keras model needs Keras: pip install kneeboneseg[train], or use the model's .onnx file") from None
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many kinds for a damaged file
+        raise ModelError(f"{path}: the model could not be loaded ({_first_line(error)})") from None
+
+
+def _keras_device(device: str) -> str:
+    from .devices import keras_gpus
+
+    gpus = keras_gpus() if device != "cpu" else ()
+    if device == "gpu" and not gpus:
+        raise InputError("--device gpu was asked for, but no GPU is visible to Keras; use --device cpu or auto")
+    return "gpu:0" if gpus else "cpu:0"
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an engine's error (they run to many), for a one-line message."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _keras_shape(dims) -> tuple:
+    """``(None, p, p, p, 1)`` from an engine's dimensions, a symbolic or dynamic one as ``None``."""
+    shape = []
+    for dim in dims:
+        text = str(dim).strip()
+        shape.append(int(text) if text.isdigit() else None)
+    return tuple(shape)
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

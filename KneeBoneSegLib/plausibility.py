@@ -52,7 +52,8 @@ SOURCES = {
     "diameter of the adult femoral shaft about 24-33 mm, tibial shaft about 20-30 mm); the metaphysis widens "
     "into the condyles or plateau over about 60-90 mm",
     "joint": "Knee joint space on MRI about 3-8 mm between femoral and tibial bone, plus cartilage "
-    "(about 2-4 mm on each side); the patella articulates with the femoral trochlea",
+    "(about 2-4 mm on each side); the tibial spines (intercondylar eminence) rise about 10 mm into the femoral "
+    "notch; the patella articulates with the femoral trochlea",
 }
 
 
@@ -79,8 +80,11 @@ RULES = {
 }
 
 #: Largest bone-to-bone gaps (mm) between bounding boxes: the femur's lowest point above the
-#: tibia's highest (joint space and cartilage, widened), and the patella from the femur (source: "joint").
+#: tibia's highest (joint space and cartilage, widened), and the patella from the femur; and how far
+#: the tibia's highest point may rise above the femur's lowest (the tibial spines, widened) (source: "joint").
+#: Sample scan (ground truth): the tibia rises 9.7 mm above the femur's lowest point; the patella's box meets the femur's.
 MAX_FEMUR_TIBIA_GAP_MM = 25.0
+MAX_FEMUR_TIBIA_OVERLAP_MM = 20.0
 MAX_PATELLA_FEMUR_GAP_MM = 25.0
 
 
@@ -156,7 +160,9 @@ def assignment_reasons(assignment: dict, measures: list[ComponentMeasure]) -> li
 
     Checks each bone's size (:func:`bone_reasons`) and where the bones lie
     relative to each other: the femur at most :data:`MAX_FEMUR_TIBIA_GAP_MM`
-    above the tibia, the patella within :data:`MAX_PATELLA_FEMUR_GAP_MM` of the femur.
+    above the tibia, which rises at most :data:`MAX_FEMUR_TIBIA_OVERLAP_MM`
+    above the femur's lowest point; the patella within
+    :data:`MAX_PATELLA_FEMUR_GAP_MM` of the femur.
     """
     reasons = [reason for bone, n in assignment.items() for reason in bone_reasons(bone, measures[n])]
     boxes = {bone: measures[n].box_lps for bone, n in assignment.items()}
@@ -164,6 +170,8 @@ def assignment_reasons(assignment: dict, measures: list[ComponentMeasure]) -> li
         gap = boxes["femur"][0, 2] - boxes["tibia"][1, 2]  # LPS +z is superior
         if gap > MAX_FEMUR_TIBIA_GAP_MM:
             reasons.append(f"femur {gap:.0f} mm above the tibia, more than a knee joint's gap ({MAX_FEMUR_TIBIA_GAP_MM:.0f} mm)")
+        if -gap > MAX_FEMUR_TIBIA_OVERLAP_MM:
+            reasons.append(f"tibia reaching {-gap:.0f} mm above the femur's lowest point, more than the tibial spines do ({MAX_FEMUR_TIBIA_OVERLAP_MM:.0f} mm)")
     if "femur" in boxes and "patella" in boxes:
         gap = box_gap_mm(boxes["femur"], boxes["patella"])
         if gap > MAX_PATELLA_FEMUR_GAP_MM:

@@ -72,6 +72,8 @@ def judge(report: dict, thresholds: dict | None = None) -> dict:
 
     verdicts = [entry["verdict"] for entry in bones.values()]
     run_reasons = [f"{key} {entry['verdict']}: {entry['reasons'][0]}" for key, entry in bones.items() if entry["verdict"] != OK]
+    if differences:
+        run_reasons.append("the scan differs from what the model was trained on: " + "; ".join(differences))
     if confidence is None:
         run_reasons.append("the network's confidence was not measured (no network output)")
     elif not thresholds:

@@ -1,21 +1,17 @@
 """KneeBoneSeg: femur, tibia and patella from a knee MRI in one click, as a 3D Slicer module.
 
 The module is a thin layer over the ``KneeBoneSegLib`` library, which is
-installed beside it. The network runs in a background process (PythonSlicer
-running ``-m KneeBoneSegLib segment ... --progress json``) so that Slicer
-stays responsive and Cancel can stop it at once; the results come back as one
-segmentation node through :mod:`KneeBoneSegLib.mrml`.
+installed beside it, in the split of SlicerNNUnet: what to install
+(:mod:`KneeBoneSegLib.slicer_environment`), the background process
+(:mod:`KneeBoneSegLib.worker`), the runs and their results
+(:mod:`KneeBoneSegLib.slicer_logic`, :mod:`KneeBoneSegLib.mrml`), all free of
+Qt and tested outside Slicer; this file adds the panel, the dialogs and the
+timer that follows a run.
 """
 
-import json
 import logging
 import os
-import queue
-import shutil
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -32,24 +28,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#: Packages the library needs that Slicer does not ship, by import name, pinned to the
-#: versions the project's tests run with. numpy, vtk and SimpleITK come with Slicer and
-#: are never installed, upgraded or downgraded (see :meth:`KneeBoneSegLogic.installRequirements`).
-REQUIREMENTS = {
-    "keras": "keras==3.15.1",
-    "tensorflow": "tensorflow==2.21.0",
-    "skimage": "scikit-image==0.26.0",
-    "scipy": "scipy==1.17.1",
-    "slicerio": "slicerio==1.4.0",
-    "tqdm": "tqdm==4.70.1",
-}
-SLICER_OWNED_PACKAGES = ("numpy", "vtk", "SimpleITK")
+#: The extension's terminology list: the bones' SNOMED CT codes, which Slicer's own lists lack.
+TERMINOLOGY_FILE = Path(__file__).resolve().parent / "Resources" / "Terminologies" / "SegmentationCategoryType-KneeBoneSeg.term.json"
+#: Where the last STL folder is remembered (Slicer's application settings).
+EXPORT_FOLDER_SETTING = "KneeBoneSeg/ExportFolder"
 
 #: The annotated KneeBones3Dify scan (GPL-3.0) and its ground truth, as NRRD files with
-#: their SHA-256. The published dataset (Zenodo 10.5281/zenodo.10534328, GitHub
-#: diego-romano/KneeBones3Dify-Annotated-Dataset) holds DICOM slices and PNG masks, with
-#: no direct link to these volumes; until they are published, SampleData fetches them from
-#: the folder named by KNEEBONESEG_SAMPLE_DIR (README: "Use in 3D Slicer").
+#: their SHA-256. The published dataset (Zenodo 10.5281/zenodo.10534328) holds DICOM slices
+#: and PNG masks; Sample Data assembles them with ``kneeboneseg sample`` (KneeBoneSegLib.sample)
+#: into Slicer's cache, or takes the files from the folder named by KNEEBONESEG_SAMPLE_DIR.
 SAMPLE_NAME = "KneeBones3Dify"
 SAMPLE_FILES = {
     "knee_mri.nrrd": "SHA256:cf1d8356655e0a83e9eadcae46061a06981917120efa336af078a1665623ba08",
@@ -84,31 +71,77 @@ Implements "Bone Segmentation in Low-Field Knee MRI Using a 3D Convolutional Neu
 et al., 2024; DOI 10.5281/zenodo.10534328), GPL-3.0.
 """
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology():
+    """Make the bones' codes known to Slicer's terminology picker (the segments name this list)."""
+    terminologies = getattr(slicer.modules, "terminologies", None)
+    if terminologies is not None:
+        terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
 
 
 def sampleDataFolder():
-    """The folder SampleData fetches the sample scan from, or None where none is set."""
-    folder = os.environ.get(SAMPLE_DIR_ENV)
-    return Path(folder) if folder and Path(folder, "knee_mri.nrrd").is_file() else None
+    """The folder holding the sample scan and its ground truth: KNEEBONESEG_SAMPLE_DIR's, else the one
+    Sample Data assembled it in; None where neither has them."""
+    for folder in (os.environ.get(SAMPLE_DIR_ENV), publicSampleFolder()):
+        if folder and all(Path(folder, name).is_file() for name in SAMPLE_FILES):
+            return Path(folder)
+    return None
+
+
+def publicSampleFolder():
+    """Where Sample Data assembles the public dataset (Slicer's cache)."""
+    return Path(slicer.app.cachePath) / "KneeBoneSeg" / SAMPLE_NAME
 
 
 def registerSampleData():
-    """Offer the annotated KneeBones3Dify scan in the Sample Data module (checked by SHA-256)."""
+    """Offer the annotated KneeBones3Dify scan in the Sample Data module.
+
+    With KNEEBONESEG_SAMPLE_DIR, its files (checked by SHA-256); otherwise the
+    public dataset, downloaded and assembled once in the background.
+    """
     import SampleData
 
-    folder = sampleDataFolder()
-    if folder is None:
-        return
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="KneeBoneSeg",
-        sampleName=SAMPLE_NAME,
-        thumbnailFileName=os.path.join(iconsPath, "KneeBoneSeg.png"),
-        uris=(folder / "knee_mri.nrrd").as_uri(),
-        fileNames="knee_mri.nrrd",
-        nodeNames=SAMPLE_NAME,
-        checksums=SAMPLE_FILES["knee_mri.nrrd"],
-    )
+    common = {
+        "category": "KneeBoneSeg",
+        "sampleName": SAMPLE_NAME,
+        "thumbnailFileName": os.path.join(os.path.dirname(__file__), "Resources", "Icons", "KneeBoneSeg.png"),
+        "fileNames": "knee_mri.nrrd",
+        "nodeNames": SAMPLE_NAME,
+    }
+    folder = os.environ.get(SAMPLE_DIR_ENV)
+    if folder and Path(folder, "knee_mri.nrrd").is_file():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            **common, uris=Path(folder, "knee_mri.nrrd").as_uri(), checksums=SAMPLE_FILES["knee_mri.nrrd"]
+        )
+    else:
+        from KneeBoneSegLib.sample import DATASET_URL
+
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**common, uris=DATASET_URL, customDownloader=loadPublicSample)
+
+
+def loadPublicSample(source=None):
+    """Sample Data's button: assemble the public dataset once (in the background, Slicer stays responsive) and load the scan."""
+    import shutil
+    import tempfile
+
+    from KneeBoneSegLib.worker import WorkerProcess, worker_environment
+
+    folder = publicSampleFolder()
+    if not all((folder / name).is_file() for name in SAMPLE_FILES):
+        workFolder = tempfile.mkdtemp(prefix="KneeBoneSeg-sample-", dir=slicer.app.temporaryPath)
+        command = [pythonSlicerExecutable(), "-m", "KneeBoneSegLib", "sample", "-o", str(folder), "--progress", "json"]
+        try:
+            with slicer.util.WaitCursor():
+                worker = WorkerProcess(command, workFolder, worker_environment(os.environ, libraryParentFolder()))
+                worker.wait(on_idle=slicer.app.processEvents)
+        finally:
+            shutil.rmtree(workFolder, ignore_errors=True)
+        if worker.error:
+            slicer.util.errorDisplay(f"The sample scan could not be made: {worker.error}", windowTitle="KneeBoneSeg")
+            return None
+    return slicer.util.loadVolume(str(folder / "knee_mri.nrrd"), {"name": SAMPLE_NAME})
 
 
 #
@@ -122,10 +155,11 @@ class KneeBoneSegParameterNode:
 
     inputVolume - the knee MRI.
     outputSegmentation - where the bones go; none: a new segmentation is made.
-    modelPath - a trained .keras model; empty: the model shipped with the extension.
+    modelPath - a trained model; empty: the model shipped with the extension.
     threeProjections - predict on the axial, coronal and sagittal orientations (else axial only).
     fusion - how the projections' probabilities are fused.
-    closingRadius - radius (voxels) of the sphere that closes each bone; 0: no closing.
+    closingRadius - radius of the sphere that closes each bone, in closingUnits; 0: no closing.
+    closingUnits - "mm" (3.2 mm is the paper's 9 voxels of its 0.352 mm scan) or "voxels" (the paper's rule: 9).
     smoothingIterations - Laplacian smoothing steps of the surfaces.
     device - where the network runs.
     """
@@ -135,7 +169,8 @@ class KneeBoneSegParameterNode:
     modelPath: str = ""
     threeProjections: bool = True
     fusion: Annotated[str, Choice(["or", "vote", "mean"])] = "or"
-    closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 9.0
+    closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 3.2
+    closingUnits: Annotated[str, Choice(["mm", "voxels"])] = "mm"
     smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
 
@@ -155,6 +190,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._installing = False
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollRun)
@@ -171,6 +207,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = KneeBoneSegLogic()
+        loadTerminology()  # also when the module is loaded after startup (added or reloaded)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -180,8 +217,10 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportSTLButton.connect("clicked(bool)", self.onExportSTLButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.closingRadiusSliderWidget.connect("valueChanged(double)", self.onPostprocessingSettingChanged)
+        self.ui.closingUnitsComboBox.connect("currentIndexChanged(int)", self.onPostprocessingSettingChanged)
         self.ui.smoothingIterationsSpinBox.connect("valueChanged(int)", self.onPostprocessingSettingChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
+        self.ui.exportDirectoryButton.directory = str(self.logic.defaultExportFolder())
         self.ui.progressBar.hide()
         self.ui.stageLabel.hide()
         self.ui.cancelButton.hide()
@@ -189,7 +228,12 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        self.onCancelButton()
+        """Module reload or application exit: stop any run and remove every temporary folder."""
+        self._pollTimer.stop()
+        self._reapplyTimer.stop()
+        if self.logic is not None:
+            self.logic.close()
+        self._run = None
         self.removeObservers()
 
     def enter(self):
@@ -203,6 +247,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.onCancelButton()
+        self.logic.discardKeptOutput()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -233,18 +278,24 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = path
 
     def updateButtons(self, caller=None, event=None):
+        """Enable what can be used now: nothing that starts work, nor the inputs of a run, while one runs or packages install."""
         parameters = self._parameterNode
-        running = self._run is not None
+        busy = self._run is not None or self._installing
         hasInput = bool(parameters and parameters.inputVolume)
-        self.ui.segmentButton.enabled = hasInput and not running
-        if not hasInput:
+        # A run is bound to the nodes it started with; locking them shows that.
+        for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelPathLineEdit):
+            widget.enabled = not busy
+        self.ui.segmentButton.enabled = hasInput and not busy
+        if self._installing:
+            self.ui.segmentButton.toolTip = "Installing the Python packages KneeBoneSeg needs..."
+        elif not hasInput:
             self.ui.segmentButton.toolTip = "Choose an input volume first."
-        elif self.logic.canReusePrediction(parameters.inputVolume, **networkSettings(parameters)):
+        elif self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters)):
             self.ui.segmentButton.toolTip = "Re-apply closing and smoothing to the kept network output (fast)."
         else:
             self.ui.segmentButton.toolTip = "Run the network and segment femur, tibia and patella."
         output = parameters.outputSegmentation if parameters else None
-        self.ui.exportSTLButton.enabled = bool(output) and not running
+        self.ui.exportSTLButton.enabled = bool(output) and not busy
         self.ui.show3DButton.enabled = bool(output)
         if parameters and parameters.inputVolume:
             self.ui.outputSegmentationSelector.baseName = parameters.inputVolume.GetName() + " bones"
@@ -254,25 +305,26 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         device = self._parameterNode.device if self._parameterNode else "auto"
         lastDevice = self.logic.lastDevice
         if device == "auto":
-            text = f"Last run used {lastDevice}." if lastDevice else "The GPU if Keras finds one, else the CPU."
+            text = f"Last run used {lastDevice}." if lastDevice else "The GPU if one is found, else the CPU."
         elif device == "gpu":
-            text = "A GPU (the run stops with a message if Keras finds none)."
+            text = "A GPU (the run stops with a message if none is found)."
         else:
             text = "The CPU."
         self.ui.deviceLabel.text = text
 
     def onSegmentButton(self):
-        if self._run is not None or not self.ensureRequirements():
+        if self._run is not None or self._installing or not self.ensureRequirements():
             return
         parameters = self._parameterNode
         self.ui.statusLabel.text = ""
         with slicer.util.tryWithErrorDisplay("KneeBoneSeg could not start.", waitCursor=True):
             self._run = self.logic.startSegmentation(
                 parameters.inputVolume,
-                closingRadius=parameters.closingRadius,
-                smoothingIterations=parameters.smoothingIterations,
+                parameters.outputSegmentation,
+                networkSettings(parameters),
+                postprocessSettings(parameters),
+                device=parameters.device,
                 onProgress=self.onProgress,
-                **networkSettings(parameters),
             )
         if self._run is None:
             return
@@ -291,10 +343,11 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if (
             self._run is None
+            and not self._installing
             and parameters
             and parameters.inputVolume
             and parameters.outputSegmentation
-            and self.logic.canReusePrediction(parameters.inputVolume, **networkSettings(parameters))
+            and self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters))
         ):
             self.onSegmentButton()
 
@@ -303,60 +356,80 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(round(100 * fraction))
 
     def onPollRun(self):
-        if self._run is None or self._run.poll():
+        if self._run is None or self._run.worker.poll():
             return
         self._pollTimer.stop()
         run, self._run = self._run, None
         for widget in (self.ui.progressBar, self.ui.stageLabel, self.ui.cancelButton):
             widget.hide()
         try:
-            if run.cancelled:
+            if run.worker.cancelled:
                 self.ui.statusLabel.text = "Cancelled; the scene is as it was."
-            elif run.error:
-                self.ui.statusLabel.text = "Failed: " + run.error
-                slicer.util.errorDisplay(run.error, windowTitle="KneeBoneSeg")
+            elif run.worker.error:
+                self.ui.statusLabel.text = "Failed: " + run.worker.error
+                slicer.util.errorDisplay(run.worker.error, windowTitle="KneeBoneSeg")
             else:
                 with slicer.util.tryWithErrorDisplay("KneeBoneSeg could not load its results.", waitCursor=True):
-                    parameters = self._parameterNode
-                    node = self.logic.loadResults(run, parameters.inputVolume, parameters.outputSegmentation)
-                    parameters.outputSegmentation = node
+                    node = self.logic.finishRun(run)
+                    if self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputVolume.GetID() == run.volume_node_id:
+                        self._parameterNode.outputSegmentation = node
                     self.ui.statusLabel.text = self.logic.summary(run)
         finally:
             self.updateButtons()
 
     def onCancelButton(self):
         if self._run is not None:
-            self._run.cancel()
+            self.logic.cancelRun(self._run)
             self.onPollRun()
 
     def onExportSTLButton(self):
         folder = self.ui.exportDirectoryButton.directory
         with slicer.util.tryWithErrorDisplay("The STL files could not be written.", waitCursor=True):
             written = self.logic.exportSTL(self._parameterNode.outputSegmentation, folder)
+            qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
             self.ui.statusLabel.text = f"Wrote {len(written)} STL files (LPS, mm) to {folder}."
 
     def ensureRequirements(self):
-        """Offer to install the missing Python packages; True when all are there."""
-        missing = self.logic.missingRequirements()
-        if not missing:
+        """Offer to install the missing or too old Python packages; True when all are there."""
+        from KneeBoneSegLib.slicer_environment import install_plan, requirement_problems
+
+        problems = requirement_problems()
+        if not problems:
             return True
+        pins, megabytes = install_plan(problems)
+        details = "\n".join(f"{name}: {problem}" for name, problem in problems.items())
         if not slicer.util.confirmOkCancelDisplay(
-            "KneeBoneSeg needs these Python packages, which will be downloaded and installed into Slicer's Python "
-            f"(this can take several minutes):\n\n{chr(10).join(missing)}\n\nInstall them now?",
+            "KneeBoneSeg needs these Python packages in Slicer's Python:\n\n"
+            f"{details}\n\nInstall {', '.join(pins)} now (about {megabytes} MB to download)?",
             windowTitle="KneeBoneSeg: install packages",
         ):
             self.ui.statusLabel.text = "The packages were not installed; KneeBoneSeg cannot run without them."
             return False
-        self.ui.statusLabel.text = "Installing Python packages..."
+        self._installing = True
+        self.updateButtons()
+        self.ui.statusLabel.text = f"Installing {', '.join(pins)}..."
         slicer.app.processEvents()
         try:
             with slicer.util.WaitCursor():
-                self.logic.installRequirements(missing)
+                self.logic.installRequirements(pins)
         except Exception as error:
-            logging.exception("Installing %s failed", missing)
+            logging.exception("Installing %s failed", pins)
             self.ui.statusLabel.text = "Installing the Python packages failed."
             slicer.util.errorDisplay(
-                f"Installing {', '.join(missing)} failed: {error}\n\nCheck the internet connection; details are in the Python console.",
+                f"Installing {', '.join(pins)} failed: {error}\n\nCheck the internet connection; details are in the Python console.",
+                windowTitle="KneeBoneSeg",
+            )
+            return False
+        finally:
+            self._installing = False
+            self.updateButtons()
+        problems = requirement_problems()
+        if problems:
+            self.ui.statusLabel.text = "Restart Slicer to use the newly installed packages."
+            slicer.util.errorDisplay(
+                "The packages were installed, but Slicer still sees "
+                + "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+                + ". Restart Slicer, then press Segment again.",
                 windowTitle="KneeBoneSeg",
             )
             return False
@@ -366,111 +439,26 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 def networkSettings(parameters):
     """The settings that change the network's output (the rest only change post-processing)."""
-    return {
-        "projections": 3 if parameters.threeProjections else 1,
-        "fusion": parameters.fusion,
-        "device": parameters.device,
-        "modelPath": parameters.modelPath,
-    }
+    from KneeBoneSegLib.slicer_logic import NetworkSettings
+
+    return NetworkSettings(projections=3 if parameters.threeProjections else 1, fusion=parameters.fusion, model_path=parameters.modelPath)
 
 
-#
-# KneeBoneSegRun
-#
+def postprocessSettings(parameters):
+    """The closing and smoothing settings of the panel."""
+    from KneeBoneSegLib.slicer_logic import PostprocessSettings
 
-
-class KneeBoneSegRun:
-    """One run of the ``kneeboneseg`` command line in a background PythonSlicer process.
-
-    Its ``--progress json`` lines are read by a thread and handed to the caller
-    by :meth:`poll`, called from the GUI thread (a QTimer), so that Slicer stays
-    responsive. :meth:`cancel` kills the process at once.
-    """
-
-    def __init__(self, arguments, workFolder, onProgress=None, settingsKey=None):
-        self.arguments = list(arguments)
-        self.workFolder = Path(workFolder)
-        self.onProgress = onProgress
-        # Set for a network run: which volume and settings its probability map belongs to.
-        self.settingsKey = settingsKey
-        self.report = None
-        self.outputs = None
-        self.error = None
-        self.cancelled = False
-        self.startTime = time.time()
-        self.seconds = None
-        self._lines = queue.Queue()
-        self._otherLines = []
-        self._process = slicer.util.launchConsoleProcess(
-            [pythonSlicerExecutable(), "-m", "KneeBoneSegLib", *self.arguments],
-            updateEnvironment={
-                "PYTHONPATH": libraryParentFolder(),
-                "PYTHONUNBUFFERED": "1",
-                "TF_CPP_MIN_LOG_LEVEL": "2",
-            },
-        )
-        self._reader = threading.Thread(target=self._readLines, daemon=True)
-        self._reader.start()
-
-    def _readLines(self):
-        for line in self._process.stdout:
-            self._lines.put(line)
-
-    def poll(self):
-        """Handle the lines printed so far; True while the process runs."""
-        while True:
-            try:
-                self._handleLine(self._lines.get_nowait())
-            except queue.Empty:
-                break
-        if self._process.poll() is None or self._reader.is_alive():
-            return True
-        while not self._lines.empty():
-            self._handleLine(self._lines.get_nowait())
-        self.seconds = time.time() - self.startTime
-        if not self.cancelled and self.outputs is None and self.error is None:
-            logging.error("KneeBoneSeg process output:\n%s", "".join(self._otherLines))
-            lastLine = next((line.strip() for line in reversed(self._otherLines) if line.strip()), "no output")
-            self.error = f"the segmentation process stopped (exit code {self._process.returncode}): {lastLine}"
-        if self.cancelled or self.error:
-            shutil.rmtree(self.workFolder, ignore_errors=True)
-        return False
-
-    def wait(self):
-        """Block until the process ends (for scripts); returns self."""
-        while self.poll():
-            time.sleep(0.1)
-            slicer.app.processEvents()
-        return self
-
-    def cancel(self):
-        """Stop the process now; nothing it wrote is used."""
-        if self._process.poll() is None:
-            self.cancelled = True
-            self._process.kill()
-            self._process.wait()
-            self._reader.join(timeout=5)
-
-    def _handleLine(self, line):
-        message = None
-        if line.startswith("{"):
-            try:
-                message = json.loads(line)
-            except ValueError:
-                message = None
-        if not isinstance(message, dict):
-            self._otherLines.append(line)
-            logging.debug("kneeboneseg: %s", line.rstrip())
-        elif "stage" in message and self.onProgress:
-            self.onProgress(message["stage"], float(message.get("fraction", 0.0)))
-        elif message.get("done"):
-            self.outputs = message.get("outputs", [])
-        elif "error" in message:
-            self.error = message["error"]
+    return PostprocessSettings(
+        closing_radius=parameters.closingRadius,
+        closing_units=parameters.closingUnits,
+        smoothing_iterations=parameters.smoothingIterations,
+    )
 
 
 def pythonSlicerExecutable():
     """Slicer's own Python interpreter launcher, which sets up Slicer's libraries."""
+    import shutil
+
     name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
     found = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
     if not os.path.isfile(found):
@@ -496,132 +484,84 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     From Slicer's Python console::
 
         logic = slicer.util.getModuleLogic("KneeBoneSeg")
-        segmentationNode = logic.segment(volumeNode, closingRadius=9, projections=3)
+        segmentationNode = logic.segment(volumeNode, closingRadius=3.2, closingUnits="mm", projections=3)
         logic.exportSTL(segmentationNode, "/path/to/folder")
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastDevice = None
-        # The last network run whose probability map can be post-processed again:
-        # (settings key, work folder holding probability.nrrd).
-        self._kept = None
+        self._runs = None
+        # Nothing may outlive the application: no process, no temporary folder.
+        slicer.app.connect("aboutToQuit()", self.close)
 
     def getParameterNode(self):
         return KneeBoneSegParameterNode(super().getParameterNode())
 
+    @property
+    def runs(self):
+        """The session's :class:`KneeBoneSegLib.slicer_logic.SegmentationRuns` (made once the packages are there)."""
+        if self._runs is None:
+            from KneeBoneSegLib.slicer_logic import SegmentationRuns
+
+            self._runs = SegmentationRuns([pythonSlicerExecutable()], libraryParentFolder(), slicer.app.temporaryPath)
+        return self._runs
+
     @staticmethod
-    def missingRequirements():
-        """The pinned requirements whose packages Slicer's Python cannot import."""
-        import importlib.util
+    def installRequirements(pins):
+        """``pip install`` ``pins`` into Slicer's Python, holding Slicer's own packages where they are.
 
-        return [requirement for name, requirement in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
-
-    @staticmethod
-    def installRequirements(requirements):
-        """``pip install`` ``requirements`` into Slicer's Python, holding Slicer's own packages where they are.
-
-        A constraints file pins numpy, vtk and SimpleITK to the installed
-        versions, so pip fails with a message rather than replace them.
+        A constraints file pins numpy, scipy, SimpleITK and VTK to the
+        installed versions, so pip fails with a message rather than replace them.
         """
-        from importlib.metadata import PackageNotFoundError, version
+        import tempfile
 
-        pins = []
-        for package in SLICER_OWNED_PACKAGES:
-            try:
-                pins.append(f"{package}=={version(package)}")
-            except PackageNotFoundError:
-                continue
+        from KneeBoneSegLib.slicer_environment import slicer_owned_constraints
+
         with tempfile.TemporaryDirectory() as folder:
             constraints = Path(folder, "slicer-constraints.txt")
-            constraints.write_text("\n".join(pins) + "\n")
-            slicer.util.pip_install(list(requirements) + ["--constraint", str(constraints)])
+            constraints.write_text("\n".join(slicer_owned_constraints()) + "\n")
+            slicer.util.pip_install(list(pins) + ["--constraint", str(constraints)])
 
-    def canReusePrediction(self, volumeNode, projections, fusion, device, modelPath):
-        """True when the kept network output belongs to this volume and these network settings.
-
-        The device is not part of it: CPU and GPU give the same output.
-        """
-        return self._kept is not None and self._kept[0] == self._settingsKey(volumeNode, projections, fusion, modelPath)
+    def canReusePrediction(self, volumeNode, network):
+        """True when the kept network output belongs to this volume, as it is placed now, and these network settings."""
+        return self._runs is not None and self._runs.can_reuse(volumeNode, network)
 
     @staticmethod
-    def _settingsKey(volumeNode, projections, fusion, modelPath):
-        image = volumeNode.GetImageData() if volumeNode else None
-        return (volumeNode.GetID() if volumeNode else None, image.GetMTime() if image else None, projections, fusion, modelPath)
+    def defaultExportFolder():
+        """The last STL folder, else the scene's folder, else the user's documents."""
+        from KneeBoneSegLib.slicer_logic import export_folder
 
-    def startSegmentation(
-        self,
-        volumeNode,
-        closingRadius=9.0,
-        projections=3,
-        fusion="or",
-        smoothingIterations=20,
-        device="auto",
-        modelPath="",
-        onProgress=None,
-    ):
-        """Start segmenting ``volumeNode`` in the background; returns the :class:`KneeBoneSegRun`.
+        documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
+        return export_folder(str(qt.QSettings().value(EXPORT_FOLDER_SETTING, "") or ""), slicer.mrmlScene.GetRootDirectory(), documents)
 
-        When the network already ran on this volume with these network
-        settings, only the post-processing (closing, smoothing, surfaces) runs
-        again, from the kept probability map. Poll the run (or ``wait()``),
-        then call :meth:`loadResults`.
+    def startSegmentation(self, volumeNode, segmentationNode, network, postprocess, device="auto", onProgress=None):
+        """Start segmenting ``volumeNode`` into ``segmentationNode`` (None: a new one) in the background.
+
+        Returns the run, bound to these nodes: poll ``run.worker`` (or
+        ``run.worker.wait()``), then :meth:`finishRun`. When the network
+        already ran on this volume, placed as it is, with these network
+        settings, only the post-processing runs again.
         """
-        from KneeBoneSegLib.io import write_volume
-        from KneeBoneSegLib.mrml import volume_from_node
+        return self.runs.start(volumeNode, segmentationNode, network, postprocess, device, onProgress)
 
-        postprocessing = ["--closing-radius", str(closingRadius), "--smoothing-iterations", str(int(smoothingIterations))]
-        workFolder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=slicer.app.temporaryPath))
-        try:
-            if self.canReusePrediction(volumeNode, projections, fusion, device, modelPath):
-                probability = str(self._kept[1] / "output" / "probability.nrrd")
-                arguments = ["postprocess", probability, "-o", str(workFolder / "output"), *postprocessing, "--progress", "json"]
-                return KneeBoneSegRun(arguments, workFolder, onProgress)
-            inputPath = workFolder / "input.nrrd"
-            write_volume(volume_from_node(volumeNode), inputPath)
-            arguments = [
-                "segment", str(inputPath), "-o", str(workFolder / "output"),
-                "--projections", str(projections), "--fusion", fusion, "--device", device,
-                *postprocessing, "--save-probability", "--progress", "json",
-            ]  # fmt: skip
-            if modelPath:
-                arguments += ["--model", str(modelPath)]
-            settingsKey = self._settingsKey(volumeNode, projections, fusion, modelPath)
-            return KneeBoneSegRun(arguments, workFolder, onProgress, settingsKey)
-        except Exception:
-            shutil.rmtree(workFolder, ignore_errors=True)
-            raise
+    def finishRun(self, run):
+        """Load an ended run's bones into the nodes it started with; returns the segmentation node."""
+        node = self.runs.finish(run, slicer.mrmlScene)
+        self.lastDevice = (run.report or {}).get("device", self.lastDevice)
+        return node
 
-    def loadResults(self, run, volumeNode, segmentationNode=None):
-        """Put a finished run's bones into ``segmentationNode`` (a new node if None) and return it."""
-        from KneeBoneSegLib.io import read_volume
-        from KneeBoneSegLib.mrml import labels_to_segmentation_node, mark_verdicts
-        from KneeBoneSegLib.surfaces import read_stl
+    def cancelRun(self, run):
+        self.runs.cancel(run)
 
-        if run.error or run.cancelled or run.outputs is None:
-            raise RuntimeError(run.error or "the run did not finish")
-        outputs = {Path(path).name: Path(path) for path in run.outputs}
-        labels = read_volume(outputs["segmentation.seg.nrrd"])
-        # "femur.stl", or "femur.failed.stl" for a bone that failed its checks
-        surfaces = {name.split(".")[0]: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
-        run.report = json.loads(outputs["summary.json"].read_text())
-        self.lastDevice = run.report.get("device", self.lastDevice)
-        if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", volumeNode.GetName() + " bones")
-        labels_to_segmentation_node(labels.array, labels.geometry, segmentationNode, reference_volume_node=volumeNode, surfaces=surfaces)
-        mark_verdicts(segmentationNode, run.report["verdict"])
-        self._keep(run)
-        return segmentationNode
+    def discardKeptOutput(self):
+        if self._runs is not None:
+            self._runs.discard_kept()
 
-    def _keep(self, run):
-        """Keep the folder of the last network run (its probability map); remove the others."""
-        if run.settingsKey is None:
-            shutil.rmtree(run.workFolder, ignore_errors=True)
-            return
-        if self._kept is not None:
-            shutil.rmtree(self._kept[1], ignore_errors=True)
-        (run.workFolder / "input.nrrd").unlink(missing_ok=True)
-        self._kept = (run.settingsKey, run.workFolder)
+    def close(self):
+        """Cancel every run and remove every temporary folder."""
+        if self._runs is not None:
+            self._runs.close()
 
     @staticmethod
     def summary(run):
@@ -630,17 +570,18 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
 
         bones = run.report.get("bones", {})
         found = ", ".join(f"{name} {bone['volume_mm3'] / 1000:.1f} cm³" for name, bone in bones.items()) or "no bones"
-        return f"{verdict_line(run.report['verdict'])} | {found} ({run.seconds:.0f} s)."
+        return f"{verdict_line(run.report['verdict'])} | {found} ({run.worker.seconds:.0f} s)."
 
     def segment(
         self,
         volumeNode,
-        closingRadius=9.0,
+        closingRadius=3.2,
         projections=3,
         fusion="or",
         smoothingIterations=20,
         device="auto",
         modelPath="",
+        closingUnits="mm",
         segmentationNode=None,
     ):
         """Segment femur, tibia and patella in ``volumeNode`` and return the segmentation node.
@@ -653,7 +594,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         volumeNode : vtkMRMLScalarVolumeNode
             The knee MRI.
         closingRadius : float
-            Radius in voxels of the sphere that closes each bone (the paper's 9); 0 skips it.
+            Radius of the sphere that closes each bone, in ``closingUnits``; 0 skips it.
         projections : int
             3 to predict on the axial, coronal and sagittal orientations, 1 for axial only (faster).
         fusion : str
@@ -663,7 +604,10 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         device : str
             ``"auto"``, ``"cpu"`` or ``"gpu"``.
         modelPath : str
-            A trained ``.keras`` model; empty for the shipped one.
+            A trained model; empty for the shipped one.
+        closingUnits : str
+            ``"mm"`` (3.2 mm is the paper's 9 voxels of its 0.352 mm scan, the
+            same sphere on any scan) or ``"voxels"`` (the paper's rule, with 9).
         segmentationNode : vtkMRMLSegmentationNode, optional
             Node to fill (its segments are replaced); default a new one.
 
@@ -671,7 +615,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         -------
         vtkMRMLSegmentationNode
             Segments Femur, Tibia and Patella (those found), coloured and
-            coded with SNOMED CT, with closed surfaces. Its attribute
+            coded with SNOMED CT, with the library's closed surfaces. Its attribute
             ``KneeBoneSeg.Verdict`` is ``ok``, ``review`` or ``failed`` and
             ``KneeBoneSeg.VerdictReasons`` says why; a bone that is not ok
             is named so ("Tibia (review)") and flagged.
@@ -681,19 +625,26 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         RuntimeError
             With the library's one-line message when the run fails.
         """
-        missing = self.missingRequirements()
-        if missing:
-            raise RuntimeError(f"missing Python packages {', '.join(missing)}: install them with slicer.util.pip_install or the module panel")
-        run = self.startSegmentation(volumeNode, closingRadius, projections, fusion, smoothingIterations, device, modelPath).wait()
-        if run.error:
-            raise RuntimeError(run.error)
-        return self.loadResults(run, volumeNode, segmentationNode)
+        from KneeBoneSegLib.slicer_environment import requirement_problems
+        from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings
+
+        problems = requirement_problems()
+        if problems:
+            wrong = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+            raise RuntimeError(f"Python packages are missing or too old ({wrong}): press Segment in the module panel once to install them")
+        network = NetworkSettings(projections=projections, fusion=fusion, model_path=modelPath)
+        postprocess = PostprocessSettings(closingRadius, closingUnits, smoothingIterations)
+        run = self.startSegmentation(volumeNode, segmentationNode, network, postprocess, device)
+        run.worker.wait(on_idle=slicer.app.processEvents)
+        return self.finishRun(run)
 
     def exportSTL(self, segmentationNode, folder):
         """Write one binary STL per segment (LPS millimetres) into ``folder``; returns the paths.
 
         Files are named ``<segmentation name>_<segment name>.stl``, as Slicer's
-        Segmentations module names them.
+        Segmentations module names them. The surfaces are the library's
+        smoothed, closed ones, whatever Show 3D was toggled to (they are the
+        segmentation's source representation), until the segments are edited.
         """
         from KneeBoneSegLib.mrml import export_segments_to_stl
 
@@ -712,52 +663,58 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
 
     Needs the sample files (SAMPLE_FILES) in the folder named by KNEEBONESEG_SAMPLE_DIR
     until they are published for download; see the README's "Use in 3D Slicer".
+    Without them it says so and does nothing (a skip raised from ``runTest``
+    would show as a failure in Reload and Test and in the SelfTests module).
     """
 
-    #: Largest relative difference between a bone's segmented and true volume.
-    VOLUME_TOLERANCE = 0.15
+    #: Smallest Dice of each bone with the ground truth. The shipped model was trained on this
+    #: scan: the same run through the library (one projection, default settings, 2 CPU cores)
+    #: scores femur 0.981, tibia 0.983, patella 0.959, so 0.9 fails only a real regression.
+    MIN_DICE = 0.9
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if sampleDataFolder() is None:
+            message = f"KneeBoneSeg self-test did nothing: set {SAMPLE_DIR_ENV} to the folder holding {', '.join(SAMPLE_FILES)}."
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
         self.setUp()
         self.test_segments_the_sample_scan()
 
     def test_segments_the_sample_scan(self):
-        import numpy as np
-        import SampleData
+        import tempfile
 
-        if sampleDataFolder() is None:
-            self.skipTest(f"set {SAMPLE_DIR_ENV} to the folder holding {', '.join(SAMPLE_FILES)}")
-        registerSampleData()
         self.delayDisplay("Loading the KneeBones3Dify sample scan")
-        volumeNode = SampleData.downloadSample(SAMPLE_NAME)
+        folder = sampleDataFolder()
+        volumeNode = slicer.util.loadVolume(str(folder / "knee_mri.nrrd"), {"name": SAMPLE_NAME})
         self.assertIsNotNone(volumeNode)
-        groundTruthPath = SampleData.SampleDataLogic().downloadFileIntoCache(
-            (sampleDataFolder() / "knee_bones_labels.nrrd").as_uri(), "knee_bones_labels.nrrd", SAMPLE_FILES["knee_bones_labels.nrrd"]
-        )
+        groundTruthPath = folder / "knee_bones_labels.nrrd"
 
         self.delayDisplay("Segmenting (one projection, to keep the test short)")
         logic = KneeBoneSegLogic()
-        self.assertEqual(logic.missingRequirements(), [], "install the Python packages first (press Segment once)")
+        from KneeBoneSegLib.slicer_environment import requirement_problems
+
+        self.assertEqual(requirement_problems(), {}, "install the Python packages first (press Segment once)")
         segmentationNode = logic.segment(volumeNode, projections=1)
 
         from KneeBoneSegLib.anatomy import BONES
         from KneeBoneSegLib.io import read_volume
+        from KneeBoneSegLib.metrics import dice
 
         truth = read_volume(groundTruthPath)
-        voxelMm3 = float(np.prod(volumeNode.GetSpacing()))
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual([segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())], [bone.name for bone in BONES])
         for bone in BONES:
-            found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, bone.name, volumeNode)
-            foundMm3 = np.count_nonzero(found) * voxelMm3
-            trueMm3 = np.count_nonzero(truth.array == bone.label) * voxelMm3
-            logging.info("%s: %.1f cm3 segmented, %.1f cm3 true", bone.name, foundMm3 / 1000, trueMm3 / 1000)
-            self.assertAlmostEqual(foundMm3 / trueMm3, 1.0, delta=self.VOLUME_TOLERANCE, msg=bone.name)
+            found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, bone.name, volumeNode) > 0
+            score = dice(found, truth.array == bone.label)
+            logging.info("%s: Dice %.4f with the ground truth", bone.name, score)
+            self.assertGreaterEqual(score, self.MIN_DICE, msg=bone.name)
 
         with tempfile.TemporaryDirectory() as folder:
             written = logic.exportSTL(segmentationNode, folder)
             self.assertEqual(len(written), len(BONES))
+        logic.close()
         self.delayDisplay("Test passed")

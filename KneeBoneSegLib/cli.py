@@ -70,12 +70,15 @@ class _Reporter:
 
 
 def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
+    from .pipeline import CLOSING_UNITS, closing_radius_default
+
     group = parser.add_argument_group("post-processing")
     group.add_argument(
-        "--closing-radius", type=float, default=defaults.closing_radius,
-        help=f"sphere radius of the closing, 0 to skip (default: {defaults.closing_radius:g}; the paper used 9)",
+        "--closing-radius", type=float, default=None,
+        help=f"sphere radius of the closing, 0 to skip (default: {closing_radius_default('mm'):g} mm, the paper's 9 voxels "
+        f"of its 0.352 mm scan; with --closing-units voxels, {closing_radius_default('voxels'):g}, the paper's exact rule)",
     )  # fmt: skip
-    group.add_argument("--closing-units", choices=("voxels", "mm"), default=defaults.closing_units, help=f"units of --closing-radius (default: {defaults.closing_units})")
+    group.add_argument("--closing-units", choices=CLOSING_UNITS, default=defaults.closing_units, help=f"units of --closing-radius (default: {defaults.closing_units})")
     group.add_argument("--no-fill-holes", action="store_true", help="keep holes enclosed in 3D or in a slice (filled by default)")
     group.add_argument("--smoothing-iterations", type=int, default=None, help="Laplacian smoothing iterations of the surfaces")
     group.add_argument("--threshold", type=float, default=defaults.threshold, help=f"probability above which a voxel is bone (default: {defaults.threshold:g})")
@@ -137,16 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD")
     sample.add_argument("-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd")
     sample.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
+    sample.add_argument("--progress", choices=("text", "json", "none"), default="none", help="progress display (json: one object per line on stdout, for the Slicer module)")
 
     commands.add_parser("info", help="versions, compute devices and the default model's card")
     return parser
 
 
 def _options_from_args(args):
-    from .pipeline import SegmentOptions
+    from .pipeline import SegmentOptions, closing_radius_default
 
     options = SegmentOptions(
-        closing_radius=args.closing_radius,
+        closing_radius=closing_radius_default(args.closing_units) if args.closing_radius is None else args.closing_radius,
         closing_units=args.closing_units,
         threshold=args.threshold,
         surfaces=not args.no_surfaces,
@@ -199,14 +203,15 @@ def _run_postprocess(args, reporter: _Reporter) -> dict:
 def _run_evaluate(args) -> None:
     from .io import read_volume
     from .metrics import evaluate_labels, format_metrics_table
+    from .resampling import labels_onto_grid, same_grid
 
     prediction, reference = read_volume(args.prediction), read_volume(args.reference)
-    if prediction.array.shape != reference.array.shape:
-        raise KneeBoneSegError(
-            f"{args.prediction} has {prediction.shape_ijk} voxels but {args.reference} has {reference.shape_ijk}; "
-            "evaluate needs both on the same grid"
-        )
-    metrics = evaluate_labels(prediction.array, reference.array, reference.geometry.spacing)
+    predicted = prediction.array
+    if not same_grid(prediction, reference):
+        # Scored where the reference's voxels are, whatever grid the prediction was saved on.
+        predicted = labels_onto_grid(prediction, reference, names=(args.prediction, args.reference))
+        print(f"kneeboneseg: note: {args.prediction} lies on another grid than {args.reference}; resampled onto it (nearest neighbour)", file=sys.stderr)
+    metrics = evaluate_labels(predicted, reference.array, reference.geometry.spacing)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
 
 
@@ -246,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sample import download_sample
 
             written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
-            print("\n".join(str(path) for path in written))
+            if reporter.mode == "json":
+                reporter.finish({"outputs": [str(path) for path in written]})
+            else:
+                print("\n".join(str(path) for path in written))
             return 0
         elif args.command == "train":
             from .training import config_from_args, train

@@ -56,7 +56,9 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
-    return relabel[labelled], [int(sizes[n]) for n in order]
+    for plane in labelled:  # in place, a slice at a time: one label array of the volume's size, not two
+        plane[...] = relabel[plane]
+    return labelled, [int(sizes[n]) for n in order]
 
 
 def component_centroids(components: np.ndarray, count: int) -> np.ndarray:

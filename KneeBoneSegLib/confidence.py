@@ -29,16 +29,34 @@ from .anatomy import BONES
 SURE_MARGIN = 0.4
 
 
-def projection_disagreement(maps: list[np.ndarray]) -> np.ndarray | None:
-    """Voxel-wise range (max - min) of the projections' probabilities; None for a single projection."""
-    if len(maps) < 2:
-        return None
-    high, low = maps[0].copy(), maps[0].copy()
-    for probability in maps[1:]:
-        np.maximum(high, probability, out=high)
-        np.minimum(low, probability, out=low)
-    high -= low
-    return high.astype(np.float32, copy=False)
+class ProjectionRange:
+    """The projections' disagreement, gathered as their maps pass: largest minus smallest probability per voxel.
+
+    ``watch(maps)`` yields the maps unchanged (so they can be fused as they
+    come) while keeping a running maximum and minimum; ``disagreement()``
+    then returns their difference, or None for a single projection.
+    """
+
+    def __init__(self):
+        self._high = self._low = None
+        self._count = 0
+
+    def watch(self, maps):
+        for probability in maps:
+            if self._high is None:
+                self._high, self._low = probability.astype(np.float32), probability.astype(np.float32)
+            else:
+                np.maximum(self._high, probability, out=self._high)
+                np.minimum(self._low, probability, out=self._low)
+            self._count += 1
+            yield probability
+
+    def disagreement(self) -> np.ndarray | None:
+        if self._count < 2:
+            return None
+        spread = self._high - self._low
+        self._high = self._low = None
+        return spread
 
 
 def bone_confidence(
@@ -53,7 +71,7 @@ def bone_confidence(
     probability : ndarray of float
         The fused bone probability on the same grid.
     disagreement : ndarray of float or None
-        :func:`projection_disagreement` on the same grid; None gives no
+        :class:`ProjectionRange`'s map on the same grid; None gives no
         ``surface_disagreement`` (one projection).
     threshold : float
         The probability at which a voxel is bone.

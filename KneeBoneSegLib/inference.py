@@ -134,6 +134,11 @@ def predict_volume(
                 np.maximum(total[region], tile >= 0.5, out=total[region])
         if progress is not None:
             progress(done, len(batches))
+    del windows, padded  # the padded copy of the image, before the division needs no more memory
     if aggregate == "mean":
         np.divide(total, weight_sum, out=total, where=weight_sum > 0)
-    return total[tuple(slice(0, n) for n in image.shape)]
+        del weight_sum
+    if total.shape == image.shape:
+        return total
+    # A copy of the image's part, so that the padded sums are released on return.
+    return total[tuple(slice(0, n) for n in image.shape)].copy()

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def read_mask(path) -> Volume:
     return Volume(array, volume.geometry)
 
 
-def check_volume(volume: Volume, path=None, min_shape=None) -> list[str]:
+def check_volume(volume: Volume, path=None, min_shape=None, model_spacing=None) -> list[str]:
     """Refuse volumes that cannot be segmented; warn about ones that segment poorly.
 
     Parameters
@@ -151,6 +152,10 @@ def check_volume(volume: Volume, path=None, min_shape=None) -> list[str]:
     min_shape : tuple of 3 int, optional
         The network's sub-volume size in voxels (k, j, i); a scan smaller than
         that along any axis is refused.
+    model_spacing : sequence of 3 float, optional
+        The model's voxel size in mm (its card's ``spacing_mm``), if it works
+        on its own grid: ``min_shape`` then counts voxels of that grid, which
+        the scan is resampled to before the network.
 
     Returns
     -------
@@ -172,12 +177,7 @@ def check_volume(volume: Volume, path=None, min_shape=None) -> list[str]:
     if low == high:
         raise InputError(f"{name} is constant (every voxel is {low}); it holds no image, check that it is the right scan")
     if min_shape is not None:
-        min_ijk = tuple(int(n) for n in min_shape[::-1])
-        if any(n < m for n, m in zip(volume.shape_ijk, min_ijk)):
-            raise InputError(
-                f"{name} is {_format_shape(volume.shape_ijk)} voxels, smaller than the model's "
-                f"{_format_shape(min_ijk)} sub-volume; give a scan that covers the whole knee"
-            )
+        _require_min_shape(volume, name, min_shape, model_spacing)
     warnings = []
     spacing = np.asarray(volume.geometry.spacing)
     if spacing.max() > ANISOTROPY_LIMIT * spacing.min():
@@ -191,6 +191,22 @@ def check_volume(volume: Volume, path=None, min_shape=None) -> list[str]:
     for warning in warnings:
         log.warning(warning)
     return warnings
+
+
+def _require_min_shape(volume: Volume, name: str, min_shape, model_spacing) -> None:
+    from .resampling import grid_shape_for_spacing
+
+    min_ijk = tuple(int(n) for n in min_shape[::-1])
+    if model_spacing:
+        shape_ijk = grid_shape_for_spacing(volume.array.shape, volume.geometry.spacing, model_spacing)[::-1]
+        where = f"{_format_shape(shape_ijk)} voxels on the model's {' x '.join(f'{s:g}' for s in np.broadcast_to(model_spacing, 3))} mm grid"
+    else:
+        shape_ijk, where = volume.shape_ijk, f"{_format_shape(volume.shape_ijk)} voxels"
+    if any(n < m for n, m in zip(shape_ijk, min_ijk)):
+        raise InputError(
+            f"{name} is {where}, smaller than the model's {_format_shape(min_ijk)} sub-volume; "
+            "give a scan that covers the whole knee"
+        )
 
 
 def write_volume(volume: Volume, path) -> Path:
@@ -392,12 +408,30 @@ def _first_line(error: Exception) -> str:
     return re.sub(r"^(sitk::ERROR|ITK ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", line)
 
 
+_itk_warnings_lock = threading.Lock()
+_itk_warnings_silencers = 0
+_itk_warnings_shown = True
+
+
 @contextlib.contextmanager
 def _itk_warnings_off():
-    """Silence ITK's stderr warnings (e.g. GDCM's "No Series were found") for a moment."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    """Silence ITK's stderr warnings (e.g. GDCM's "No Series were found") for a moment.
+
+    ITK's warning display is one switch for the whole process. Reads in
+    several threads at once share one silencing: the first to enter turns the
+    display off, the last to leave restores what it was, so overlapping reads
+    never leave it off (or turn it on under a read still going).
+    """
+    global _itk_warnings_silencers, _itk_warnings_shown
+    with _itk_warnings_lock:
+        if _itk_warnings_silencers == 0:
+            _itk_warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _itk_warnings_silencers += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        with _itk_warnings_lock:
+            _itk_warnings_silencers -= 1
+            if _itk_warnings_silencers == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_itk_warnings_shown)

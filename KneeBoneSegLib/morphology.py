@@ -85,14 +85,17 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of a binary ``mask``: enclosed in 3D, or in any axial, coronal or sagittal slice.
+    """Fill the holes of a binary ``mask``: enclosed in 3D, or in any slice across one of its three axes.
 
     A bone is solid, but a network can miss the inside of its marrow, and such
     a hole is often open to the outside in 3D (a tunnel, or the shaft cut by
     the scan's edge) while it is enclosed in the slices that cross it.
     Filling holes slice by slice in the three orientations closes them
     without touching concavities that open to the outside in the slice
-    (the intercondylar notch, the trochlear groove).
+    (the intercondylar notch, the trochlear groove). The slices are the
+    image's own planes, all three of them, so the result does not depend on
+    which of them is axial, coronal or sagittal in the patient (on an oblique
+    scan they are tilted as its slices are).
     """
     mask = np.asarray(mask, dtype=bool)
     filled = ndimage.binary_fill_holes(mask)

@@ -82,6 +82,39 @@ def geometry_from_node(volume_node) -> Geometry:
     return geometry_from_ijk_to_lps(RAS_TO_LPS @ matrix_to_array(ijk_to_ras))
 
 
+def volume_placement(volume_node) -> tuple:
+    """Everything that places a volume's voxels in the world, as a comparable tuple.
+
+    The voxels (the image's modification time and dimensions), the
+    IJK-to-RAS matrix (spacing, origin, directions) and the parent
+    transforms up to the world: their matrix where linear, else each
+    transform node's ID and modification time. Two calls give equal tuples
+    only while none of these has changed.
+    """
+    image = volume_node.GetImageData()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    parent = volume_node.GetParentTransformNode()
+    if parent is None or parent.IsTransformToWorldLinear():
+        matrix = vtk.vtkMatrix4x4()  # identity: no parent transform
+        if parent is not None:
+            parent.GetMatrixTransformToWorld(matrix)
+        to_world = tuple(matrix_to_array(matrix).ravel())
+    else:
+        chain = []
+        while parent is not None:
+            chain.append((parent.GetID(), parent.GetMTime()))
+            parent = parent.GetParentTransformNode()
+        to_world = tuple(chain)
+    return (
+        volume_node.GetID(),
+        image.GetMTime() if image is not None else None,
+        image.GetDimensions() if image is not None else None,
+        tuple(matrix_to_array(ijk_to_ras).ravel()),
+        to_world,
+    )
+
+
 def volume_from_node(volume_node) -> Volume:
     """A copy of a scalar volume node's voxels, ``array[k, j, i]``, with its LPS geometry.
 
@@ -154,15 +187,21 @@ def labels_to_segmentation_node(
         geometry and sits under the same parent transform.
     surfaces : dict of str to Surface, optional
         Closed surfaces by bone key (``"femur"``, ...) in LPS millimetres, as
-        the library makes them; they become the segments' closed-surface
-        representation. Without them, Slicer's labelmap-to-surface converter
-        makes one.
+        the library makes them (smoothed, checked closed). Given for every
+        bone present, they become the segmentation's *source*
+        representation, so that Slicer never replaces them with its own
+        conversion: toggling Show 3D or its smoothing keeps them, and STL
+        export writes them. The labels stay as the binary labelmap shown in
+        2D, until an edit in the Segment Editor (which makes the labelmap the
+        source again, and Slicer's converter makes the surfaces from then on).
+        Without them, the labelmap is the source and Slicer's
+        labelmap-to-surface converter makes the surfaces.
 
     Returns
     -------
     vtkMRMLSegmentationNode
-        Source representation binary labelmap (one shared layer), with a
-        closed-surface representation, shown in 2D and 3D.
+        Binary labelmap (one shared layer) and closed surface
+        representations, shown in 2D and 3D.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -180,8 +219,11 @@ def labels_to_segmentation_node(
     labelmap.SetImageToWorldMatrix(array_to_matrix(geometry.ijk_to_ras))
     segmentation = node.GetSegmentation()
     if reference_volume_node is not None:
-        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+        # Transform first: the reference geometry is stored in the segmentation's
+        # own frame, which Slicer computes through the node's parent transform;
+        # set before it, the volume's transform would be applied twice.
         node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     else:
         segmentation.SetConversionParameter(
             slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
@@ -189,6 +231,9 @@ def labels_to_segmentation_node(
         )
 
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(BONES) + 1)[1:]) + 1
+    library_surfaces = bool(surfaces) and all(BONE_BY_LABEL[int(label)].key in surfaces for label in present if int(label) in BONE_BY_LABEL)
+    # Chosen while the segmentation is empty: changing it later drops every other representation.
+    segmentation.SetSourceRepresentationName(CLOSED_SURFACE if library_surfaces else BINARY_LABELMAP)
     for label in present:
         bone = BONE_BY_LABEL.get(int(label))
         if bone is None:
@@ -202,7 +247,7 @@ def labels_to_segmentation_node(
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_entry(bone))
         # All segments share one labelmap (one layer), each with its own label value.
         segment.AddRepresentation(BINARY_LABELMAP, labelmap)
-        if surfaces and bone.key in surfaces:
+        if library_surfaces:
             segment.AddRepresentation(CLOSED_SURFACE, surface_to_polydata(surfaces[bone.key]))
         segmentation.AddSegment(segment, bone.name)
 

@@ -11,6 +11,7 @@ colours and SNOMED CT codes of :data:`~KneeBoneSegLib.anatomy.BONES`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -27,8 +28,11 @@ from .volume import Geometry
 
 log = logging.getLogger(__name__)
 
-# The context names Slicer's terminology module uses for these codes.
-SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# The terminology context that holds these codes: the extension's own list
+# (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since
+# neither Slicer's General Anatomy list nor the DICOM master list has all three
+# bones. The anatomic context is Slicer's default one (no region is given).
+SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - KneeBoneSeg"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
@@ -187,7 +191,7 @@ def output_directory(outdir, overwrite: bool = False, inputs=()):
     staging = _make_staging_folder(outdir)
     try:
         yield staging
-        _publish(staging, outdir, inputs)
+        _publish(staging, outdir, inputs, overwrite)
     finally:
         # After a first publication the staging folder has become outdir and is gone.
         shutil.rmtree(staging, ignore_errors=True)
@@ -198,18 +202,27 @@ def _check_output_folder(outdir: Path, overwrite: bool) -> None:
         raise OutputError(f"{outdir} is a file; give a folder for the outputs")
     if outdir.is_dir() and not overwrite:
         try:
-            occupied = any(outdir.iterdir())
+            # Other runs' staging folders are not outputs (yet): two runs may start in one new folder.
+            occupied = any(not path.name.startswith(_staging_prefix(outdir)) for path in outdir.iterdir())
         except OSError as error:
             raise OutputError(f"{outdir} cannot be read ({error.strerror}); choose a folder you can write to") from None
         if occupied:
-            raise OutputError(f"{outdir} already holds files; choose a new or empty folder, or allow overwriting the outputs in it")
+            raise _occupied(outdir)
+
+
+def _occupied(outdir: Path) -> OutputError:
+    return OutputError(f"{outdir} already holds files; choose a new or empty folder, or allow overwriting the outputs in it")
+
+
+def _staging_prefix(outdir: Path) -> str:
+    return f".{outdir.name}.partial-"
 
 
 def _make_staging_folder(outdir: Path) -> Path:
     """A hidden folder on ``outdir``'s file system: inside ``outdir`` if it exists (then only it
     must be writable), else next to it (so the finished folder appears in one rename)."""
     home = outdir if outdir.is_dir() else outdir.parent
-    staging = home / f".{outdir.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging = home / f"{_staging_prefix(outdir)}{uuid.uuid4().hex[:12]}"
     try:
         home.mkdir(parents=True, exist_ok=True)
         # mkdir, not tempfile.mkdtemp: the folder may become outdir and must get the umask's mode, not 0o700
@@ -219,8 +232,18 @@ def _make_staging_folder(outdir: Path) -> Path:
     return staging
 
 
-def _publish(staging: Path, outdir: Path, inputs) -> None:
-    """Move the staged files into ``outdir``, after checking that none would replace an input or a folder."""
+def _publish(staging: Path, outdir: Path, inputs, overwrite: bool) -> None:
+    """Move the staged files into ``outdir``, after checking that none would replace an input or a folder.
+
+    Without ``overwrite``, ``outdir`` is checked again here, at the end of
+    the run: another run that started into the same new or empty folder may
+    have finished first, and its outputs are not replaced. A new folder
+    appears in one rename, which fails if it has appeared meanwhile with
+    files in it; in an existing empty folder, a run that publishes between
+    this check and the moves (microseconds) is not detected.
+    """
+    if not overwrite:
+        _check_output_folder(outdir, overwrite=False)
     sources = sorted(path for path in staging.rglob("*") if not path.is_dir())
     moves = [(source, outdir / source.relative_to(staging)) for source in sources]
     protected = [Path(path).resolve() for path in inputs if path is not None]
@@ -238,7 +261,12 @@ def _publish(staging: Path, outdir: Path, inputs) -> None:
                 )
     try:
         if not outdir.exists():
-            staging.rename(outdir)
+            try:
+                staging.rename(outdir)
+            except OSError as error:
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY) and not overwrite:
+                    raise _occupied(outdir) from None
+                raise
         else:
             for source, target in moves:
                 target.parent.mkdir(parents=True, exist_ok=True)

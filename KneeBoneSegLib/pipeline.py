@@ -26,7 +26,7 @@ import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
+#: The paper's closing sphere: 9 voxels of its scan, whose voxels are 0.352 mm (3.17 mm).
+PAPER_CLOSING_RADIUS_VOXELS = 9.0
+CLOSING_RADIUS_MM = 3.2
+CLOSING_UNITS = ("mm", "voxels")
+
+
+def closing_radius_default(units: str) -> float:
+    """The default closing radius in ``units``: 3.2 mm, or the paper's 9 voxels."""
+    return PAPER_CLOSING_RADIUS_VOXELS if units == "voxels" else CLOSING_RADIUS_MM
+
 
 @dataclass
 class SegmentOptions:
@@ -61,11 +71,15 @@ class SegmentOptions:
     long in the network (``bench/heldout_table.py``).
     ``skip_air_tiles`` leaves sub-volumes of pure air out of the network
     (about half of them on a knee scan; see ``inference.air_level``).
-    ``closing_radius`` is in voxels (the paper's 9) unless ``closing_units``
-    is ``"mm"``; 0 skips closing. ``fill_holes`` then fills what is still
-    enclosed in 3D or in a slice of any orientation (not in the paper).
-    ``keep_uncertainty`` keeps the projections' disagreement map in the
-    result (``result.uncertainty``, 0 to 1, on the input's grid).
+    ``closing_radius`` is in millimetres by default: 3.2 mm is the paper's
+    radius of 9 voxels on the paper's scan (the sample scan, 0.352 mm voxels),
+    and stays the same physical sphere on any grid (on 3 mm slices, 9 voxels
+    would reach 27 mm). ``closing_units="voxels"`` with a radius of 9 is the
+    paper's exact rule (:func:`closing_radius_default`); 0 skips closing.
+    ``fill_holes`` then fills what is still enclosed in 3D or in a slice of
+    any orientation (not in the paper). ``keep_uncertainty`` keeps the
+    projections' disagreement map in the result (``result.uncertainty``, 0 to
+    1, on the input's grid).
     """
 
     projections: int = 3
@@ -74,8 +88,8 @@ class SegmentOptions:
     stride: int | None = None
     skip_air_tiles: bool = True
     threshold: float = 0.5
-    closing_radius: float = 9.0
-    closing_units: str = "voxels"
+    closing_radius: float = CLOSING_RADIUS_MM
+    closing_units: str = "mm"
     fill_holes: bool = True
     smoothing_iterations: int = 20
     surfaces: bool = True
@@ -91,8 +105,8 @@ class SegmentOptions:
             raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
         if self.aggregate not in AGGREGATIONS:
             raise InputError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {self.aggregate!r}")
-        if self.closing_units not in ("voxels", "mm"):
-            raise InputError(f"closing units must be voxels or mm, not {self.closing_units!r}")
+        if self.closing_units not in CLOSING_UNITS:
+            raise InputError(f"closing units must be mm or voxels, not {self.closing_units!r}")
         if self.stride is not None and self.stride < 1:
             raise InputError(f"stride must be a positive number of voxels, not {self.stride}")
         if self.threads is not None and self.threads < 1:
@@ -162,17 +176,19 @@ def segment(
     ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
-    from .confidence import bone_confidence, projection_disagreement
+    from .confidence import ProjectionRange, bone_confidence
     from .projections import fuse_probabilities
     from .resampling import resample_to_shape
     from .verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
-    maps, report = _predict_projection_maps(volume, model, options, stages)
-    disagreement = stages.run("confidence", projection_disagreement, maps)
-    probability = stages.run("fuse", fuse_probabilities, maps, options.fusion)
-    del maps
+    maps, report = _projection_maps(volume, model, options, stages)
+    # Each projection's map is folded into the fused one as it comes (never all three held),
+    # and into the running range that measures their disagreement.
+    spread = ProjectionRange()
+    probability = stages.run("network", fuse_probabilities, spread.watch(maps), options.fusion)
+    disagreement = spread.disagreement()
     if probability.shape != volume.array.shape:
         probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
         if disagreement is not None:
@@ -198,22 +214,23 @@ def predict_projection_maps(
     (``projections.fuse_probabilities``) without running the network again.
     """
     options = (options or SegmentOptions()).validate()
-    return _predict_projection_maps(volume, model, options, _Stages(progress))[0]
+    return list(_projection_maps(volume, model, options, _Stages(progress))[0])
 
 
-def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[list, dict]:
+def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], dict]:
+    """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed."""
     from .engines import as_network
     from .inference import air_level, predict_volume
     from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
-    from .projections import predict_projections
+    from .projections import iter_projections
     from .resampling import grid_shape_for_spacing, resample_to_shape
 
     card = model.card
     stride = options.stride or card.stride
     if stride > card.patch_size:
         raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
-    warnings = check_volume(volume, min_shape=(card.patch_size,) * 3)
+    warnings = check_volume(volume, min_shape=(card.patch_size,) * 3, model_spacing=card.spacing_mm)
     network = as_network(model.network, options.device, options.threads)
     engine = network.describe()
     log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
@@ -243,9 +260,8 @@ def _predict_projection_maps(volume: Volume, model: Model, options: SegmentOptio
             skip_below=skip_below,
         )
 
-    start = time.perf_counter()
-    maps = predict_projections(image, predict_view, projections=options.projections)
-    stages.timings["network"] = round(time.perf_counter() - start, 3)
+    maps = iter_projections(image, predict_view, projections=options.projections, direction=volume.geometry.direction_matrix)
+    del image  # the iterator holds it only as long as it needs it
     return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
 

@@ -40,3 +40,43 @@ def resample_to_shape(array: np.ndarray, shape, order: int = 1) -> np.ndarray:
         sigma = np.sqrt(np.maximum(0.0, (1.0 / factors) ** 2 - 1.0)) / 2.0
         source = ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma, mode="nearest")
     return ndimage.zoom(source, factors, order=order, mode="nearest", grid_mode=True, output=array.dtype if order == 0 else np.float32)
+
+
+def same_grid(volume, other) -> bool:
+    """Whether two :class:`~KneeBoneSegLib.volume.Volume` s have the same voxels in patient space
+    (shape, and the index-to-LPS mapping to a thousandth of a voxel)."""
+    return volume.array.shape == other.array.shape and np.allclose(
+        volume.geometry.ijk_to_lps, other.geometry.ijk_to_lps, atol=1e-3 * min(other.geometry.spacing)
+    )
+
+
+def labels_onto_grid(labels, reference, names=("the label map", "the reference image")):
+    """A label map resampled onto ``reference``'s grid with nearest neighbour; 0 outside it.
+
+    Parameters
+    ----------
+    labels, reference : Volume
+        Any two grids (origin, spacing, direction, shape) that share part of
+        patient space; only ``reference``'s shape and geometry are used.
+
+    Returns
+    -------
+    ndarray, ``reference``'s shape, ``labels``' dtype
+
+    Raises
+    ------
+    InputError
+        The two grids do not overlap in patient space.
+    """
+    from .errors import InputError
+
+    # Reference (i, j, k, 1) -> LPS -> label map (i, j, k, 1); then in the arrays' (k, j, i) order.
+    ijk_map = np.linalg.inv(labels.geometry.ijk_to_lps) @ reference.geometry.ijk_to_lps
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in reference.shape_ijk], indexing="ij")).reshape(3, -1)
+    reached = ijk_map[:3, :3] @ corners + ijk_map[:3, 3:]
+    extent = np.asarray(labels.shape_ijk)[:, None] - 0.5
+    if np.any(reached.max(axis=1) < -0.5) or np.any(reached.min(axis=1) > extent[:, 0]):
+        raise InputError(f"{names[0]} and {names[1]} do not overlap in patient space; check that they belong to the same scan")
+    matrix = ijk_map[:3, :3][::-1, ::-1]
+    offset = ijk_map[:3, 3][::-1]
+    return ndimage.affine_transform(labels.array, matrix, offset, output_shape=reference.array.shape, order=0, mode="constant", cval=0)

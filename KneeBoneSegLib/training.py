@@ -17,7 +17,7 @@ the paper, with what a network trained on very few scans needs to generalise:
   and scaling (all in one resampling of the sub-volume), then gamma, bias
   field, contrast and noise.
 - **Loss** binary cross-entropy (the paper's) plus ``dice_weight`` times the
-  soft Dice loss of the batch (0 by default); Adam.
+  soft Dice loss of the batch (1.0 by default; 0 is the paper's loss alone); Adam.
 - **Validation** on a fixed, seeded sample of unaugmented sub-volumes of the
   training data; the model file holds the weights of the best validation loss.
 - **Exact resume.** After every epoch (and when ``progress`` cancels) a
@@ -646,7 +646,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=default.epochs, help="(default: %(default)s)")
     parser.add_argument("--steps-per-epoch", type=int, default=default.steps_per_epoch, help="batches per epoch (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=default.batch_size, help="sub-volumes per batch (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s, the paper's)")
+    parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s; the paper used 1e-4)")
     parser.add_argument("--dice-weight", type=float, default=default.dice_weight, help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)")
     parser.add_argument("--boundary-fraction", type=float, default=default.boundary_fraction,
                         help="share of sub-volumes centred near a bone boundary (default: %(default)s)")

@@ -106,7 +106,7 @@ def main() -> None:
         high = fused_on_input_grid(maps[sides["high"]], projections, fusion, truth.shape)
         probability[..., split:] = high[..., split:]
         del high
-        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius, fill_holes=fill, surfaces=False)
+        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius, closing_units="voxels", fill_holes=fill, surfaces=False)
         labels = postprocess(Volume(probability, scan.geometry), options).labels
         rows[name] = evaluate_labels(labels, truth, spacing)
         if name == VARIANTS[0][0] and args.labels_out:

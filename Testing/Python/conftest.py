@@ -74,6 +74,73 @@ def threshold_network(patch_size: int = 16):
     return network
 
 
+def sagittal_geometry(spacing=(0.4, 0.4, 3.0), tilt_deg: float = 10.0, origin=(12.0, -30.0, 40.0)):
+    """A sagittally acquired grid, tilted ``tilt_deg`` about the left-right axis (LPS).
+
+    Image axis i runs anterior to posterior, j superior to inferior (the
+    in-plane rows and columns of a sagittal slice) and k right to left across
+    the slices, as a DICOM sagittal series is stored: the array axes are in
+    none of the axial order's places.
+    """
+    from KneeBoneSegLib.volume import Geometry
+
+    angle = np.radians(tilt_deg)
+    tilt = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    columns = tilt @ np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]]).T  # i, j, k
+    return Geometry(spacing, origin, columns.ravel())
+
+
+def patient_phantom(shape, geometry):
+    """:func:`knee_phantom`'s three bones placed in patient millimetres, voxelised on any grid.
+
+    Returns ``(image, labels)`` on ``geometry`` (array shape ``shape``, k, j, i):
+    femur superior (LPS +z), tibia below it, patella anterior (LPS -y).
+    """
+    k, j, i = np.indices(shape, dtype=float)
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
+    centre = geometry.index_to_lps((np.asarray(shape[::-1], float)[None] - 1) / 2)[0]
+    x, y, z = (geometry.index_to_lps(ijk) - centre).T.reshape(3, *shape)
+
+    def ellipsoid(cx, cy, cz, rx, ry, rz):
+        return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1
+
+    labels = np.zeros(shape, np.uint8)
+    labels[ellipsoid(0, 2, 9, 9, 7, 8)] = 1
+    labels[ellipsoid(0, 2, -10, 8, 6, 6)] = 2
+    labels[ellipsoid(0, -9, 3, 3.5, 2, 3)] = 3
+    image = np.where(labels > 0, 900.0, 100.0) + np.random.default_rng(7).normal(0, 20, shape)
+    return image.astype(np.float32), labels
+
+
+def position_network(patch_size: int = 16, widths=(3, 5)):
+    """A real Keras model whose output depends on where a voxel lies in its sub-volume.
+
+    The :func:`threshold_network`'s bone call, then averaged over a box of
+    ``widths`` voxels along the sub-volume's last two axes with zero padding:
+    near those faces the probability falls (as a U-Net's does near a
+    sub-volume's faces), differently along each, and not along the first
+    axis, so the three projections (which present the patient axes in
+    different orders) predict three different maps.
+    """
+    import keras
+
+    inputs = keras.Input((patch_size, patch_size, patch_size, 1))
+    threshold = keras.layers.Conv3D(1, 1, activation="sigmoid")
+    average = keras.layers.Conv3D(1, (1, *widths), padding="same", use_bias=False)
+    network = keras.Model(inputs, average(threshold(inputs)))
+    threshold.set_weights([np.full((1, 1, 1, 1, 1), 40.0, np.float32), np.array([-20.0], np.float32)])
+    average.set_weights([np.full((1, *widths, 1, 1), 1.0 / np.prod(widths), np.float32)])
+    return network
+
+
+def position_network_tile(tile: np.ndarray, widths=(3, 5)) -> np.ndarray:
+    """What :func:`position_network` computes for one sub-volume, in numpy (to check against)."""
+    called = 1.0 / (1.0 + np.exp(-(40.0 * tile.astype(np.float64) - 20.0)))
+    (a, b), (n, m) = widths, tile.shape[1:]
+    padded = np.pad(called, [(0, 0), (a // 2, a // 2), (b // 2, b // 2)])
+    return sum(padded[:, p : p + n, q : q + m] for p in range(a) for q in range(b)) / (a * b)
+
+
 def write_threshold_onnx(path, card=None, patch_size: int = 16):
     """Write the same threshold network as :func:`threshold_network`, as an ONNX file (with ``card`` beside it).
 

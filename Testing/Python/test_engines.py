@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +186,8 @@ def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_chec
         f"result = segment(read_volume({str(tmp_path / 'knee.nrrd')!r}), model, SegmentOptions(projections=1, surfaces=False))\n"
         "print(json.dumps({'module': models.__file__, 'model': str(model.path), 'engine': result.report['engine']['engine']}))\n"
     )
-    completed = subprocess.run([str(env_python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    outside_checkout = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    completed = subprocess.run([str(env_python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=outside_checkout)
     assert completed.returncode == 0, completed.stderr
     ran = json.loads(completed.stdout.strip().splitlines()[-1])
     assert str(root) not in ran["module"] and str(root) not in ran["model"]  # neither the code nor the model came from the checkout

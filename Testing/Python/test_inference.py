@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import position_network, position_network_tile
 
 from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_volume, tile_corners, tile_weights
-from KneeBoneSegLib.projections import VIEWS, fuse_probabilities, predict_projections
+from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
 
 
 def identity_network(patch_size: int):
@@ -97,7 +98,7 @@ def test_projections_come_back_on_the_input_grid(rng):
         return view * 2
 
     maps = predict_projections(image, predict, projections=3)
-    assert seen == {name: tuple(image.shape[a] for a in order) for name, order in VIEWS.items()}
+    assert seen == {name: tuple(image.shape[a] for a in order) for name, order in view_orders().items()}
     assert len(set(seen.values())) == 3
     for fused in maps:
         np.testing.assert_array_equal(fused, image * 2)
@@ -111,3 +112,29 @@ def test_fusion_rules_are_or_majority_and_mean():
     np.testing.assert_allclose(fuse_probabilities(maps, "mean"), [0.4, 0.5666667, 0.4333333, 0.2], atol=1e-6)
     with pytest.raises(ValueError, match="fusion"):
         fuse_probabilities(maps, "and")
+
+
+def test_overlapping_tiles_are_weighted_by_place_then_averaged_or_ored(rng):
+    # A network whose answer for a voxel depends on where it lies in the tile: tiles disagree
+    # where they overlap, so each aggregation gives its own, computable answer.
+    image = (rng.random((24, 24, 40)) > 0.6).astype(np.float32)
+    patch, stride = 16, 8
+    padded = np.zeros(padded_shape(image.shape, patch, stride), np.float32)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    weights = tile_weights(patch).astype(np.float64)
+    weighted, weight_sum, uniform, count = (np.zeros(padded.shape) for _ in range(4))
+    ored = np.zeros(padded.shape, bool)
+    for corner in tile_corners(padded.shape, patch, stride):
+        region = tuple(slice(c, c + patch) for c in corner)
+        tile = position_network_tile(padded[region])
+        weighted[region] += weights * tile
+        weight_sum[region] += weights
+        uniform[region] += tile
+        count[region] += 1
+        ored[region] |= tile >= 0.5
+    crop = tuple(slice(0, n) for n in image.shape)
+    network = position_network(patch)
+    mean = predict_volume(image, network, patch, stride, 4, "mean")
+    np.testing.assert_allclose(mean, (weighted / weight_sum)[crop], atol=1e-5)
+    assert np.abs(mean - (uniform / count)[crop]).max() > 0.05  # the Gaussian weights matter here
+    np.testing.assert_array_equal(predict_volume(image, network, patch, stride, 4, "or"), ored[crop])

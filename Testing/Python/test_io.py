@@ -369,4 +369,21 @@ def test_read_mask_of_the_sample_label_map(sample_dir, sample_labels):
     mask = read_mask(sample_dir / "knee_bones_labels.nrrd")
 
     assert mask.geometry == sample_labels.geometry
-    assert np.bincount(mask.array.ravel()).tolist()[1:] == [3964981, 2275584, 426609]  # the README's counts
+    assert np.bincount(mask.array.ravel()).tolist()[1:] == [3964981, 2275584, 426609]  # femur, tibia, patella voxels of the published label map
+
+
+def test_overlapping_reads_in_threads_leave_itk_warnings_as_they_were():
+    from KneeBoneSegLib.io import _itk_warnings_off
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    try:
+        sitk.ProcessObject.SetGlobalWarningDisplay(True)
+        first, second = _itk_warnings_off(), _itk_warnings_off()
+        first.__enter__()  # one thread starts a read
+        second.__enter__()  # another starts one before the first ends
+        first.__exit__(None, None, None)
+        assert not sitk.ProcessObject.GetGlobalWarningDisplay()  # still silenced for the read going on
+        second.__exit__(None, None, None)
+        assert sitk.ProcessObject.GetGlobalWarningDisplay()  # on again, as before both reads
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)

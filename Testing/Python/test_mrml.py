@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import knee_phantom
@@ -251,3 +253,99 @@ def test_console_workflow_from_volume_node_to_stl(scene, tmp_path):
     for bone in BONES:
         found, expected = result.labels == bone.label, truth == bone.label
         assert 2 * np.count_nonzero(found & expected) / (np.count_nonzero(found) + np.count_nonzero(expected)) > 0.9
+
+
+TERMINOLOGY_FILE = Path(__file__).resolve().parents[2] / "KneeBoneSeg" / "Resources" / "Terminologies" / "SegmentationCategoryType-KneeBoneSeg.term.json"
+
+
+def _segment_tag(segment) -> str:
+    import vtk
+
+    tag = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+    return str(tag)
+
+
+def test_every_bone_resolves_in_the_terminology_the_extension_ships(scene, phantom):
+    """Slicer's terminology logic, given the extension's file, finds each segment's category and type."""
+    _, labels, geometry = phantom
+    node = labels_to_segmentation_node(labels, geometry, scene)
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    loaded = logic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+    assert loaded, f"Slicer cannot load {TERMINOLOGY_FILE.name}"
+
+    categories = []
+    for n in range(logic.GetNumberOfCategoriesInTerminology(loaded)):
+        category = slicer.vtkSlicerTerminologyCategory()
+        assert logic.GetNthCategoryInTerminology(loaded, n, category)
+        categories.append(category)
+    for bone in BONES:
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(_segment_tag(node.GetSegmentation().GetSegment(bone.name)), entry)
+        assert entry.GetTerminologyContextName() == loaded, "the segment names a terminology the extension does not ship"
+        (category,) = [c for c in categories if (c.GetCodingSchemeDesignator(), c.GetCodeValue()) == ("SCT", SNOMED_ANATOMICAL_STRUCTURE)]
+        types = []
+        for n in range(logic.GetNumberOfTypesInTerminologyCategory(loaded, category)):
+            found = slicer.vtkSlicerTerminologyType()
+            assert logic.GetNthTypeInTerminologyCategory(loaded, category, n, found)
+            types.append(found)
+        (bone_type,) = [t for t in types if (t.GetCodingSchemeDesignator(), t.GetCodeValue()) == ("SCT", SNOMED_BONE_STRUCTURE[bone.name])]
+        assert bone_type.GetCodeMeaning() == entry.GetTypeObject().GetCodeMeaning()
+        np.testing.assert_allclose(np.array(bone_type.GetRecommendedDisplayRGBValue()) / 255, bone.color, atol=0.5 / 255)
+
+
+def test_reference_geometry_of_a_transformed_oblique_volume_is_the_volume_grid(scene, phantom):
+    import vtk
+
+    image, labels, _ = phantom
+    volume_node = volume_to_node(Volume(image, OBLIQUE), scene, "knee MRI")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = vtk.vtkMatrix4x4()
+    moved.DeepCopy(np.block([[ROTATION.T, np.array([[50.0], [-20.0], [10.0]])], [np.zeros((1, 3)), np.ones((1, 1))]]).ravel())
+    transform.SetMatrixTransformToParent(moved)
+    volume_node.SetAndObserveTransformNodeID(transform.GetID())
+
+    node = labels_to_segmentation_node(labels, volume_from_node(volume_node).geometry, scene, reference_volume_node=volume_node)
+    reference = slicer.vtkOrientedImageData()
+    parameter = node.GetSegmentation().GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(parameter, reference)
+    reference_to_local = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(reference_to_local)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    # The segmentation sits under the volume's transform, so its reference grid is the volume's own, untransformed.
+    from KneeBoneSegLib.mrml import matrix_to_array
+
+    np.testing.assert_allclose(matrix_to_array(reference_to_local), matrix_to_array(ijk_to_ras), atol=1e-6)
+    assert reference.GetDimensions() == volume_node.GetImageData().GetDimensions()
+
+
+def _show_3d_off_and_on(node):
+    """What Slicer's Show 3D button does when toggled off then on, then its smoothing menu (qMRMLSegmentationShow3DButton)."""
+    segmentation = node.GetSegmentation()
+    if segmentation.GetSourceRepresentationName() != CLOSED_SURFACE:
+        segmentation.RemoveRepresentation(CLOSED_SURFACE)
+    segmentation.CreateRepresentation(CLOSED_SURFACE)
+    segmentation.SetConversionParameter("Smoothing factor", "0.9")
+    if segmentation.ContainsRepresentation(CLOSED_SURFACE):
+        segmentation.CreateRepresentation(CLOSED_SURFACE, True)
+
+
+def test_library_surfaces_survive_show_3d_and_smoothing_toggles(scene, phantom, tmp_path):
+    _, labels, geometry = phantom
+    surfaces = {bone.key: bone_surface(labels == bone.label, geometry, smoothing_iterations=5)[0] for bone in BONES}
+    node = labels_to_segmentation_node(labels, geometry, scene, surfaces=surfaces, name="knee")
+    before = {path.name: read_stl(path) for path in export_segments_to_stl(node, tmp_path / "before")}
+
+    _show_3d_off_and_on(node)
+    after = {path.name: read_stl(path) for path in export_segments_to_stl(node, tmp_path / "after")}
+    assert sorted(after) == sorted(before) == ["knee_Femur.stl", "knee_Patella.stl", "knee_Tibia.stl"]
+    for name, mesh in before.items():
+        np.testing.assert_array_equal(after[name].vertices, mesh.vertices, err_msg=name)
+        np.testing.assert_array_equal(after[name].faces, mesh.faces, err_msg=name)
+    for bone in BONES:
+        assert len(after[f"knee_{bone.name}.stl"].faces) == len(surfaces[bone.key].faces), "not the library's surface"
+        assert enclosed_volume(after[f"knee_{bone.name}.stl"]) == pytest.approx(enclosed_volume(surfaces[bone.key]), rel=1e-4)
+    # The labels stay what the 2D views show.
+    labelmap = node.GetSegmentation().GetSegment("Femur").GetRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+    assert labelmap is not None

@@ -363,3 +363,19 @@ def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
 
     assert path.read_text() == "old"
     assert names_in(tmp_path) == ["labels.nii.gz"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_runs_into_the_same_new_or_empty_folder_do_not_replace_each_other(tmp_path, existing):
+    outdir = tmp_path / "out"
+    if existing:
+        outdir.mkdir()
+    first, second = output_directory(outdir), output_directory(outdir)
+    first_staging, second_staging = first.__enter__(), second.__enter__()  # both started while the folder was empty
+    (first_staging / "summary.json").write_text("first")
+    (second_staging / "summary.json").write_text("second")
+    first.__exit__(None, None, None)
+    with pytest.raises(OutputError, match="already holds files"):
+        second.__exit__(None, None, None)
+    assert (outdir / "summary.json").read_text() == "first"
+    assert sorted(p.name for p in outdir.iterdir()) == ["summary.json"] and not second_staging.exists()

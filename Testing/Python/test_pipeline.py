@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from conftest import knee_phantom, write_threshold_onnx
+from conftest import knee_phantom, position_network, write_threshold_onnx
 
 from KneeBoneSegLib.errors import Cancelled, InputError
 from KneeBoneSegLib.models import Model, ModelCard, load_model
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.volume import Volume
 
 MINMAX = {"method": "minmax"}
@@ -51,10 +53,10 @@ def test_segment_reports_stages_in_order_and_can_be_cancelled(phantom, model):
     assert stages[0] == "normalise" and stages.index("network: axial") < stages.index("components") < stages.index("closing")
 
     def stop_in_network(stage, fraction):
-        if stage.startswith("network") and fraction > 0:
-            raise KeyboardInterrupt("user pressed Cancel")
+        if stage.startswith("network: ") and fraction > 0:
+            raise RuntimeError("user pressed Cancel")  # what a GUI's callback raises: an ordinary exception
 
-    with pytest.raises((Cancelled, KeyboardInterrupt)):
+    with pytest.raises(Cancelled, match="stopped during network: axial: user pressed Cancel"):
         segment(Volume(image, geometry), model, SegmentOptions(projections=1), progress=stop_in_network)
 
 
@@ -95,3 +97,25 @@ def test_a_stride_other_than_the_cards_changes_the_tiling_and_still_segments(pha
         batches[stride] = round(1 / min(f for f in seen if f > 0))
         assert _dice(result.labels > 0, truth > 0) > 0.97
     assert batches == {None: 7 * 7 * 8, 16: 4 * 4 * 5}  # the card's stride 8 on 72 x 64 x 64, then 16
+
+
+def test_projection_and_fusion_variants_give_their_own_maps(phantom):
+    image, _, geometry = phantom
+    # A network whose output depends on where a voxel lies in its sub-volume, differently along
+    # each axis: each projection (the patient axes in another order) predicts its own map.
+    model = Model(position_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
+    options = SegmentOptions(closing_radius=0, fill_holes=False, surfaces=False)
+    volume = Volume(image, geometry)
+    maps = predict_projection_maps(volume, model, options)
+    assert len(maps) == 3 and all(not np.allclose(a, b, atol=1e-3) for a, b in ((maps[0], maps[1]), (maps[0], maps[2]), (maps[1], maps[2])))
+    expected = {
+        "or": np.max(maps, axis=0),
+        "vote": np.median(maps, axis=0),
+        "mean": np.mean(maps, axis=0),
+    }
+    for fusion, fused in expected.items():
+        result = segment(volume, model, replace(options, fusion=fusion))
+        np.testing.assert_allclose(result.probability, fused, atol=1e-6, err_msg=fusion)
+    one = segment(volume, model, replace(options, projections=1)).probability
+    np.testing.assert_allclose(one, maps[0], atol=1e-6)
+    assert len({round(float(m.sum()), 1) for m in (*expected.values(), one)}) == 4

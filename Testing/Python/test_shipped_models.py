@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.models import SHIPPED_MODEL, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
@@ -40,14 +42,37 @@ def sample_scan(sample_dir):
     return read_volume(sample_dir / "knee_mri.nrrd"), read_volume(sample_dir / "knee_bones_labels.nrrd")
 
 
-def test_each_fold_model_segments_bone_on_the_side_it_never_trained_on(sample_scan):
+#: How far each bone's Dice may stray from the figure in the shipped model's card. The card's
+#: figures (bench/heldout_table.py) come from each fold predicting the whole scan; here each
+#: predicts only its side and one sub-volume (32 voxels of 0.7 mm, 64 of the scan) past the split,
+#: to save a third of the time. Each crop is then normalised by its own percentiles, which moves
+#: the patella's Dice by 0.011 (0.9483 against the card's 0.9377, measured on 2 CPU cores with the
+#: Keras engine before the move to ONNX Runtime, which gives the same labels).
+CARD_TOLERANCE = 0.015
+MARGIN = 64
+
+
+def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
+    from KneeBoneSegLib.pipeline import postprocess, predict_projection_maps
+    from KneeBoneSegLib.projections import fuse_probabilities
+    from KneeBoneSegLib.resampling import resample_to_shape
+
     image, truth = sample_scan
-    models = [load_model(MODELS / name) for name in FOLDS]
-    right, left = (model.card.heldout for model in models)
-    split = (right["from"] + left["to"]) // 2  # the middle of the range both folds held out
-    # 128 voxels (45 mm) of each model's held-out side next to the split, where the bones are.
-    for model, start in zip(models, (split, split - 128)):
-        box = (slice(None), slice(100, 420), slice(start, start + 128))
-        crop = Volume(image.array[box], image.geometry.cropped((0, 100, start)))
-        result = segment(crop, model, SegmentOptions(surfaces=False))  # the default pipeline
-        assert dice(result.labels > 0, truth.array[box] > 0) > 0.9, model.card.name
+    card = load_model(MODELS / SHIPPED_MODEL).card.quality["heldout"]
+    assert card["pipeline"] == "3 projections, OR fusion, closing 9, fill (default)"
+    right, left = (load_model(MODELS / name) for name in FOLDS)
+    split = (right.card.heldout["from"] + left.card.heldout["to"]) // 2  # where the card's stitching cut
+    assert f"at {split}" in card["protocol"]
+    probability = np.empty(image.array.shape, np.float32)
+    for model, side, box in ((left, slice(0, split), slice(0, split + MARGIN)), (right, slice(split, None), slice(split - MARGIN, None))):
+        crop = Volume(image.array[..., box], image.geometry.cropped((0, 0, box.start)))
+        fused = fuse_probabilities(predict_projection_maps(crop, model, SegmentOptions(projections=3)), "or")
+        fused = resample_to_shape(fused, crop.array.shape, order=1)
+        probability[..., side] = fused[..., side.start - box.start : (side.stop or image.array.shape[2]) - box.start]
+    options = SegmentOptions(fusion="or", closing_radius=9, closing_units="voxels", fill_holes=True, surfaces=False)
+    result = postprocess(Volume(probability, image.geometry), options)
+    assert result.report["missing"] == []
+    # Each label is the bone the ground truth calls by that name, and scores as the card says.
+    scores = {bone.key: dice(result.labels == bone.label, truth.array == bone.label) for bone in BONES}
+    figures = {key: card["metrics"][key]["dice"] for key in scores}
+    assert all(abs(scores[key] - figures[key]) <= CARD_TOLERANCE for key in scores), (scores, figures)

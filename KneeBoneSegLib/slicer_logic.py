@@ -1,0 +1,242 @@
+"""What the Slicer module does with a segmentation run, without Qt or the Slicer application.
+
+The module's widget and logic (``KneeBoneSeg.py``) only add the buttons, the
+dialogs and a timer around this; here are the parts that decide where results
+go and what is kept, tested with real MRML nodes (``slicer-core``) and real
+worker processes:
+
+- A run is bound to the nodes it started with: its results go to *that*
+  volume's segmentation, whatever is selected when it ends.
+- The network's output of the last run is kept so that changing only the
+  closing or smoothing re-runs the fast post-processing; it is reused only
+  while the volume, its voxels, its placement in the world and the network
+  settings are all unchanged.
+- Every temporary folder is removed: on Cancel, on failure (of the run or of
+  loading its results), when the kept output is replaced or discarded (scene
+  close), and when the module is cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from .worker import WorkerProcess, worker_environment
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The settings that change the network's output (the device does not: CPU and GPU agree)."""
+
+    projections: int
+    fusion: str
+    model_path: str = ""
+
+    def arguments(self) -> List[str]:
+        arguments = ["--projections", str(self.projections), "--fusion", self.fusion]
+        return arguments + (["--model", str(self.model_path)] if self.model_path else [])
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """The settings that only change the post-processing of the network's output."""
+
+    closing_radius: float
+    closing_units: str
+    smoothing_iterations: int
+
+    def arguments(self) -> List[str]:
+        return [
+            "--closing-radius", str(self.closing_radius), "--closing-units", self.closing_units,
+            "--smoothing-iterations", str(int(self.smoothing_iterations)),
+        ]  # fmt: skip
+
+
+@dataclass
+class SegmentationRun:
+    """One background run, bound to the nodes it was started with.
+
+    Attributes
+    ----------
+    volume_node_id : str
+        The segmented volume.
+    segmentation_node_id : str or None
+        Where the bones go; None: a new segmentation node.
+    reuse_key : tuple or None
+        For a network run: the volume placement and network settings its
+        probability map belongs to. None for a post-processing-only run.
+    worker : WorkerProcess
+    report : dict or None
+        The run's ``summary.json``, once loaded.
+    """
+
+    volume_node_id: str
+    segmentation_node_id: Optional[str]
+    reuse_key: Optional[tuple]
+    worker: WorkerProcess
+    report: Optional[dict] = field(default=None)
+
+    @property
+    def work_folder(self) -> Path:
+        return self.worker.work_folder
+
+
+class SegmentationRuns:
+    """Starts, finishes and cleans up the segmentation runs of one Slicer session.
+
+    Parameters
+    ----------
+    python_command : sequence of str
+        How to start Slicer's Python (``[PythonSlicer]``; ``[sys.executable]`` outside Slicer).
+    library_folder : str
+        The folder that holds ``KneeBoneSegLib``.
+    temporary_folder : str
+        Where work folders are made (Slicer's temporary folder).
+    """
+
+    def __init__(self, python_command: Sequence[str], library_folder: str, temporary_folder: str):
+        self.python_command = list(python_command)
+        self.library_folder = library_folder
+        self.temporary_folder = temporary_folder
+        self._kept = None  # (reuse key, work folder holding output/probability.nrrd)
+        self._running: List[SegmentationRun] = []
+
+    @property
+    def running(self) -> List[SegmentationRun]:
+        return list(self._running)
+
+    @staticmethod
+    def reuse_key(volume_node, network: NetworkSettings) -> tuple:
+        from .mrml import volume_placement
+
+        return (volume_placement(volume_node), network)
+
+    def can_reuse(self, volume_node, network: NetworkSettings) -> bool:
+        """True when the kept network output belongs to this volume, placed as it is now, and these settings."""
+        return self._kept is not None and volume_node is not None and self._kept[0] == self.reuse_key(volume_node, network)
+
+    def start(
+        self,
+        volume_node,
+        segmentation_node,
+        network: NetworkSettings,
+        postprocess: PostprocessSettings,
+        device: str = "auto",
+        on_progress: Optional[Callable[[str, float], None]] = None,
+    ) -> SegmentationRun:
+        """Start segmenting ``volume_node`` into ``segmentation_node`` (None: a new node) in the background.
+
+        When the kept network output fits (:meth:`can_reuse`), only the
+        post-processing runs again, from it.
+        """
+        from .io import write_volume
+        from .mrml import volume_from_node
+
+        work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=self.temporary_folder))
+        output = str(work_folder / "output")
+        try:
+            if self.can_reuse(volume_node, network):
+                probability = str(self._kept[1] / "output" / "probability.nrrd")
+                arguments, reuse_key = ["postprocess", probability, "-o", output], None
+            else:
+                input_path = work_folder / "input.nrrd"
+                write_volume(volume_from_node(volume_node), input_path)
+                arguments = ["segment", str(input_path), "-o", output, *network.arguments(), "--device", device, "--save-probability"]
+                reuse_key = self.reuse_key(volume_node, network)
+            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments, *postprocess.arguments(), "--progress", "json"]
+            worker = WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
+        except BaseException:
+            shutil.rmtree(work_folder, ignore_errors=True)
+            raise
+        run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker)
+        self._running.append(run)
+        return run
+
+    def finish(self, run: SegmentationRun, scene):
+        """Load an ended run's bones into the nodes it is bound to; returns the segmentation node.
+
+        The volume must still be in ``scene``; the bound segmentation node is
+        filled, or a new one made when there was none or it has been removed
+        meanwhile. The run's folder is kept (for a network run, as the
+        output to re-post-process) or removed, also when loading fails.
+
+        Raises
+        ------
+        RuntimeError
+            With the run's message when it was cancelled or failed, or when
+            its volume has been removed from the scene.
+        """
+        from .io import read_volume
+        from .mrml import labels_to_segmentation_node, mark_verdicts
+        from .surfaces import read_stl
+
+        worker = run.worker
+        if worker.poll():
+            raise RuntimeError("the run has not ended yet")
+        if run in self._running:
+            self._running.remove(run)
+        try:
+            if worker.cancelled or worker.error or worker.outputs is None:
+                raise RuntimeError(worker.error or "the run was cancelled")
+            volume_node = scene.GetNodeByID(run.volume_node_id)
+            if volume_node is None:
+                raise RuntimeError("the segmented volume was removed from the scene while it was segmented")
+            outputs = {Path(path).name: Path(path) for path in worker.outputs}
+            labels = read_volume(outputs["segmentation.seg.nrrd"])
+            # "femur.stl", or "femur.failed.stl" for a bone that failed its checks
+            surfaces = {name.split(".")[0]: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
+            run.report = json.loads(outputs["summary.json"].read_text(encoding="utf-8"))
+            target = scene.GetNodeByID(run.segmentation_node_id) if run.segmentation_node_id else None
+            if target is None:
+                target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", volume_node.GetName() + " bones")
+            node = labels_to_segmentation_node(labels.array, labels.geometry, target, reference_volume_node=volume_node, surfaces=surfaces)
+            mark_verdicts(node, run.report["verdict"])
+        except BaseException:
+            shutil.rmtree(run.work_folder, ignore_errors=True)
+            raise
+        self._keep(run)
+        return node
+
+    def cancel(self, run: SegmentationRun) -> None:
+        """Stop a run and its processes; its folder is removed."""
+        run.worker.cancel()
+        if run in self._running:
+            self._running.remove(run)
+
+    def discard_kept(self) -> None:
+        """Forget the kept network output and remove its folder (e.g. when the scene closes)."""
+        if self._kept is not None:
+            shutil.rmtree(self._kept[1], ignore_errors=True)
+            self._kept = None
+
+    def close(self) -> None:
+        """Cancel every run and remove every folder (module cleanup, application exit)."""
+        for run in self.running:
+            self.cancel(run)
+        self.discard_kept()
+
+    def _keep(self, run: SegmentationRun) -> None:
+        if run.reuse_key is None:
+            shutil.rmtree(run.work_folder, ignore_errors=True)
+            return
+        self.discard_kept()
+        (run.work_folder / "input.nrrd").unlink(missing_ok=True)
+        self._kept = (run.reuse_key, run.work_folder)
+
+
+def export_folder(remembered: str, scene_folder: str, documents_folder: str) -> Path:
+    """Where STL files go by default: the last folder used, else the scene's, else the user's documents.
+
+    A folder is taken only when it is an existing absolute path, so an
+    unsaved scene's ``"."`` (Slicer's working directory, often the
+    application's own folder) is never chosen.
+    """
+    for candidate in (remembered, scene_folder):
+        if candidate and os.path.isabs(candidate) and os.path.isdir(candidate):
+            return Path(candidate)
+    return Path(documents_folder)

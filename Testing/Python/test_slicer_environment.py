@@ -1,0 +1,111 @@
+"""What the Slicer module's first use installs, and how it checks what is already there.
+
+The install itself runs in CI (``.ci/slicer_python.sh``): a virtual
+environment per supported Slicer, with the Python and the numpy, scipy,
+and SimpleITK versions that Slicer ships, plus exactly
+:func:`first_use_requirements`. There ``KNEEBONESEG_SLICER`` names the Slicer
+version, and the last test checks the environment is what it claims to be.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from KneeBoneSegLib.slicer_environment import (
+    FIRST_USE,
+    SLICER_RELEASES,
+    first_use_requirements,
+    install_plan,
+    installed_version,
+    main,
+    requirement_problems,
+    shipped_requirements,
+    version_tuple,
+)
+
+
+def _installed(folder, distribution, version):
+    """A package's metadata as pip leaves it in site-packages."""
+    info = folder / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+
+
+def test_supported_slicers_and_their_pythons():
+    assert {version: release["python"] for version, release in SLICER_RELEASES.items()} == {"5.6": "3.9", "5.8": "3.9", "5.10": "3.12"}
+    for release in SLICER_RELEASES.values():
+        assert set(release["shipped"]) == {"numpy", "scipy", "SimpleITK"}
+
+
+@pytest.mark.parametrize("slicer_version", sorted(SLICER_RELEASES))
+def test_first_use_installs_the_onnx_runtime_not_tensorflow(slicer_version):
+    python = version_tuple(SLICER_RELEASES[slicer_version]["python"])
+    requirements = first_use_requirements(python)
+    names = {requirement.split("==")[0].lower() for requirement in requirements}
+    assert names == {"onnxruntime", "scikit-image", "slicerio", "tqdm"}
+    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "torch", "jax"}
+    assert not names & {name.lower() for name in SLICER_RELEASES[slicer_version]["shipped"]}, "never replace what Slicer ships"
+    pins, megabytes = install_plan(dict.fromkeys(names, "not installed"), python)
+    assert sorted(pins) == sorted(requirements) and 20 < megabytes < 100
+
+
+def test_python_39_gets_the_last_releases_that_support_it():
+    on_39 = dict(requirement.split("==") for requirement in first_use_requirements((3, 9)))
+    on_312 = dict(requirement.split("==") for requirement in first_use_requirements((3, 12)))
+    # onnxruntime 1.20 and scikit-image 0.25 need Python 3.10.
+    assert version_tuple(on_39["onnxruntime"]) < (1, 20) <= version_tuple(on_312["onnxruntime"])
+    assert version_tuple(on_39["scikit-image"]) < (0, 25) <= version_tuple(on_312["scikit-image"])
+
+
+def test_problems_name_missing_and_too_old_packages(tmp_path):
+    site = tmp_path / "site-packages"
+    _installed(site, "scikit-image", "0.19.3")  # as another extension may have left it
+    _installed(site, "slicerio", "1.4.0")
+    _installed(site, "tqdm", "4.66.1")
+    problems = requirement_problems([str(site)])
+    assert problems == {
+        "onnxruntime": "not installed",
+        "scikit-image": "0.19.3 is installed; KneeBoneSeg needs 0.21 or later",
+    }
+    pins, _ = install_plan(problems, (3, 9))
+    assert [pin.split("==")[0] for pin in pins] == ["onnxruntime", "scikit-image"]
+
+    _installed(site, "onnxruntime", "1.19.2")
+    (site / "scikit_image-0.19.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scikit-image\nVersion: 0.24.0\n")
+    assert requirement_problems([str(site)]) == {}
+    assert installed_version("Scikit_Image", [str(site)]) == "0.24.0"
+
+
+def test_ci_reads_the_versions_from_here(capsys):
+    assert main(["shipped", "5.8"]) == 0
+    assert capsys.readouterr().out.split() == shipped_requirements("5.8")
+    assert main(["python", "5.10"]) == 0
+    assert capsys.readouterr().out.strip() == "3.12"
+    assert main(["first-use"]) == 0
+    assert capsys.readouterr().out.split() == first_use_requirements()
+    with pytest.raises(ValueError, match="not supported"):
+        shipped_requirements("5.2")
+
+
+@pytest.mark.skipif("KNEEBONESEG_SLICER" not in os.environ, reason="only in CI's stand-ins for Slicer's Python (.ci/slicer_python.sh)")
+def test_this_environment_is_the_slicer_it_stands_in_for():
+    release = SLICER_RELEASES[os.environ["KNEEBONESEG_SLICER"]]
+    assert sys.version_info[:2] == version_tuple(release["python"])
+    for distribution, version in release["shipped"].items():
+        assert installed_version(distribution) == version, distribution
+    assert requirement_problems() == {}
+    for requirement in FIRST_USE:
+        assert installed_version(requirement.distribution) == requirement.pin_for(sys.version_info[:2])[0]
+
+
+def test_minimum_versions_are_the_packages_dependencies():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)",?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M))
+    for requirement in FIRST_USE:
+        assert dependencies[requirement.distribution] == requirement.minimum, requirement.distribution

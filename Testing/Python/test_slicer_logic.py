@@ -1,0 +1,157 @@
+"""The Slicer module's run handling, on real MRML nodes (slicer-core) and real worker processes.
+
+What the widget adds on top (disabling the selectors and buttons while a run
+or an install is under way, the dialogs) needs the Slicer application and is
+checked in ``test_slicer_extension_files.py`` by reading the module's source.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import knee_phantom
+
+slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package has no MRML classes (install slicer-core)", allow_module_level=True)
+
+import vtk  # noqa: E402
+
+from KneeBoneSegLib.mrml import volume_from_node, volume_to_node  # noqa: E402
+from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings, SegmentationRuns, export_folder  # noqa: E402
+from KneeBoneSegLib.volume import Volume  # noqa: E402
+
+LIBRARY_FOLDER = str(Path(__file__).resolve().parents[2])
+NETWORK = NetworkSettings(projections=1, fusion="or")
+POSTPROCESS = PostprocessSettings(closing_radius=1.0, closing_units="voxels", smoothing_iterations=2)
+
+
+def _work_folders(folder: Path) -> list:
+    return sorted(path.name for path in folder.glob("KneeBoneSeg-*"))
+
+
+def _phantom_volume(scene, name, origin_shift=0.0):
+    image, _, geometry = knee_phantom(shape=(52, 48, 48))  # at least one 32^3 sub-volume on the model's 0.7 mm grid
+    geometry = type(geometry)(geometry.spacing, tuple(np.add(geometry.origin, (origin_shift, 0.0, 0.0))), geometry.direction)
+    return volume_to_node(Volume(image, geometry), scene, name)
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+    """One real network run (shipped model, one projection) on a small phantom, finished into its own node."""
+    temporary = tmp_path_factory.mktemp("slicer-temp")
+    scene = slicer.vtkMRMLScene()
+    knee = _phantom_volume(scene, "knee")
+    other = _phantom_volume(scene, "other knee", origin_shift=200.0)
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "knee bones")
+    runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(temporary))
+    progress = []
+    run = runs.start(knee, target, NETWORK, POSTPROCESS, device="cpu", on_progress=lambda stage, fraction: progress.append(stage))
+    # The user now picks the other volume and a new output; the run must not follow.
+    run.worker.wait()
+    assert run.worker.error is None, run.worker.error
+    node = runs.finish(run, scene)
+    return {"scene": scene, "runs": runs, "knee": knee, "other": other, "target": target, "node": node, "temporary": temporary, "progress": progress, "run": run}
+
+
+def test_a_run_fills_the_nodes_it_started_with(segmented):
+    scene, knee, target = segmented["scene"], segmented["knee"], segmented["target"]
+    assert segmented["node"] is target
+    assert target.GetSegmentation().GetNumberOfSegments() >= 1
+    assert segmented["progress"], "no progress arrived from the worker"
+    # The bones lie on the knee's grid, not on the other volume 200 mm away.
+    centre = np.array(target.GetSegmentCenterRAS(target.GetSegmentation().GetNthSegmentID(0)))
+    knee_bounds, other_bounds = [0.0] * 6, [0.0] * 6
+    knee.GetRASBounds(knee_bounds)
+    segmented["other"].GetRASBounds(other_bounds)
+    assert all(knee_bounds[2 * a] <= centre[a] <= knee_bounds[2 * a + 1] for a in range(3))
+    assert not all(other_bounds[2 * a] <= centre[a] <= other_bounds[2 * a + 1] for a in range(3))
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
+    assert segmented["run"].report["bones"] is not None
+
+
+def test_kept_network_output_is_reused_only_while_the_volume_stays_where_it_was(segmented):
+    runs, knee, scene = segmented["runs"], segmented["knee"], segmented["scene"]
+    assert runs.can_reuse(knee, NETWORK)
+    assert not runs.can_reuse(knee, NetworkSettings(projections=3, fusion="or"))
+    assert not runs.can_reuse(segmented["other"], NETWORK)
+
+    origin = knee.GetOrigin()
+    knee.SetOrigin(origin[0] + 5.0, origin[1], origin[2])
+    assert not runs.can_reuse(knee, NETWORK), "a moved origin must force a new network run"
+    knee.SetOrigin(*origin)
+    assert runs.can_reuse(knee, NETWORK)
+
+    spacing = knee.GetSpacing()
+    knee.SetSpacing(spacing[0] * 2, spacing[1], spacing[2])
+    assert not runs.can_reuse(knee, NETWORK), "a changed spacing must force a new network run"
+    knee.SetSpacing(*spacing)
+
+    directions = vtk.vtkMatrix4x4()
+    knee.GetIJKToRASDirectionMatrix(directions)
+    knee.SetIJKToRASDirections(0, 1, 0, 1, 0, 0, 0, 0, -1)
+    assert not runs.can_reuse(knee, NETWORK), "changed directions must force a new network run"
+    knee.SetIJKToRASDirectionMatrix(directions)
+    assert runs.can_reuse(knee, NETWORK)
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    knee.SetAndObserveTransformNodeID(transform.GetID())
+    assert runs.can_reuse(knee, NETWORK), "an identity parent transform places the voxels where they were"
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 50.0)
+    transform.SetMatrixTransformToParent(shift)
+    assert not runs.can_reuse(knee, NETWORK), "a parent transform change must force a new network run"
+    knee.SetAndObserveTransformNodeID(None)
+    assert runs.can_reuse(knee, NETWORK)
+
+
+def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmented):
+    runs, knee, scene, temporary = segmented["runs"], segmented["knee"], segmented["scene"], segmented["temporary"]
+    kept = _work_folders(temporary)
+    assert len(kept) == 1, "only the kept network output may remain after a run"
+
+    # Two post-processing runs at once: the first one's output node is deleted
+    # while it runs (a new one is made), the second one's volume is (it fails).
+    reapplied = runs.start(knee, segmented["target"], NETWORK, PostprocessSettings(0.0, "voxels", 0))
+    orphaned = runs.start(knee, None, NETWORK, POSTPROCESS)
+    assert reapplied.reuse_key is None and "postprocess" in reapplied.worker._process.args
+    scene.RemoveNode(segmented["target"])
+    reapplied.worker.wait()
+    orphaned.worker.wait()
+    node = runs.finish(reapplied, scene)
+    assert node.GetName() == "knee bones" and node.GetScene() is scene and node.GetSegmentation().GetNumberOfSegments() >= 1
+
+    scene.RemoveNode(knee)
+    with pytest.raises(RuntimeError, match="removed from the scene"):
+        runs.finish(orphaned, scene)
+    assert _work_folders(temporary) == kept, "finished or failed post-processing runs must not leave their folders"
+
+    runs.discard_kept()
+    assert _work_folders(temporary) == [], "closing the scene must remove the kept output"
+
+
+def test_close_stops_running_work_and_removes_every_folder(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    knee = _phantom_volume(scene, "knee")
+    runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(tmp_path))
+    run = runs.start(knee, None, NETWORK, POSTPROCESS, device="cpu")
+    assert _work_folders(tmp_path) and run.worker.poll()
+    runs.close()
+    assert _work_folders(tmp_path) == []
+    assert run.worker.cancelled and not run.worker.poll()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        runs.finish(run, scene)
+    assert volume_from_node(knee).array.shape == (52, 48, 48)
+
+
+def test_export_folder_is_never_the_working_directory(tmp_path):
+    documents = str(tmp_path / "Documents")
+    scene_folder = tmp_path / "scene"
+    scene_folder.mkdir()
+    assert export_folder("", ".", documents) == Path(documents)
+    assert export_folder("", str(scene_folder), documents) == scene_folder
+    assert export_folder(str(tmp_path), str(scene_folder), documents) == tmp_path
+    assert export_folder(str(tmp_path / "gone"), str(scene_folder), documents) == scene_folder

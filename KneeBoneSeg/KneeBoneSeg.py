@@ -565,11 +565,12 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def summary(run):
-        """One line: the bones found with their volumes, and the time taken."""
+        """One line: the verdict per bone with its first reason, the bones' volumes, and the time taken."""
+        from KneeBoneSegLib.verdicts import verdict_line
+
         bones = run.report.get("bones", {})
         found = ", ".join(f"{name} {bone['volume_mm3'] / 1000:.1f} cm³" for name, bone in bones.items()) or "no bones"
-        missing = run.report.get("missing") or []
-        return f"{found}{'; not found: ' + ', '.join(missing) if missing else ''} ({run.worker.seconds:.0f} s)."
+        return f"{verdict_line(run.report['verdict'])} | {found} ({run.worker.seconds:.0f} s)."
 
     def segment(
         self,
@@ -614,7 +615,10 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         -------
         vtkMRMLSegmentationNode
             Segments Femur, Tibia and Patella (those found), coloured and
-            coded with SNOMED CT, with the library's closed surfaces.
+            coded with SNOMED CT, with the library's closed surfaces. Its attribute
+            ``KneeBoneSeg.Verdict`` is ``ok``, ``review`` or ``failed`` and
+            ``KneeBoneSeg.VerdictReasons`` says why; a bone that is not ok
+            is named so ("Tibia (review)") and flagged.
 
         Raises
         ------

@@ -3,6 +3,9 @@
 Every sub-command calls the same library entry points as the Slicer module.
 A user error (bad path, unusable image, model that does not fit, output that
 exists) prints one line and exits with status 2; nothing partial is written.
+``segment`` and ``postprocess`` end with the verdict line (``OK``, ``REVIEW``
+or ``FAILED`` with the reasons per bone); when no bone passes, the outputs are
+written for inspection, marked failed, and the exit status is 3.
 With ``--progress json`` progress goes to stdout as one JSON object per line,
 which is how the Slicer module follows a run in its background process.
 """
@@ -21,6 +24,8 @@ from .errors import KneeBoneSegError
 log = logging.getLogger("kneeboneseg")
 
 EXIT_USER_ERROR = 2
+#: No bone passed (run verdict ``failed``): outputs written, for inspection only.
+EXIT_NO_BONE = 3
 
 
 class _Reporter:
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
+    seg.add_argument(
+        "--save-uncertainty", action="store_true",
+        help="also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look",
+    )  # fmt: skip
     _add_postprocess_options(seg, defaults)
 
     post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
@@ -155,6 +164,7 @@ def _options_from_args(args):
             setattr(options, name, getattr(args, name))
     if getattr(args, "all_tiles", False):
         options.skip_air_tiles = False
+    options.keep_uncertainty = getattr(args, "save_uncertainty", False)
     return options.validate()
 
 
@@ -176,6 +186,7 @@ def _run_segment(args, reporter: _Reporter) -> dict:
         inputs=[args.input, model.path],
         nifti=args.nifti,
         probability=args.save_probability,
+        uncertainty=args.save_uncertainty,
     )
 
 
@@ -260,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         reporter.error("interrupted; nothing was written")
         return 130
-    reporter.finish({"outputs": written["files"], "seconds": round(time.perf_counter() - start, 1)})
+    reporter.finish({"outputs": written["files"], "seconds": round(time.perf_counter() - start, 1), "verdict": written["verdict"]})
     if reporter.mode != "json":
         print(written["summary_line"])
-    return 0
+    return EXIT_NO_BONE if written["verdict"]["run"] == "failed" else 0
 
 
 if __name__ == "__main__":

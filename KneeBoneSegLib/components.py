@@ -7,18 +7,22 @@ tibia, the patella (the smallest) anterior to the femur and above the tibia.
 Choosing by place as well as size, rather than taking the three largest,
 keeps a false-positive blob of fat (bright like marrow, sometimes larger
 than the patella, but beside or behind the femur) from being called a bone.
-LPS: +y is posterior, +z is superior.
+A component is named only if its size and place fit that bone as well
+(:mod:`~KneeBoneSegLib.plausibility`); one that does not is reported as
+rejected, with the reasons. LPS: +y is posterior, +z is superior.
 """
 
 from __future__ import annotations
 
 import logging
 from itertools import permutations
+from typing import Callable
 
 import numpy as np
 
 from .anatomy import BONE_BY_KEY, BONES
 from .morphology import bounding_box
+from .plausibility import assignment_reasons, bone_reasons, measure_components
 from .volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,13 @@ def component_centroids(components: np.ndarray, count: int) -> np.ndarray:
     return np.stack(sums, axis=1) / counts[:, None]
 
 
-def name_components(centroids_lps: np.ndarray, sizes, candidates: int = 8) -> tuple[list[str], list[str]]:
+#: How many of the largest components are tried as bones.
+CANDIDATES = 8
+
+
+def name_components(
+    centroids_lps: np.ndarray, sizes, candidates: int = CANDIDATES, fits: Callable[[dict], bool] | None = None
+) -> tuple[list[str], list[str]]:
     """Bone names for components from their LPS centroids (mm) and sizes.
 
     Of the ``candidates`` largest components, the femur, tibia and patella are
@@ -84,10 +94,13 @@ def name_components(centroids_lps: np.ndarray, sizes, candidates: int = 8) -> tu
     femur above the tibia; the patella the smallest of the three, anterior to
     the femur and above the tibia. Without such a triple, the largest pair
     with the femur above the tibia (patella missing); one component is called
-    femur, with a warning. Returns one name per component (``""`` for a
+    femur, with a warning. ``fits({"femur": n, ...})`` says whether
+    components may bear those names (their size and place); only fitting
+    choices are made. Returns one name per component (``""`` for a
     component that is not one of the bones) and the warnings.
     """
     sizes = np.asarray(sizes)
+    fits = fits or (lambda assignment: True)
     names = [""] * len(sizes)
     warnings: list[str] = []
     top = range(min(len(sizes), candidates))
@@ -98,17 +111,19 @@ def name_components(centroids_lps: np.ndarray, sizes, candidates: int = 8) -> tu
         if superior[femur] > superior[tibia] < superior[patella]
         and posterior[patella] < posterior[femur]
         and sizes[patella] < min(sizes[femur], sizes[tibia])
+        and fits({"femur": femur, "tibia": tibia, "patella": patella})
     ]
-    pairs = [(femur, tibia) for femur, tibia in permutations(top, 2) if superior[femur] > superior[tibia]]
+    pairs = [(femur, tibia) for femur, tibia in permutations(top, 2) if superior[femur] > superior[tibia] and fits({"femur": femur, "tibia": tibia})]
+    singles = [femur for femur in top if fits({"femur": femur})]
     if triples:
         chosen = max(triples, key=lambda triple: sizes[list(triple)].sum())
     elif pairs:
         chosen = max(pairs, key=lambda pair: sizes[list(pair)].sum())
         if len(sizes) > 2:
             warnings.append("no component lies where the patella should (anterior to the femur, above the tibia); none is called patella")
-    elif len(sizes):
-        chosen = (0,)
-        warnings.append("only one bone-sized component was found (it may be several bones joined); it is called femur")
+    elif singles:
+        chosen = (singles[0],)
+        warnings.append("only one component fits a bone (it may be several bones joined); it is called femur")
     else:
         chosen = ()
     for index, name in zip(chosen, ("femur", "tibia", "patella")):
@@ -132,30 +147,45 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
     labels : ndarray of uint8
         0 background, 1 femur, 2 tibia, 3 patella (see :data:`~KneeBoneSegLib.anatomy.BONES`).
     report : dict
-        ``found`` (per bone: voxels and LPS centroid), ``missing`` (bone
-        names not found), ``dropped_voxels`` (in components that are not
-        bones), ``dropped_components`` (bone-sized ones among them) and ``warnings``.
+        ``found`` (per bone: voxels, LPS centroid, volume and extent),
+        ``missing`` (bone names not found), ``dropped_voxels`` (in components
+        that are not bones), ``dropped_components`` (bone-sized ones among
+        them), ``rejected`` (those of them that no bone's size fits, with
+        the reasons per bone) and ``warnings``.
     """
     components, sizes = largest_components(mask, count=None, min_fraction=min_fraction)
     labels = np.zeros(mask.shape, np.uint8)
-    report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "warnings": []}
+    report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "rejected": [], "warnings": []}
     if sizes:
         centroids_kji = component_centroids(components, len(sizes))
         centroids_lps = geometry.index_to_lps(centroids_kji[:, ::-1])
-        names, report["warnings"] = name_components(centroids_lps, sizes)
+        measures = measure_components(components, sizes, geometry, min(len(sizes), CANDIDATES))
+        names, report["warnings"] = name_components(centroids_lps, sizes, fits=lambda assignment: not assignment_reasons(assignment, measures))
         lookup = np.zeros(len(sizes) + 1, np.uint8)
         for n, name in enumerate(names):
             entry = {"voxels": sizes[n], "centroid_lps_mm": [round(float(c), 2) for c in centroids_lps[n]]}
+            if n < len(measures):
+                entry.update(measures[n].to_dict())
             if name:
                 lookup[n + 1] = BONE_BY_KEY[name].label
                 report["found"][name] = entry
             else:
                 report["dropped_components"].append(entry)
+                reasons = {bone.key: bone_reasons(bone.key, measures[n]) for bone in BONES} if n < len(measures) else {}
+                if reasons and all(reasons.values()):
+                    report["rejected"].append({**entry, "reasons": reasons})
         labels = lookup[components]
     report["dropped_voxels"] = int(np.count_nonzero(mask) - np.count_nonzero(labels))
     report["missing"] = [bone.key for bone in BONES if bone.key not in report["found"]]
-    if report["missing"]:
-        report["warnings"].append(f"not found: {', '.join(report['missing'])} (no bone-sized component where it should be)")
+    if report["missing"]:  # why components were not taken for the missing bones
+        report["warnings"] += [rejection_warning(entry) for entry in report["rejected"]]
+        report["warnings"].append(f"not found: {', '.join(report['missing'])} (no component of that bone's size where it should be)")
     for warning in report["warnings"]:
         log.warning(warning)
     return labels, report
+
+
+def rejection_warning(entry: dict) -> str:
+    """One line saying why a component was not named a bone, from its ``rejected`` report entry."""
+    why = "; ".join(f"not a {bone}: {reasons[0]}" for bone, reasons in entry["reasons"].items())
+    return f"a component of {entry['volume_cm3']:g} cm3 was not named a bone ({why})"

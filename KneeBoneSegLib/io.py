@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
+#: DICOM tags kept with a volume read from DICOM (``Volume.tags``, keyword: tag), for the input check
+#: against the model's card (``inputcheck``).
+DICOM_TAGS = {
+    "MagneticFieldStrength": "0018|0087",
+    "ScanningSequence": "0018|0020",
+    "SequenceName": "0018|0024",
+    "ScanOptions": "0018|0022",
+    "EchoTime": "0018|0081",
+    "InversionTime": "0018|0082",
+    "BodyPartExamined": "0018|0015",
+}
 # Largest ratio of voxel sizes the model handles without a warning: it was
 # trained on nearly isotropic scans (0.35 x 0.35 x 0.35 mm).
 ANISOTROPY_LIMIT = 2.0
@@ -216,8 +227,9 @@ def write_volume(volume: Volume, path) -> Path:
 
 
 def image_to_volume(image: sitk.Image) -> Volume:
-    """A SimpleITK image as a :class:`Volume` (array[k, j, i], geometry unchanged)."""
-    return Volume(sitk.GetArrayFromImage(image), Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection()))
+    """A SimpleITK image as a :class:`Volume` (array[k, j, i], geometry unchanged, :data:`DICOM_TAGS` it carries)."""
+    tags = {keyword: image.GetMetaData(tag).strip() for keyword, tag in DICOM_TAGS.items() if image.HasMetaDataKey(tag)}
+    return Volume(sitk.GetArrayFromImage(image), Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection()), tags)
 
 
 def volume_to_image(volume: Volume) -> sitk.Image:
@@ -306,6 +318,7 @@ def _read_dicom_series(folder: Path, series_uid: str, path: Path) -> sitk.Image:
 def _read_dicom_files(files, path: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -313,6 +326,9 @@ def _read_dicom_files(files, path: Path) -> sitk.Image:
             f"{path}: the DICOM series cannot be read ({_first_line(error)}); check that its files are whole"
         ) from None
     _require_3d_scalar(image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
+    for tag in DICOM_TAGS.values():  # the series reader keeps them per slice; the first slice's stand for the series
+        if reader.HasMetaDataKey(0, tag):
+            image.SetMetaData(tag, reader.GetMetaData(0, tag))
     return image
 
 

@@ -14,6 +14,8 @@ network needs and what it was trained on, so that the pipeline never guesses::
       "training": {...},               # data, augmentation, steps, time, machine
       "quality": {...},                # measured figures, with the data they were measured on
       "heldout": {"axis": "i", "from": 0, "to": 200},  # optional: voxels never trained on
+      "trained_on": {...},             # optional: field strength, sequence, voxel size, histogram (inputcheck)
+      "confidence": {...},             # optional: review thresholds, calibrated held out (verdicts)
       "export": {"onnx": {...}}        # opset, tensor names, SHA-256 of both files
     }
 
@@ -55,6 +57,8 @@ class ModelCard:
     training: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     heldout: dict | None = None
+    trained_on: dict | None = None  # acquisition and histogram of the training data (inputcheck)
+    confidence: dict | None = None  # thresholds for a "review" verdict, calibrated held out (verdicts)
     export: dict | None = None
 
     @classmethod

@@ -317,6 +317,31 @@ def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[
         shutil.rmtree(staging, ignore_errors=True)
 
 
+#: Node attributes that carry a run's verdict (see :mod:`KneeBoneSegLib.verdicts`).
+VERDICT_ATTRIBUTE = "KneeBoneSeg.Verdict"
+VERDICT_REASONS_ATTRIBUTE = "KneeBoneSeg.VerdictReasons"
+
+
+def mark_verdicts(segmentation_node, verdict: dict) -> None:
+    """Show a run's verdict on its segmentation node, so that nobody takes an untrusted bone for a result.
+
+    A bone whose verdict is not ``ok`` is renamed ("Femur (failed)"), its
+    segment status set to flagged, and tagged ``KneeBoneSeg.Verdict``; the
+    node's attributes :data:`VERDICT_ATTRIBUTE` and :data:`VERDICT_REASONS_ATTRIBUTE`
+    hold the run's verdict and reasons.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    for bone in BONES:
+        entry = verdict["bones"].get(bone.key, {})
+        segment = segmentation.GetSegment(bone.name)
+        if segment is not None and entry.get("verdict", "ok") != "ok":
+            segment.SetName(f"{bone.name} ({entry['verdict']})")
+            segment.SetTag("Segmentation.Status", "flagged")
+            segment.SetTag(VERDICT_ATTRIBUTE, entry["verdict"])
+    segmentation_node.SetAttribute(VERDICT_ATTRIBUTE, verdict["run"])
+    segmentation_node.SetAttribute(VERDICT_REASONS_ATTRIBUTE, "; ".join(verdict["reasons"]))
+
+
 def _image_data(array: np.ndarray, image):
     """Fill ``image`` (a ``vtkImageData`` or ``vtkOrientedImageData``) with a copy of ``array[k, j, i]``."""
     array = np.ascontiguousarray(array)

@@ -13,6 +13,11 @@ paper's (with one addition, 7), each a function of its own module:
 6. close each bone with a sphere                          (morphology)
 7. fill holes left inside each bone                       (morphology)
 8. smoothed closed surfaces in patient millimetres        (surfaces)
+
+Around them, what says whether to trust the result: the input compared with
+the model's card before the network runs (inputcheck), bones named only when
+their size and place fit (plausibility, in step 5), the network's confidence
+per bone (confidence) and a verdict per bone and per run (verdicts).
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class SegmentOptions:
     any orientation (not in the paper).
     ``threads`` is how many CPU threads every stage may use (``None``: all
     the cores the process may run on; see :mod:`~KneeBoneSegLib.threads`).
+    ``keep_uncertainty`` keeps the projections' disagreement map in the
+    result (``result.uncertainty``, 0 to 1, on the input's grid).
     """
 
     projections: int = 3
@@ -92,6 +99,7 @@ class SegmentOptions:
     device: str = "auto"
     threads: int | None = None
     batch_size: int = 32
+    keep_uncertainty: bool = False
 
     def validate(self) -> "SegmentOptions":
         if self.projections not in (1, 3):
@@ -123,6 +131,12 @@ class SegmentationResult:
     probability: np.ndarray | None = None
     surfaces: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None  # disagreement between projections, on request
+
+    @property
+    def verdict(self) -> dict:
+        """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.verdicts`)."""
+        return self.report["verdict"]
 
 
 class _Stages:
@@ -160,23 +174,35 @@ def segment(
 
     Returns labels (0 background, 1 femur, 2 tibia, 3 patella) and the fused
     bone probability on the input's grid, the smoothed surfaces of the bones
-    found and a JSON-able report. ``progress(stage, fraction)`` is called as
+    found and a JSON-able report whose ``verdict`` says, per bone and for the
+    run, whether to trust them (``ok``, ``review``, ``failed``, with reasons).
+    ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
+    from .confidence import ProjectionRange, bone_confidence
     from .projections import fuse_probabilities
     from .resampling import resample_to_shape
+    from .verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
     with using_threads(options.threads):
         maps, report = _projection_maps(volume, model, options, stages)
-        # Each projection's map is folded into the fused one as it comes (never all three held).
-        probability = stages.run("network", fuse_probabilities, maps, options.fusion)
+        # Each projection's map is folded into the fused one as it comes (never all three held),
+        # and into the running range that measures their disagreement.
+        spread = ProjectionRange()
+        probability = stages.run("network", fuse_probabilities, spread.watch(maps), options.fusion)
+        disagreement = spread.disagreement()
         if probability.shape != volume.array.shape:
             probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+            if disagreement is not None:
+                disagreement = stages.run("resample", resample_to_shape, disagreement, volume.array.shape, order=1)
 
         result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
     result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
+    result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
+    result.report["verdict"] = judge(result.report, model.card.confidence)
+    result.uncertainty = disagreement if options.keep_uncertainty else None
     return result
 
 
@@ -200,6 +226,7 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed."""
     from .engines import as_network
     from .inference import air_level, predict_volume
+    from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
     from .projections import iter_projections
     from .resampling import grid_shape_for_spacing, resample_to_shape
@@ -217,6 +244,10 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     if card.spacing_mm:
         model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
         image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
+    input_check = compare_with_card(image, volume.geometry.spacing, volume.tags, card)
+    warnings += [f"the scan differs from the model's training data: {difference}" for difference in input_check["differences"]]
+    for difference in input_check["differences"]:
+        log.warning("the scan differs from the model's training data: %s", difference)
     skip_below = air_level(image) if options.skip_air_tiles else None
 
     def predict_view(view: np.ndarray, name: str) -> np.ndarray:
@@ -236,7 +267,7 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
 
     maps = iter_projections(image, predict_view, projections=options.projections, direction=volume.geometry.direction_matrix)
     del image  # the iterator holds it only as long as it needs it
-    return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "warnings": warnings}
+    return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
 
 def postprocess(
@@ -260,6 +291,7 @@ def postprocess(
 def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> SegmentationResult:
     from .morphology import close_bones, fill_bone_holes
     from .surfaces import bone_surface
+    from .verdicts import judge
 
     array = volume.array
     if np.issubdtype(array.dtype, np.floating):
@@ -311,6 +343,7 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> Se
         "warnings": list(bone_report.get("warnings", [])),
         "versions": _versions(),
     }
+    report["verdict"] = judge(report)
     return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report)
 
 

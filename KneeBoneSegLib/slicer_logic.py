@@ -172,7 +172,7 @@ class SegmentationRuns:
             its volume has been removed from the scene.
         """
         from .io import read_volume
-        from .mrml import labels_to_segmentation_node
+        from .mrml import labels_to_segmentation_node, mark_verdicts
         from .surfaces import read_stl
 
         worker = run.worker
@@ -188,12 +188,14 @@ class SegmentationRuns:
                 raise RuntimeError("the segmented volume was removed from the scene while it was segmented")
             outputs = {Path(path).name: Path(path) for path in worker.outputs}
             labels = read_volume(outputs["segmentation.seg.nrrd"])
-            surfaces = {Path(name).stem: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
+            # "femur.stl", or "femur.failed.stl" for a bone that failed its checks
+            surfaces = {name.split(".")[0]: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
             run.report = json.loads(outputs["summary.json"].read_text(encoding="utf-8"))
             target = scene.GetNodeByID(run.segmentation_node_id) if run.segmentation_node_id else None
             if target is None:
                 target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", volume_node.GetName() + " bones")
             node = labels_to_segmentation_node(labels.array, labels.geometry, target, reference_volume_node=volume_node, surfaces=surfaces)
+            mark_verdicts(node, run.report["verdict"])
         except BaseException:
             shutil.rmtree(run.work_folder, ignore_errors=True)
             raise

@@ -8,7 +8,7 @@ unit vectors of the i, j, k axes in LPS patient coordinates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,10 +59,11 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3D image: ``array[k, j, i]`` plus its :class:`Geometry`."""
+    """A 3D image: ``array[k, j, i]`` plus its :class:`Geometry` and, from DICOM, a few acquisition tags."""
 
     array: np.ndarray
     geometry: Geometry
+    tags: dict = field(default_factory=dict)  # DICOM keyword -> value (io.DICOM_TAGS); empty for other files
 
     @property
     def shape_ijk(self) -> tuple[int, int, int]:

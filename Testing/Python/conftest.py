@@ -36,7 +36,7 @@ def rng():
     return np.random.default_rng(20251124)
 
 
-def knee_phantom(shape=(72, 64, 64), spacing=(0.5, 0.5, 0.5)):
+def knee_phantom(shape=(72, 64, 64), spacing=(2.5, 2.5, 2.5)):
     """A bright three-bone 'knee' on a dark background, in an identity-direction LPS frame.
 
     Returns ``(image, labels, geometry)``: femur (1) large and superior (high k,

@@ -1,0 +1,185 @@
+"""Could this component be that bone? Size and place rules from adult knee anatomy.
+
+A network that has never seen a kind of scan can mark a litre of muscle as
+bone; taking the largest component as the femur then hands a clinician a
+wrong bone. A component is named femur, tibia or patella only if its volume
+and its extent in millimetres, and its place relative to the other bones,
+fit that bone in a knee field of view (:func:`assignment_reasons`).
+
+All the numbers are in :data:`RULES`, each with its source. They are adult
+sizes from morphometric studies, widened by a margin for large knees, a
+knee slightly rotated in the coil (extents are measured along the patient's
+left-right, anterior-posterior and superior-inferior axes) and a
+segmentation that runs a few millimetres over the bone. The sample scan's
+bones (ground truth, 0.3 T KneeBones3Dify scan) are given for comparison.
+
+A scan cuts the femur and tibia: whatever lies above or below the field of
+view is missing. A bone is never rejected for being *small* when it touches
+the edge of the field of view; it is rejected for being too *large* wherever
+it lies, since no cut makes a bone wider or bigger.
+
+Volume limits follow from the extents rather than from a second set of
+numbers: the most a femur or tibia can hold over the height it shows is an
+elliptic cylinder of the largest end (condyles or plateau) up to the height
+of the widened end, then an elliptic cylinder of the widest shaft; a whole
+patella is at least the ellipsoid of its smallest dimensions and at most
+the ellipsoid of its largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .volume import Geometry
+
+AXES = ("left-right", "anterior-posterior", "superior-inferior")
+
+# Sources, cited by key in RULES.
+SOURCES = {
+    "mahfouz2012": "Mahfouz M et al., Three-dimensional morphology of the knee reveals ethnic differences, "
+    "Clin Orthop Relat Res 2012;470:172-185 (CT of 1,000 adult knees: femoral epicondylar width about 70-95 mm, "
+    "femoral AP about 55-75 mm, tibial plateau width about 65-90 mm, AP about 40-60 mm)",
+    "cheng2009": "Cheng FB et al., Three dimensional morphometry of the knee to design the total knee arthroplasty "
+    "for Chinese population, Knee 2009;16:341-347 (smaller knees: femoral width from about 62 mm, "
+    "tibial width from about 62 mm)",
+    "iranpour2008": "Iranpour F et al., The width:thickness ratio of the patella, Clin Orthop Relat Res "
+    "2008;466:1198-1203, and Baldwin JL, House CK, Anthropometric measurements of the patella, "
+    "Am J Knee Surg 2005 (patellar width about 36-55 mm, height about 32-55 mm, thickness about 18-28 mm)",
+    "shaft": "Gray's Anatomy, 41st ed., 2016, and CT morphometry of the femoral and tibial diaphysis (outer "
+    "diameter of the adult femoral shaft about 24-33 mm, tibial shaft about 20-30 mm); the metaphysis widens "
+    "into the condyles or plateau over about 60-90 mm",
+    "joint": "Knee joint space on MRI about 3-8 mm between femoral and tibial bone, plus cartilage "
+    "(about 2-4 mm on each side); the tibial spines (intercondylar eminence) rise about 10 mm into the femoral "
+    "notch; the patella articulates with the femoral trochlea",
+}
+
+
+@dataclass(frozen=True)
+class BoneRule:
+    """Size limits of one bone in millimetres (largest values widened by a margin)."""
+
+    min_extent_mm: tuple[float, float, float]  # whole bone (not cut by the field of view): LR, AP, SI at least
+    max_extent_mm: tuple[float, float, float]  # LR, AP, SI at most, cut or not (None: no limit)
+    end_height_mm: float | None  # femur/tibia: height of the widened end; None: patella, an ellipsoid
+    max_shaft_mm: float | None  # outer diameter of the shaft above or below it
+    min_cut_volume_cm3: float  # a piece cut by the field of view smaller than this is not recognisable
+    sources: tuple[str, ...]
+
+
+# One table: the numbers of every rule. Sample scan (ground truth, in view):
+# femur 88.6 x 71.4 x 68.3 mm, 172.5 cm3 (cut above); tibia 84.7 x 64.0 x
+# 36.3 mm, 99.0 cm3 (cut below); patella 46.4 x 24.6 x 44.4 mm, 18.6 cm3.
+RULES = {
+    #                min extent LR, AP, SI     max extent LR, AP, SI     end   shaft  min cut
+    "femur": BoneRule((55.0, 45.0, 40.0), (105.0, 90.0, float("inf")), 100.0, 38.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")),
+    "tibia": BoneRule((55.0, 35.0, 30.0), (100.0, 75.0, float("inf")), 90.0, 35.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")),
+    "patella": BoneRule((28.0, 12.0, 25.0), (65.0, 38.0, 65.0), None, None, 2.0, ("iranpour2008",)),
+}
+
+#: Largest bone-to-bone gaps (mm) between bounding boxes: the femur's lowest point above the
+#: tibia's highest (joint space and cartilage, widened), and the patella from the femur; and how far
+#: the tibia's highest point may rise above the femur's lowest (the tibial spines, widened) (source: "joint").
+#: Sample scan (ground truth): the tibia rises 9.7 mm above the femur's lowest point; the patella's box meets the femur's.
+MAX_FEMUR_TIBIA_GAP_MM = 25.0
+MAX_FEMUR_TIBIA_OVERLAP_MM = 20.0
+MAX_PATELLA_FEMUR_GAP_MM = 25.0
+
+
+@dataclass(frozen=True)
+class ComponentMeasure:
+    """A component's size and place in patient space."""
+
+    volume_mm3: float
+    extent_mm: np.ndarray  # (3,) LR, AP, SI
+    box_lps: np.ndarray  # (2, 3) lowest and highest LPS corner of its bounding box
+    cut: bool  # touches the edge of the field of view
+
+    def to_dict(self) -> dict:
+        return {
+            "volume_cm3": round(self.volume_mm3 / 1000, 1),
+            "extent_mm": {axis: round(float(e), 1) for axis, e in zip(AXES, self.extent_mm)},
+            "cut_by_field_of_view": self.cut,
+        }
+
+
+def measure_components(components: np.ndarray, sizes, geometry: Geometry, count: int) -> list[ComponentMeasure]:
+    """Volume, LPS extent and edge contact of components 1..``count`` of a labelled array.
+
+    Extents are those of the bounding box's corners in LPS, so they are
+    exact for axis-aligned scans and slightly larger for oblique ones.
+    """
+    voxel_mm3 = float(np.prod(geometry.spacing))
+    measures = []
+    for n, box in enumerate(ndimage.find_objects(components, max_label=count)):
+        corners_kji = np.array([[s.start - 0.5, s.stop - 0.5] for s in box])  # voxel faces
+        corners_ijk = np.array(np.meshgrid(*corners_kji[::-1], indexing="ij")).reshape(3, -1).T
+        lps = geometry.index_to_lps(corners_ijk)
+        box_lps = np.stack([lps.min(axis=0), lps.max(axis=0)])
+        cut = any(s.start == 0 or s.stop == n_axis for s, n_axis in zip(box, components.shape))
+        measures.append(ComponentMeasure(sizes[n] * voxel_mm3, box_lps[1] - box_lps[0], box_lps, cut))
+    return measures
+
+
+def max_volume_mm3(rule: BoneRule, height_mm: float) -> float:
+    """The most a bone of ``rule`` can hold over ``height_mm`` of its length (see module doc)."""
+    width, depth, most_height = rule.max_extent_mm
+    if rule.end_height_mm is None:
+        return np.pi / 6 * width * depth * most_height
+    end = min(height_mm, rule.end_height_mm)
+    return np.pi / 4 * (width * depth * end + rule.max_shaft_mm**2 * max(height_mm - end, 0.0))
+
+
+def bone_reasons(bone: str, measure: ComponentMeasure) -> list[str]:
+    """Why a component cannot be ``bone`` by its size, in plain words; empty if it can."""
+    rule = RULES[bone]
+    reasons = []
+    for axis, extent, most in zip(AXES, measure.extent_mm, rule.max_extent_mm):
+        if extent > most:
+            reasons.append(f"{extent:.0f} mm {axis}, more than a {bone} spans ({most:.0f} mm at most)")
+    most_volume = max_volume_mm3(rule, float(measure.extent_mm[2]))
+    if measure.volume_mm3 > most_volume:
+        reasons.append(
+            f"{measure.volume_mm3 / 1000:.0f} cm3, more than a {bone} holds over {measure.extent_mm[2]:.0f} mm "
+            f"of its length ({most_volume / 1000:.0f} cm3 at most)"
+        )
+    if measure.cut:
+        if measure.volume_mm3 < 1000 * rule.min_cut_volume_cm3:
+            reasons.append(f"{measure.volume_mm3 / 1000:.1f} cm3 at the edge of the field of view, too little to tell it is a {bone}")
+    else:
+        for axis, extent, least in zip(AXES, measure.extent_mm, rule.min_extent_mm):
+            if extent < least:
+                reasons.append(f"{extent:.0f} mm {axis}, less than a whole {bone} spans ({least:.0f} mm at least)")
+    return reasons
+
+
+def assignment_reasons(assignment: dict, measures: list[ComponentMeasure]) -> list[str]:
+    """Why naming components as ``assignment`` (bone -> component index) is implausible; empty if it is not.
+
+    Checks each bone's size (:func:`bone_reasons`) and where the bones lie
+    relative to each other: the femur at most :data:`MAX_FEMUR_TIBIA_GAP_MM`
+    above the tibia, which rises at most :data:`MAX_FEMUR_TIBIA_OVERLAP_MM`
+    above the femur's lowest point; the patella within
+    :data:`MAX_PATELLA_FEMUR_GAP_MM` of the femur.
+    """
+    reasons = [reason for bone, n in assignment.items() for reason in bone_reasons(bone, measures[n])]
+    boxes = {bone: measures[n].box_lps for bone, n in assignment.items()}
+    if "femur" in boxes and "tibia" in boxes:
+        gap = boxes["femur"][0, 2] - boxes["tibia"][1, 2]  # LPS +z is superior
+        if gap > MAX_FEMUR_TIBIA_GAP_MM:
+            reasons.append(f"femur {gap:.0f} mm above the tibia, more than a knee joint's gap ({MAX_FEMUR_TIBIA_GAP_MM:.0f} mm)")
+        if -gap > MAX_FEMUR_TIBIA_OVERLAP_MM:
+            reasons.append(f"tibia reaching {-gap:.0f} mm above the femur's lowest point, more than the tibial spines do ({MAX_FEMUR_TIBIA_OVERLAP_MM:.0f} mm)")
+    if "femur" in boxes and "patella" in boxes:
+        gap = box_gap_mm(boxes["femur"], boxes["patella"])
+        if gap > MAX_PATELLA_FEMUR_GAP_MM:
+            reasons.append(f"patella {gap:.0f} mm from the femur, too far to articulate with it ({MAX_PATELLA_FEMUR_GAP_MM:.0f} mm at most)")
+    return reasons
+
+
+def box_gap_mm(first: np.ndarray, second: np.ndarray) -> float:
+    """Shortest distance between two axis-aligned boxes given as (2, 3) low/high corners; 0 if they overlap."""
+    gaps = np.maximum(0.0, np.maximum(first[0] - second[1], second[0] - first[1]))
+    return float(np.linalg.norm(gaps))

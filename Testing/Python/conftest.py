@@ -104,10 +104,12 @@ def patient_phantom(shape, geometry):
     def ellipsoid(cx, cy, cz, rx, ry, rz):
         return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1
 
+    # Adult sizes (mm), so that the bones pass the anatomical plausibility rules: a femur 90 x 70 x 80,
+    # a tibia 20 mm below it, a patella 35 x 20 x 30 in front of the femur.
     labels = np.zeros(shape, np.uint8)
-    labels[ellipsoid(0, 2, 9, 9, 7, 8)] = 1
-    labels[ellipsoid(0, 2, -10, 8, 6, 6)] = 2
-    labels[ellipsoid(0, -9, 3, 3.5, 2, 3)] = 3
+    labels[ellipsoid(0, 10, 45, 45, 35, 40)] = 1
+    labels[ellipsoid(0, 10, -45, 40, 30, 30)] = 2
+    labels[ellipsoid(0, -45, 15, 17.5, 10, 15)] = 3
     image = np.where(labels > 0, 900.0, 100.0) + np.random.default_rng(7).normal(0, 20, shape)
     return image.astype(np.float32), labels
 

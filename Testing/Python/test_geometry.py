@@ -27,7 +27,7 @@ from KneeBoneSegLib.surfaces import read_stl
 from KneeBoneSegLib.volume import Geometry, Volume
 
 MINMAX = {"method": "minmax"}
-THICK_SHAPE = (16, 160, 140)  # k: 16 slices of 3 mm (left-right), j: 160 x 0.4 mm (superior-inferior), i: 140 x 0.4 mm
+THICK_SHAPE = (40, 450, 300)  # k: 40 slices of 3 mm (left-right), j: 450 x 0.4 mm (superior-inferior), i: 300 x 0.4 mm
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,13 @@ def test_one_projection_is_axial_whatever_plane_the_scan_was_stored_in():
 
 def test_the_models_grid_follows_each_axis_spacing(thick):
     image, labels, geometry = thick
-    # 16 x 3 mm, 160 x 0.4 mm and 140 x 0.4 mm at 1 mm: 48, 64 and 56 voxels (k, j, i).
-    assert grid_shape_for_spacing(THICK_SHAPE, geometry.spacing, 1.0) == (48, 64, 56)
-    model = Model(threshold_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]))
+    # 40 x 3 mm, 450 x 0.4 mm and 300 x 0.4 mm at 2 mm: 60, 90 and 60 voxels (k, j, i).
+    assert grid_shape_for_spacing(THICK_SHAPE, geometry.spacing, 2.0) == (60, 90, 60)
+    model = Model(threshold_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]))
     totals = []
     options = SegmentOptions(projections=1, skip_air_tiles=False, batch_size=1, closing_radius=0, surfaces=False)
     result = segment(Volume(image, geometry), model, options, progress=lambda s, f: totals.append(f) if s == "network: axial" else None)
-    assert round(1 / min(f for f in totals if f > 0)) == 5 * 7 * 6  # tiles of 16 at stride 8 over 48 x 64 x 56
+    assert round(1 / min(f for f in totals if f > 0)) == 7 * 11 * 7  # tiles of 16 at stride 8 over 60 x 90 x 60 (padded to 64 x 96 x 64)
     assert result.labels.shape == THICK_SHAPE and result.report["missing"] == []
     for label in (1, 2, 3):
         assert dice(result.labels == label, labels == label) > 0.85, label
@@ -85,11 +85,12 @@ def test_the_models_grid_follows_each_axis_spacing(thick):
 
 def test_the_default_closing_is_the_papers_sphere_in_millimetres_on_thick_slices(thick):
     _, _, geometry = thick
-    # One bone: two plates 3 slices (9 mm) apart across the thick slices, joined along one edge.
+    # One femur-sized bone: two plates 3 slices (9 mm) apart across the thick slices, joined along one
+    # edge by a bar that gives the bone a femur's 60 mm from left to right.
     bone = np.zeros(THICK_SHAPE, np.uint8)
-    bone[2:5, 20:140, 20:120] = 1
-    bone[8:11, 20:140, 20:120] = 1
-    bone[2:11, 20:40, 20:120] = 1
+    bone[2:5, 20:140, 20:140] = 1
+    bone[8:11, 20:140, 20:140] = 1
+    bone[2:22, 20:40, 20:140] = 1
     gap = (slice(5, 8), slice(70, 130), slice(30, 110))  # 12 mm and more from the joined edge, 4 mm from the others
     options = SegmentOptions(surfaces=False)
     assert (options.closing_radius, options.closing_units) == (3.2, "mm")
@@ -140,12 +141,13 @@ def _evaluate(prediction, reference, capsys):
 
 def test_evaluate_scores_a_prediction_where_it_lies_not_where_its_array_starts(truth_file, tmp_path, capsys):
     path, labels, geometry = truth_file
-    moved = Geometry(geometry.spacing, np.add(geometry.origin, (10.0, 0.0, 0.0)), geometry.direction)  # 10 mm = 20 voxels along i
+    step = int(round(10.0 / geometry.spacing[0]))  # 10 mm along i, in voxels
+    moved = Geometry(geometry.spacing, np.add(geometry.origin, (step * geometry.spacing[0], 0.0, 0.0)), geometry.direction)
     write_volume(Volume(labels, moved), tmp_path / "moved.nrrd")
     code, metrics, err = _evaluate(tmp_path / "moved.nrrd", path, capsys)
     assert code == 0 and "resampled" in err
     shifted = np.zeros_like(labels)
-    shifted[..., 20:] = labels[..., :-20]  # where the moved prediction's voxels lie on the reference grid
+    shifted[..., step:] = labels[..., :-step]  # where the moved prediction's voxels lie on the reference grid
     expected = evaluate_labels(shifted, labels, geometry.spacing)
     assert metrics["all"]["dice"] == pytest.approx(expected["all"]["dice"]) and metrics["all"]["dice"] < 0.9
 
@@ -153,7 +155,7 @@ def test_evaluate_scores_a_prediction_where_it_lies_not_where_its_array_starts(t
 def test_evaluate_resamples_a_finer_grid_of_the_same_bones(truth_file, tmp_path, capsys):
     path, labels, geometry = truth_file
     finer = np.repeat(np.repeat(np.repeat(labels, 2, 0), 2, 1), 2, 2)  # each voxel as 2 x 2 x 2 half-size voxels
-    fine_geometry = Geometry(np.divide(geometry.spacing, 2), np.subtract(geometry.origin, 0.125), geometry.direction)
+    fine_geometry = Geometry(np.divide(geometry.spacing, 2), np.subtract(geometry.origin, np.divide(geometry.spacing, 4)), geometry.direction)
     write_volume(Volume(finer, fine_geometry), tmp_path / "fine.nrrd")
     code, metrics, _ = _evaluate(tmp_path / "fine.nrrd", path, capsys)
     assert code == 0 and all(metrics[key]["dice"] == 1.0 for key in ("femur", "tibia", "patella", "all"))

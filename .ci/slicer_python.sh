@@ -3,10 +3,10 @@
 # virtual environment from that Python with the numpy, SciPy and SimpleITK versions that Slicer ships, add
 # exactly what the module's first-use install adds (both lists come from KneeBoneSegLib/slicer_environment.py),
 # then run the worker end to end on a crop of the sample scan, the worker runner's and the install's tests,
-# and the MRML tests. VTK is needed only by the MRML tests: slicer-core, which they need, has no wheels for
-# Python 3.9, so they skip there and that environment has no VTK (the worker does not use it); on 3.12
-# slicer-core comes with the VTK it was built with (9.6, where Slicer 5.10 has 9.5), without VTK's optional
-# matplotlib, which Slicer's VTK lacks too. Both environments download at once.
+# and the MRML tests. The worker needs VTK for the bones' surfaces, as Slicer's own VTK provides it: on
+# Python 3.9 the PyPI release closest to Slicer's VTK (slicer-core, which the MRML tests need, has no wheels
+# for 3.9, so those skip there); on 3.12 the VTK slicer-core was built with (9.6, where Slicer 5.10 has 9.5),
+# without VTK's optional matplotlib, which Slicer's VTK lacks too. Both environments download at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLICERS=(5.8 5.10)
@@ -30,14 +30,15 @@ set_up() {
   local pip=("$venv/bin/python" -m pip install -qq --no-cache-dir --no-compile --disable-pip-version-check)
   shipped="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment shipped "$slicer")"
   first_use="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment first-use)"
-  vtk="no VTK"
   # shellcheck disable=SC2086  # one requirement a line
   "${pip[@]}" $shipped $first_use pytest
   if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
     "${pip[@]}" --no-deps slicer-core
     vtk="$("$venv/bin/python" -c 'import importlib.metadata as m; print(next(r for r in m.requires("slicer-core") if r.startswith("vtk")))')"
-    "${pip[@]}" --no-deps "$vtk"
+  else
+    vtk="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment vtk "$slicer")"
   fi
+  "${pip[@]}" --no-deps "$vtk"
   echo "Slicer $slicer stand-in: Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'), $(tr '\n' ' ' <<<"$shipped")+ $(tr '\n' ' ' <<<"$first_use")+ $vtk"
 }
 

@@ -11,9 +11,10 @@ and whether those already there are recent enough) and the CI jobs in
 Slicer 5.6 and 5.8 run Python 3.9, 5.10 runs 3.12; the versions of the
 packages Slicer ships come from its SuperBuild files (``External_python-numpy``,
 ``External_python-scipy``, ``External_SimpleITK``) at each release tag.
-Slicer also ships its own build of VTK (9.2 in 5.6 and 5.8, 9.5 in 5.10); the
-worker does not use VTK, only the MRML bridge does, which the CI tests with
-the VTK that ``slicer-core`` brings. This module imports nothing beyond the
+Slicer also ships its own build of VTK (9.2 in 5.6 and 5.8, 9.5 in 5.10),
+which the worker uses for the bones' surfaces; a CI stand-in gets the PyPI
+release closest to it (``vtk``), or, where ``slicer-core`` installs (Python
+3.10 on), the VTK that slicer-core was built with. This module imports nothing beyond the
 standard library, so it runs in any Slicer before anything is installed.
 """
 
@@ -25,11 +26,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
-#: Newest first. ``shipped``: packages in Slicer's Python (distribution name: version).
+#: Newest first. ``shipped``: packages in Slicer's Python (distribution name: version);
+#: ``vtk``: the PyPI release of VTK closest to the VTK that Slicer builds itself.
 SLICER_RELEASES = {
-    "5.10": {"python": "3.12", "shipped": {"numpy": "2.0.2", "scipy": "1.13.1", "SimpleITK": "2.5.2"}},
-    "5.8": {"python": "3.9", "shipped": {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.3.1"}},
-    "5.6": {"python": "3.9", "shipped": {"numpy": "1.26.1", "scipy": "1.11.3", "SimpleITK": "2.2.1"}},
+    "5.10": {"python": "3.12", "shipped": {"numpy": "2.0.2", "scipy": "1.13.1", "SimpleITK": "2.5.2"}, "vtk": "9.5.2"},
+    "5.8": {"python": "3.9", "shipped": {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.3.1"}, "vtk": "9.2.6"},
+    "5.6": {"python": "3.9", "shipped": {"numpy": "1.26.1", "scipy": "1.11.3", "SimpleITK": "2.2.1"}, "vtk": "9.2.6"},
 }
 
 #: Packages Slicer ships that the install must never replace (a constraints file holds them).
@@ -171,7 +173,7 @@ def _normalised(name: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``shipped <Slicer version>`` or ``first-use``: print one requirement a line (for CI)."""
+    """``shipped <Slicer version>``, ``vtk <Slicer version>``, ``python <Slicer version>`` or ``first-use``: print one requirement a line (for CI)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["shipped"] and len(argv) == 2:
         lines = shipped_requirements(argv[1])
@@ -179,8 +181,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines = first_use_requirements()
     elif argv[:1] == ["python"] and len(argv) == 2:
         lines = [SLICER_RELEASES[argv[1]]["python"]]
+    elif argv[:1] == ["vtk"] and len(argv) == 2:
+        lines = [f"vtk=={SLICER_RELEASES[argv[1]]['vtk']}"]
     else:
-        print("usage: python -m KneeBoneSegLib.slicer_environment {shipped VERSION | python VERSION | first-use}", file=sys.stderr)
+        print("usage: python -m KneeBoneSegLib.slicer_environment {shipped VERSION | vtk VERSION | python VERSION | first-use}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from .anatomy import BONE_BY_KEY, BONES
 from .morphology import bounding_box
-from .plausibility import assignment_reasons, bone_reasons, measure_components
+from .plausibility import assignment_reasons, bone_reasons, measure_boxes
 from .volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,21 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
         Their voxel counts.
     """
     components = np.zeros(mask.shape, np.int32)
-    # Every component lies in the mask's bounding box (a quarter of a knee
-    # scan), and labelling there numbers them as in the whole volume.
+    box, in_box, sizes = _largest_in_box(mask, count, min_fraction)
+    if box is not None:
+        components[box] = in_box
+    return components, sizes
+
+
+def _largest_in_box(mask: np.ndarray, count: int | None, min_fraction: float) -> tuple[tuple[slice, ...] | None, np.ndarray | None, list[int]]:
+    """:func:`largest_components` within the mask's bounding box: (the box, its labels, the sizes).
+
+    Every component lies in the box (a quarter of a knee scan), and labelling
+    there numbers them as in the whole volume; the later stages work there too.
+    """
     box = bounding_box(mask)
     if box is None:
-        return components, []
+        return None, None, []
     import cc3d  # on use, as the other compiled packages; twice as fast as ndimage.label, the same numbering
 
     labelled, found = cc3d.connected_components(mask[box], connectivity=6, return_N=True)
@@ -63,21 +73,21 @@ def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: fl
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
-    components[box] = relabel[labelled]  # one label array of the volume's size, the rest its box's
-    return components, [int(sizes[n]) for n in order]
+    return box, relabel[labelled], [int(sizes[n]) for n in order]
 
 
 def component_centroids(components: np.ndarray, count: int) -> np.ndarray:
-    """(count, 3) mean voxel index (k, j, i) of components 1..count of a labelled array.
+    """(count, 3) mean voxel index (k, j, i) of components 1..count of a labelled array."""
+    return _statistics(components, count)[0]
 
-    Sums over the labelled voxels only, which on a knee scan are a few per
-    cent of the volume (``ndimage.center_of_mass`` visits every voxel).
-    """
-    voxels = np.flatnonzero(components)
-    owners = components.ravel()[voxels]
-    counts = np.bincount(owners, minlength=count + 1)[1:]
-    sums = [np.bincount(owners, weights=index, minlength=count + 1)[1:] for index in np.unravel_index(voxels, components.shape)]
-    return np.stack(sums, axis=1) / counts[:, None]
+
+def _statistics(components: np.ndarray, count: int) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """Centroids (count, 3) and bounding boxes of components 1..count, in one pass over the array (``cc3d.statistics``)."""
+    import cc3d
+
+    found = cc3d.statistics(components)
+    centroids = np.asarray(found["centroids"], dtype=float)[1 : count + 1]
+    return centroids, list(found["bounding_boxes"][1 : count + 1])
 
 
 #: How many of the largest components are tried as bones.
@@ -153,13 +163,15 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         them), ``rejected`` (those of them that no bone's size fits, with
         the reasons per bone) and ``warnings``.
     """
-    components, sizes = largest_components(mask, count=None, min_fraction=min_fraction)
+    box, components, sizes = _largest_in_box(mask, None, min_fraction)
     labels = np.zeros(mask.shape, np.uint8)
     report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "rejected": [], "warnings": []}
     if sizes:
-        centroids_kji = component_centroids(components, len(sizes))
-        centroids_lps = geometry.index_to_lps(centroids_kji[:, ::-1])
-        measures = measure_components(components, sizes, geometry, min(len(sizes), CANDIDATES))
+        start = np.array([s.start for s in box])
+        centroids_kji, boxes = _statistics(components, len(sizes))
+        centroids_lps = geometry.index_to_lps((centroids_kji + start)[:, ::-1])
+        boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, start)) for b in boxes[:CANDIDATES]]
+        measures = measure_boxes(boxes, sizes, geometry, mask.shape)
         names, report["warnings"] = name_components(centroids_lps, sizes, fits=lambda assignment: not assignment_reasons(assignment, measures))
         lookup = np.zeros(len(sizes) + 1, np.uint8)
         for n, name in enumerate(names):
@@ -174,7 +186,7 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
                 reasons = {bone.key: bone_reasons(bone.key, measures[n]) for bone in BONES} if n < len(measures) else {}
                 if reasons and all(reasons.values()):
                     report["rejected"].append({**entry, "reasons": reasons})
-        labels = lookup[components]
+        labels[box] = lookup[components]
     report["dropped_voxels"] = int(np.count_nonzero(mask) - np.count_nonzero(labels))
     report["missing"] = [bone.key for bone in BONES if bone.key not in report["found"]]
     if report["missing"]:  # why components were not taken for the missing bones

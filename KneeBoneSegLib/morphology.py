@@ -16,6 +16,8 @@ plane by plane with the ``fill-voids`` package, the same voxels as
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .anatomy import BONES
@@ -56,7 +58,7 @@ def _closing_margin(radius: float, sampling: np.ndarray) -> np.ndarray:
     return np.ceil(radius / sampling).astype(int) + 1
 
 
-def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.ndarray:
+def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray, threads: int | None = None) -> np.ndarray:
     """Closing of a bone ``crop`` whose border lies at least r + 1 voxels from the bone, or on the image's edge.
 
     ``black_border=False``: what lies beyond the crop is neither object nor
@@ -68,7 +70,7 @@ def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.
     # smallest step between them keeps the ball's rim exact against round-off.
     limit = radius**2 + 0.5 * float(np.min(sampling)) ** 2
     anisotropy = tuple(float(s) for s in sampling)
-    threads = thread_count()
+    threads = threads or thread_count()
     dilated = edt.edtsq(~crop, anisotropy=anisotropy, black_border=False, parallel=threads) <= limit
     if dilated.all():
         return dilated
@@ -91,6 +93,10 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     ndarray, like ``labels``
         A voxel claimed by the closings of two bones goes to the first in
         :data:`BONES` order; no bone takes voxels of another.
+
+    The bones are closed at once in threads, the largest first, each
+    distance transform on its share of the run's threads: one bone's
+    transforms keep two cores only about 60 % busy.
     """
     if units not in ("voxels", "mm"):
         raise ValueError(f"units must be voxels or mm, not {units!r}")
@@ -98,15 +104,38 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     closed = labels.copy()
     if radius <= 0:
         return closed
-    margin = _closing_margin(radius, sampling)
+    boxes = bone_boxes(labels, _closing_margin(radius, sampling))
+    threads = thread_count()
+    workers = max(1, min(threads, len(boxes)))
+
+    def grown(label: int) -> np.ndarray:
+        mask = labels[boxes[label]] == label
+        return _closed_in_box(mask, radius, sampling, max(1, threads // workers)) & ~mask
+
+    largest_first = sorted(boxes, key=lambda label: -np.prod([s.stop - s.start for s in boxes[label]]))
+    with ThreadPoolExecutor(workers) as pool:
+        added = dict(zip(largest_first, pool.map(grown, largest_first)))
     for bone in BONES:
-        mask = labels == bone.label
-        box = bounding_box(mask, margin)
-        if box is not None:
-            grown = _closed_in_box(mask[box], radius, sampling) & ~mask[box]
-            region = closed[box]
-            region[grown & (region == 0)] = bone.label
+        if bone.label in added:
+            region = closed[boxes[bone.label]]
+            region[added[bone.label] & (region == 0)] = bone.label
     return closed
+
+
+def bone_boxes(labels: np.ndarray, margin=(0, 0, 0)) -> dict[int, tuple[slice, ...]]:
+    """``{label: bounding box}`` of every bone of a label map, grown by ``margin`` voxels per axis (k, j, i) and clipped.
+
+    All boxes come from one pass over the array (``cc3d.statistics``),
+    where one mask per bone would take three.
+    """
+    import cc3d
+
+    found = cc3d.statistics(np.ascontiguousarray(labels))
+    return {
+        label: tuple(slice(max(0, s.start - int(m)), min(n, s.stop + int(m))) for s, m, n in zip(box, margin, labels.shape))
+        for label, (box, count) in enumerate(zip(found["bounding_boxes"], found["voxel_counts"]))
+        if label > 0 and count > 0
+    }
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -144,12 +173,11 @@ def _filled_slices(mask: np.ndarray, axis: int) -> np.ndarray:
 def fill_bone_holes(labels: np.ndarray) -> np.ndarray:
     """:func:`fill_holes` for every bone of a label map, in its bounding box, into background only."""
     filled = labels.copy()
+    boxes = bone_boxes(labels)
     for bone in BONES:
-        mask = labels == bone.label
-        box = bounding_box(mask)
-        if box is not None:
-            region = filled[box]
-            region[fill_holes(mask[box]) & (region == 0)] = bone.label
+        if bone.label in boxes:
+            region = filled[boxes[bone.label]]
+            region[fill_holes(region == bone.label) & (region == 0)] = bone.label
     return filled
 
 

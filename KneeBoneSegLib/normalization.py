@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .threads import in_slabs
+
 DEFAULT_NORMALIZATION = {"method": "percentile", "low": 0.5, "high": 99.5}
 
 # Percentiles of a strided sample are as good as of the whole volume and
@@ -62,10 +64,17 @@ def _rescale(values: np.ndarray, low: float, high: float, clip: bool) -> np.ndar
     integer scan first).
     """
     scale = float(high - low)
+    values = np.asarray(values)
+    out = np.zeros(values.shape, dtype=np.float32)
     if scale <= 0:
-        return np.zeros(np.shape(values), dtype=np.float32)
-    out = np.subtract(values, np.float32(low), dtype=np.float32)
-    out /= np.float32(scale)
-    if clip:
-        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    def rescale(part: tuple[slice, ...]) -> None:
+        # numpy releases the GIL in its arithmetic, so slabs in threads use every core.
+        np.subtract(values[part], np.float32(low), out=out[part], dtype=np.float32)
+        np.divide(out[part], np.float32(scale), out=out[part])
+        if clip:
+            np.clip(out[part], 0.0, 1.0, out=out[part])
+
+    in_slabs(rescale, values.shape)
     return out

@@ -111,14 +111,19 @@ def measure_components(components: np.ndarray, sizes, geometry: Geometry, count:
     Extents are those of the bounding box's corners in LPS, so they are
     exact for axis-aligned scans and slightly larger for oblique ones.
     """
+    return measure_boxes(ndimage.find_objects(components, max_label=count), sizes, geometry, components.shape)
+
+
+def measure_boxes(boxes, sizes, geometry: Geometry, shape) -> list[ComponentMeasure]:
+    """:func:`measure_components` from the components' bounding boxes (slices in an array of ``shape``)."""
     voxel_mm3 = float(np.prod(geometry.spacing))
     measures = []
-    for n, box in enumerate(ndimage.find_objects(components, max_label=count)):
+    for n, box in enumerate(boxes):
         corners_kji = np.array([[s.start - 0.5, s.stop - 0.5] for s in box])  # voxel faces
         corners_ijk = np.array(np.meshgrid(*corners_kji[::-1], indexing="ij")).reshape(3, -1).T
         lps = geometry.index_to_lps(corners_ijk)
         box_lps = np.stack([lps.min(axis=0), lps.max(axis=0)])
-        cut = any(s.start == 0 or s.stop == n_axis for s, n_axis in zip(box, components.shape))
+        cut = any(s.start == 0 or s.stop == n_axis for s, n_axis in zip(box, shape))
         measures.append(ComponentMeasure(sizes[n] * voxel_mm3, box_lps[1] - box_lps[0], box_lps, cut))
     return measures
 

@@ -21,12 +21,10 @@ intensities in [0, 1]; exactly, for ``order=0``).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from scipy import ndimage
 
-from .threads import split_ranges, thread_count
+from .threads import in_slabs
 
 
 def grid_shape_for_spacing(shape_kji, spacing_ijk, target_spacing_ijk) -> tuple[int, int, int]:
@@ -87,18 +85,11 @@ def _along_axis(array: np.ndarray, axis: int, length: int, function, *args) -> n
     shape = list(array.shape)
     shape[axis] = length
     out = np.empty(shape, dtype=array.dtype)
-    across = 1 if axis == 0 and array.ndim > 1 else 0  # slabs along the first axis are contiguous in memory
-    slabs = split_ranges(array.shape[across], thread_count()) if across != axis else [slice(None)]
-
-    def run(slab: slice) -> None:
-        part = (slice(None),) * across + (slab,)
-        function(array[part], axis, length, out[part], *args)
-
-    if len(slabs) == 1:
-        run(slabs[0])
-    else:
-        with ThreadPoolExecutor(len(slabs)) as pool:
-            list(pool.map(run, slabs))
+    if array.ndim == 1:
+        function(array, axis, length, out, *args)
+        return out
+    across = 1 if axis == 0 else 0  # slabs along the first axis are contiguous in memory
+    in_slabs(lambda part: function(array[part], axis, length, out[part], *args), array.shape, across)
     return out
 
 

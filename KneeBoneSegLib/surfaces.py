@@ -13,12 +13,13 @@ weighing more. Each step is one sparse matrix product over all vertices.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
 
-from .morphology import bounding_box
+from .morphology import bone_boxes, bounding_box
 from .outputs import atomic_file
 from .threads import thread_count
 from .volume import Geometry
@@ -40,13 +41,17 @@ class Surface:
     faces: np.ndarray
 
 
-def extract_surface(mask: np.ndarray, geometry: Geometry) -> Surface:
-    """The closed 0.5-isosurface of a binary ``mask`` (k, j, i), in LPS millimetres."""
+def extract_surface(mask: np.ndarray, geometry: Geometry, corner=(0, 0, 0)) -> Surface:
+    """The closed 0.5-isosurface of a binary ``mask`` (k, j, i), in LPS millimetres.
+
+    ``corner`` is the index (k, j, i) of ``mask[0, 0, 0]`` in ``geometry``'s
+    grid, for a mask cut out of a larger volume.
+    """
     box = bounding_box(np.asarray(mask, dtype=bool))
     if box is None:
         raise ValueError("the mask is empty: there is no surface to extract")
     crop = np.pad(mask[box], 1).astype(np.uint8)
-    vertices_ijk, faces = _isosurface(crop, origin_ijk=[b.start - 1 for b in box][::-1])
+    vertices_ijk, faces = _isosurface(crop, origin_ijk=[b.start - 1 + c for b, c in zip(box, corner)][::-1])
     surface = Surface(geometry.index_to_lps(vertices_ijk), faces)
     if enclosed_volume(surface) < 0:
         surface.faces = surface.faces[:, ::-1].copy()
@@ -178,8 +183,10 @@ def is_watertight(surface: Surface) -> bool:
     return bool(len(undirected) % 2 == 0 and np.array_equal(undirected[0::2], undirected[1::2]) and np.all(undirected[1:-1:2] != undirected[2::2]))
 
 
-def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20) -> tuple[Surface, dict]:
+def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, corner=(0, 0, 0)) -> tuple[Surface, dict]:
     """The smoothed closed surface of one bone and its measurements.
+
+    ``corner``: as for :func:`extract_surface`.
 
     Returns
     -------
@@ -188,7 +195,7 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
         ``vertices``, ``faces``, ``volume_mm3_before_smoothing``,
         ``volume_mm3`` (after), ``area_mm2``, ``watertight``.
     """
-    raw = extract_surface(mask, geometry)
+    raw = extract_surface(mask, geometry, corner)
     smoothed = smooth_laplacian(raw, smoothing_iterations)
     report = {
         "vertices": len(smoothed.vertices),
@@ -199,6 +206,39 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
         "watertight": is_watertight(smoothed),
     }
     return smoothed, report
+
+
+def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, done=None) -> dict[int, tuple[Surface, dict]]:
+    """:func:`bone_surface` of every label > 0 of a label map, the labels in parallel threads.
+
+    Each bone is cut out of ``labels`` by its bounding box (found for all in
+    one pass), so the threads together hold no more than the bones' boxes.
+    Smoothing spends most of its time in numpy and scipy calls that release
+    the GIL, so two bones take about the time of one on two cores.
+    ``done(label)`` is called in the calling thread as each bone is finished;
+    an exception raised from it stops the bones not yet started.
+
+    Returns ``{label: (surface, report)}``.
+    """
+    boxes = bone_boxes(labels)
+    found = sorted(boxes)
+
+    def surface_of(label: int) -> tuple[Surface, dict]:
+        box = boxes[label]
+        return bone_surface(labels[box] == label, geometry, smoothing_iterations, corner=[b.start for b in box])
+
+    results = {}
+    with ThreadPoolExecutor(max(1, min(thread_count(), len(found)))) as pool:
+        futures = {pool.submit(surface_of, label): label for label in found}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if done is not None:
+                    done(futures[future])
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return {label: results[label] for label in found}
 
 
 def to_vtk_polydata(surface: Surface):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 _requested: contextvars.ContextVar[int | None] = contextvars.ContextVar("kneeboneseg_threads", default=None)
 
@@ -63,3 +64,19 @@ def split_ranges(length: int, parts: int) -> list[slice]:
     """``length`` indices as at most ``parts`` contiguous, non-empty slices of near-equal size."""
     bounds = [round(n * length / parts) for n in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def in_slabs(function: Callable[[tuple[slice, ...]], None], shape, axis: int = 0) -> None:
+    """``function(slab)`` for slabs of an array of ``shape`` cut across ``axis``, one per thread of the run.
+
+    ``slab`` indexes the array (all of every other axis). The function should
+    spend its time in code that releases the GIL (numpy's arithmetic, scipy's
+    filters), so that the threads run at once.
+    """
+    slabs = [(slice(None),) * axis + (part,) for part in split_ranges(shape[axis], thread_count())]
+    if len(slabs) <= 1:
+        for slab in slabs:
+            function(slab)
+        return
+    with ThreadPoolExecutor(len(slabs)) as pool:
+        list(pool.map(function, slabs))

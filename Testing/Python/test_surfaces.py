@@ -9,6 +9,7 @@ from skimage.measure import marching_cubes
 from KneeBoneSegLib.surfaces import (
     Surface,
     bone_surface,
+    bone_surfaces,
     enclosed_volume,
     extract_surface,
     is_watertight,
@@ -106,6 +107,36 @@ def test_bone_surface_reports_volumes_area_and_watertightness():
     assert report["watertight"] is True and report["faces"] == len(surface.faces)
     assert report["volume_mm3"] < report["volume_mm3_before_smoothing"]
     assert report["area_mm2"] == pytest.approx(surface_area(surface), abs=0.1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_bones_at_once_give_each_bone_its_own_surface(threads):
+    from KneeBoneSegLib.threads import using_threads
+
+    labels = np.zeros((40, 44, 80), np.uint8)
+    labels[ball_mask((40, 44, 80), (20, 22, 20), 10)] = 1
+    labels[ball_mask((40, 44, 80), (20, 22, 55), 14)] = 3  # label 2 absent, as a missing tibia
+    finished = []
+    with using_threads(threads):
+        made = bone_surfaces(labels, TILTED, smoothing_iterations=5, done=finished.append)
+    assert sorted(made) == [1, 3] and sorted(finished) == [1, 3]
+    for label, (surface, report) in made.items():
+        alone, alone_report = bone_surface(labels == label, TILTED, smoothing_iterations=5)
+        np.testing.assert_allclose(surface.vertices, alone.vertices, atol=1e-9)
+        np.testing.assert_array_equal(surface.faces, alone.faces)
+        assert report == alone_report and report["watertight"]
+
+
+def test_a_raising_done_callback_stops_the_bones_and_reaches_the_caller():
+    labels = np.zeros((40, 44, 80), np.uint8)
+    labels[ball_mask((40, 44, 80), (20, 22, 20), 10)] = 1
+    labels[ball_mask((40, 44, 80), (20, 22, 55), 14)] = 2
+
+    def stop(label):
+        raise RuntimeError(f"stopped after {label}")
+
+    with pytest.raises(RuntimeError, match="stopped after"):
+        bone_surfaces(labels, TILTED, done=stop)
 
 
 def test_stl_round_trip_keeps_millimetres_and_says_lps(tmp_path):

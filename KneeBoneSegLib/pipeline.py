@@ -61,6 +61,9 @@ def closing_radius_default(units: str) -> float:
 class SegmentOptions:
     """Settings of one run; the defaults are the recommended ones.
 
+    ``projections`` (1 or 3) defaults to the model card's: 1 for the shipped
+    model, whose sub-volumes are wide enough on their own; 3 for the paper's.
+
     ``fusion`` defaults to the paper's rule, OR of the projections (their
     maximum probability): the compact model misses more bone than it adds,
     and OR fusion scored best held out (``bench/heldout_table.py``).
@@ -85,7 +88,7 @@ class SegmentOptions:
     result (``result.uncertainty``, 0 to 1, on the input's grid).
     """
 
-    projections: int = 3
+    projections: int | None = None
     fusion: str = "or"
     aggregate: str = "mean"
     stride: int | None = None
@@ -102,7 +105,7 @@ class SegmentOptions:
     keep_uncertainty: bool = False
 
     def validate(self) -> "SegmentOptions":
-        if self.projections not in (1, 3):
+        if self.projections not in (None, 1, 3):
             raise InputError(f"projections must be 1 or 3, not {self.projections}")
         if self.fusion not in FUSIONS:
             raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
@@ -265,7 +268,8 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
             skip_below=skip_below,
         )
 
-    maps = iter_projections(image, predict_view, projections=options.projections, direction=volume.geometry.direction_matrix)
+    projections = options.projections or card.projections
+    maps = iter_projections(image, predict_view, projections=projections, direction=volume.geometry.direction_matrix)
     del image  # the iterator holds it only as long as it needs it
     return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
@@ -290,7 +294,7 @@ def postprocess(
 
 def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> SegmentationResult:
     from .morphology import close_bones, fill_bone_holes
-    from .surfaces import bone_surface
+    from .surfaces import bone_surfaces
     from .verdicts import judge
 
     array = volume.array
@@ -322,15 +326,17 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> Se
     bones = {bone.key: {"label": bone.label, "voxels": int(counts[bone.label]), "volume_mm3": round(counts[bone.label] * voxel_mm3, 1)} for bone in BONES if counts[bone.label]}
 
     surfaces = {}
-    if options.surfaces:
-        for n, bone in enumerate(b for b in BONES if b.key in bones):
-            stages.report("surfaces", n / max(len(bones), 1))
-            start = time.perf_counter()
-            surface, surface_report = bone_surface(labels == bone.label, volume.geometry, smoothing_iterations=options.smoothing_iterations)
-            surfaces[bone.key] = surface
-            bones[bone.key]["surface"] = surface_report
-            stages.timings["surfaces"] = round(stages.timings.get("surfaces", 0.0) + time.perf_counter() - start, 3)
-        stages.report("surfaces", 1.0)
+    if options.surfaces and bones:
+        finished = []
+
+        def bone_done(label: int) -> None:
+            finished.append(label)
+            stages.report("surfaces", len(finished) / len(bones))
+
+        made = stages.run("surfaces", bone_surfaces, labels, volume.geometry, options.smoothing_iterations, done=bone_done)
+        for bone in BONES:
+            if bone.label in made:
+                surfaces[bone.key], bones[bone.key]["surface"] = made[bone.label]
 
     report = {
         "kneeboneseg_version": __version__,

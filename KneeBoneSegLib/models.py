@@ -9,6 +9,7 @@ network needs and what it was trained on, so that the pipeline never guesses::
       "architecture": {"base_filters": 16, "depth": 3},
       "patch_size": 64,
       "stride": 32,
+      "projections": 1,                # projections predicted by default (1 or 3)
       "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
       "spacing_mm": null,              # resample to this spacing first; null = native grid
       "training": {...},               # data, augmentation, steps, time, machine
@@ -52,6 +53,7 @@ class ModelCard:
     architecture: dict = field(default_factory=dict)
     patch_size: int = 64
     stride: int = 32
+    projections: int = 3  # projections to predict unless a run asks otherwise (1: the scan's own axes)
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     spacing_mm: list | None = None
     training: dict = field(default_factory=dict)

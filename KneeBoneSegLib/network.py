@@ -13,8 +13,6 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-PAPER_ARCHITECTURE = {"base_filters": 64, "depth": 4}
-
 
 def _conv_block(x, filters: int, name: str):
     for n in (1, 2):

@@ -33,12 +33,13 @@ from .worker import WorkerProcess, worker_environment
 class NetworkSettings:
     """The settings that change the network's output (the device does not: CPU and GPU agree)."""
 
-    projections: int
+    projections: Optional[int]  # None: the model card's
     fusion: str
     model_path: str = ""
 
     def arguments(self) -> List[str]:
-        arguments = ["--projections", str(self.projections), "--fusion", self.fusion]
+        arguments = ["--projections", str(self.projections)] if self.projections else []
+        arguments += ["--fusion", self.fusion]
         return arguments + (["--model", str(self.model_path)] if self.model_path else [])
 
 

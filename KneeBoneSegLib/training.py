@@ -50,6 +50,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRESET_SETTINGS
 from .errors import Cancelled, InputError
 from .models import Model, ModelCard, file_sha256, load_model, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
@@ -59,10 +60,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
-# "paper" is network.PAPER_ARCHITECTURE, looked up when needed: importing this module must not load Keras
-# (the command line imports it to build its parser).
-ARCHITECTURES = ("compact", "paper")
-COMPACT_ARCHITECTURE = {"base_filters": 16, "depth": 3}
 
 
 @dataclass(frozen=True)
@@ -94,24 +91,27 @@ class TrainingConfig:
     ``output`` is the ``.keras`` model to write. ``train_range_i`` restricts
     training to input voxels ``from <= i < to`` along the first image axis;
     the range left out must be one slab at either end (it becomes the card's
-    ``heldout``). With ``initial_model`` (fine-tuning) the architecture,
-    patch size, normalisation and spacing come from that model's card.
+    ``heldout``). ``None`` for ``base_filters``, ``depth``, ``patch_size``,
+    ``stride``, ``batch_size`` or ``epochs`` takes the architecture's
+    (:data:`~KneeBoneSegLib.architectures.ARCHITECTURES`). With
+    ``initial_model`` (fine-tuning) the architecture, patch size,
+    normalisation and spacing come from that model's card.
     """
 
     images: list[Path]
     labels: list[Path]
     output: Path
-    architecture: str = "compact"
-    base_filters: int | None = None  # None: the architecture's
+    architecture: str = DEFAULT_ARCHITECTURE
+    base_filters: int | None = None
     depth: int | None = None
-    patch_size: int = 32
-    stride: int = 24  # the inference stride the card asks for
+    patch_size: int | None = None
+    stride: int | None = None  # the inference stride the card asks for
     spacing_mm: float | None = 0.7  # None: train on the scans' own grid
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     train_range_i: tuple[int, int] | None = None
-    epochs: int = 25
+    epochs: int | None = None
     steps_per_epoch: int = 100
-    batch_size: int = 8
+    batch_size: int | None = None
     learning_rate: float = 1e-3
     dice_weight: float = 1.0
     boundary_fraction: float = 0.5
@@ -134,6 +134,7 @@ class TrainingConfig:
             raise InputError(f"{self.output}: the model file must end in .keras")
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
+        _fill_from_architecture(self)
         positive = {"epochs": self.epochs, "steps per epoch": self.steps_per_epoch, "batch size": self.batch_size,
                     "validation patches": self.validation_patches, "learning rate": self.learning_rate}
         for what, value in positive.items():
@@ -159,6 +160,15 @@ class TrainingConfig:
     @property
     def curves_path(self) -> Path:
         return self.output.with_suffix(".loss.png")
+
+
+def _fill_from_architecture(config: TrainingConfig) -> TrainingConfig:
+    """Give the settings ``config`` leaves at ``None`` its architecture's values."""
+    preset = ARCHITECTURES[config.architecture]
+    for name in PRESET_SETTINGS:
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(preset, name))
+    return config
 
 
 @dataclass
@@ -504,13 +514,9 @@ def _initial_network(config: TrainingConfig):
         )
         log.info("Fine-tuning %s: patch size, normalisation and spacing come from its card", config.initial_model)
         return start.network.network, card  # the Keras model inside the engine wrapper
-    from .network import PAPER_ARCHITECTURE, build_unet
+    from .network import build_unet
 
-    architecture = dict(COMPACT_ARCHITECTURE if config.architecture == "compact" else PAPER_ARCHITECTURE)
-    if config.base_filters is not None:
-        architecture["base_filters"] = int(config.base_filters)
-    if config.depth is not None:
-        architecture["depth"] = int(config.depth)
+    architecture = {"base_filters": int(config.base_filters), "depth": int(config.depth)}
     try:
         network = build_unet(patch_size=config.patch_size, **architecture)
     except ValueError as error:
@@ -520,6 +526,7 @@ def _initial_network(config: TrainingConfig):
         architecture=architecture,
         patch_size=config.patch_size,
         stride=config.stride,
+        projections=ARCHITECTURES[config.architecture].projections,
         normalization=dict(config.normalization),
         spacing_mm=[float(config.spacing_mm)] * 3 if config.spacing_mm else None,
     )
@@ -607,12 +614,23 @@ def _machine() -> dict:
         "system": platform.system(),
         "machine": platform.machine(),
         "cpus": cpus,
-        "devices": [str(d) for d in keras.distribution.list_devices()],
+        "devices": _devices(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "keras": keras.__version__,
         "backend": keras.config.backend(),
     }
+
+
+def _devices() -> list[str]:
+    """The devices the backend trains on, as Keras names them (its torch backend has no device list)."""
+    import keras
+
+    if keras.config.backend() == "torch":
+        import torch
+
+        return [f"cuda:{n}" for n in range(torch.cuda.device_count())] or ["cpu:0"]
+    return [str(device) for device in keras.distribution.list_devices()]
 
 
 def _sha256(path: Path) -> str | None:
@@ -632,20 +650,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", nargs="+", type=Path, metavar="IMAGE LABELS", help="training scans, each followed by its label map (labels > 0 are bone)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.keras); its card, loss curves and checkpoint go beside it")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=default.architecture,
-                        help=f"compact {COMPACT_ARCHITECTURE} or the paper's full-size network (default: %(default)s)")
+                        help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.architectures; default: %(default)s)")
     parser.add_argument("--base-filters", type=int, default=None, help="filters of the first level (default: the architecture's)")
     parser.add_argument("--depth", type=int, default=None, help="pooling steps (default: the architecture's)")
-    parser.add_argument("--patch-size", type=int, default=default.patch_size, help="sub-volume edge in voxels (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=default.stride, help="inference stride recorded in the card (default: %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=None, help="sub-volume edge in voxels (default: the architecture's)")
+    parser.add_argument("--stride", type=int, default=None, help="inference stride recorded in the card (default: the architecture's)")
     parser.add_argument("--spacing-mm", type=_spacing, default=default.spacing_mm,
                         help="isotropic voxel size the model works at, or 'none' for the scan's own grid (default: %(default)s)")
     parser.add_argument("--normalization", type=_json_object, default=default.normalization,
                         help="intensity normalisation as JSON (default: %(default)s)")
     parser.add_argument("--train-range-i", type=int, nargs=2, metavar=("FROM", "TO"), default=None,
                         help="train only on input voxels FROM <= i < TO along the first image axis; the rest is recorded as held out")
-    parser.add_argument("--epochs", type=int, default=default.epochs, help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's)")
     parser.add_argument("--steps-per-epoch", type=int, default=default.steps_per_epoch, help="batches per epoch (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="sub-volumes per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sub-volumes per batch (default: the architecture's)")
     parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s; the paper used 1e-4)")
     parser.add_argument("--dice-weight", type=float, default=default.dice_weight, help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)")
     parser.add_argument("--boundary-fraction", type=float, default=default.boundary_fraction,
@@ -674,13 +692,15 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
 def command_line(config: TrainingConfig) -> str:
     """The ``kneeboneseg train`` command that reproduces ``config`` (data folders left out of absolute paths)."""
     default = TrainingConfig(images=[], labels=[], output=config.output)
+    architecture_default = _fill_from_architecture(replace(default, architecture=config.architecture))
     words = ["kneeboneseg", "train"]
     for image, labels in zip(config.images, config.labels):
         words += [_portable(image), _portable(labels)]
     words += ["-o", _portable(config.output)]
     for f in fields(TrainingConfig):
         value = getattr(config, f.name)
-        if f.name in _NOT_OPTIONS or value == getattr(default, f.name):
+        unchanged = getattr(default if f.name == "architecture" else architecture_default, f.name)
+        if f.name in _NOT_OPTIONS or value == unchanged:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, Augmentation):

@@ -38,7 +38,7 @@ from bench_pipeline import run as run_segment
 
 from KneeBoneSegLib.inference import air_level
 from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.models import load_model
+from KneeBoneSegLib.models import SHIPPED_MODEL, load_model
 from KneeBoneSegLib.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import SegmentOptions, predict_projection_maps
 from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
@@ -46,9 +46,9 @@ from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "Resources" / "Models"
 ENGINES = {  # name: (model file, --engine)
-    "keras (TensorFlow)": ("kneeboneseg-compact.keras", "auto"),
-    "onnxruntime": ("kneeboneseg-compact.onnx", "onnxruntime"),
-    "openvino": ("kneeboneseg-compact.onnx", "openvino"),
+    "keras (TensorFlow)": (Path(SHIPPED_MODEL).with_suffix(".keras").name, "auto"),
+    "onnxruntime": (SHIPPED_MODEL, "onnxruntime"),
+    "openvino": (SHIPPED_MODEL, "openvino"),
 }
 #: What 3D Slicer runs on: (Python, pip platform tag) for Windows, macOS Intel, macOS Apple and Linux.
 SLICER_PLATFORMS = [

@@ -1,15 +1,25 @@
-"""Held-out quality of the shipped recipe on the sample scan, and the effect of each post-processing step.
+"""Held-out quality of the shipped models and of the models they replaced, and the effect of each setting.
 
-    python bench/heldout_table.py [--models Resources/Models] [--json bench/results/heldout.json]
+    python bench/heldout_table.py [--models Resources/Models] [--json bench/results/heldout.json] [--write-card]
 
 There is one annotated scan, so quality is measured by a spatial 2-fold split
 along its first image axis i (left-right). Each fold model's card says which
 range of i it never trained on (``heldout``); the two held-out ranges overlap
 around the split, and each fold predicts the half of the scan on its
-held-out side of the split's middle. The two halves are stitched into one
-full-volume prediction, post-processed, and compared with the ground truth.
-Every figure printed here is a held-out figure, except the last line, which
-is the shipped model on the scan it was trained on and is labelled so.
+held-out side of the split's middle. Two ways, as the README reports them:
+
+- **probabilities stitched**: the two folds' network outputs are stitched at
+  the split into one full-volume probability map, which is then
+  post-processed once (each ablation row changes one setting of that);
+- **segmentations stitched**: each fold's own ``segment`` of the whole scan
+  (default settings, what ``kneeboneseg segment --model FOLD.onnx`` gives
+  anyone), and the two label maps stitched at the split.
+
+Every figure printed is a held-out figure, except the training figure,
+which is the shipped model on the scan it was trained on and is labelled so.
+The models replaced (``kneeboneseg-compact``) are taken from git at
+:data:`~_baseline.PREVIOUS_MODELS_COMMIT` and measured in the same run.
+No setting of the shipped recipe was chosen on these figures (README).
 """
 
 from __future__ import annotations
@@ -20,35 +30,43 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _baseline import PREVIOUS_MODELS_COMMIT, previous_models
 from _sample import sample_dir
 
 from KneeBoneSegLib.io import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
-from KneeBoneSegLib.models import card_path, load_model
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
+from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model
+from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.pipeline import CLOSING_RADIUS_MM, SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.projections import fuse_probabilities
-from KneeBoneSegLib.resampling import resample_to_shape
+from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
 from KneeBoneSegLib.volume import Volume
 
-FOLDS = ("kneeboneseg-compact-fold-right.onnx", "kneeboneseg-compact-fold-left.onnx")
-SHIPPED = "kneeboneseg-compact.onnx"
+SHIPPED = SHIPPED_MODEL
+FAMILY = Path(SHIPPED).stem  # the fold models are FAMILY-fold-right and FAMILY-fold-left
+PREVIOUS_FAMILY = "kneeboneseg-compact"
+WHOLE_VOLUME = "whole"  # the stride of the one-pass row: the whole volume in one network call (Keras)
 
-#: (row name, projections, fusion, closing radius in voxels, fill holes, sub-volume stride or None for the
-#: card's); the first row is the default pipeline.
+#: (row name, projections or None for the card's, fusion, closing radius in mm, fill holes,
+#: sub-volume stride: None for the card's, or WHOLE_VOLUME). The first row is the default pipeline.
 VARIANTS = [
-    ("3 projections, OR fusion, closing 9, fill (default)", 3, "or", 9, True, None),
-    ("no hole filling", 3, "or", 9, False, None),
-    ("no closing", 3, "or", 0, True, None),
-    ("no closing, no hole filling (network and components only)", 3, "or", 0, False, None),
-    ("closing radius 3", 3, "or", 3, True, None),
-    ("closing radius 6", 3, "or", 6, True, None),
-    ("closing radius 12", 3, "or", 12, True, None),
-    ("1 projection (axial)", 1, "or", 9, True, None),
-    ("3 projections, majority vote", 3, "vote", 9, True, None),
-    ("3 projections, mean fusion", 3, "mean", 9, True, None),
-    ("sub-volume stride 16 (half overlap; default 24)", 3, "or", 9, True, 16),
-    ("sub-volume stride 32 (no overlap)", 3, "or", 9, True, 32),
+    ("default pipeline", None, "or", CLOSING_RADIUS_MM, True, None),
+    ("no hole filling", None, "or", CLOSING_RADIUS_MM, False, None),
+    ("no closing", None, "or", 0, True, None),
+    ("no closing, no hole filling (network and components only)", None, "or", 0, False, None),
+    ("3 projections, OR fusion (the paper's)", 3, "or", CLOSING_RADIUS_MM, True, None),
+    ("3 projections, mean fusion", 3, "mean", CLOSING_RADIUS_MM, True, None),
+    ("sub-volume stride 32 (half overlap)", None, "or", CLOSING_RADIUS_MM, True, 32),
+    ("sub-volume stride 64 (no overlap)", None, "or", CLOSING_RADIUS_MM, True, 64),
+    ("whole volume in one pass (no tiles)", 1, "or", CLOSING_RADIUS_MM, True, WHOLE_VOLUME),
+    ("whole volume in one pass, network and components only", 1, "or", 0, False, WHOLE_VOLUME),
 ]
+#: The rows measured for the models replaced: their default, and the network alone.
+PREVIOUS_VARIANTS = [VARIANTS[0], VARIANTS[3]]
+
+
+def fold_names(family: str) -> tuple[str, str]:
+    return f"{family}-fold-right.onnx", f"{family}-fold-left.onnx"
 
 
 def split_of(cards) -> tuple[int, dict]:
@@ -64,9 +82,88 @@ def split_of(cards) -> tuple[int, dict]:
     return split, {"low": low_side[0], "high": 1 - low_side[0], "ranges": ranges}
 
 
-def fused_on_input_grid(maps, projections: int, fusion: str, shape) -> np.ndarray:
-    fused = fuse_probabilities(maps[:projections], fusion)
-    return resample_to_shape(fused, shape, order=1) if fused.shape != tuple(shape) else fused
+def stitched(low: np.ndarray, high: np.ndarray, split: int) -> np.ndarray:
+    """``low`` below ``split`` along i (the last array axis), ``high`` from it on."""
+    out = np.empty_like(low)
+    out[..., :split] = low[..., :split]
+    out[..., split:] = high[..., split:]
+    return out
+
+
+def whole_volume_map(scan: Volume, keras_path: Path) -> np.ndarray:
+    """The network's probability on the model grid, the whole volume in one call (its ``.keras`` file on Keras).
+
+    The sub-volume network is fully convolutional, so the same weights run on
+    the whole volume, zero-padded to a multiple of 2**depth as tiles are at the border.
+    """
+    import keras
+
+    trained = keras.saving.load_model(keras_path, compile=False)
+    config = trained.get_config()
+    config["layers"][0]["config"]["batch_shape"] = (None, None, None, None, 1)
+    network = keras.Model.from_config(config)
+    network.set_weights(trained.get_weights())
+    card = load_model(keras_path.with_suffix(".onnx")).card
+    image = normalize_intensities(scan.array, card.normalization)
+    image = resample_to_shape(image, grid_shape_for_spacing(image.shape, scan.geometry.spacing, card.spacing_mm), order=1)
+    step = 2 ** card.architecture["depth"]
+    padded = np.zeros([-(-n // step) * step for n in image.shape], np.float32)
+    padded[tuple(slice(0, n) for n in image.shape)] = image
+    probability = keras.ops.convert_to_numpy(network.predict_on_batch(padded[None, ..., None]))[0, ..., 0]
+    return probability[tuple(slice(0, n) for n in image.shape)]
+
+
+def measure_family(folder: Path, family: str, variants, scan: Volume, truth: np.ndarray, labels_out: Path | None = None) -> dict:
+    """Both ways of stitching the folds of ``family`` in ``folder``, and the ``variants`` rows; prints as it goes."""
+    spacing = scan.geometry.spacing
+    names = fold_names(family)
+    models = [load_model(folder / name) for name in names]
+    split, sides = split_of([model.card for model in models])
+    print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
+    print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
+
+    maps_by_setting = {}
+
+    def network_maps(projections: int, stride):
+        key = (projections, stride)
+        if key not in maps_by_setting:
+            maps_by_setting.clear()  # one set of maps at a time: each is a few hundred MB
+            start = time.perf_counter()
+            if stride == WHOLE_VOLUME:
+                maps_by_setting[key] = [[whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names]
+            else:
+                maps_by_setting[key] = [predict_projection_maps(scan, model, SegmentOptions(projections=projections, stride=stride)) for model in models]
+            what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
+            print(f"network, both folds, {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
+        return maps_by_setting[key]
+
+    rows = {}
+    for name, projections, fusion, radius_mm, fill, stride in variants:
+        projections = projections or models[0].card.projections
+        maps = network_maps(projections, stride)
+        fused = [fuse_probabilities(side_maps, fusion) for side_maps in maps]
+        fused = [resample_to_shape(side, truth.shape, order=1) for side in fused]
+        probability = stitched(fused[sides["low"]], fused[sides["high"]], split)
+        del fused
+        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
+        labels = postprocess(Volume(probability, scan.geometry), options).labels
+        rows[name] = evaluate_labels(labels, truth, spacing)
+        if name == variants[0][0] and labels_out:
+            write_volume(Volume(labels, scan.geometry), labels_out)
+        print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
+    maps_by_setting.clear()
+
+    start = time.perf_counter()
+    segmented = [segment(scan, model, SegmentOptions(surfaces=False)).labels for model in models]
+    print(f"each fold's own segment of the whole scan, default settings: {time.perf_counter() - start:.0f} s")
+    each_fold = evaluate_labels(stitched(segmented[sides["low"]], segmented[sides["high"]], split), truth, spacing)
+
+    default = variants[0][0]
+    print(f"\n{family}, held out, probabilities stitched, then the default pipeline:")
+    print(format_metrics_table(rows[default]))
+    print(f"\n{family}, held out, each fold's own segmentation (default settings) stitched:")
+    print(format_metrics_table(each_fold))
+    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold}
 
 
 def main() -> None:
@@ -74,61 +171,30 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parent.parent / "Resources" / "Models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--labels-out", type=Path, default=None, help="write the stitched held-out label map of the default row here")
+    parser.add_argument("--no-previous", action="store_true", help="measure only the shipped models, not the ones they replaced")
     parser.add_argument("--no-training-figure", action="store_true", help="skip the shipped model on its own training scan")
     parser.add_argument("--write-card", action="store_true", help="record the figures in the shipped model's card (its 'quality')")
     args = parser.parse_args()
     data = sample_dir()
     scan = read_volume(data / "knee_mri.nrrd")
     truth = read_volume(data / "knee_bones_labels.nrrd").array
-    spacing = scan.geometry.spacing
-    models = [load_model(args.models / name) for name in FOLDS]
-    split, sides = split_of([model.card for model in models])
-    print(f"held-out split along i at {split}: {FOLDS[sides['low']]} predicts i < {split}, {FOLDS[sides['high']]} i >= {split}")
-    print(f"held-out (never trained on) ranges of i: {dict(zip(FOLDS, sides['ranges']))}")
 
-    maps_by_stride = {}
+    results = {FAMILY: measure_family(args.models, FAMILY, VARIANTS, scan, truth, args.labels_out)}
+    if not args.no_previous:
+        results[PREVIOUS_FAMILY] = measure_family(previous_models(), PREVIOUS_FAMILY, PREVIOUS_VARIANTS, scan, truth)
+        results[PREVIOUS_FAMILY]["commit"] = PREVIOUS_MODELS_COMMIT
+    print("\npaper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
 
-    def network_maps(stride):
-        if stride not in maps_by_stride:
-            maps_by_stride.clear()  # one set of maps at a time: each is a few hundred MB
-            start = time.perf_counter()
-            maps_by_stride[stride] = [predict_projection_maps(scan, model, SegmentOptions(projections=3, stride=stride)) for model in models]
-            print(f"network, both folds, 3 projections, stride {stride or models[0].card.stride}: {time.perf_counter() - start:.0f} s")
-        return maps_by_stride[stride]
-
-    rows = {}
-    for name, projections, fusion, radius, fill, stride in VARIANTS:
-        maps = network_maps(stride)
-        probability = np.empty(truth.shape, np.float32)
-        low = fused_on_input_grid(maps[sides["low"]], projections, fusion, truth.shape)
-        probability[..., :split] = low[..., :split]
-        del low
-        high = fused_on_input_grid(maps[sides["high"]], projections, fusion, truth.shape)
-        probability[..., split:] = high[..., split:]
-        del high
-        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius, closing_units="voxels", fill_holes=fill, surfaces=False)
-        labels = postprocess(Volume(probability, scan.geometry), options).labels
-        rows[name] = evaluate_labels(labels, truth, spacing)
-        if name == VARIANTS[0][0] and args.labels_out:
-            write_volume(Volume(labels, scan.geometry), args.labels_out)
-        print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  AHD {rows[name]['all']['ahd_voxels']:.4f} vox", flush=True)
-
-    default = VARIANTS[0][0]
-    print(f"\nheld-out, stitched 2-fold prediction, {default}:")
-    print(format_metrics_table(rows[default]))
-    print("paper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
-
-    results = {"split_i": split, "folds": FOLDS, "heldout_ranges_i": sides["ranges"], "heldout": rows}
-    if not args.no_training_figure and (args.models / SHIPPED).is_file():
+    if not args.no_training_figure:
         result = segment(scan, load_model(args.models / SHIPPED), SegmentOptions(surfaces=False))
-        results["training_figure"] = evaluate_labels(result.labels, truth, spacing)
-        print("\nTRAINING figure (the shipped model on the scan it was trained on; not a measure of quality):")
+        results["training_figure"] = evaluate_labels(result.labels, truth, scan.geometry.spacing)
+        print(f"\nTRAINING figure ({SHIPPED} on the scan it was trained on; not a measure of quality):")
         print(format_metrics_table(results["training_figure"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write_card:
-        write_quality(args.models / SHIPPED, results, split)
+        write_quality(args.models / SHIPPED, results)
 
 
 def rounded(metrics: dict) -> dict:
@@ -136,20 +202,21 @@ def rounded(metrics: dict) -> dict:
     return {bone: {name: round(value, 4) for name, value in figures.items()} for bone, figures in metrics.items()}
 
 
-def write_quality(model_path: Path, results: dict, split: int) -> None:
+def write_quality(model_path: Path, results: dict) -> None:
     """Record the held-out and training figures in the card beside ``model_path``."""
     card_file = card_path(model_path)
     card = json.loads(card_file.read_text(encoding="utf-8"))
-    default = VARIANTS[0][0]
+    ours = results[FAMILY]
     card["quality"] = {
         "heldout": {
             "protocol": (
-                f"2-fold spatial split of the annotated sample scan along image axis i at {split}: "
-                f"{FOLDS[0]} and {FOLDS[1]} (same recipe) each predict the side they never trained on; "
-                "the stitched full-volume prediction is post-processed and compared with the ground truth"
+                f"2-fold spatial split of the annotated sample scan along image axis i at {ours['split_i']}: "
+                f"{ours['folds'][0]} and {ours['folds'][1]} (same recipe) each predict the side they never trained on; "
+                "the stitched full-volume probability is post-processed and compared with the ground truth"
             ),
-            "pipeline": default,
-            "metrics": rounded(results["heldout"][default]),
+            "pipeline": VARIANTS[0][0],
+            "metrics": rounded(ours["heldout"][VARIANTS[0][0]]),
+            "segmentations_stitched": rounded(ours["segmentations_stitched"]),
         },
     }
     if "training_figure" in results:

@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
 # Train the shipped model and its two held-out fold models on the annotated sample scan.
 #
-#   KNEEBONESEG_SAMPLE_DIR=path/to/kneebones3dify bench/train_models.sh [MODEL_FOLDER]
+#   KNEEBONESEG_SAMPLE_DIR=path/to/kneebones3dify bench/train_models.sh [MODEL_FOLDER [WHICH...]]
 #
-# Each run uses the default recipe of `kneeboneseg train` (compact U-Net, 32^3 sub-volumes at
-# 0.7 mm, 2500 steps of 8, BCE + Dice, Adam 1e-3, full augmentation, seed 0): about 20 minutes
-# on 2 CPU cores. The folds split the scan along its first image axis i (left-right) at
-# i = SPLIT; each trains on one side up to GAP voxels from SPLIT, and is evaluated on the other
-# side of SPLIT (bench/heldout_table.py), so 64 voxels (22.5 mm, more than a 32^3 sub-volume at
-# 0.7 mm, which bounds what one prediction sees) separate what it trained on from what it is
-# scored on.
+# WHICH is any of fold-right, fold-left, shipped (default: all three, one after the other;
+# two shells may train two of them at once). Each run uses the default recipe of
+# `kneeboneseg train` (the `context` U-Net, 64^3 sub-volumes at 0.7 mm, 1500 steps of 2,
+# BCE + Dice, Adam 1e-3, full augmentation, seed 0) and resumes where it stopped if its
+# checkpoint is there. Keras runs on its torch backend where PyTorch is installed: on the
+# 2-core CPU it trained twice as fast as on TensorFlow (bench/results/training_backends.txt).
+#
+# The folds split the scan along its first image axis i (left-right) at i = SPLIT; each trains
+# on one side up to GAP voxels from SPLIT, and is evaluated on the other side of SPLIT
+# (bench/heldout_table.py), so 64 voxels (22.5 mm) separate what it trained on from what it
+# is scored on. A fold never sees the image beyond its training range.
 set -euo pipefail
 data="${KNEEBONESEG_SAMPLE_DIR:?set KNEEBONESEG_SAMPLE_DIR to the folder holding knee_mri.nrrd}"
 models="${1:-Resources/Models}"
+shift || true
+which=("${@:-fold-right fold-left shipped}")
 SPLIT=236  # the middle of the bones along i (they span i = 108..364)
 GAP=64
+NAME=kneeboneseg-context
 pair=("$data/knee_mri.nrrd" "$data/knee_bones_labels.nrrd")
-train() { kneeboneseg -v train "${pair[@]}" --no-progress-bar --overwrite "$@"; }
-
-train --train-range-i 0 $((SPLIT - GAP)) -o "$models/kneeboneseg-compact-fold-right.keras"
-train --train-range-i $((SPLIT + GAP)) 512 -o "$models/kneeboneseg-compact-fold-left.keras"
-train -o "$models/kneeboneseg-compact.keras"
+if python -c "import torch" 2>/dev/null; then export KERAS_BACKEND="${KERAS_BACKEND:-torch}"; fi
+train() {
+  local output="$1"; shift
+  local again=(--overwrite)
+  [[ -f "${output%.keras}.checkpoint.npz" ]] && again=(--resume)
+  kneeboneseg -v train "${pair[@]}" --no-progress-bar "${again[@]}" "$@" -o "$output"
+}
+for model in ${which[*]}; do
+  case "$model" in
+    fold-right) train "$models/$NAME-fold-right.keras" --train-range-i 0 $((SPLIT - GAP)) ;;
+    fold-left) train "$models/$NAME-fold-left.keras" --train-range-i $((SPLIT + GAP)) 512 ;;
+    shipped) train "$models/$NAME.keras" ;;
+    *) echo "unknown model $model (fold-right, fold-left or shipped)" >&2; exit 2 ;;
+  esac
+done

@@ -119,3 +119,14 @@ def test_projection_and_fusion_variants_give_their_own_maps(phantom):
     one = segment(volume, model, replace(options, projections=1)).probability
     np.testing.assert_allclose(one, maps[0], atol=1e-6)
     assert len({round(float(m.sum()), 1) for m in (*expected.values(), one)}) == 4
+
+
+def test_the_model_card_says_how_many_projections_a_run_predicts_unless_told(phantom):
+    image, _, geometry = phantom
+    volume = Volume(image, geometry)
+    for card_projections in (1, 3):
+        model = Model(position_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, projections=card_projections))
+        assert len(predict_projection_maps(volume, model, SegmentOptions())) == card_projections
+        assert len(predict_projection_maps(volume, model, SegmentOptions(projections=4 - card_projections))) == 4 - card_projections
+    old_card = ModelCard.from_dict({"name": "before the field", "patch_size": 16, "stride": 8})
+    assert old_card.projections == 3  # cards written before the field keep the three projections they were measured with

@@ -155,7 +155,8 @@ def test_command_lines_of_the_module_runs_are_accepted():
     from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings
 
     post = PostprocessSettings(closing_radius=9.0, closing_units="voxels", smoothing_iterations=20)
-    for network in (NetworkSettings(projections=3, fusion="or"), NetworkSettings(projections=1, fusion="vote", model_path="m.onnx")):
+    settings = (NetworkSettings(projections=3, fusion="or"), NetworkSettings(projections=1, fusion="vote", model_path="m.onnx"), NetworkSettings(projections=None, fusion="or"))
+    for network in settings:
         args = build_parser().parse_args(["segment", "in.nrrd", "-o", "out", *network.arguments(), "--device", "cpu", "--save-probability", *post.arguments(), "--progress", "json"])
         assert (args.projections, args.fusion, args.save_probability, args.progress) == (network.projections, network.fusion, True, "json")
         assert (args.model is None) == (not network.model_path)
@@ -187,7 +188,7 @@ def test_logic_offers_the_documented_console_api(module_tree):
 
     library = SegmentOptions()
     assert (defaults["closingRadius"], defaults["closingUnits"]) == (library.closing_radius, library.closing_units)
-    assert defaults["projections"] == 3
+    assert defaults["projections"] == library.projections is None  # the model card decides
     assert ast.get_docstring(segment)
 
     export = _method(logic, "exportSTL")

@@ -251,3 +251,18 @@ def test_the_card_command_line_rebuilds_the_same_configuration():
     assert rebuilt == config
     with pytest.raises(InputError, match="odd"):
         config_from_args(parser.parse_args(["a.nrrd", "b.nrrd", "c.nrrd", "-o", "m.keras"]))
+
+
+def test_an_architecture_gives_the_settings_a_run_leaves_unset():
+    from KneeBoneSegLib.architectures import ARCHITECTURES
+
+    config = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras")).validate()
+    context = ARCHITECTURES["context"]
+    assert config.architecture == "context"
+    assert (config.base_filters, config.depth, config.patch_size, config.stride, config.batch_size, config.epochs) == (
+        context.base_filters, context.depth, context.patch_size, context.stride, context.batch_size, context.epochs)
+    paper = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture="paper", patch_size=32).validate()
+    assert (paper.base_filters, paper.depth, paper.patch_size, paper.stride) == (64, 4, 32, ARCHITECTURES["paper"].stride)
+    words = shlex.split(command_line(paper))
+    assert words[words.index("--architecture") + 1] == "paper" and words[words.index("--patch-size") + 1] == "32"
+    assert "--base-filters" not in words and "--stride" not in words  # the architecture's own values need no option

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
     seg.add_argument(
         "--save-uncertainty", action="store_true",
-        help="also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look",
+        help="also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look; needs --projections 3",
     )  # fmt: skip
     _add_postprocess_options(seg, defaults)
 

@@ -269,6 +269,8 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
         )
 
     projections = options.projections or card.projections
+    if options.keep_uncertainty and projections < 3:
+        raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
     maps = iter_projections(image, predict_view, projections=projections, direction=volume.geometry.direction_matrix)
     del image  # the iterator holds it only as long as it needs it
     return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}

@@ -97,11 +97,12 @@ def _judge_confidence(measured: dict, thresholds: dict) -> tuple[str, list[str]]
             f"(at least {100 * thresholds['min_sure_share']:.0f} % on bones it had not seen in training)"
         )
     disagreement = measured.get("surface_disagreement")
-    if disagreement is not None and disagreement > thresholds["max_surface_disagreement"]:
+    limit = thresholds.get("max_surface_disagreement")  # None: calibrated on one projection, where there is none
+    if disagreement is not None and limit is not None and disagreement > limit:
         verdict = FAILED if verdict == FAILED else REVIEW
         reasons.append(
             f"the three projections disagree along its surface (mean {disagreement:.2f}, "
-            f"at most {thresholds['max_surface_disagreement']:.2f} on bones it had not seen in training)"
+            f"at most {limit:.2f} on bones it had not seen in training)"
         )
     return verdict, reasons
 

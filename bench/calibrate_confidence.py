@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from _sample import sample_dir
-from heldout_table import FOLDS, SHIPPED, split_of
+from heldout_table import FAMILY, SHIPPED, fold_names, split_of
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
 from KneeBoneSegLib.confidence import bone_confidence
@@ -89,12 +89,12 @@ def training_record(volume, dicom_tags: dict, card) -> dict:
 
 def heldout_confidence(volume, models_dir: Path) -> list[dict]:
     """Per fold and bone: confidence on the fold's held-out side of the split."""
-    models = [load_model(models_dir / name) for name in FOLDS]
+    models = [load_model(models_dir / name) for name in fold_names(FAMILY)]
     split, sides = split_of([model.card for model in models])
     rows = []
     for side, counted in (("low", slice(0, split)), ("high", slice(split, volume.array.shape[2]))):
         model = models[sides[side]]
-        options = SegmentOptions(surfaces=False, keep_uncertainty=True)
+        options = SegmentOptions(surfaces=False, keep_uncertainty=model.card.projections == 3)
         result = segment(volume, model, options)
         measured = bone_confidence(result.labels, result.probability, result.uncertainty, options.threshold, counted_i=counted)
         for bone, entry in measured.items():
@@ -103,11 +103,17 @@ def heldout_confidence(volume, models_dir: Path) -> list[dict]:
             rows.append({"model": model.card.name, "i_range": [counted.start, counted.stop], "bone": bone, "held_out_part": round(part, 3), **entry})
             print(
                 f"{model.card.name:34s} i {counted.start:3d}-{counted.stop:3d} {bone:8s} {100 * part:3.0f} % of it held out: "
-                f"sure {entry['sure_share']:.4f}  surface disagreement {entry['surface_disagreement']:.4f}"
+                f"sure {entry['sure_share']:.4f}  surface disagreement {entry['surface_disagreement']}"
                 + ("" if part >= MIN_HELD_OUT_PART else "  (not used: too little of it held out)"),
                 flush=True,
             )
     return rows
+
+
+def max_disagreement(rows: list[dict]) -> float | None:
+    """The highest held-out surface disagreement, rounded up to 0.01; None where the default run predicts one projection."""
+    found = [row["surface_disagreement"] for row in rows if row["surface_disagreement"] is not None]
+    return float(np.ceil(max(found) * 100) / 100) if found else None
 
 
 def main() -> None:
@@ -126,7 +132,7 @@ def main() -> None:
     used = [row for row in rows if row["held_out_part"] >= MIN_HELD_OUT_PART]
     thresholds = {
         "min_sure_share": float(np.floor(min(r["sure_share"] for r in used) * 100) / 100),
-        "max_surface_disagreement": float(np.ceil(max(r["surface_disagreement"] for r in used) * 100) / 100),
+        "max_surface_disagreement": max_disagreement(used),
         "failed_sure_share": FAILED_SURE_SHARE,
         "calibrated_on": "held-out sides of the sample scan, fold models (bench/calibrate_confidence.py)",
     }

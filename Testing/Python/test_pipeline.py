@@ -130,3 +130,9 @@ def test_the_model_card_says_how_many_projections_a_run_predicts_unless_told(pha
         assert len(predict_projection_maps(volume, model, SegmentOptions(projections=4 - card_projections))) == 4 - card_projections
     old_card = ModelCard.from_dict({"name": "before the field", "patch_size": 16, "stride": 8})
     assert old_card.projections == 3  # cards written before the field keep the three projections they were measured with
+
+
+def test_an_uncertainty_map_needs_three_projections(phantom, model):
+    image, _, geometry = phantom
+    with pytest.raises(InputError, match="three projections"):
+        segment(Volume(image, geometry), model, SegmentOptions(projections=1, keep_uncertainty=True))

@@ -115,6 +115,12 @@ def test_verdicts_follow_confidence_and_input_differences():
     assert any("3 T" in reason for reason in verdict["bones"]["tibia"]["reasons"])
     assert any("disagree" in reason for reason in verdict["bones"]["tibia"]["reasons"])
 
+    # Thresholds calibrated on one projection have no disagreement limit: a three-projection run is judged by sureness alone.
+    report["input_check"]["differences"] = []
+    report["confidence"]["tibia"] = {"sure_share": 0.95, "surface_disagreement": 0.9}
+    verdict = judge(report, {**thresholds, "max_surface_disagreement": None})
+    assert verdict["bones"]["tibia"] == {"verdict": "ok", "reasons": []}
+
 
 def test_input_check_names_what_differs_from_the_card(sample_dir):
     card = load_model(default_model_path()).card

@@ -5,8 +5,8 @@ Training writes ``model.keras`` and exports ``model.onnx`` beside it
 network needs and what it was trained on, so that the pipeline never guesses::
 
     {
-      "name": "compact-unet",
-      "architecture": {"base_filters": 16, "depth": 3},
+      "name": "kneeboneseg-context",
+      "architecture": {"base_filters": 8, "depth": 4},
       "patch_size": 64,
       "stride": 32,
       "projections": 1,                # projections predicted by default (1 or 3)
@@ -40,7 +40,7 @@ from pathlib import Path
 from .errors import ModelError
 from .normalization import DEFAULT_NORMALIZATION
 
-SHIPPED_MODEL = "kneeboneseg-compact.onnx"
+SHIPPED_MODEL = "kneeboneseg-context.onnx"
 MODEL_SUFFIXES = (".onnx", ".keras")
 MODEL_ENV = "KNEEBONESEG_MODEL"
 

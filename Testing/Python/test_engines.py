@@ -18,12 +18,12 @@ from KneeBoneSegLib.engines import open_network
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io import write_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import MODEL_SUFFIXES, ModelCard, file_sha256, load_model, read_card
+from KneeBoneSegLib.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, read_card
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-SHIPPED = ("kneeboneseg-compact", "kneeboneseg-compact-fold-right", "kneeboneseg-compact-fold-left")
+SHIPPED = ("kneeboneseg-context", "kneeboneseg-context-fold-right", "kneeboneseg-context-fold-left")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 ONNX_ENGINES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed"))]
 
@@ -47,7 +47,8 @@ def test_every_shipped_onnx_model_gives_the_keras_probabilities_on_random_input(
     reference = keras.saving.load_model(MODELS / f"{name}.keras", compile=False)
     network = open_network(MODELS / f"{name}.onnx", engine=engine, device="cpu")
     assert network.describe()["engine"] == engine
-    batch = rng.normal(0.3, 0.3, (4, 32, 32, 32, 1)).astype(np.float32)
+    size = read_card(MODELS / f"{name}.onnx").patch_size
+    batch = rng.normal(0.3, 0.3, (2, size, size, size, 1)).astype(np.float32)
     expected = keras.ops.convert_to_numpy(reference.predict_on_batch(batch))
     assert np.abs(network.predict_on_batch(batch) - expected).max() <= 1e-4
 
@@ -66,8 +67,8 @@ def sample_crop(sample_dir):
 def test_onnx_and_keras_paths_give_identical_labels_on_the_sample_scan(sample_crop):
     pytest.importorskip("keras", reason="the Keras reference needs the [train] extra")
     options = SegmentOptions(surfaces=False, device="cpu")
-    by_keras = segment(sample_crop, load_model(MODELS / "kneeboneseg-compact.keras"), options)
-    by_onnx = segment(sample_crop, load_model(MODELS / "kneeboneseg-compact.onnx", engine="onnxruntime"), options)
+    by_keras = segment(sample_crop, load_model(MODELS / Path(SHIPPED_MODEL).with_suffix(".keras")), options)
+    by_onnx = segment(sample_crop, load_model(MODELS / SHIPPED_MODEL, engine="onnxruntime"), options)
     assert by_keras.report["engine"]["engine"] == "keras" and by_onnx.report["engine"]["engine"] == "onnxruntime"
     assert np.abs(by_onnx.probability - by_keras.probability).max() <= 1e-4
     assert set(np.unique(by_keras.labels)) == {0, 1, 2, 3}  # the crop holds every bone, so each is compared
@@ -193,4 +194,4 @@ def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_chec
     assert completed.returncode == 0, completed.stderr
     ran = json.loads(completed.stdout.strip().splitlines()[-1])
     assert str(root) not in ran["module"] and str(root) not in ran["model"]  # neither the code nor the model came from the checkout
-    assert ran["model"].endswith("share/kneeboneseg/Models/kneeboneseg-compact.onnx")
+    assert ran["model"].endswith(f"share/kneeboneseg/Models/{SHIPPED_MODEL}")

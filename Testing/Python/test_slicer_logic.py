@@ -34,7 +34,7 @@ def _work_folders(folder: Path) -> list:
 
 
 def _phantom_volume(scene, name, origin_shift=0.0):
-    image, _, geometry = knee_phantom(shape=(52, 48, 48))  # at least one 32^3 sub-volume on the model's 0.7 mm grid
+    image, _, geometry = knee_phantom(shape=(52, 48, 48))  # wider than one 64^3 sub-volume on the model's 0.7 mm grid
     geometry = type(geometry)(geometry.spacing, tuple(np.add(geometry.origin, (origin_shift, 0.0, 0.0))), geometry.direction)
     return volume_to_node(Volume(image, geometry), scene, name)
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
     seg.add_argument("--model", type=Path, default=None, help="trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)")
-    seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help="predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 1 for the shipped model)")
+    seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help="predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 3 for the shipped model)")
     seg.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion, help=f"how projections are fused (or: the paper's; default: {defaults.fusion})")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
     seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")

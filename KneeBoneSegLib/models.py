@@ -5,11 +5,11 @@ Training writes ``model.keras`` and exports ``model.onnx`` beside it
 network needs and what it was trained on, so that the pipeline never guesses::
 
     {
-      "name": "kneeboneseg-context",
-      "architecture": {"base_filters": 8, "depth": 4},
+      "name": "compact-unet",
+      "architecture": {"base_filters": 16, "depth": 3},
       "patch_size": 64,
       "stride": 32,
-      "projections": 1,                # projections predicted by default (1 or 3)
+      "projections": 3,                # projections predicted by default (1 or 3)
       "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
       "spacing_mm": null,              # resample to this spacing first; null = native grid
       "training": {...},               # data, augmentation, steps, time, machine
@@ -40,7 +40,7 @@ from pathlib import Path
 from .errors import ModelError
 from .normalization import DEFAULT_NORMALIZATION
 
-SHIPPED_MODEL = "kneeboneseg-context.onnx"
+SHIPPED_MODEL = "kneeboneseg-compact.onnx"
 MODEL_SUFFIXES = (".onnx", ".keras")
 MODEL_ENV = "KNEEBONESEG_MODEL"
 

@@ -61,8 +61,8 @@ def closing_radius_default(units: str) -> float:
 class SegmentOptions:
     """Settings of one run; the defaults are the recommended ones.
 
-    ``projections`` (1 or 3) defaults to the model card's: 1 for the shipped
-    model, whose sub-volumes are wide enough on their own; 3 for the paper's.
+    ``projections`` (1 or 3) defaults to the model card's: 3 for the shipped
+    model and the paper's (a card without the field means 3).
 
     ``fusion`` defaults to the paper's rule, OR of the projections (their
     maximum probability): the compact model misses more bone than it adds,

@@ -1,13 +1,11 @@
-"""The library and models as they were before, for side-by-side benchmarks.
+"""The library as it was before the post-network speed-ups, for side-by-side benchmarks.
 
 The benchmarks time today's stages against the ones they replaced, in the
 same run, on the same data. The old code is not kept in the library: it is
 taken from git at :data:`BASELINE_COMMIT` (the last commit before the
 speed-ups: scipy distance transforms and hole filling, scikit-image marching
 cubes, ``ndimage.zoom`` resampling, TensorFlow for the network) into a
-temporary folder, and imported from there under another package name. The
-models that the shipped ones replaced come from git the same way
-(:func:`previous_models`).
+temporary folder, and imported from there under another package name.
 """
 
 from __future__ import annotations
@@ -25,21 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "aeaaac8641693d84b52ffecdd3b327f1b7948159"
 BASELINE_PACKAGE = "kneeboneseg_before"
-#: The last commit that shipped the ``kneeboneseg-compact`` models, which the ``context`` models replaced.
-PREVIOUS_MODELS_COMMIT = "a8c7592a47310b993490471017e0e54f29db8e3e"
 
 
 @functools.cache
 def baseline_tree() -> Path:
     """A folder holding ``KneeBoneSegLib`` and the shipped Keras model as they were at :data:`BASELINE_COMMIT`."""
     return _from_git(BASELINE_COMMIT, ["KneeBoneSegLib", "Resources/Models/kneeboneseg-compact.keras", "Resources/Models/kneeboneseg-compact.json"])
-
-
-@functools.cache
-def previous_models() -> Path:
-    """A folder holding the ``kneeboneseg-compact`` models (ONNX and cards) as shipped at :data:`PREVIOUS_MODELS_COMMIT`."""
-    names = [f"kneeboneseg-compact{part}.{suffix}" for part in ("", "-fold-right", "-fold-left") for suffix in ("onnx", "json")]
-    return _from_git(PREVIOUS_MODELS_COMMIT, [f"Resources/Models/{name}" for name in names]) / "Resources" / "Models"
 
 
 def _from_git(commit: str, paths: list[str]) -> Path:

@@ -19,11 +19,10 @@
 2. Whole segmentations, each ``kneeboneseg segment`` in a fresh process (so
    its peak memory is its own) with the default settings or the named
    configurations: "before" runs the baseline commit's code and its Keras
-   model (TensorFlow), "previous model" this checkout with the model the
-   shipped one replaced (``_baseline.previous_models``), "after" this
-   checkout and its shipped model; stage times from each summary.json, wall
-   time, peak memory, and each label map's Dice with the ground truth (a
-   training figure: all three models were trained on that scan).
+   model (TensorFlow), "after" this checkout and its shipped model, and
+   with ``--also-model`` this checkout with another model; stage times from
+   each summary.json, wall time, peak memory, and each label map's Dice with
+   the ground truth (a training figure for models trained on that scan).
 
 ``--cube512`` instead measures the default configuration on a 512 x 512 x 512
 scan (see :func:`cube512`) against its memory target, beside the same run of
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _baseline import BASELINE_COMMIT, baseline_module, baseline_tree, previous_models
+from _baseline import BASELINE_COMMIT, baseline_module, baseline_tree
 from _sample import sample_dir
 from scipy.spatial import cKDTree
 
@@ -305,6 +304,7 @@ def main() -> None:
     parser.add_argument("--cube512", action="store_true", help="only the 512 x 512 x 512 case: default run, peak memory against its target")
     parser.add_argument("--baseline", type=Path, default=None, help="with --cube512: also run the library of this checkout (e.g. main's)")
     parser.add_argument("--model", default=None, help="with --cube512: model file (default: the shipped model)")
+    parser.add_argument("--also-model", type=Path, default=None, help="whole segmentations: also this checkout with this model, in another column")
     parser.add_argument("--native-grid", action="store_true", help="with --cube512: also a model on the scan's own grid (the paper's tiling)")
     args = parser.parse_args()
     if args.cube512:
@@ -318,14 +318,12 @@ def main() -> None:
         for name in args.configuration or ["default"]:
             extra = CONFIGURATIONS[name] + threads_option
             scan_path = folder / "knee_mri.nrrd"
-            results = {
-                "before": run(scan_path, extra, None, baseline_tree()),
-                "previous model": run(scan_path, extra, str(previous_models() / "kneeboneseg-compact.onnx")),
-                "after": run(scan_path, extra, None),
-            }
-            print(f"whole segmentation, {name} settings, seconds: before = git {BASELINE_COMMIT[:10]} and its model; previous model = this checkout "
-                  f"with {results['previous model'][2]['model']['name']}; after = this checkout with {results['after'][2]['model']['name']} "
-                  f"(engine {results['after'][2].get('engine', {}).get('engine')})")
+            results = {"before": run(scan_path, extra, None, baseline_tree()), "after": run(scan_path, extra, None)}
+            if args.also_model:
+                results["other model"] = run(scan_path, extra, str(args.also_model))
+            print(f"whole segmentation, {name} settings, seconds: before = git {BASELINE_COMMIT[:10]} and its model; after = this checkout with "
+                  f"{results['after'][2]['model']['name']} (engine {results['after'][2].get('engine', {}).get('engine')})"
+                  + (f"; other model = this checkout with {results['other model'][2]['model']['name']}" if args.also_model else ""))
             print(f"  {'':22}" + "".join(f"{column:>16}" for column in results))
             for stage in STAGES:
                 print(f"  {stage:22}" + "".join(f"{result[2]['timings_s'].get(stage, 0.0):16.1f}" for result in results.values()))
@@ -334,7 +332,7 @@ def main() -> None:
             truth = read_mask(folder / "knee_bones_labels.nrrd").array
             for bone in BONES:
                 print(f"  {'Dice ' + bone.key:22}" + "".join(f"{dice(result[3] == bone.label, truth == bone.label):16.4f}" for result in results.values()))
-            print("  (Dice with the ground truth of the scan every one of these models was trained on: a training figure, not a measure of quality)")
+            print("  (Dice with the ground truth of the scan the shipped model was trained on: a training figure, not a measure of quality)")
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
     with using_threads(args.threads) as threads:
         print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 from _sample import sample_dir
-from heldout_table import FAMILY, SHIPPED, fold_names, split_of
+from heldout_table import FAMILY, fold_names, split_of
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
 from KneeBoneSegLib.confidence import bone_confidence
 from KneeBoneSegLib.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
 from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.models import card_path, load_model
+from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model
 from KneeBoneSegLib.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
@@ -124,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     data = sample_dir()
     volume = read_volume(data / "knee_mri.nrrd")
-    shipped_card_file = card_path(args.models / SHIPPED)
-    card = load_model(args.models / SHIPPED).card
+    shipped_card_file = card_path(args.models / SHIPPED_MODEL)
+    card = load_model(args.models / SHIPPED_MODEL).card
     record = training_record(volume, read_volume(data / "dicom_subset").tags, card)
     print(f"training record: {json.dumps(record)}", flush=True)
     rows = heldout_confidence(volume, args.models)

@@ -1,6 +1,6 @@
-"""Held-out quality of the shipped models and of the models they replaced, and the effect of each setting.
+"""Held-out quality of a family of models (the shipped one by default), and the effect of each setting.
 
-    python bench/heldout_table.py [--models Resources/Models] [--json bench/results/heldout.json] [--write-card]
+    python bench/heldout_table.py [--models Resources/Models] [--family kneeboneseg-compact] [--json F] [--write-card]
 
 There is one annotated scan, so quality is measured by a spatial 2-fold split
 along its first image axis i (left-right). Each fold model's card says which
@@ -15,11 +15,10 @@ held-out side of the split's middle. Two ways, as the README reports them:
   (default settings, what ``kneeboneseg segment --model FOLD.onnx`` gives
   anyone), and the two label maps stitched at the split.
 
-Every figure printed is a held-out figure, except the training figure,
-which is the shipped model on the scan it was trained on and is labelled so.
-The models replaced (``kneeboneseg-compact``) are taken from git at
-:data:`~_baseline.PREVIOUS_MODELS_COMMIT` and measured in the same run.
-No setting of the shipped recipe was chosen on these figures (README).
+A family is ``FAMILY.onnx`` (trained on the whole scan) with
+``FAMILY-fold-right.onnx`` and ``FAMILY-fold-left.onnx`` beside it. Every
+figure printed is a held-out figure, except the training figure, which is
+``FAMILY.onnx`` on the scan it was trained on and is labelled so.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _baseline import PREVIOUS_MODELS_COMMIT, previous_models
 from _sample import sample_dir
 
 from KneeBoneSegLib.io import read_volume, write_volume
@@ -42,13 +40,14 @@ from KneeBoneSegLib.projections import fuse_probabilities
 from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
 from KneeBoneSegLib.volume import Volume
 
-SHIPPED = SHIPPED_MODEL
-FAMILY = Path(SHIPPED).stem  # the fold models are FAMILY-fold-right and FAMILY-fold-left
-PREVIOUS_FAMILY = "kneeboneseg-compact"
-WHOLE_VOLUME = "whole"  # the stride of the one-pass row: the whole volume in one network call (Keras)
+FAMILY = Path(SHIPPED_MODEL).stem  # the shipped family
+# Strides named for what they do, whatever a family's sub-volume size.
+HALF_OVERLAP = "half"  # half the sub-volume
+NO_OVERLAP = "whole sub-volume"
+WHOLE_VOLUME = "whole volume"  # no tiles: the whole volume in one network call (Keras)
 
 #: (row name, projections or None for the card's, fusion, closing radius in mm, fill holes,
-#: sub-volume stride: None for the card's, or WHOLE_VOLUME). The first row is the default pipeline.
+#: sub-volume stride: None for the card's, HALF_OVERLAP, NO_OVERLAP or WHOLE_VOLUME). The first row is the default pipeline.
 VARIANTS = [
     ("default pipeline", None, "or", CLOSING_RADIUS_MM, True, None),
     ("no hole filling", None, "or", CLOSING_RADIUS_MM, False, None),
@@ -56,13 +55,12 @@ VARIANTS = [
     ("no closing, no hole filling (network and components only)", None, "or", 0, False, None),
     ("3 projections, OR fusion (the paper's)", 3, "or", CLOSING_RADIUS_MM, True, None),
     ("3 projections, mean fusion", 3, "mean", CLOSING_RADIUS_MM, True, None),
-    ("sub-volume stride 32 (half overlap)", None, "or", CLOSING_RADIUS_MM, True, 32),
-    ("sub-volume stride 64 (no overlap)", None, "or", CLOSING_RADIUS_MM, True, 64),
-    ("whole volume in one pass (no tiles)", 1, "or", CLOSING_RADIUS_MM, True, WHOLE_VOLUME),
+    ("1 projection", 1, "or", CLOSING_RADIUS_MM, True, None),
+    ("sub-volume stride: half the sub-volume (half overlap)", None, "or", CLOSING_RADIUS_MM, True, HALF_OVERLAP),
+    ("sub-volume stride: the whole sub-volume (no overlap)", None, "or", CLOSING_RADIUS_MM, True, NO_OVERLAP),
+    ("whole volume in one pass (no tiles), 1 projection", 1, "or", CLOSING_RADIUS_MM, True, WHOLE_VOLUME),
     ("whole volume in one pass, network and components only", 1, "or", 0, False, WHOLE_VOLUME),
 ]
-#: The rows measured for the models replaced: their default, and the network alone.
-PREVIOUS_VARIANTS = [VARIANTS[0], VARIANTS[3]]
 
 
 def fold_names(family: str) -> tuple[str, str]:
@@ -121,11 +119,14 @@ def measure_family(folder: Path, family: str, variants, scan: Volume, truth: np.
     split, sides = split_of([model.card for model in models])
     print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
-
+    patch_size = models[0].card.patch_size
     maps_by_setting = {}
 
     def network_maps(projections: int, stride):
+        stride = {HALF_OVERLAP: patch_size // 2, NO_OVERLAP: patch_size}.get(stride, stride)
         key = (projections, stride)
+        if projections == 1 and (3, stride) in maps_by_setting:  # the first projection is the one-projection run's
+            return [side_maps[:1] for side_maps in maps_by_setting[(3, stride)]]
         if key not in maps_by_setting:
             maps_by_setting.clear()  # one set of maps at a time: each is a few hundred MB
             start = time.perf_counter()
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parent.parent / "Resources" / "Models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--labels-out", type=Path, default=None, help="write the stitched held-out label map of the default row here")
-    parser.add_argument("--no-previous", action="store_true", help="measure only the shipped models, not the ones they replaced")
+    parser.add_argument("--family", default=FAMILY, help="the models FAMILY.onnx, FAMILY-fold-right.onnx and FAMILY-fold-left.onnx in --models (default: %(default)s)")
     parser.add_argument("--no-training-figure", action="store_true", help="skip the shipped model on its own training scan")
     parser.add_argument("--write-card", action="store_true", help="record the figures in the shipped model's card (its 'quality')")
     parser.add_argument("--held-out-from", type=Path, default=None,
@@ -185,22 +186,20 @@ def main() -> None:
         results = json.loads(args.held_out_from.read_text())
         print(f"held-out figures read from {args.held_out_from}")
     else:
-        results = {FAMILY: measure_family(args.models, FAMILY, VARIANTS, scan, truth, args.labels_out)}
-        if not args.no_previous:
-            results[PREVIOUS_FAMILY] = measure_family(previous_models(), PREVIOUS_FAMILY, PREVIOUS_VARIANTS, scan, truth)
-            results[PREVIOUS_FAMILY]["commit"] = PREVIOUS_MODELS_COMMIT
+        results = {"family": args.family, **measure_family(args.models, args.family, VARIANTS, scan, truth, args.labels_out)}
         print("\npaper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
 
     if not args.no_training_figure:
-        result = segment(scan, load_model(args.models / SHIPPED), SegmentOptions(surfaces=False))
+        shipped = args.models / f"{args.family}.onnx"
+        result = segment(scan, load_model(shipped), SegmentOptions(surfaces=False))
         results["training_figure"] = evaluate_labels(result.labels, truth, scan.geometry.spacing)
-        print(f"\nTRAINING figure ({SHIPPED} on the scan it was trained on; not a measure of quality):")
+        print(f"\nTRAINING figure ({shipped.name} on the scan it was trained on; not a measure of quality):")
         print(format_metrics_table(results["training_figure"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write_card:
-        write_quality(args.models / SHIPPED, results)
+        write_quality(args.models / f"{args.family}.onnx", results)
 
 
 def rounded(metrics: dict) -> dict:
@@ -212,7 +211,7 @@ def write_quality(model_path: Path, results: dict) -> None:
     """Record the held-out and training figures in the card beside ``model_path``."""
     card_file = card_path(model_path)
     card = json.loads(card_file.read_text(encoding="utf-8"))
-    ours = results[FAMILY]
+    ours = results
     card["quality"] = {
         "heldout": {
             "protocol": (

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Train the shipped model and its two held-out fold models on the annotated sample scan.
 #
-#   KNEEBONESEG_SAMPLE_DIR=path/to/kneebones3dify bench/train_models.sh [MODEL_FOLDER [WHICH...]]
+#   KNEEBONESEG_SAMPLE_DIR=path/to/kneebones3dify [ARCHITECTURE=compact] bench/train_models.sh [MODEL_FOLDER [WHICH...]]
 #
 # WHICH is any of fold-right, fold-left, shipped (default: all three, one after the other;
-# two shells may train two of them at once). Each run uses the default recipe of
-# `kneeboneseg train` (the `context` U-Net, 64^3 sub-volumes at 0.7 mm, 1500 steps of 2,
-# BCE + Dice, Adam 1e-3, full augmentation, seed 0) and resumes where it stopped if its
-# checkpoint is there. Keras runs on its torch backend where PyTorch is installed: on the
-# 2-core CPU it trained twice as fast as on TensorFlow (bench/results/training_backends.txt).
+# two shells may train two of them at once). The models are kneeboneseg-ARCHITECTURE*.keras
+# (and .onnx): the shipped ones with the default, compact (32^3 sub-volumes at 0.7 mm, 2500
+# steps of 8, BCE + Dice, Adam 1e-3, full augmentation, seed 0); ARCHITECTURE=context gives
+# the larger-context attempt (bench/results/heldout_context.txt). A run resumes where it
+# stopped if its checkpoint is there. Keras runs on its torch backend where PyTorch is
+# installed: on the 2-core CPU it trained twice as fast as on TensorFlow
+# (bench/results/training_backends.txt).
 #
 # The folds split the scan along its first image axis i (left-right) at i = SPLIT; each trains
 # on one side up to GAP voxels from SPLIT, and is evaluated on the other side of SPLIT
@@ -21,14 +23,15 @@ shift || true
 which=("${@:-fold-right fold-left shipped}")
 SPLIT=236  # the middle of the bones along i (they span i = 108..364)
 GAP=64
-NAME=kneeboneseg-context
+architecture="${ARCHITECTURE:-compact}"
+NAME="kneeboneseg-$architecture"
 pair=("$data/knee_mri.nrrd" "$data/knee_bones_labels.nrrd")
 if python -c "import torch" 2>/dev/null; then export KERAS_BACKEND="${KERAS_BACKEND:-torch}"; fi
 train() {
   local output="$1"; shift
   local again=(--overwrite)
   [[ -f "${output%.keras}.checkpoint.npz" ]] && again=(--resume)
-  kneeboneseg -v train "${pair[@]}" --no-progress-bar "${again[@]}" "$@" -o "$output"
+  kneeboneseg -v train "${pair[@]}" --architecture "$architecture" --no-progress-bar "${again[@]}" "$@" -o "$output"
 }
 for model in ${which[*]}; do
   case "$model" in

@@ -23,7 +23,7 @@ from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-SHIPPED = ("kneeboneseg-context", "kneeboneseg-context-fold-right", "kneeboneseg-context-fold-left")
+SHIPPED = ("kneeboneseg-compact", "kneeboneseg-compact-fold-right", "kneeboneseg-compact-fold-left")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 ONNX_ENGINES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed"))]
 

@@ -254,13 +254,14 @@ def test_the_card_command_line_rebuilds_the_same_configuration():
 
 
 def test_an_architecture_gives_the_settings_a_run_leaves_unset():
-    from KneeBoneSegLib.architectures import ARCHITECTURES
+    from KneeBoneSegLib.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
-    config = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras")).validate()
-    context = ARCHITECTURES["context"]
-    assert config.architecture == "context"
-    assert (config.base_filters, config.depth, config.patch_size, config.stride, config.batch_size, config.epochs) == (
-        context.base_filters, context.depth, context.patch_size, context.stride, context.batch_size, context.epochs)
+    for name in ARCHITECTURES:
+        config = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture=name).validate()
+        preset = ARCHITECTURES[name]
+        assert (config.base_filters, config.depth, config.patch_size, config.stride, config.batch_size, config.epochs) == (
+            preset.base_filters, preset.depth, preset.patch_size, preset.stride, preset.batch_size, preset.epochs)
+    assert TrainingConfig(images=[], labels=[], output=Path("m.keras")).architecture == DEFAULT_ARCHITECTURE == "compact"  # the shipped models' recipe
     paper = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture="paper", patch_size=32).validate()
     assert (paper.base_filters, paper.depth, paper.patch_size, paper.stride) == (64, 4, 32, ARCHITECTURES["paper"].stride)
     words = shlex.split(command_line(paper))

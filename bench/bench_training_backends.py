@@ -1,8 +1,8 @@
 """Seconds per training step of the shipped architecture on each Keras backend installed, side by side.
 
-    python bench/bench_training_backends.py [--steps 5] [--architecture context]
+    python bench/bench_training_backends.py [--steps 5] [--architecture compact context]
 
-Each backend runs in its own process (Keras picks its backend at import): the
+Each backend runs in its own process (Keras picks its backend at import): each
 architecture's network, its batch of sub-volumes, the training loss and Adam,
 ``train_on_batch`` on random data after two warm-up steps. Backends that are
 not installed are listed as such. On the 2-core CPU this chose the backend
@@ -45,22 +45,22 @@ print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / steps, "ke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--architecture", default="context")
+    parser.add_argument("--architecture", nargs="+", default=["compact", "context"])
     args = parser.parse_args()
-    print(f"architecture {args.architecture}, {args.steps} timed steps after 2 warm-up steps, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    for backend in BACKENDS:
+    print(f"{args.steps} timed steps after 2 warm-up steps, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    for architecture, backend in ((a, b) for a in args.architecture for b in BACKENDS):
         done = subprocess.run(
-            [sys.executable, "-c", _CHILD, args.architecture, str(args.steps)],
+            [sys.executable, "-c", _CHILD, architecture, str(args.steps)],
             env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
             capture_output=True,
             text=True,
         )
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["failed"])[-1]
-            print(f"  {backend:12} not measured: {last}")
+            print(f"  {architecture:8} {backend:12} not measured: {last}")
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  {backend:12} {result['seconds_per_step']:6.2f} s per step (Keras {result['keras']})")
+        print(f"  {architecture:8} {backend:12} {result['seconds_per_step']:6.2f} s per step (Keras {result['keras']})")
 
 
 if __name__ == "__main__":

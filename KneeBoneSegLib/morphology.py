@@ -109,19 +109,23 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
 
 
 def bone_boxes(labels: np.ndarray, margin=(0, 0, 0)) -> dict[int, tuple[slice, ...]]:
-    """``{label: bounding box}`` of every bone of a label map, grown by ``margin`` voxels per axis (k, j, i) and clipped.
+    """``{label: bounding box}`` of each bone of :data:`BONES` in a label map, grown by ``margin`` voxels per axis (k, j, i) and clipped.
 
-    All boxes come from one pass over the array (``cc3d.statistics``),
-    where one mask per bone would take three.
+    Each bone's box is looked for only inside the box of all bone, a quarter
+    of a knee scan (faster than ``cc3d.statistics``, which also sums centroids).
     """
-    import cc3d
-
-    found = cc3d.statistics(np.ascontiguousarray(labels))
-    return {
-        label: tuple(slice(max(0, s.start - int(m)), min(n, s.stop + int(m))) for s, m, n in zip(box, margin, labels.shape))
-        for label, (box, count) in enumerate(zip(found["bounding_boxes"], found["voxel_counts"]))
-        if label > 0 and count > 0
-    }
+    outer = bounding_box(labels > 0)
+    if outer is None:
+        return {}
+    inner = labels[outer]
+    boxes = {}
+    for bone in BONES:
+        box = bounding_box(inner == bone.label)
+        if box is not None:
+            boxes[bone.label] = tuple(
+                slice(max(0, o.start + b.start - int(m)), min(n, o.start + b.stop + int(m))) for o, b, m, n in zip(outer, box, margin, labels.shape)
+            )
+    return boxes
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

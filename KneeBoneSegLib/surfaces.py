@@ -209,7 +209,7 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
 
 
 def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, done=None) -> dict[int, tuple[Surface, dict]]:
-    """:func:`bone_surface` of every label > 0 of a label map, the labels in parallel threads.
+    """:func:`bone_surface` of every bone of a label map, the bones in parallel threads.
 
     Each bone is cut out of ``labels`` by its bounding box (found for all in
     one pass), so the threads together hold no more than the bones' boxes.

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing
 
-from KneeBoneSegLib.morphology import bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
+from KneeBoneSegLib.morphology import bone_boxes, bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])
@@ -109,3 +109,15 @@ def test_bounding_box_is_where_the_voxels_are_grown_and_clipped():
     mask[2, 5, 13] = mask[6, 3, 4] = True
     assert bounding_box(mask) == (slice(2, 7), slice(3, 6), slice(4, 14))
     assert bounding_box(mask, (1, 4, 2)) == (slice(1, 8), slice(0, 10), slice(2, 14))
+
+
+def test_bone_boxes_are_each_bones_bounding_box_grown_and_clipped(rng):
+    labels = np.zeros((30, 40, 50), np.uint8)
+    labels[3:9, 10:30, 0:12] = 1
+    labels[20:29, 5:7, 30:50] = 3  # no tibia
+    labels[rng.random(labels.shape) < 0.001] = 2
+    for margin in ((0, 0, 0), (2, 3, 4)):
+        boxes = bone_boxes(labels, margin)
+        expected = {label: bounding_box(labels == label, margin) for label in (1, 2, 3) if np.any(labels == label)}
+        assert boxes == expected
+    assert bone_boxes(np.zeros((4, 4, 4), np.uint8)) == {}

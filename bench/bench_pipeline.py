@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_SPACING_MM = 0.7  # the shipped model's grid
 CLOSING_RADIUS = 9
 ALTERNATIVE_ROUNDS = 5  # the alternatives are timed this many times each, the least kept
+STAGE_ROUNDS = 3  # each stage is timed this many times, the median kept: one call varies by up to half a second
 CONFIGURATIONS = {
     "default": [],
     "every tile": ["--all-tiles"],
@@ -81,6 +82,12 @@ def best_of(rounds: int, function, *args, **kwargs):
     """:func:`timed`, the least wall and the least CPU seconds of ``rounds`` calls: short calls vary most with the load."""
     times, values = zip(*(timed(function, *args, **kwargs) for _ in range(rounds)))
     return tuple(np.min(times, axis=0)), values[0]
+
+
+def median_of(rounds: int, call):
+    """``call()`` returns ``((wall, CPU), value)``: the median wall and CPU seconds of ``rounds`` calls, and the first value."""
+    times, values = zip(*(call() for _ in range(rounds)))
+    return tuple(np.median(times, axis=0)), values[0]
 
 
 def largest_difference(before: np.ndarray, after: np.ndarray) -> str:
@@ -109,8 +116,8 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
     rows = []
 
     def compare(stage, before_call, after_call, agreement=largest_difference):
-        before_s, before = before_call()
-        after_s, after = after_call()
+        before_s, before = median_of(STAGE_ROUNDS, before_call)
+        after_s, after = median_of(STAGE_ROUNDS, after_call)
         rows.append((stage, before_s, after_s, agreement(before, after)))
         return after
 
@@ -337,7 +344,7 @@ def main() -> None:
     with using_threads(args.threads) as threads:
         print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
         rows, data = stage_rows(scan, truth)
-        print_table("stages after the network, seconds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
+        print_table(f"stages after the network, median seconds of {STAGE_ROUNDS} rounds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
         before, after = [np.sum([row[side] for row in rows], axis=0) for side in (1, 2)]
         print(f"  {'all of them':54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x")
         print_table(f"alternatives measured on the same data, least seconds of {ALTERNATIVE_ROUNDS} rounds", ("them", "library"), alternative_rows(data))

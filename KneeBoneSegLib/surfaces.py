@@ -12,6 +12,7 @@ weighing more. Each step is one sparse matrix product over all vertices.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -211,8 +212,10 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
 def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, done=None) -> dict[int, tuple[Surface, dict]]:
     """:func:`bone_surface` of every bone of a label map, the bones in parallel threads.
 
-    Each bone is cut out of ``labels`` by its bounding box (found for all in
-    one pass), so the threads together hold no more than the bones' boxes.
+    Each bone is cut out of ``labels`` by its bounding box
+    (:func:`~KneeBoneSegLib.morphology.bone_boxes`), so the threads together
+    hold no more than the bones' boxes. Each thread runs in a copy of the
+    caller's context, so the run's thread count (:mod:`.threads`) holds there too.
     Smoothing spends most of its time in numpy and scipy calls that release
     the GIL, so two bones take about the time of one on two cores.
     ``done(label)`` is called in the calling thread as each bone is finished;
@@ -229,7 +232,7 @@ def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: 
 
     results = {}
     with ThreadPoolExecutor(max(1, min(thread_count(), len(found)))) as pool:
-        futures = {pool.submit(surface_of, label): label for label in found}
+        futures = {pool.submit(contextvars.copy_context().run, surface_of, label): label for label in found}
         try:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()

@@ -117,8 +117,13 @@ def test_all_bones_at_once_give_each_bone_its_own_surface(threads):
     labels[ball_mask((40, 44, 80), (20, 22, 20), 10)] = 1
     labels[ball_mask((40, 44, 80), (20, 22, 55), 14)] = 3  # label 2 absent, as a missing tibia
     finished = []
+    from vtkmodules.vtkCommonCore import vtkSMPTools
+
+    with using_threads(3 - threads):  # the other count first, so the one under test must be set by the run
+        bone_surfaces(labels, TILTED, smoothing_iterations=0)
     with using_threads(threads):
         made = bone_surfaces(labels, TILTED, smoothing_iterations=5, done=finished.append)
+    assert vtkSMPTools.GetEstimatedNumberOfThreads() == threads  # the run's count reached the surface threads
     assert sorted(made) == [1, 3] and sorted(finished) == [1, 3]
     for label, (surface, report) in made.items():
         alone, alone_report = bone_surface(labels == label, TILTED, smoothing_iterations=5)

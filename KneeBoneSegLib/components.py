@@ -76,13 +76,11 @@ def _largest_in_box(mask: np.ndarray, count: int | None, min_fraction: float) ->
     return box, relabel[labelled], [int(sizes[n]) for n in order]
 
 
-def component_centroids(components: np.ndarray, count: int) -> np.ndarray:
-    """(count, 3) mean voxel index (k, j, i) of components 1..count of a labelled array."""
-    return _statistics(components, count)[0]
+def component_statistics(components: np.ndarray, count: int) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """Centroids (count, 3; mean voxel index k, j, i) and bounding boxes of components 1..count of a labelled array.
 
-
-def _statistics(components: np.ndarray, count: int) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
-    """Centroids (count, 3) and bounding boxes of components 1..count, in one pass over the array (``cc3d.statistics``)."""
+    One pass over the array (``cc3d.statistics``).
+    """
     import cc3d
 
     found = cc3d.statistics(components)
@@ -168,7 +166,7 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
     report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "rejected": [], "warnings": []}
     if sizes:
         start = np.array([s.start for s in box])
-        centroids_kji, boxes = _statistics(components, len(sizes))
+        centroids_kji, boxes = component_statistics(components, len(sizes))
         centroids_lps = geometry.index_to_lps((centroids_kji + start)[:, ::-1])
         boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, start)) for b in boxes[:CANDIDATES]]
         measures = measure_boxes(boxes, sizes, geometry, mask.shape)

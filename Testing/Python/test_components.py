@@ -7,7 +7,7 @@ import pytest
 from conftest import knee_phantom
 from scipy import ndimage
 
-from KneeBoneSegLib.components import component_centroids, label_bones, largest_components
+from KneeBoneSegLib.components import component_statistics, label_bones, largest_components
 from KneeBoneSegLib.volume import Geometry
 
 
@@ -36,10 +36,12 @@ def test_largest_components_are_scipys_face_connected_components_by_size(rng):
         assert np.count_nonzero(voxels) == kept[rank - 1] and len(np.unique(labelled[voxels])) == 1
 
 
-def test_component_centroids_match_scipy_center_of_mass(rng):
+def test_component_statistics_match_scipy_center_of_mass_and_find_objects(rng):
     components, sizes = largest_components(rng.random((30, 25, 20)) > 0.6, count=None)
     expected = ndimage.center_of_mass(components > 0, components, range(1, len(sizes) + 1))
-    np.testing.assert_allclose(component_centroids(components, len(sizes)), expected, atol=1e-9)
+    centroids, boxes = component_statistics(components, len(sizes))
+    np.testing.assert_allclose(centroids, expected, atol=1e-9)
+    assert boxes == ndimage.find_objects(components, max_label=len(sizes))
 
 
 def _reoriented(labels, geometry, permutation, flips):

@@ -163,6 +163,8 @@ class KneeBoneSegParameterNode:
     closingUnits - "mm" (3.2 mm is the paper's 9 voxels of its 0.352 mm scan) or "voxels" (the paper's rule: 9).
     smoothingIterations - Laplacian smoothing steps of the surfaces.
     device - where the network runs.
+    precision - the network's arithmetic: f32 (the same bones on every computer) or bf16 (faster where the
+        CPU has bfloat16 units, with the OpenVINO engine; probabilities move by up to 0.05).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -174,6 +176,7 @@ class KneeBoneSegParameterNode:
     closingUnits: Annotated[str, Choice(["mm", "voxels"])] = "mm"
     smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
+    precision: Annotated[str, Choice(["f32", "bf16"])] = "f32"
 
 
 #
@@ -442,7 +445,9 @@ def networkSettings(parameters):
     """The settings that change the network's output (the rest only change post-processing)."""
     from KneeBoneSegLib.slicer_logic import NetworkSettings
 
-    return NetworkSettings(projections=3 if parameters.threeProjections else 1, fusion=parameters.fusion, model_path=parameters.modelPath)
+    return NetworkSettings(
+        projections=3 if parameters.threeProjections else 1, fusion=parameters.fusion, model_path=parameters.modelPath, precision=parameters.precision
+    )
 
 
 def postprocessSettings(parameters):
@@ -584,6 +589,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         modelPath="",
         closingUnits="mm",
         segmentationNode=None,
+        precision="f32",
     ):
         """Segment femur, tibia and patella in ``volumeNode`` and return the segmentation node.
 
@@ -613,6 +619,9 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
             same sphere on any scan) or ``"voxels"`` (the paper's rule, with 9).
         segmentationNode : vtkMRMLSegmentationNode, optional
             Node to fill (its segments are replaced); default a new one.
+        precision : str
+            ``"f32"`` (the same bones on every computer) or ``"bf16"`` (faster
+            on CPUs with bfloat16 units, with OpenVINO; refused elsewhere).
 
         Returns
         -------
@@ -635,7 +644,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         if problems:
             wrong = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
             raise RuntimeError(f"Python packages are missing or too old ({wrong}): press Segment in the module panel once to install them")
-        network = NetworkSettings(projections=projections, fusion=fusion, model_path=modelPath)
+        network = NetworkSettings(projections=projections, fusion=fusion, model_path=modelPath, precision=precision)
         postprocess = PostprocessSettings(closingRadius, closingUnits, smoothingIterations)
         run = self.startSegmentation(volumeNode, segmentationNode, network, postprocess, device)
         run.worker.wait(on_idle=slicer.app.processEvents)

@@ -90,7 +90,7 @@ def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICE_CHOICES
-    from .engines import ENGINES
+    from .engines import ENGINES, PRECISIONS
     from .pipeline import AGGREGATIONS, FUSIONS, SegmentOptions
 
     defaults = SegmentOptions()  # one place for the recommended settings: the library's
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
     seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")
     seg.add_argument("--engine", choices=ENGINES, default="auto", help="what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)")
+    seg.add_argument("--precision", choices=PRECISIONS, default="f32", help="arithmetic of the network (default: f32, the same bones on every CPU; bf16: faster on CPUs with bfloat16 units, OpenVINO only)")
     seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
@@ -171,12 +172,14 @@ def _options_from_args(args):
 def _run_segment(args, reporter: _Reporter) -> dict:
     from .io import read_volume
     from .models import default_model_path, load_model
-    from .outputs import write_outputs
+    from .outputs import check_output_folder, write_outputs
     from .pipeline import segment
 
+    # Every refusal that needs no scan comes first, in a second: options, the output folder, the model and its engine.
     options = _options_from_args(args)
+    check_output_folder(args.output, args.overwrite)
+    model = load_model(args.model or default_model_path(), engine=args.engine, device=options.device, threads=options.threads, precision=args.precision)
     volume = read_volume(args.input)
-    model = load_model(args.model or default_model_path(), engine=args.engine, device=options.device, threads=options.threads)
     result = segment(volume, model, options, progress=reporter)
     result.report["input"] = str(args.input)
     return write_outputs(
@@ -192,10 +195,11 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
     from .io import read_mask
-    from .outputs import write_outputs
+    from .outputs import check_output_folder, write_outputs
     from .pipeline import postprocess
 
     options = _options_from_args(args)
+    check_output_folder(args.output, args.overwrite)
     result = postprocess(read_mask(args.mask), options, progress=reporter)
     result.report["input"] = str(args.mask)
     return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask], nifti=args.nifti)

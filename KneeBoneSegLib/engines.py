@@ -11,6 +11,13 @@ tiling (:mod:`.inference`) never knows which one runs:
     a JSON-able record of what ran (engine, device, provider, threads) for
     the log and ``summary.json``.
 
+Every engine computes in float32 unless asked otherwise (``precision``), so
+that a scan gives the same bones on every CPU: OpenVINO's CPU plugin would
+otherwise compute in bfloat16 wherever the CPU has bfloat16 units (AVX-512
+BF16, AMX), which moves probabilities by up to 0.05. ``precision="bf16"``
+asks for bfloat16 on purpose, where OpenVINO and the CPU support it.
+:func:`describe` records the precision and the CPU's instruction sets.
+
 Segmenting needs ONNX Runtime alone (about 15-30 MB on every platform and
 Python that 3D Slicer ships). OpenVINO (``pip install kneeboneseg[openvino]``)
 runs the same ``.onnx`` file about twice as fast on x86 CPUs
@@ -22,6 +29,7 @@ unless a ``.keras`` model is run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -33,6 +41,9 @@ from .threads import effective_threads
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "onnxruntime", "openvino")
+#: Arithmetic the network may run in: float32 (the default, the same everywhere) or bfloat16.
+PRECISIONS = ("f32", "bf16")
+_PRECISION_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def _available(module: str) -> bool:
@@ -46,10 +57,11 @@ class _OnnxFileNetwork:
 
     engine = ""
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None, precision: str = "f32"):
         self.path = Path(path)
         self.device = device
         self.threads = threads
+        self.precision = check_precision(precision)
         self.provider, self.input_shape, self.output_shape = self._open()
 
     def _open(self) -> tuple[str, tuple, tuple]:
@@ -63,7 +75,7 @@ class _OnnxFileNetwork:
         """This network on ``device`` with ``threads`` (itself when it already is)."""
         if (device, threads) == (self.device, self.threads):
             return self
-        return type(self)(self.path, device, threads)
+        return type(self)(self.path, device, threads, self.precision)
 
     def describe(self) -> dict:
         return {
@@ -72,7 +84,13 @@ class _OnnxFileNetwork:
             "device": "cpu" if self.provider in ("CPUExecutionProvider", "CPU") else "gpu",
             "provider": self.provider,
             "threads": effective_threads(self.threads),
+            "precision": self._precision_ran(),
+            "cpu": cpu_description(),
         }
+
+    def _precision_ran(self) -> str:
+        """The precision the compiled network computes in, as the engine reports it."""
+        return self.precision
 
 
 class OnnxRuntimeNetwork(_OnnxFileNetwork):
@@ -87,7 +105,14 @@ class OnnxRuntimeNetwork(_OnnxFileNetwork):
         options.log_severity_level = 3  # errors only: ONNX Runtime's notes are not for clinicians
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
-        providers = select_onnxruntime_providers(self.device)
+        if self.precision != "f32":
+            raise InputError(f"ONNX Runtime runs this network in float32 only; --precision {self.precision} needs OpenVINO (pip install kneeboneseg[openvino], --engine openvino)")
+        # Said explicitly: ONNX Runtime may compute float32 networks in bfloat16 on ARM CPUs, and in TF32 on NVIDIA GPUs.
+        options.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "0")
+        providers = [
+            (provider, {"use_tf32": "0"}) if provider == "CUDAExecutionProvider" else provider
+            for provider in select_onnxruntime_providers(self.device)
+        ]
         try:
             self._session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # ONNX Runtime raises its own exception types for damaged files
@@ -123,7 +148,10 @@ class OpenVinoNetwork(_OnnxFileNetwork):
 
         core = openvino.Core()
         plugin = select_openvino_device(self.device, core.available_devices)
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        # Said explicitly: left alone, the CPU plugin computes in bfloat16 on CPUs with bfloat16 units.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
+        if self.precision == "bf16" and "BF16" not in core.get_property(plugin, "OPTIMIZATION_CAPABILITIES"):
+            raise InputError(f"--precision bf16 was asked for, but OpenVINO's {plugin} plugin has no bfloat16 arithmetic on this machine; use --precision f32")
         if self.threads and plugin == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
@@ -142,6 +170,15 @@ class OpenVinoNetwork(_OnnxFileNetwork):
         import openvino
 
         return openvino.get_version()
+
+    def _precision_ran(self) -> str:
+        """What the compiled convolutions compute in (OpenVINO's runtime graph), not merely what was asked."""
+        ran = set()
+        for layer in self._compiled.get_runtime_model().get_ordered_ops():
+            info = layer.get_rt_info()
+            if "layerType" in info and info["layerType"].astype(str) in ("Convolution", "Deconvolution"):
+                ran.add(info["runtimePrecision"].astype(str))
+        return "+".join(sorted(ran)) or self.precision
 
     def predict_on_batch(self, batch):
         import numpy as np
@@ -187,16 +224,20 @@ class KerasNetwork:
             "device": self.keras_device.split(":")[0],
             "provider": self.keras_device,
             "threads": None,
+            "precision": _PRECISION_NAMES.get(self.network.dtype_policy.compute_dtype, self.network.dtype_policy.compute_dtype),
+            "cpu": cpu_description(),
         }
 
 
-def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None):
+def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None, precision: str = "f32"):
     """Open the network file ``path`` on the engine that runs it.
 
     ``.onnx`` files run on ONNX Runtime, or on OpenVINO when ``engine`` is
     ``"openvino"``; ``engine="auto"`` takes OpenVINO only where it is
     installed and the network runs on the CPU (it is the faster CPU engine),
-    else ONNX Runtime. ``.keras`` files run on Keras whatever ``engine`` says.
+    else ONNX Runtime; ``precision="bf16"`` takes OpenVINO too, the engine
+    that offers it. ``.keras`` files run on Keras (float32) whatever
+    ``engine`` says.
 
     Raises
     ------
@@ -207,16 +248,60 @@ def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "a
     """
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    check_precision(precision)
     path = Path(path)
     if path.suffix == ".keras":
+        if precision != "f32":
+            raise InputError(f"{path}: a .keras model runs in float32 only; use its .onnx file with --precision {precision}")
         return KerasNetwork(_load_keras(path), device, path)
     if engine == "openvino" and not _available("openvino"):
         raise InputError("--engine openvino was asked for, but OpenVINO is not installed; pip install kneeboneseg[openvino], or use --engine onnxruntime")
+    if engine == "auto" and precision != "f32" and _available("openvino"):
+        engine = "openvino"
     if engine == "openvino" or (engine == "auto" and _available("openvino") and _runs_on_cpu(device)):
-        return OpenVinoNetwork(path, device, threads)
+        return OpenVinoNetwork(path, device, threads, precision)
     if not _available("onnxruntime"):
         raise InputError("ONNX Runtime is not installed: pip install onnxruntime (or reinstall kneeboneseg)")
-    return OnnxRuntimeNetwork(path, device, threads)
+    return OnnxRuntimeNetwork(path, device, threads, precision)
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`; else a one-line :class:`InputError`."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+#: Instruction sets that decide how fast, and in what arithmetic, an engine runs on a CPU.
+_CPU_FEATURES = ("SSE42", "AVX", "AVX2", "FMA3", "AVX512F", "AVX512_CPX", "AVX512_SPR", "ASIMD", "ASIMDHP", "SVE")
+#: Linux's names for the bfloat16 and AMX units that numpy does not report.
+_LINUX_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_description() -> dict:
+    """The CPU's name and the instruction sets it offers that matter to the engines, for ``summary.json``."""
+    import platform
+
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    found = [name for name in _CPU_FEATURES if features.get(name)]
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            text = cpuinfo.read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            found += [flag.upper() for flag in _LINUX_CPU_FLAGS if flag in flags]
+            break
+    return {"name": name, "machine": platform.machine(), "instruction_sets": found}
 
 
 def as_network(network, device: str = "auto", threads: int | None = None):

@@ -139,12 +139,13 @@ def load_model(
     engine: str = "auto",
     device: str = "auto",
     threads: int | None = None,
+    precision: str = "f32",
 ) -> Model:
     """Load a ``.onnx`` (or ``.keras``) model and its card, and check it fits the pipeline.
 
     ``card`` overrides the card file (or stands in for a missing one).
-    ``engine``, ``device`` and ``threads`` say where the network runs
-    (:func:`.engines.open_network`). Raises :class:`ModelError` with a
+    ``engine``, ``device``, ``threads`` and ``precision`` say where and how
+    the network runs (:func:`.engines.open_network`). Raises :class:`ModelError` with a
     one-line reason for a missing, corrupt or wrongly shaped model.
     """
     from .engines import open_network
@@ -156,7 +157,7 @@ def load_model(
         raise ModelError(f"{path}: model file not found; pass --model with a .onnx or .keras file")
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not a Keras .keras file (it is not a zip archive); re-download or re-train it")
-    network = open_network(path, engine=engine, device=device, threads=threads)
+    network = open_network(path, engine=engine, device=device, threads=threads, precision=precision)
     _check_shape(network, path)
     if card is None:
         card = read_card(path) or default_card(network)

@@ -187,7 +187,7 @@ def output_directory(outdir, overwrite: bool = False, inputs=()):
         ``outdir`` is untouched.
     """
     outdir = Path(outdir).absolute()
-    _check_output_folder(outdir, overwrite)
+    check_output_folder(outdir, overwrite)
     staging = _make_staging_folder(outdir)
     try:
         yield staging
@@ -197,9 +197,26 @@ def output_directory(outdir, overwrite: bool = False, inputs=()):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_output_folder(outdir: Path, overwrite: bool) -> None:
+def check_output_folder(outdir, overwrite: bool = False) -> None:
+    """Refuse, in one line, an output folder this run could not publish into; writes nothing.
+
+    Front ends call it before reading the scan, so that a folder that holds
+    files (without ``overwrite``), is a file, or cannot be written is
+    refused in a second, not after minutes of network. :func:`output_directory`
+    checks again when the run publishes, for a folder filled meanwhile.
+
+    Raises
+    ------
+    OutputError
+    """
+    outdir = Path(outdir).absolute()
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir} is a file; give a folder for the outputs")
+    home = next(folder for folder in (outdir, *outdir.parents) if folder.exists())
+    if not home.is_dir():
+        raise OutputError(f"{outdir} cannot be made: {home} is a file; choose another output folder")
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {home} (permission denied); choose an output folder you can write to")
     if outdir.is_dir() and not overwrite:
         try:
             # Other runs' staging folders are not outputs (yet): two runs may start in one new folder.
@@ -211,7 +228,7 @@ def _check_output_folder(outdir: Path, overwrite: bool) -> None:
 
 
 def _occupied(outdir: Path) -> OutputError:
-    return OutputError(f"{outdir} already holds files; choose a new or empty folder, or allow overwriting the outputs in it")
+    return OutputError(f"{outdir} already holds files; choose a new or empty folder, or pass --overwrite to replace this run's outputs in it (overwrite=True in Python)")
 
 
 def _staging_prefix(outdir: Path) -> str:
@@ -243,7 +260,7 @@ def _publish(staging: Path, outdir: Path, inputs, overwrite: bool) -> None:
     this check and the moves (microseconds) is not detected.
     """
     if not overwrite:
-        _check_output_folder(outdir, overwrite=False)
+        check_output_folder(outdir, overwrite=False)
     sources = sorted(path for path in staging.rglob("*") if not path.is_dir())
     moves = [(source, outdir / source.relative_to(staging)) for source in sources]
     protected = [Path(path).resolve() for path in inputs if path is not None]

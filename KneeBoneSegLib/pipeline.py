@@ -235,9 +235,13 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     from .resampling import grid_shape_for_spacing, resample_to_shape
 
     card = model.card
+    # Options that contradict the model are refused first, before any work on the scan.
     stride = options.stride or card.stride
     if stride > card.patch_size:
         raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
+    projections = options.projections or card.projections
+    if options.keep_uncertainty and projections < 3:
+        raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
     warnings = check_volume(volume, min_shape=(card.patch_size,) * 3, model_spacing=card.spacing_mm)
     network = as_network(model.network, options.device, options.threads)
     engine = network.describe()
@@ -268,9 +272,6 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
             skip_below=skip_below,
         )
 
-    projections = options.projections or card.projections
-    if options.keep_uncertainty and projections < 3:
-        raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
     maps = iter_projections(image, predict_view, projections=projections, direction=volume.geometry.direction_matrix)
     del image  # the iterator holds it only as long as it needs it
     return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}

@@ -36,10 +36,11 @@ class NetworkSettings:
     projections: Optional[int]  # None: the model card's
     fusion: str
     model_path: str = ""
+    precision: str = "f32"  # bf16 moves probabilities by up to 0.05 (engines.PRECISIONS)
 
     def arguments(self) -> List[str]:
         arguments = ["--projections", str(self.projections)] if self.projections else []
-        arguments += ["--fusion", self.fusion]
+        arguments += ["--fusion", self.fusion, "--precision", self.precision]
         return arguments + (["--model", str(self.model_path)] if self.model_path else [])
 
 

@@ -116,8 +116,41 @@ def test_unwritable_output_and_existing_outputs_are_refused(scan_and_model, tmp_
     assert run([*argv, "-o", tmp_path / "out"], capsys)[0] == 0
     before = (tmp_path / "out" / "segmentation.seg.nrrd").stat().st_mtime_ns
     code, _, err = run([*argv, "-o", tmp_path / "out"], capsys)
-    assert code == 2 and "overwrit" in err
+    assert code == 2 and "--overwrite" in err
     assert (tmp_path / "out" / "segmentation.seg.nrrd").stat().st_mtime_ns == before
+
+
+@pytest.mark.sample
+def test_an_occupied_output_folder_is_refused_before_the_scan_is_segmented(sample_dir, tmp_path):
+    """The whole run takes a minute or more; the refusal must come before it, and touch nothing."""
+    import time
+
+    outdir = tmp_path / "results"
+    outdir.mkdir()
+    (outdir / "plan.stl").write_bytes(b"the surgeon's own file")
+    before = (outdir / "plan.stl").stat()
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "KneeBoneSegLib", "segment", str(sample_dir / "knee_mri.nrrd"), "-o", str(outdir), "--progress", "none"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert completed.returncode == 2 and completed.stderr.count("\n") == 1 and "--overwrite" in completed.stderr, completed.stderr
+    assert seconds < 5, f"refused only after {seconds:.1f} s"
+    assert sorted(path.name for path in outdir.iterdir()) == ["plan.stl"]
+    assert (outdir / "plan.stl").read_bytes() == b"the surgeon's own file" and (outdir / "plan.stl").stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_contradicting_options_and_an_unrunnable_precision_are_refused_before_the_scan_is_read(scan_and_model, tmp_path, capsys):
+    missing_scan = tmp_path / "not_yet_there.nrrd"  # a refusal that reads the scan would name this file instead
+    model = scan_and_model / "threshold.onnx"
+    for extra, words in (
+        (["--precision", "bf16", "--engine", "onnxruntime"], "--precision bf16 needs OpenVINO"),
+        (["--threshold", "1.5"], "threshold must lie between 0 and 1"),
+    ):
+        code, _, err = run(["segment", missing_scan, "-o", tmp_path / "out", "--model", model, "--progress", "none", *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "not_yet_there" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_thick_slices_warn_and_still_run(tmp_path, capsys, caplog, scan_and_model):

@@ -46,11 +46,39 @@ def test_every_shipped_onnx_model_gives_the_keras_probabilities_on_random_input(
     keras = pytest.importorskip("keras", reason="the Keras reference needs the [train] extra")
     reference = keras.saving.load_model(MODELS / f"{name}.keras", compile=False)
     network = open_network(MODELS / f"{name}.onnx", engine=engine, device="cpu")
-    assert network.describe()["engine"] == engine
+    # float32 unless asked: OpenVINO would compute in bfloat16 on CPUs with bfloat16 units (1.4e-3 off here).
+    assert (network.describe()["engine"], network.describe()["precision"]) == (engine, "f32")
     size = read_card(MODELS / f"{name}.onnx").patch_size
     batch = rng.normal(0.3, 0.3, (2, size, size, size, 1)).astype(np.float32)
     expected = keras.ops.convert_to_numpy(reference.predict_on_batch(batch))
     assert np.abs(network.predict_on_batch(batch) - expected).max() <= 1e-4
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed")
+def test_bfloat16_is_a_choice_where_the_cpu_has_it_and_a_clear_refusal_where_not(rng):
+    import openvino
+
+    path = MODELS / SHIPPED_MODEL
+    batch = rng.normal(0.3, 0.3, (2, 32, 32, 32, 1)).astype(np.float32)
+    exact = open_network(path, engine="openvino", device="cpu").predict_on_batch(batch)
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(InputError, match="no bfloat16 arithmetic on this machine; use --precision f32"):
+            open_network(path, engine="openvino", device="cpu", precision="bf16")
+        return
+    fast = open_network(path, engine="openvino", device="cpu", precision="bf16")
+    assert fast.describe()["precision"] == "bf16"
+    difference = np.abs(fast.predict_on_batch(batch) - exact).max()
+    assert 1e-5 < difference < 0.1  # bfloat16 keeps 8 bits of mantissa: visibly not float32, and still the same network
+
+
+def test_other_precisions_are_refused_with_the_choices(tmp_path):
+    path = write_threshold_onnx(tmp_path / "threshold.onnx")
+    with pytest.raises(InputError, match="ONNX Runtime runs this network in float32 only; --precision bf16 needs OpenVINO"):
+        open_network(path, engine="onnxruntime", precision="bf16")
+    with pytest.raises(InputError, match="precision must be one of f32, bf16, not 'fp16'"):
+        open_network(path, precision="fp16")
+    with pytest.raises(InputError, match="a .keras model runs in float32 only"):
+        open_network(MODELS / Path(SHIPPED_MODEL).with_suffix(".keras"), precision="bf16")
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +92,41 @@ def sample_crop(sample_dir):
     return Volume(image.array[box], image.geometry.cropped(corner))
 
 
-def test_onnx_and_keras_paths_give_identical_labels_on_the_sample_scan(sample_crop):
-    pytest.importorskip("keras", reason="the Keras reference needs the [train] extra")
-    options = SegmentOptions(surfaces=False, device="cpu")
-    by_keras = segment(sample_crop, load_model(MODELS / Path(SHIPPED_MODEL).with_suffix(".keras")), options)
-    by_onnx = segment(sample_crop, load_model(MODELS / SHIPPED_MODEL, engine="onnxruntime"), options)
-    assert by_keras.report["engine"]["engine"] == "keras" and by_onnx.report["engine"]["engine"] == "onnxruntime"
-    assert np.abs(by_onnx.probability - by_keras.probability).max() <= 1e-4
-    assert set(np.unique(by_keras.labels)) == {0, 1, 2, 3}  # the crop holds every bone, so each is compared
+@pytest.fixture(scope="module")
+def onnxruntime_on_the_crop(sample_crop):
+    """The reference every other engine is held to: ONNX Runtime in float32 on the sample crop."""
+    return segment(sample_crop, load_model(MODELS / SHIPPED_MODEL, engine="onnxruntime"), SegmentOptions(surfaces=False, device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("keras", marks=pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="the Keras engine needs the [train] extra")),
+        pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed")),
+    ],
+)
+def test_every_installed_engine_gives_onnxruntimes_bones_on_the_sample_scan(sample_crop, onnxruntime_on_the_crop, engine):
+    """By default every engine computes in float32, so on any CPU (AVX2, AVX-512, AMX) the bones are the same."""
+    model_file = Path(SHIPPED_MODEL).with_suffix(".keras") if engine == "keras" else SHIPPED_MODEL
+    result = segment(sample_crop, load_model(MODELS / model_file, engine="auto" if engine == "keras" else engine), SegmentOptions(surfaces=False, device="cpu"))
+    reference = onnxruntime_on_the_crop
+    assert (result.report["engine"]["engine"], result.report["engine"]["precision"]) == (engine, "f32")
+    assert reference.report["engine"]["precision"] == "f32"
+    assert np.abs(result.probability - reference.probability).max() <= 1e-4
+    assert set(np.unique(reference.labels)) == {0, 1, 2, 3}  # the crop holds every bone, so each is compared
     for label in (1, 2, 3):
-        assert dice(by_onnx.labels == label, by_keras.labels == label) == 1.0
+        assert dice(result.labels == label, reference.labels == label) == 1.0
 
 
 @pytest.mark.parametrize("engine", ONNX_ENGINES)
-def test_the_summary_says_which_engine_device_and_threads_ran(tmp_path, engine):
+def test_the_summary_says_which_engine_device_threads_and_precision_ran(tmp_path, engine):
     path = write_threshold_onnx(tmp_path / "threshold.onnx", ModelCard(patch_size=16, stride=8, normalization={"method": "minmax"}))
     image, _, geometry = knee_phantom()
     model = load_model(path, engine=engine, threads=1)
     result = segment(Volume(image, geometry), model, SegmentOptions(projections=1, surfaces=False, threads=1, device="cpu"))
     ran = result.report["engine"]
-    assert (ran["engine"], ran["device"], ran["threads"]) == (engine, "cpu", 1)
+    assert (ran["engine"], ran["device"], ran["threads"], ran["precision"]) == (engine, "cpu", 1, "f32")
+    assert ran["cpu"]["name"] and ran["cpu"]["instruction_sets"]  # which CPU ran it, and what arithmetic it offers
     assert result.report["device"] == "cpu" and set(np.unique(result.labels)) == {0, 1, 2, 3}
 
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from KneeBoneSegLib.anatomy import ANATOMICAL_STRUCTURE, BONE_BY_LABEL, BONES
 from KneeBoneSegLib.errors import Cancelled, OutputError
-from KneeBoneSegLib.outputs import atomic_file, output_directory, write_json, write_segmentation_nrrd
+from KneeBoneSegLib.outputs import atomic_file, check_output_folder, output_directory, write_json, write_segmentation_nrrd
 from KneeBoneSegLib.volume import Geometry
 
 from conftest import knee_phantom
@@ -176,6 +176,20 @@ def test_refuses_a_non_empty_folder_without_overwrite(tmp_path):
     assert names_in(tmp_path) == ["results"]
 
 
+def test_the_folder_check_before_a_run_writes_nothing_and_names_what_to_do(tmp_path):
+    outdir = tmp_path / "results"
+    check_output_folder(outdir / "new" / "deeper")  # a folder still to be made is fine, and is not made yet
+    assert names_in(tmp_path) == []
+    outdir.mkdir()
+    (outdir / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already holds files.*--overwrite"):
+        check_output_folder(outdir)
+    check_output_folder(outdir, overwrite=True)
+    with pytest.raises(OutputError, match="notes.txt is a file"):
+        check_output_folder(outdir / "notes.txt")
+    assert names_in(tmp_path) == ["results"] and (outdir / "notes.txt").read_text() == "mine"
+
+
 def test_an_empty_existing_folder_is_used(tmp_path):
     outdir = tmp_path / "results"
     outdir.mkdir()
@@ -260,7 +274,7 @@ def test_refuses_a_parent_that_cannot_hold_folders(tmp_path):
     parent = tmp_path / "plain_file"
     parent.write_text("not a folder")
 
-    with pytest.raises(OutputError, match="cannot write in") as raised:
+    with pytest.raises(OutputError, match="cannot be made: .*plain_file is a file") as raised:
         with output_directory(parent / "results"):
             pytest.fail("the body must not run")
 

@@ -140,6 +140,9 @@ def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
 
     assert choices("fusion") == set(FUSIONS)
     assert choices("device") == set(DEVICE_CHOICES)
+    from KneeBoneSegLib.engines import PRECISIONS
+
+    assert choices("precision") == set(PRECISIONS) and ast.literal_eval(fields["precision"].value) == "f32"
     defaults = SegmentOptions()
     assert ast.literal_eval(fields["fusion"].value) == defaults.fusion
     assert ast.literal_eval(fields["closingRadius"].value) == defaults.closing_radius
@@ -158,10 +161,14 @@ def test_command_lines_of_the_module_runs_are_accepted():
     from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings
 
     post = PostprocessSettings(closing_radius=9.0, closing_units="voxels", smoothing_iterations=20)
-    settings = (NetworkSettings(projections=3, fusion="or"), NetworkSettings(projections=1, fusion="vote", model_path="m.onnx"), NetworkSettings(projections=None, fusion="or"))
+    settings = (
+        NetworkSettings(projections=3, fusion="or"),
+        NetworkSettings(projections=1, fusion="vote", model_path="m.onnx", precision="bf16"),
+        NetworkSettings(projections=None, fusion="or"),
+    )
     for network in settings:
         args = build_parser().parse_args(["segment", "in.nrrd", "-o", "out", *network.arguments(), "--device", "cpu", "--save-probability", *post.arguments(), "--progress", "json"])
-        assert (args.projections, args.fusion, args.save_probability, args.progress) == (network.projections, network.fusion, True, "json")
+        assert (args.projections, args.fusion, args.precision, args.save_probability, args.progress) == (network.projections, network.fusion, network.precision, True, "json")
         assert (args.model is None) == (not network.model_path)
     args = build_parser().parse_args(["postprocess", "probability.nrrd", "-o", "out", *post.arguments(), "--progress", "json"])
     assert (args.closing_radius, args.closing_units, args.smoothing_iterations) == (9.0, "voxels", 20)

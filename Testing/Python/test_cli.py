@@ -184,6 +184,9 @@ def test_the_console_script_runs_as_a_module():
     info = json.loads(completed.stdout)
     assert info["devices"]["auto"] in ("cpu", "gpu") and "onnxruntime" in info["versions"]
     assert "CPUExecutionProvider" in info["devices"]["onnxruntime_providers"]
+    engine = info["engine"]  # what a default segment runs on here
+    assert engine["precision"] == "f32" and engine["engine"] in ("onnxruntime", "openvino") and engine["version"]
+    assert "AVX2" in engine["cpu"]["instruction_sets"] or engine["cpu"]["machine"] not in ("x86_64", "AMD64")
 
 
 def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path, capsys):

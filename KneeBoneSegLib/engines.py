@@ -20,7 +20,7 @@ asks for bfloat16 on purpose, where OpenVINO and the CPU support it.
 
 Segmenting needs ONNX Runtime alone (about 15-30 MB on every platform and
 Python that 3D Slicer ships). OpenVINO (``pip install kneeboneseg[openvino]``)
-runs the same ``.onnx`` file about twice as fast on x86 CPUs
+runs the same ``.onnx`` file two to three times as fast on x86 CPUs
 (``bench/bench_engines.py``) and is picked automatically on the CPU where it is
 installed. Keras (``[train]``) runs ``.keras`` files. Each engine's package is
 imported only when that engine is opened: nothing here imports TensorFlow

@@ -37,28 +37,45 @@ def distribution_of(wheel: Path) -> str:
     return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
 
 
-def main() -> None:
+def slicer_pythons() -> dict:
+    """``{python: (first Slicer release on it, what that release ships)}``, oldest Python first."""
     pythons = {}
     for slicer, release in SLICER_RELEASES.items():
         pythons.setdefault(release["python"], (slicer, release["shipped"]))
+    return dict(sorted(pythons.items(), key=lambda item: version_tuple(item[0])))
+
+
+def first_use_download(python: str, shipped: dict, tags: list, extra: tuple = ()) -> list:
+    """The wheels (paths' names and sizes) a first use on ``python`` and platform ``tags`` downloads, plus ``extra``.
+
+    Wheels that Slicer ships already are left out; numpy and SciPy are pinned
+    to Slicer's so that pip resolves against them. Raises RuntimeError with
+    pip's last line when pip cannot resolve.
+    """
+    requirements = first_use_requirements(version_tuple(python)[:2]) + list(extra)
+    anchors = [f"{name}=={version}" for name, version in shipped.items() if name in ("numpy", "scipy")]
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-cache-dir", "--only-binary=:all:",
+                   "--python-version", python, *(f"--platform={tag}" for tag in tags), "-d", folder, *requirements, *anchors]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        return [(distribution_of(wheel), wheel.stat().st_size) for wheel in Path(folder).glob("*.whl") if distribution_of(wheel) not in SLICER_SHIPS]
+
+
+def main() -> None:
     print("# python bench/bench_slicer_first_use.py (2026-11-28; pip download of the first-use install, wheels Slicer does not ship; MB = 10^6 bytes)")
-    for python, (slicer, shipped) in sorted(pythons.items(), key=lambda item: version_tuple(item[0])):
-        requirements = first_use_requirements(version_tuple(python)[:2])
-        anchors = [f"{name}=={version}" for name, version in shipped.items() if name in ("numpy", "scipy")]
-        print(f"\nPython {python} (Slicer {', '.join(v for v, r in SLICER_RELEASES.items() if r['python'] == python)}): {' '.join(requirements)}")
+    for python, (slicer, shipped) in slicer_pythons().items():
+        print(f"\nPython {python} (Slicer {', '.join(v for v, r in SLICER_RELEASES.items() if r['python'] == python)}): {' '.join(first_use_requirements(version_tuple(python)[:2]))}")
         for platform, tags in PLATFORMS.items():
-            with tempfile.TemporaryDirectory() as folder:
-                command = [sys.executable, "-m", "pip", "download", "-q", "--no-cache-dir", "--only-binary=:all:",
-                           "--python-version", python, *(f"--platform={tag}" for tag in tags), "-d", folder, *requirements, *anchors]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    print(f"  {platform:<24} pip download failed: {done.stderr.strip().splitlines()[-1]}")
-                    continue
-                wheels = [wheel for wheel in Path(folder).glob("*.whl") if distribution_of(wheel) not in SLICER_SHIPS]
-                total = sum(wheel.stat().st_size for wheel in wheels) / 1e6
-                largest = sorted(wheels, key=lambda wheel: -wheel.stat().st_size)[:3]
-                listed = ", ".join(f"{distribution_of(wheel)} {wheel.stat().st_size / 1e6:.1f}" for wheel in largest)
-                print(f"  {platform:<24} {total:5.1f} MB in {len(wheels)} wheels (largest: {listed})")
+            try:
+                wheels = first_use_download(python, shipped, tags)
+            except RuntimeError as error:
+                print(f"  {platform:<24} pip download failed: {error}")
+                continue
+            total = sum(size for _, size in wheels) / 1e6
+            listed = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sorted(wheels, key=lambda wheel: -wheel[1])[:3])
+            print(f"  {platform:<24} {total:5.1f} MB in {len(wheels)} wheels (largest: {listed})")
 
 
 if __name__ == "__main__":

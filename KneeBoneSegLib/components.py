@@ -22,7 +22,7 @@ import numpy as np
 
 from .anatomy import BONE_BY_KEY, BONES
 from .morphology import bounding_box
-from .plausibility import assignment_reasons, bone_reasons, measure_boxes
+from .plausibility import FieldOfView, assignment_reasons, bone_reasons, measure_boxes
 from .volume import Geometry
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ CANDIDATES = 8
 
 
 def name_components(
-    centroids_lps: np.ndarray, sizes, candidates: int = CANDIDATES, fits: Callable[[dict], bool] | None = None
+    centroids_lps: np.ndarray,
+    sizes,
+    candidates: int = CANDIDATES,
+    fits: Callable[[dict], bool] | None = None,
+    widest_at=None,
 ) -> tuple[list[str], list[str]]:
     """Bone names for components from their LPS centroids (mm) and sizes.
 
@@ -101,11 +105,15 @@ def name_components(
     the three with the largest total size whose places are anatomical: the
     femur above the tibia; the patella the smallest of the three, anterior to
     the femur and above the tibia. Without such a triple, the largest pair
-    with the femur above the tibia (patella missing); one component is called
-    femur, with a warning. ``fits({"femur": n, ...})`` says whether
-    components may bear those names (their size and place); only fitting
-    choices are made. Returns one name per component (``""`` for a
-    component that is not one of the bones) and the warnings.
+    with the femur above the tibia (patella missing). Without a pair, one
+    component has no other bone to be placed against, so it is named by its
+    own shape: a femur widens towards the knee at its lower end, a tibia at
+    its upper end (``widest_at``, per component, where its widest
+    cross-section lies: 0 inferior, 1 superior; without it, femur).
+    ``fits({"femur": n, ...})`` says whether components may bear those names
+    (their size and place); only fitting choices are made. Returns one name
+    per component (``""`` for a component that is not one of the bones) and
+    the warnings.
     """
     sizes = np.asarray(sizes)
     fits = fits or (lambda assignment: True)
@@ -122,7 +130,8 @@ def name_components(
         and fits({"femur": femur, "tibia": tibia, "patella": patella})
     ]
     pairs = [(femur, tibia) for femur, tibia in permutations(top, 2) if superior[femur] > superior[tibia] and fits({"femur": femur, "tibia": tibia})]
-    singles = [femur for femur in top if fits({"femur": femur})]
+    singles = [(n, _lone_bone_name(n, widest_at)) for n in top]
+    singles = [(n, name) for n, name in singles if fits({name: n})]
     if triples:
         chosen = max(triples, key=lambda triple: sizes[list(triple)].sum())
     elif pairs:
@@ -130,8 +139,11 @@ def name_components(
         if len(sizes) > 2:
             warnings.append("no component lies where the patella should (anterior to the femur, above the tibia); none is called patella")
     elif singles:
-        chosen = (singles[0],)
-        warnings.append("only one component fits a bone (it may be several bones joined); it is called femur")
+        index, name = singles[0]
+        names[index] = name
+        widening = "lower" if name == "femur" else "upper"
+        warnings.append(f"only one component fits a bone (it may be several bones joined); it widens at its {widening} end, so it is called {name}")
+        return names, warnings
     else:
         chosen = ()
     for index, name in zip(chosen, ("femur", "tibia", "patella")):
@@ -139,7 +151,12 @@ def name_components(
     return names, warnings
 
 
-def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_BONE_FRACTION) -> tuple[np.ndarray, dict]:
+def _lone_bone_name(n: int, widest_at) -> str:
+    """Femur or tibia for a component with no other bone beside it, by which end is its wider."""
+    return "tibia" if widest_at is not None and widest_at[n] > 0.5 else "femur"
+
+
+def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_BONE_FRACTION, field_of_view: FieldOfView | None = None) -> tuple[np.ndarray, dict]:
     """Keep the femur, tibia and patella among the components of a bone ``mask``, labelled by anatomy.
 
     Parameters
@@ -149,6 +166,9 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         Places the voxels in LPS space, which decides the names.
     min_fraction : float
         Components smaller than this fraction of the largest are not bones.
+    field_of_view : FieldOfView, optional
+        The scan's, so that a bone running into a turned scan's empty margin
+        counts as cut (:class:`~KneeBoneSegLib.plausibility.FieldOfView`).
 
     Returns
     -------
@@ -168,9 +188,10 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         start = np.array([s.start for s in box])
         centroids_kji, boxes = component_statistics(components, len(sizes))
         centroids_lps = geometry.index_to_lps((centroids_kji + start)[:, ::-1])
-        boxes = [tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, start)) for b in boxes[:CANDIDATES]]
-        measures = measure_boxes(boxes, sizes, geometry, mask.shape)
-        names, report["warnings"] = name_components(centroids_lps, sizes, fits=lambda assignment: not assignment_reasons(assignment, measures))
+        measures = measure_boxes(components, start, boxes[:CANDIDATES], sizes, geometry, mask.shape, field_of_view)
+        names, report["warnings"] = name_components(
+            centroids_lps, sizes, fits=lambda assignment: not assignment_reasons(assignment, measures), widest_at=[m.widest_at for m in measures]
+        )
         lookup = np.zeros(len(sizes) + 1, np.uint8)
         for n, name in enumerate(names):
             entry = {"voxels": sizes[n], "centroid_lps_mm": [round(float(c), 2) for c in centroids_lps[n]]}

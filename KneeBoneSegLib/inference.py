@@ -48,13 +48,15 @@ def tile_weights(patch_size: int) -> np.ndarray:
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
 
 
-def air_level(image: np.ndarray) -> float:
+def air_level(image: np.ndarray, within: np.ndarray | None = None) -> float:
     """Intensity below which a whole tile is air: 10 % of the image's bright-tissue level.
 
     The bright-tissue level is the 99.5th percentile (of a strided sample),
     so the level follows whatever intensity scale the model's normalisation gives.
+    ``within`` (bool, the image's shape) limits it to the scanned voxels, so
+    that a grid's empty margin does not lower it.
     """
-    return AIR_FRACTION_OF_TISSUE * float(sampled_percentiles(image, _TISSUE_PERCENTILE))
+    return AIR_FRACTION_OF_TISSUE * float(sampled_percentiles(image, _TISSUE_PERCENTILE, within))
 
 
 def tile_corners(shape, patch_size: int, stride: int) -> np.ndarray:

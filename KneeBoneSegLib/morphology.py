@@ -77,7 +77,7 @@ def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.
     return edt.edtsq(dilated.view(np.uint8), anisotropy=anisotropy, black_border=False, parallel=threads) > limit
 
 
-def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), units: str = "voxels") -> np.ndarray:
+def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), units: str = "voxels", field_of_view=None) -> np.ndarray:
     """Close every bone of a label map with a ball, growing only into background.
 
     Parameters
@@ -87,6 +87,12 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     radius : float
         Ball radius in voxels (``units="voxels"``, the paper's 9) or
         millimetres (``units="mm"``, using ``spacing`` along i, j, k).
+
+    field_of_view : :class:`~KneeBoneSegLib.plausibility.FieldOfView`, optional
+        The scan's. A bone cut by the field of view of a scan on a turned
+        grid ends at a face inside the array, with unscanned (zero-filled)
+        voxels beyond it; the closing never grows it into them, as it never
+        grows a bone beyond the array's edge.
 
     Returns
     -------
@@ -106,7 +112,10 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
     for bone in BONES:
         if bone.label in boxes:
             region = closed[boxes[bone.label]]
-            region[_closed_in_box(region == bone.label, radius, sampling) & (region == 0)] = bone.label
+            grown = _closed_in_box(region == bone.label, radius, sampling) & (region == 0)
+            if field_of_view is not None:
+                grown &= ~field_of_view.outside_in(boxes[bone.label])
+            region[grown] = bone.label
     return closed
 
 

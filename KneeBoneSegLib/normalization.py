@@ -50,10 +50,16 @@ def normalize_intensities(array: np.ndarray, spec: dict | None = None) -> np.nda
     raise ValueError(f"unknown normalisation method {method!r}; use percentile, minmax or divide")
 
 
-def sampled_percentiles(array: np.ndarray, percentiles) -> np.ndarray:
-    """``np.percentile`` of every third voxel along each axis of a 3D ``array``, as float32 values."""
+def sampled_percentiles(array: np.ndarray, percentiles, within: np.ndarray | None = None) -> np.ndarray:
+    """``np.percentile`` of every third voxel along each axis of a 3D ``array``, as float32 values.
+
+    ``within`` (bool, ``array``'s shape) keeps only the voxels it marks.
+    """
     step = _PERCENTILE_SAMPLE_STEP
-    return np.percentile(np.asarray(array[::step, ::step, ::step], dtype=np.float32), percentiles)
+    sample = np.asarray(array[::step, ::step, ::step], dtype=np.float32)
+    if within is not None:
+        sample = sample[within[::step, ::step, ::step]]
+    return np.percentile(sample, percentiles)
 
 
 def _rescale(values: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:

@@ -183,25 +183,25 @@ def segment(
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
     from .confidence import ProjectionRange, bone_confidence
+    from .plausibility import FieldOfView
     from .projections import fuse_probabilities
-    from .resampling import resample_to_shape
     from .verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
     with using_threads(options.threads):
-        maps, report = _projection_maps(volume, model, options, stages)
+        maps, grid, report = _projection_maps(volume, model, options, stages)
         # Each projection's map is folded into the fused one as it comes (never all three held),
         # and into the running range that measures their disagreement.
         spread = ProjectionRange()
         probability = stages.run("network", fuse_probabilities, spread.watch(maps), options.fusion)
         disagreement = spread.disagreement()
-        if probability.shape != volume.array.shape:
-            probability = stages.run("resample", resample_to_shape, probability, volume.array.shape, order=1)
+        if probability.shape != volume.array.shape or grid.reoriented:
+            probability = stages.run("resample", grid.to_scan, probability)
             if disagreement is not None:
-                disagreement = stages.run("resample", resample_to_shape, disagreement, volume.array.shape, order=1)
+                disagreement = stages.run("resample", grid.to_scan, disagreement)
 
-        result = postprocess(Volume(probability, volume.geometry), options, progress=progress, _stages=stages)
+        result = postprocess(Volume(probability, volume.geometry), options, progress=progress, field_of_view=FieldOfView(volume.array), _stages=stages)
     result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
     result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
     result.report["verdict"] = judge(result.report, model.card.confidence)
@@ -225,14 +225,15 @@ def predict_projection_maps(
         return list(_projection_maps(volume, model, options, _Stages(progress))[0])
 
 
-def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], dict]:
-    """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed."""
+def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], "ModelGrid", dict]:
+    """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed,
+    on the model's grid (:class:`~KneeBoneSegLib.resampling.ModelGrid`, also returned)."""
     from .engines import as_network
     from .inference import air_level, predict_volume
     from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
     from .projections import iter_projections
-    from .resampling import grid_shape_for_spacing, resample_to_shape
+    from .resampling import ModelGrid, obliquity_degrees
 
     card = model.card
     # Options that contradict the model are refused first, before any work on the scan.
@@ -248,14 +249,16 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
 
     image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
-    if card.spacing_mm:
-        model_shape = grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm)
-        image = stages.run("resample", resample_to_shape, image, model_shape, order=1)
+    grid = ModelGrid(volume.geometry, image.shape, card.spacing_mm)
+    if grid.reoriented:
+        log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
+    if grid.shape != image.shape or grid.reoriented:
+        image = stages.run("resample", grid.from_scan, image)
     input_check = compare_with_card(image, volume.geometry.spacing, volume.tags, card)
     warnings += [f"the scan differs from the model's training data: {difference}" for difference in input_check["differences"]]
     for difference in input_check["differences"]:
         log.warning("the scan differs from the model's training data: %s", difference)
-    skip_below = air_level(image) if options.skip_air_tiles else None
+    skip_below = air_level(image, within=grid.scanned()) if options.skip_air_tiles else None
 
     def predict_view(view: np.ndarray, name: str) -> np.ndarray:
         def batches_done(done: int, total: int) -> None:
@@ -272,15 +275,16 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
             skip_below=skip_below,
         )
 
-    maps = iter_projections(image, predict_view, projections=projections, direction=volume.geometry.direction_matrix)
+    maps = iter_projections(image, predict_view, projections=projections, direction=grid.direction)
     del image  # the iterator holds it only as long as it needs it
-    return maps, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
+    return maps, grid, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
 
 def postprocess(
     volume: Volume,
     options: SegmentOptions | None = None,
     progress: Progress | None = None,
+    field_of_view=None,
     _stages: _Stages | None = None,
 ) -> SegmentationResult:
     """Turn a probability map, binary mask or label map into named, closed, surfaced bones.
@@ -288,14 +292,18 @@ def postprocess(
     ``volume.array`` may be a floating-point probability map (thresholded at
     ``options.threshold``) or an integer mask or label map (any non-zero voxel
     is bone; names are re-derived from anatomy, so a label map from another
-    tool with other label values works too).
+    tool with other label values works too). ``field_of_view``
+    (:class:`~KneeBoneSegLib.plausibility.FieldOfView` of the scan) finds a
+    turned scan's zero-filled margin, where a bone is cut by the field of view
+    as at the array's edge, and into which the closing never grows a bone;
+    without it only the array's edge cuts.
     """
     options = (options or SegmentOptions()).validate()
     with using_threads(options.threads):
-        return _postprocess(volume, options, _stages or _Stages(progress))
+        return _postprocess(volume, options, _stages or _Stages(progress), field_of_view)
 
 
-def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> SegmentationResult:
+def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field_of_view=None) -> SegmentationResult:
     from .morphology import close_bones, fill_bone_holes
     from .surfaces import bone_surfaces
     from .verdicts import judge
@@ -310,7 +318,7 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> Se
         bone = array > 0
         probability = None
 
-    labels, bone_report = stages.run("components", label_bones, bone, volume.geometry)
+    labels, bone_report = stages.run("components", label_bones, bone, volume.geometry, field_of_view=field_of_view)
     del bone
     if options.closing_radius > 0:
         labels = stages.run(
@@ -320,6 +328,7 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages) -> Se
             options.closing_radius,
             spacing=volume.geometry.spacing,
             units=options.closing_units,
+            field_of_view=field_of_view,
         )
     if options.fill_holes:
         labels = stages.run("fill holes", fill_bone_holes, labels)

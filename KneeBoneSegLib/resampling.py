@@ -163,3 +163,135 @@ def labels_onto_grid(labels, reference, names=("the label map", "the reference i
     matrix = ijk_map[:3, :3][::-1, ::-1]
     offset = ijk_map[:3, 3][::-1]
     return ndimage.affine_transform(labels.array, matrix, offset, output_shape=reference.array.shape, order=0, mode="constant", cval=0)
+
+
+#: Scans whose image axes all lie within this angle of the patient's axes go to the model's grid along
+#: their own axes; more oblique ones go onto a grid aligned with the patient. The networks were trained
+#: with rotations of up to 10 degrees (``training.Augmentation.rotation_deg``), so a few degrees of tilt
+#: (the sample scan's axes are 2.6 degrees off) are inside what they learned.
+MAX_ALIGNED_DEGREES = 5.0
+
+
+def obliquity_degrees(direction) -> float:
+    """The largest angle (degrees) between an image axis and the patient axis nearest it; 0 for an axis-aligned scan.
+
+    ``direction`` is a direction matrix (3x3 or 9 values, columns the LPS directions of i, j, k).
+    """
+    cosines = np.abs(np.asarray(direction, dtype=float).reshape(3, 3)).max(axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+
+
+def resample_onto(array: np.ndarray, geometry, target, shape, order: int = 1, fill: float = 0.0, extrapolate: bool = False) -> np.ndarray:
+    """``array`` (on ``geometry``) sampled at the voxel centres of the grid ``target`` of ``shape`` (k, j, i).
+
+    Any two grids in patient space, with any directions: SimpleITK's
+    resampler on the run's threads. ``order`` 1 is linear (float32 out),
+    0 nearest neighbour (``array``'s dtype out). Voxels of the target beyond
+    ``array``'s voxel centres get ``fill``, or with ``extrapolate`` the
+    nearest voxel's value (for a grid that covers the same box, whose outer
+    half voxels lie beyond the outer centres). No anti-aliasing: smooth first
+    when going to coarser voxels (:func:`smooth_for_spacing`).
+    """
+    import SimpleITK as sitk
+
+    from .threads import thread_count
+
+    source = np.asarray(array, dtype=np.float32) if order == 1 else np.ascontiguousarray(array)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(source))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize([int(n) for n in shape[::-1]])
+    resample.SetOutputSpacing(target.spacing)
+    resample.SetOutputOrigin(target.origin)
+    resample.SetOutputDirection(target.direction)
+    resample.SetInterpolator(sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor)
+    resample.SetDefaultPixelValue(float(fill))
+    resample.SetUseNearestNeighborExtrapolator(bool(extrapolate))
+    resample.SetNumberOfThreads(thread_count())
+    return sitk.GetArrayFromImage(resample.Execute(image))
+
+
+def smooth_for_spacing(array: np.ndarray, spacing_ijk, target_spacing_ijk) -> np.ndarray:
+    """``array`` smoothed along each axis that gets coarser voxels, as :func:`resample_to_shape` does before shrinking it.
+
+    ``target_spacing_ijk`` is the spacing the array is going to (one value or three, along i, j, k).
+    """
+    step_kji = np.broadcast_to(np.asarray(target_spacing_ijk, dtype=float), (3,))[::-1] / np.asarray(spacing_ijk, dtype=float)[::-1]
+    result = np.asarray(array, dtype=np.float32)
+    for axis in reversed(range(3)):
+        if step_kji[axis] > 1:
+            sigma = np.sqrt(step_kji[axis] ** 2 - 1.0) / 2.0
+            result = _along_axis(result, axis, result.shape[axis], _smooth_lines, sigma)
+    return result
+
+
+class ModelGrid:
+    """The grid a model sees a scan on, and the way there and back.
+
+    The scan's box at the model card's spacing (the scan's own where the card
+    has none). A scan within :data:`MAX_ALIGNED_DEGREES` of the patient's
+    axes keeps its axes (:func:`resample_to_shape`, the grid the models
+    were trained on); a more oblique one goes onto a grid aligned with the
+    patient's axes (LPS, as the training scan) that holds the whole scan,
+    so the network always sees the knee upright as it learned it, and the
+    axial, coronal and sagittal projections are the patient's planes. What
+    that grid holds beyond the scan's box is :meth:`scanned` ``False`` and 0
+    in the image (air after any of the cards' normalisations).
+    """
+
+    def __init__(self, geometry, scan_shape, spacing_mm=None):
+        from .volume import Geometry
+
+        self.scan_geometry, self.scan_shape = geometry, tuple(int(n) for n in scan_shape)
+        self.reoriented = obliquity_degrees(geometry.direction) > MAX_ALIGNED_DEGREES
+        if not self.reoriented:
+            self.shape = grid_shape_for_spacing(self.scan_shape, geometry.spacing, spacing_mm) if spacing_mm else self.scan_shape
+            step = np.asarray(geometry.spacing) * np.asarray(self.scan_shape[::-1]) / np.asarray(self.shape[::-1])
+            origin = geometry.index_to_lps((0.5 * step / np.asarray(geometry.spacing) - 0.5)[None])[0]
+            self.geometry = Geometry(step, origin, geometry.direction)
+            return
+        if spacing_mm:
+            spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+        else:  # each patient axis at the spacing of the image axis nearest it
+            nearest = np.abs(geometry.direction_matrix).argmax(axis=1)
+            spacing = np.asarray(geometry.spacing)[nearest]
+        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in self.scan_shape[::-1]], indexing="ij")).reshape(3, -1).T
+        lps = geometry.index_to_lps(corners)
+        low, high = lps.min(axis=0), lps.max(axis=0)
+        counts_ijk = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
+        centre = (low + high) / 2
+        self.geometry = Geometry(spacing, centre - spacing * (counts_ijk - 1) / 2)
+        self.shape = tuple(int(n) for n in counts_ijk[::-1])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """The model grid's direction matrix, which names its projections."""
+        return self.geometry.direction_matrix
+
+    def from_scan(self, image: np.ndarray) -> np.ndarray:
+        """A scan-grid ``image`` on the model's grid (linear, anti-aliased; float32)."""
+        if not self.reoriented:
+            return resample_to_shape(image, self.shape, order=1)
+        smoothed = smooth_for_spacing(image, self.scan_geometry.spacing, self.geometry.spacing)
+        return resample_onto(smoothed, self.scan_geometry, self.geometry, self.shape, order=1, fill=0.0, extrapolate=False)
+
+    def to_scan(self, values: np.ndarray) -> np.ndarray:
+        """A model-grid map (probability, disagreement) back on the scan's grid (linear; float32)."""
+        if not self.reoriented:
+            return resample_to_shape(values, self.scan_shape, order=1)
+        return resample_onto(values, self.geometry, self.scan_geometry, self.scan_shape, order=1, extrapolate=True)
+
+    def scanned(self) -> np.ndarray | None:
+        """Which model-grid voxels lie inside the scan's box (bool); ``None`` when all do."""
+        if not self.reoriented:
+            return None
+        to_scan_ijk = np.linalg.inv(self.scan_geometry.ijk_to_lps) @ self.geometry.ijk_to_lps
+        k, j, i = (np.arange(n, dtype=np.float32) for n in self.shape)
+        inside = np.ones(self.shape, dtype=bool)
+        for axis, size in enumerate(self.scan_shape[::-1]):  # scan axes i, j, k
+            row = to_scan_ijk[axis].astype(np.float32)
+            index = row[0] * i[None, None, :] + row[1] * j[None, :, None] + row[2] * k[:, None, None] + row[3]
+            inside &= (index >= -0.5) & (index <= size - 0.5)
+        return inside

@@ -9,8 +9,9 @@ Per bone found:
 ``review``
     Named, but the network is less sure of it than of any held-out bone, or
     the three projections disagree along its surface more than held out, or
-    the scan differs from the training data (input check): look at it before
-    using it.
+    the scan differs from the training data (input check), or the bone it is
+    told apart by was not found (:data:`PLACED_AGAINST`: a lone bone's name
+    rests on its shape alone): look at it before using it.
 ``failed``
     Named, but the network is unsure of most of it: not a result.
 
@@ -29,6 +30,11 @@ from .anatomy import BONES
 
 OK, REVIEW, FAILED, MISSING = "ok", "review", "failed", "missing"
 PASSING = (OK, REVIEW)
+
+#: The bone each one is told apart by: a femur is the bone above the tibia, a tibia the one below the
+#: femur, and a patella lies in front of the femur. Found without it, a bone's name rests on its own
+#: shape alone (``components.name_components``), so it is never ``ok``.
+PLACED_AGAINST = {"femur": "tibia", "tibia": "femur", "patella": "femur"}
 
 
 def judge(report: dict, thresholds: dict | None = None) -> dict:
@@ -67,6 +73,10 @@ def judge(report: dict, thresholds: dict | None = None) -> dict:
             verdict, reasons = _judge_confidence(confidence.get(bone.key, {}), thresholds)
         if differences:
             reasons.append("the scan differs from what the model was trained on: " + "; ".join(differences))
+            verdict = FAILED if verdict == FAILED else REVIEW
+        neighbour = PLACED_AGAINST.get(bone.key)
+        if neighbour and neighbour not in report.get("bones", {}):
+            reasons.append(f"name uncertain: its place could not be checked against the {neighbour}, which was not found, so it may be another bone")
             verdict = FAILED if verdict == FAILED else REVIEW
         bones[bone.key] = {"verdict": verdict, "reasons": reasons}
 

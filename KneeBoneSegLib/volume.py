@@ -51,6 +51,18 @@ class Geometry:
         ijk = np.asarray(ijk, dtype=float)
         return ijk @ (self.direction_matrix * np.asarray(self.spacing)).T + np.asarray(self.origin)
 
+    def turned(self, rotation, shape_kji) -> "Geometry":
+        """This grid (of ``shape_kji`` voxels) turned by ``rotation`` (3x3, in LPS) about its centre.
+
+        The same spacing and size; what was at the grid's centre stays there,
+        as on a scan acquired on oblique planes through the same point.
+        """
+        rotation = np.asarray(rotation, dtype=float)
+        centre = self.index_to_lps((np.asarray(shape_kji, dtype=float)[::-1] - 1)[None] / 2)[0]
+        direction = rotation @ self.direction_matrix
+        origin = centre - direction @ (np.asarray(self.spacing) * (np.asarray(shape_kji, dtype=float)[::-1] - 1) / 2)
+        return Geometry(self.spacing, tuple(origin), direction.ravel())
+
     def cropped(self, start_kji) -> "Geometry":
         """Geometry of a sub-array that starts at array index ``start_kji`` (k, j, i)."""
         start_ijk = np.asarray(start_kji, dtype=float)[::-1]

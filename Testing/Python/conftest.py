@@ -172,3 +172,25 @@ def write_threshold_onnx(path, card=None, patch_size: int = 16):
     if card is not None:
         write_card(card, path)
     return path
+
+
+def rotation(axes: str, degrees) -> np.ndarray:
+    """The 3x3 rotation by ``degrees`` about the LPS axes ``axes`` ("x" left, "y" posterior, "z" superior), in turn."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler(axes, np.atleast_1d(degrees), degrees=True).as_matrix()
+
+
+def turned(volume, turn: np.ndarray, order: int = 1):
+    """``volume`` on its own grid turned by ``turn`` about the grid's centre, as a scan acquired on oblique planes.
+
+    The same spacing and size, the anatomy where it was; zero where the
+    turned grid reaches beyond the scan (as a scanner console or Slicer
+    fills it). ``order`` 1 for images, 0 for label maps.
+    """
+    from KneeBoneSegLib.resampling import resample_onto
+    from KneeBoneSegLib.volume import Volume
+
+    shape = volume.array.shape
+    geometry = volume.geometry.turned(turn, shape)
+    return Volume(resample_onto(volume.array, volume.geometry, geometry, shape, order=order), geometry)

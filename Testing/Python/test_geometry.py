@@ -22,7 +22,7 @@ from KneeBoneSegLib.models import Model, ModelCard
 from KneeBoneSegLib.outputs import SEGMENTATION_FILE, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.projections import iter_projections, view_orders
-from KneeBoneSegLib.resampling import grid_shape_for_spacing
+from KneeBoneSegLib.resampling import MAX_ALIGNED_DEGREES, grid_shape_for_spacing
 from KneeBoneSegLib.surfaces import read_stl
 from KneeBoneSegLib.volume import Geometry, Volume
 
@@ -69,9 +69,11 @@ def test_one_projection_is_axial_whatever_plane_the_scan_was_stored_in():
     np.testing.assert_allclose(from_sagittal.transpose(1, 2, 0), from_axial, atol=1e-6)
 
 
-def test_the_models_grid_follows_each_axis_spacing(thick):
-    image, labels, geometry = thick
+def test_the_models_grid_follows_each_axis_spacing():
+    # Tilted less than MAX_ALIGNED_DEGREES, the scan goes to the model's grid along its own axes:
     # 40 x 3 mm, 450 x 0.4 mm and 300 x 0.4 mm at 2 mm: 60, 90 and 60 voxels (k, j, i).
+    geometry = sagittal_geometry(tilt_deg=MAX_ALIGNED_DEGREES - 1)
+    image, labels = patient_phantom(THICK_SHAPE, geometry)
     assert grid_shape_for_spacing(THICK_SHAPE, geometry.spacing, 2.0) == (60, 90, 60)
     model = Model(threshold_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]))
     totals = []

@@ -10,6 +10,11 @@ command line builds its parser from them).
   edges from deep inside the femur; few filters at full resolution keep its
   cost per voxel about a quarter of ``compact``'s. One projection with
   overlapping tiles (stride 48) is about 2.4 evaluations per voxel.
+- ``coarse`` (the whole-knee experiments, ``bench/coarse_experiments.py``):
+  16-32-64-128 filters, a 256 bridge and instance normalisation, trained on
+  soft targets (the share of bone per voxel) at a coarse spacing (1.4 mm by
+  the experiments' recipe): its receptive field spans well over 60 mm, and
+  a 32^3 sub-volume at 1.4 mm sees 45 mm. One projection, stride 16.
 - ``compact`` (the shipped models): 16-32-64, bridge 128, on 32^3
   sub-volumes (22 mm), three projections.
 - ``paper``: the paper's network, 64-128-256-512 and a 1024 bridge, 64^3
@@ -19,6 +24,10 @@ command line builds its parser from them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: Normalisation after each convolution (see :func:`.network.build_unet`): the paper's batch norm, or
+#: instance norm, which does not depend on the batch and so suits the small batches a CPU trains.
+NORMALIZATIONS = ("batch", "instance")
 
 
 @dataclass(frozen=True)
@@ -32,17 +41,16 @@ class Architecture:
     batch_size: int  # training sub-volumes per step
     epochs: int  # of 100 steps: what the architecture needs on the sample scan
     projections: int  # projections predicted at inference, recorded in the card
-
-    @property
-    def network(self) -> dict:
-        return {"base_filters": self.base_filters, "depth": self.depth}
+    norm_layer: str = "batch"  # normalisation after each convolution (NORMALIZATIONS)
+    soft_labels: bool = False  # train on the share of bone per voxel rather than on bone / not bone
 
 
 ARCHITECTURES = {
+    "coarse": Architecture(base_filters=16, depth=4, patch_size=32, stride=16, batch_size=4, epochs=10, projections=1, norm_layer="instance", soft_labels=True),
     "context": Architecture(base_filters=8, depth=4, patch_size=64, stride=48, batch_size=2, epochs=15, projections=1),
     "compact": Architecture(base_filters=16, depth=3, patch_size=32, stride=24, batch_size=8, epochs=25, projections=3),
     "paper": Architecture(base_filters=64, depth=4, patch_size=64, stride=32, batch_size=2, epochs=25, projections=3),
 }
 DEFAULT_ARCHITECTURE = "compact"
 #: The settings an architecture gives a training run that does not set them.
-PRESET_SETTINGS = ("base_filters", "depth", "patch_size", "stride", "batch_size", "epochs")
+PRESET_SETTINGS = ("base_filters", "depth", "patch_size", "stride", "batch_size", "epochs", "norm_layer", "soft_labels")

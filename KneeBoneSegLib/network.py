@@ -13,39 +13,47 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from .architectures import NORMALIZATIONS
 
-def _conv_block(x, filters: int, name: str):
+
+def _conv_block(x, filters: int, name: str, normalization: str = "batch"):
     for n in (1, 2):
         x = layers.Conv3D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{n}")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{n}")(x)
+        if normalization == "batch":
+            x = layers.BatchNormalization(name=f"{name}_bn{n}")(x)
+        else:
+            x = layers.GroupNormalization(groups=filters, name=f"{name}_in{n}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{n}")(x)
     return x
 
 
-def build_unet(patch_size: int = 64, base_filters: int = 64, depth: int = 4) -> keras.Model:
+def build_unet(patch_size: int = 64, base_filters: int = 64, depth: int = 4, normalization: str = "batch") -> keras.Model:
     """Build the 3D U-Net for cubic ``patch_size`` sub-volumes with one channel.
 
     ``depth`` is the number of 2x pooling steps; level ``n`` has
     ``base_filters * 2**n`` filters and the bridge ``base_filters * 2**depth``.
-    ``patch_size`` must be divisible by ``2**depth``.
+    ``patch_size`` must be divisible by ``2**depth``. ``normalization`` is
+    one of :data:`NORMALIZATIONS`.
     """
     if depth < 1 or base_filters < 1:
         raise ValueError("depth and base_filters must be positive")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
     if patch_size % (2**depth):
         raise ValueError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
     inputs = keras.Input((patch_size, patch_size, patch_size, 1), name="image")
     x = inputs
     skips = []
     for level in range(depth):
-        x = _conv_block(x, base_filters * 2**level, f"down{level}")
+        x = _conv_block(x, base_filters * 2**level, f"down{level}", normalization)
         skips.append(x)
         x = layers.MaxPooling3D(2, name=f"pool{level}")(x)
-    x = _conv_block(x, base_filters * 2**depth, "bridge")
+    x = _conv_block(x, base_filters * 2**depth, "bridge", normalization)
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
         x = layers.Conv3DTranspose(filters, 2, strides=2, name=f"up{level}_transpose")(x)
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = _conv_block(x, filters, f"up{level}")
+        x = _conv_block(x, filters, f"up{level}", normalization)
     outputs = layers.Conv3D(1, 1, activation="sigmoid", name="bone_probability", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"unet3d_f{base_filters}_d{depth}")
 

@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRESET_SETTINGS
+from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
 from .errors import Cancelled, InputError
 from .models import Model, ModelCard, file_sha256, load_model, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
@@ -112,6 +112,9 @@ class TrainingConfig:
     epochs: int | None = None
     steps_per_epoch: int = 100
     batch_size: int | None = None
+    norm_layer: str | None = None  # normalisation after each convolution: batch or instance
+    soft_labels: bool | None = None  # targets: the share of bone per voxel of the model's grid (else bone from a half)
+    max_minutes: float | None = None  # wall-time budget: the run ends at the first epoch end past it
     learning_rate: float = 1e-3
     dice_weight: float = 1.0
     boundary_fraction: float = 0.5
@@ -144,6 +147,10 @@ class TrainingConfig:
             raise InputError("boundary fraction must lie in [0, 1] and the Dice weight must be >= 0")
         if not 0 < self.stride <= self.patch_size:
             raise InputError(f"stride must lie in 1..patch size ({self.patch_size}), not {self.stride}")
+        if self.norm_layer not in NORMALIZATIONS:
+            raise InputError(f"normalisation layer must be one of {', '.join(NORMALIZATIONS)}, not {self.norm_layer!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError(f"the time budget must be a positive number of minutes, not {self.max_minutes}")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise InputError(f"spacing must be positive (or none for the scan's grid), not {self.spacing_mm}")
         if self.train_range_i is not None:
@@ -188,19 +195,21 @@ class TrainingVolume:
     """One training pair on the model's grid: normalised image, bone mask, boundary voxels."""
 
     image: np.ndarray  # float32 [k, j, i]
-    bone: np.ndarray  # uint8 0/1
+    bone: np.ndarray  # uint8 0/1, or float32 share of bone per voxel (soft labels)
     boundary: np.ndarray  # flat indices of bone voxels that touch background
     record: dict  # what the card says about this pair
 
 
-def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="") -> TrainingVolume:
+def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="", soft_labels=False) -> TrainingVolume:
     """Bring an image and its label map (:class:`~KneeBoneSegLib.volume.Volume`) to the model's grid.
 
     The image is normalised over the whole scan (as at inference), both are
     cut to ``train_range_i`` (input voxels ``from <= i < to``) before any
     resampling, so no voxel outside the range reaches training, then
     resampled to ``spacing_mm`` (a number or one per axis; linear for the
-    image, the labels as the share of bone in each voxel, kept from a half).
+    image, the labels as the share of bone in each voxel, kept from a half,
+    or with ``soft_labels`` kept as that share: a coarse grid then loses
+    almost nothing of the bone's outline).
     """
     if image.array.shape != labels.array.shape:
         raise InputError(f"{name}: the image has {image.shape_ijk} voxels but its labels {labels.shape_ijk}; give labels on the image's grid")
@@ -222,11 +231,13 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
         # The share of each coarse voxel that is bone, kept where it is at least half: nearest-neighbour
         # sampling would take one of two fine voxels on every tie (halving the spacing gives only ties)
         # and shift the labels half a fine voxel off the image.
-        bone = resample_to_shape(bone.astype(np.float32), shape, order=1) >= 0.5
-    bone = np.ascontiguousarray(bone, dtype=np.uint8)
+        bone = resample_to_shape(bone.astype(np.float32), shape, order=1)
+        bone = np.clip(bone, 0.0, 1.0) if soft_labels else bone >= 0.5
+    bone = np.ascontiguousarray(bone, dtype=np.float32 if soft_labels else np.uint8)
     if not bone.any():
         raise InputError(f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i")
-    boundary = np.flatnonzero(bone & ~ndimage.binary_erosion(bone, border_value=1))
+    solid = bone >= 0.5
+    boundary = np.flatnonzero(solid & ~ndimage.binary_erosion(solid, border_value=1))
     record = {
         "shape_ijk": list(image.shape_ijk),
         "spacing_mm": [round(s, 5) for s in image.geometry.spacing],
@@ -303,7 +314,8 @@ class PatchSampler:
         coordinates = _spatial_matrix(self.augmentation, self.rng) @ self._offsets + centre[:, None]
         shape = (self.patch_size,) * 3
         image = ndimage.map_coordinates(volume.image, coordinates, order=1, mode="nearest", output=np.float32)
-        bone = ndimage.map_coordinates(volume.bone, coordinates, order=0, mode="nearest")
+        # Soft labels are shares, interpolated as the image is; hard ones stay 0/1.
+        bone = ndimage.map_coordinates(volume.bone, coordinates, order=1 if volume.bone.dtype == np.float32 else 0, mode="nearest")
         image = _augment_intensities(image.reshape(shape), self.augmentation, self.rng, self._unit)
         return image, bone.reshape(shape)
 
@@ -413,7 +425,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     volumes, data = [], []
     for image_path, labels_path in zip(config.images, config.labels):
         image = read_volume(image_path)
-        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i, name=str(labels_path))
+        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i, name=str(labels_path), soft_labels=config.soft_labels)
         volume.record.update(image=image_path.name, labels=labels_path.name, image_sha256=_sha256(image_path), labels_sha256=_sha256(labels_path))
         volumes.append(volume)
         data.append(volume.record)
@@ -445,6 +457,9 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
             bar.set_postfix(loss=f"{loss:.4f}")
             if state.step % config.steps_per_epoch == 0:
                 best_weights = _end_epoch(config, card, network, state, best_weights, (validation_x, validation_y), data, started)
+                if config.max_minutes is not None and state.seconds >= 60 * config.max_minutes:
+                    log.info("time budget of %g min spent at step %d of %d", config.max_minutes, state.step, total_steps)
+                    break
             try:
                 if progress is not None:
                     progress("training", state.step / total_steps)
@@ -517,6 +532,8 @@ def _initial_network(config: TrainingConfig):
     from .network import build_unet
 
     architecture = {"base_filters": int(config.base_filters), "depth": int(config.depth)}
+    if config.norm_layer != "batch":  # the shipped cards predate the choice and mean batch norm
+        architecture["normalization"] = config.norm_layer
     try:
         network = build_unet(patch_size=config.patch_size, **architecture)
     except ValueError as error:
@@ -543,7 +560,7 @@ def _export(network, weights, card: ModelCard) -> Model:
 def _signature(config: TrainingConfig) -> dict:
     """The settings a resumed run must share with the run it continues (all but length and output handling)."""
     settings = asdict(config)
-    for name in ("epochs", "resume", "overwrite", "progress_bar", "output"):
+    for name in ("epochs", "max_minutes", "resume", "overwrite", "progress_bar", "output"):
         settings.pop(name)
     return json.loads(json.dumps(settings, default=lambda value: Path(value).name))
 
@@ -664,6 +681,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's)")
     parser.add_argument("--steps-per-epoch", type=int, default=default.steps_per_epoch, help="batches per epoch (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None, help="sub-volumes per batch (default: the architecture's)")
+    parser.add_argument("--norm-layer", choices=NORMALIZATIONS, default=None, help="normalisation after each convolution (default: the architecture's)")
+    parser.add_argument("--soft-labels", type=_boolean, default=None, metavar="true|false",
+                        help="train on the share of bone per voxel of the model's grid (default: the architecture's)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget: stop at the first epoch end past it (a later --resume goes on)")
     parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s; the paper used 1e-4)")
     parser.add_argument("--dice-weight", type=float, default=default.dice_weight, help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)")
     parser.add_argument("--boundary-fraction", type=float, default=default.boundary_fraction,
@@ -719,6 +740,12 @@ def _portable(path: Path) -> str:
     """A path as a card may record it: relative paths as given, absolute ones by name only."""
     path = Path(path)
     return path.name if path.is_absolute() else str(path)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() == "true"
 
 
 def _spacing(text: str) -> float | None:

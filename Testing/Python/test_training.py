@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import SAMPLE_ENV, knee_phantom
 pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
 
 from KneeBoneSegLib.errors import Cancelled, InputError
-from KneeBoneSegLib.io import read_volume, write_volume
+from KneeBoneSegLib.io import read_mask, read_volume, write_volume
 from KneeBoneSegLib.models import file_sha256, load_model
 from KneeBoneSegLib.training import (
     Augmentation,
@@ -267,3 +268,33 @@ def test_an_architecture_gives_the_settings_a_run_leaves_unset():
     words = shlex.split(command_line(paper))
     assert words[words.index("--architecture") + 1] == "paper" and words[words.index("--patch-size") + 1] == "32"
     assert "--base-filters" not in words and "--stride" not in words  # the architecture's own values need no option
+
+
+def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and_exports(training_pair, tmp_path):
+    """The whole-knee experiments' recipe (architecture ``coarse``) on a crop: few steps, the full path."""
+    import onnxruntime
+
+    coarse = partial(_tiny_config, training_pair, architecture="coarse", norm_layer=None, soft_labels=None, epochs=3, learning_rate=1e-2)
+    config = coarse(tmp_path / "coarse.keras").validate()
+    assert (config.norm_layer, config.soft_labels) == ("instance", True)  # the architecture's, as it gives them
+    result = train(config)
+    losses = [entry["loss"] for entry in result.history]
+    assert losses[-1] < losses[0]
+    assert result.card.architecture["normalization"] == "instance" and result.card.projections == 1
+
+    # Soft targets: the labels stay shares of bone on the coarse grid, not 0/1.
+    image_path, labels_path, spacing_mm = training_pair
+    volume = prepare_volume(read_volume(image_path), read_mask(labels_path), spacing_mm, soft_labels=True)
+    assert volume.bone.dtype == np.float32 and np.any((volume.bone > 0.05) & (volume.bone < 0.95))
+
+    # A run stopped by its time budget resumes where it stopped and ends where an uninterrupted one does.
+    budgeted = coarse(tmp_path / "budget.keras", max_minutes=1e-6)
+    assert train(budgeted).steps == budgeted.steps_per_epoch  # the budget is spent at the first epoch end
+    resumed = train(replace(budgeted, max_minutes=None, resume=True))
+    assert resumed.steps == 3 * budgeted.steps_per_epoch
+
+    # The ONNX export runs on ONNX Runtime and gives Keras's probabilities.
+    session = onnxruntime.InferenceSession(str(tmp_path / "coarse.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).normal(0.3, 0.3, (2, 16, 16, 16, 1)).astype(np.float32)
+    keras_model = load_model(tmp_path / "coarse.keras").network
+    np.testing.assert_allclose(session.run(None, {"image": batch})[0], keras_model.predict_on_batch(batch), atol=1e-4)

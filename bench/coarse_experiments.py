@@ -1,0 +1,189 @@
+"""Whole-knee networks on a coarse grid: one experiment per row, each rerunnable from its recipe.
+
+    KNEEBONESEG_SAMPLE_DIR=... python bench/coarse_experiments.py RECIPE [--minutes 15] [--models DIR]
+    python bench/coarse_experiments.py --list
+
+Every experiment trains on the sample scan's columns i < 140 (the training
+side of the fold-right split, less its validation slab), is chosen on the
+validation slab 140 <= i < 172 (inside fold-right's training side), and is
+reported held out on i >= 236, which no fold-right model ever trains on. A
+recipe is a set of ``kneeboneseg train`` settings (architecture ``coarse``
+unless it says otherwise) plus how the model is run; ``gated`` rows train
+nothing: they gate a fine model's probabilities by a coarse model's
+dilated bone region. Each run appends one row to
+``bench/results/coarse_experiments.csv`` (recipe, steps, minutes, machine,
+validation and held-out Dice per bone and all bone, held-out HD95 of all
+bone, and the network's time on the whole scan). Training resumes from its
+checkpoint when a run is started again with the same recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from _sample import sample_dir
+
+if "KERAS_BACKEND" not in os.environ:  # training steps are about three times cheaper on torch (bench/results/training_backends.txt)
+    import importlib.util
+
+    os.environ["KERAS_BACKEND"] = "torch" if importlib.util.find_spec("torch") else "tensorflow"
+
+from KneeBoneSegLib.anatomy import BONES  # noqa: E402
+from KneeBoneSegLib.engines import cpu_description  # noqa: E402
+from KneeBoneSegLib.io import read_volume  # noqa: E402
+from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
+from KneeBoneSegLib.models import load_model  # noqa: E402
+from KneeBoneSegLib.pipeline import SegmentOptions, predict_projection_maps, postprocess  # noqa: E402
+from KneeBoneSegLib.training import Augmentation, TrainingConfig, train  # noqa: E402
+from KneeBoneSegLib.volume import Volume  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "coarse_experiments.csv"
+TRAIN_I = (0, 140)
+VALIDATION_I = (140, 172)
+HELD_OUT_I = (236, 512)
+LIGHT = replace(Augmentation.none(), flips=True, gamma=0.3)
+STRONG = replace(Augmentation(), projections=False, rotation_deg=30.0, scale=0.15)
+#: name: (what it changes, training settings, run settings). Each row adds one change to the first.
+RECIPES = {
+    "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma", {}, {}),
+    "light-1.05mm-w16": ("1.05 mm instead of 1.4 mm", {"spacing_mm": 1.05}, {}),
+    "light-1.4mm-w8": ("8 filters wide instead of 16", {"base_filters": 8}, {}),
+    "strong-1.4mm-w16": ("strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise", {"augmentation": STRONG}, {}),
+    "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model", "light-1.4mm-w16", {"mirror": True}),
+    "gated-compact": ("the compact fold-right model's probabilities inside the first row's dilated bone region", "light-1.4mm-w16", {"gate": True}),
+}
+BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
+GATE_MARGIN_MM = 4.0
+FIELDS = ["recipe", "change", "steps", "train_minutes", "backend", "machine", "date"]
+FIELDS += [f"{side}_{bone}" for side in ("validation", "heldout") for bone in ("femur", "tibia", "patella", "all")]
+FIELDS += ["heldout_hd95_mm", "network_s"]
+
+
+class MirroredNetwork:
+    """A network whose prediction is the mean over the sub-volume and its mirror image along each axis."""
+
+    def __init__(self, network):
+        self.network = network
+        self.input_shape, self.output_shape = network.input_shape, network.output_shape
+
+    def placed(self, device, threads):
+        return MirroredNetwork(self.network.placed(device, threads))
+
+    def describe(self) -> dict:
+        return {**self.network.describe(), "mirrored": True}
+
+    def predict_on_batch(self, batch):
+        total = self.network.predict_on_batch(batch)
+        for axis in (1, 2, 3):
+            total = total + np.flip(self.network.predict_on_batch(np.ascontiguousarray(np.flip(batch, axis))), axis)
+        return total / 4
+
+
+def trained_model(name: str, minutes: float, models: Path) -> tuple[Path, dict]:
+    """Train (or resume) the recipe ``name`` on the training columns; its model file and training record."""
+    _, settings, _ = RECIPES[name]
+    data = sample_dir()
+    output = models / f"coarse-{name}.keras"
+    config = TrainingConfig(
+        images=[data / "knee_mri.nrrd"], labels=[data / "knee_bones_labels.nrrd"], output=output, train_range_i=TRAIN_I,
+        max_minutes=minutes, progress_bar=False, resume=output.with_suffix(".checkpoint.npz").is_file(), overwrite=True, **{**BASE, **settings},
+    )  # fmt: skip
+    result = train(config)
+    return output.with_suffix(".onnx"), {"steps": result.steps, "seconds": result.seconds}
+
+
+def scores(labels: np.ndarray, truth: np.ndarray, columns: tuple[int, int]) -> dict:
+    """Dice per bone and for all bone on the columns ``from <= i < to``."""
+    part = np.s_[:, :, columns[0] : columns[1]]
+    found = {bone.key: dice(labels[part] == bone.label, truth[part] == bone.label) for bone in BONES}
+    found["all"] = dice(labels[part] > 0, truth[part] > 0)
+    return found
+
+
+def run(name: str, minutes: float, models: Path) -> dict:
+    change, settings, how = RECIPES[name]
+    scan, truth = read_volume(sample_dir() / "knee_mri.nrrd"), read_volume(sample_dir() / "knee_bones_labels.nrrd")
+    if isinstance(settings, str):  # another row's model, run another way: nothing is trained
+        model = load_model(models / f"coarse-{settings}.onnx")
+        record = {key: model.card.training[key] for key in ("steps", "seconds")}
+    else:
+        onnx_path, record = trained_model(name, minutes, models)
+        model = load_model(onnx_path)
+    if how.get("mirror"):
+        model = replace(model, network=MirroredNetwork(model.network))
+    options = SegmentOptions(surfaces=False)
+    start = time.perf_counter()
+    (probability,) = predict_projection_maps(scan, model, options)
+    network_s = time.perf_counter() - start
+    probability = onto_scan(probability, scan)
+    if how.get("gate"):
+        probability = gated_fine(scan, probability, options)
+    labels = postprocess(Volume(probability, scan.geometry), options).labels
+    validation = scores(labels, truth.array, VALIDATION_I) if not how.get("gate") else {}
+    held_out = scores(labels, truth.array, HELD_OUT_I)
+    part = np.s_[:, :, HELD_OUT_I[0] : HELD_OUT_I[1]]
+    row = {
+        "recipe": name, "change": change, "steps": record["steps"], "train_minutes": round(record["seconds"] / 60, 1),
+        "backend": os.environ["KERAS_BACKEND"], "machine": f"{cpu_description()['name']}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}",
+        "date": datetime.date.today().isoformat(), "heldout_hd95_mm": round(hausdorff_95(labels[part] > 0, truth.array[part] > 0, scan.geometry.spacing), 2),
+        "network_s": round(network_s, 1),
+    }  # fmt: skip
+    for side, found in (("validation", validation), ("heldout", held_out)):
+        for bone in ("femur", "tibia", "patella", "all"):
+            row[f"{side}_{bone}"] = round(found[bone], 4) if bone in found else ""
+    return row
+
+
+def onto_scan(probability: np.ndarray, scan: Volume) -> np.ndarray:
+    """A model-grid map on the scan's grid (linear), as the pipeline brings it back."""
+    from KneeBoneSegLib.resampling import resample_to_shape
+
+    return probability if probability.shape == scan.array.shape else resample_to_shape(probability, scan.array.shape, order=1)
+
+
+def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:
+    """The compact fold-right model's fused probabilities, zero outside the coarse model's bone grown by GATE_MARGIN_MM."""
+    from KneeBoneSegLib.projections import fuse_probabilities
+    from scipy import ndimage
+
+    fine = load_model(ROOT / "Resources" / "Models" / "kneeboneseg-compact-fold-right.onnx")
+    maps = predict_projection_maps(scan, fine, options)
+    fused = onto_scan(fuse_probabilities(iter(maps), options.fusion), scan)
+    sampling = np.asarray(scan.geometry.spacing)[::-1]
+    region = ndimage.distance_transform_edt(coarse < options.threshold, sampling=sampling) <= GATE_MARGIN_MM
+    return np.where(region, fused, 0.0).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", nargs="?", choices=RECIPES)
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget (at most 20: each experiment fits one sitting)")
+    parser.add_argument("--models", type=Path, default=ROOT / "out" / "coarse", help="where the experiments' models and checkpoints go")
+    parser.add_argument("--list", action="store_true", help="print the recipes")
+    args = parser.parse_args()
+    if args.list or not args.recipe:
+        for name, (change, _, _) in RECIPES.items():
+            print(f"{name:28} {change}")
+        return
+    args.models.mkdir(parents=True, exist_ok=True)
+    row = run(args.recipe, min(args.minutes, 20.0), args.models)
+    new = not RESULTS.is_file()
+    with open(RESULTS, "a", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row)
+
+
+if __name__ == "__main__":
+    main()

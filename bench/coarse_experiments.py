@@ -57,6 +57,7 @@ RECIPES = {
     "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma", {}, {}),
     "light-1.05mm-w16": ("1.05 mm instead of 1.4 mm", {"spacing_mm": 1.05}, {}),
     "light-1.4mm-w8": ("8 filters wide instead of 16", {"base_filters": 8}, {}),
+    "light-perm-1.4mm-w16": ("axis permutations added to the light recipe", {"augmentation": replace(LIGHT, projections=True)}, {}),
     "strong-1.4mm-w16": ("strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise", {"augmentation": STRONG}, {}),
     "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model", "light-1.4mm-w16", {"mirror": True}),
     "gated-compact": ("the compact fold-right model's probabilities inside the first row's dilated bone region", "light-1.4mm-w16", {"gate": True}),

@@ -101,12 +101,12 @@ class OnnxRuntimeNetwork(_OnnxFileNetwork):
     def _open(self):
         import onnxruntime
 
+        if self.precision != "f32":
+            raise InputError(f"ONNX Runtime runs this network in float32 only; --precision {self.precision} needs OpenVINO (pip install kneeboneseg[openvino], --engine openvino)")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: ONNX Runtime's notes are not for clinicians
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
-        if self.precision != "f32":
-            raise InputError(f"ONNX Runtime runs this network in float32 only; --precision {self.precision} needs OpenVINO (pip install kneeboneseg[openvino], --engine openvino)")
         # Said explicitly: ONNX Runtime may compute float32 networks in bfloat16 on ARM CPUs, and in TF32 on NVIDIA GPUs.
         options.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "0")
         providers = [

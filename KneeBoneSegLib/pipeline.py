@@ -196,7 +196,7 @@ def segment(
         spread = ProjectionRange()
         probability = stages.run("network", fuse_probabilities, spread.watch(maps), options.fusion)
         disagreement = spread.disagreement()
-        if probability.shape != volume.array.shape or grid.reoriented:
+        if grid.resamples:
             probability = stages.run("resample", grid.to_scan, probability)
             if disagreement is not None:
                 disagreement = stages.run("resample", grid.to_scan, disagreement)
@@ -252,7 +252,7 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     grid = ModelGrid(volume.geometry, image.shape, card.spacing_mm)
     if grid.reoriented:
         log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
-    if grid.shape != image.shape or grid.reoriented:
+    if grid.resamples:
         image = stages.run("resample", grid.from_scan, image)
     input_check = compare_with_card(image, volume.geometry.spacing, volume.tags, card)
     warnings += [f"the scan differs from the model's training data: {difference}" for difference in input_check["differences"]]

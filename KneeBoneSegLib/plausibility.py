@@ -171,13 +171,7 @@ class FieldOfView:
             return False
         inside = np.zeros(lowest.shape, dtype=bool)
         inside[tuple(slice(c - g.start, c - g.start + m) for c, g, m in zip(corner, grown, mask.shape))] = mask
-        beside = np.zeros(lowest.shape, dtype=bool)
-        for axis in range(3):
-            low, high = [slice(None)] * 3, [slice(None)] * 3
-            low[axis], high[axis] = slice(None, -1), slice(1, None)
-            beside[tuple(high)] |= inside[tuple(low)]
-            beside[tuple(low)] |= inside[tuple(high)]
-        beside &= lowest & ~inside
+        beside = ndimage.binary_dilation(inside) & lowest & ~inside  # face neighbours (the default structure)
         return bool(self.outside(np.argwhere(beside) + [g.start for g in grown]).any())
 
 

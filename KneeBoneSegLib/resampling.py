@@ -266,6 +266,11 @@ class ModelGrid:
         self.shape = tuple(int(n) for n in counts_ijk[::-1])
 
     @property
+    def resamples(self) -> bool:
+        """Whether the model's grid is not the scan's own: the image goes there and the maps come back."""
+        return self.reoriented or self.shape != self.scan_shape
+
+    @property
     def direction(self) -> np.ndarray:
         """The model grid's direction matrix, which names its projections."""
         return self.geometry.direction_matrix

@@ -139,7 +139,7 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     start = time.perf_counter()
     (probability,) = predict_projection_maps(scan, model, options)
     network_s = time.perf_counter() - start
-    probability = onto_scan(probability, scan)
+    probability = onto_scan(probability, scan, model)
     if how.get("gate"):
         probability = gated_fine(scan, probability, options)
     # The network alone (bone where its probability reaches the threshold), before components and naming.
@@ -161,11 +161,12 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     return row
 
 
-def onto_scan(probability: np.ndarray, scan: Volume) -> np.ndarray:
-    """A model-grid map on the scan's grid (linear), as the pipeline brings it back."""
-    from KneeBoneSegLib.resampling import resample_to_shape
+def onto_scan(probability: np.ndarray, scan: Volume, model) -> np.ndarray:
+    """A model-grid map on the scan's grid, brought back as the pipeline does (:class:`~KneeBoneSegLib.resampling.ModelGrid`)."""
+    from KneeBoneSegLib.resampling import ModelGrid
 
-    return probability if probability.shape == scan.array.shape else resample_to_shape(probability, scan.array.shape, order=1)
+    grid = ModelGrid(scan.geometry, scan.array.shape, model.card.spacing_mm)
+    return grid.to_scan(probability) if grid.resamples else probability
 
 
 def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:
@@ -175,7 +176,7 @@ def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.
 
     fine = load_model(ROOT / "Resources" / "Models" / "kneeboneseg-compact-fold-right.onnx")
     maps = predict_projection_maps(scan, fine, options)
-    fused = onto_scan(fuse_probabilities(iter(maps), options.fusion), scan)
+    fused = onto_scan(fuse_probabilities(iter(maps), options.fusion), scan, fine)
     sampling = np.asarray(scan.geometry.spacing)[::-1]
     region = ndimage.distance_transform_edt(coarse < options.threshold, sampling=sampling) <= GATE_MARGIN_MM
     return np.where(region, fused, 0.0).astype(np.float32)

@@ -16,6 +16,7 @@ from conftest import patient_phantom, rotation, turned, write_threshold_onnx
 
 from KneeBoneSegLib.components import label_bones, name_components
 from KneeBoneSegLib.io import read_volume
+from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.models import ModelCard, default_model_path, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.plausibility import FieldOfView, measure_components
@@ -31,10 +32,6 @@ TURNS = [(axis, degrees) for axis in "xyz" for degrees in (10, 20, 30, 45)] + [(
 def _turn_id(turn) -> str:
     axes, degrees = turn
     return "".join(f"{axis}{angle}" for axis, angle in zip(axes, np.atleast_1d(degrees)))
-
-
-def _dice(a, b) -> float:
-    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
 def _voxel_extent_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -163,7 +160,7 @@ def test_the_pipeline_on_a_turned_phantom_scan(turn, threshold_model):
     result = segment(scan, threshold_model, SegmentOptions(projections=3, closing_radius=2, smoothing_iterations=5, keep_uncertainty=True))
     assert result.report["missing"] == []
     for label, name in BONES.items():
-        assert _dice(result.labels == label, moved.array == label) > 0.95, name
+        assert dice(result.labels == label, moved.array == label) > 0.95, name
         assert result.verdict["bones"][name]["verdict"] != FAILED
     assert result.uncertainty.shape == shape and 0 <= result.uncertainty.min() and result.uncertainty.max() <= 1
     assert all(bone["surface"]["watertight"] for bone in result.report["bones"].values())
@@ -280,10 +277,10 @@ def test_the_sample_scan_on_turned_grids_gives_the_same_bones(turn, sample_scan,
     result = segment(scan, shipped_model, SAMPLE_OPTIONS)
     assert result.report["missing"] == [], result.report["components"]["rejected"]
     assert result.verdict["run"] != FAILED and all(bone["verdict"] != FAILED for bone in result.verdict["bones"].values())
-    assert _dice(result.labels > 0, truth.array > 0) >= 0.97
+    assert dice(result.labels > 0, truth.array > 0) >= 0.97
     for label, name in BONES.items():
         found = result.labels == label
         # Named as what it is: most of what bears a bone's name is that bone in the moved ground truth.
         assert np.bincount(truth.array[found], minlength=4).argmax() == label, name
         # As good as on the upright scan (a training-scan figure; the patella scores 0.96 there with one projection).
-        assert _dice(found, truth.array == label) >= _dice(upright_run.labels == label, sample_labels.array == label) - 0.01, name
+        assert dice(found, truth.array == label) >= dice(upright_run.labels == label, sample_labels.array == label) - 0.01, name

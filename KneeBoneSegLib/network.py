@@ -27,19 +27,20 @@ def _conv_block(x, filters: int, name: str, normalization: str = "batch"):
     return x
 
 
-def build_unet(patch_size: int = 64, base_filters: int = 64, depth: int = 4, normalization: str = "batch") -> keras.Model:
+def build_unet(patch_size: int | None = 64, base_filters: int = 64, depth: int = 4, normalization: str = "batch") -> keras.Model:
     """Build the 3D U-Net for cubic ``patch_size`` sub-volumes with one channel.
 
     ``depth`` is the number of 2x pooling steps; level ``n`` has
     ``base_filters * 2**n`` filters and the bridge ``base_filters * 2**depth``.
-    ``patch_size`` must be divisible by ``2**depth``. ``normalization`` is
-    one of :data:`NORMALIZATIONS`.
+    ``patch_size`` must be divisible by ``2**depth``; ``None`` builds the
+    same network for any input whose sides are (whole volumes at once).
+    ``normalization`` is one of :data:`NORMALIZATIONS`.
     """
     if depth < 1 or base_filters < 1:
         raise ValueError("depth and base_filters must be positive")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
-    if patch_size % (2**depth):
+    if patch_size is not None and patch_size % (2**depth):
         raise ValueError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
     inputs = keras.Input((patch_size, patch_size, patch_size, 1), name="image")
     x = inputs

@@ -114,6 +114,8 @@ class TrainingConfig:
     batch_size: int | None = None
     norm_layer: str | None = None  # normalisation after each convolution: batch or instance
     soft_labels: bool | None = None  # targets: the share of bone per voxel of the model's grid (else bone from a half)
+    # Sub-volumes may reach half their edge past train_range_i: they see the image there, never its labels.
+    crops_past_range: bool = False
     max_minutes: float | None = None  # wall-time budget: the run ends at the first epoch end past it
     learning_rate: float = 1e-3
     dice_weight: float = 1.0
@@ -195,12 +197,13 @@ class TrainingVolume:
     """One training pair on the model's grid: normalised image, bone mask, boundary voxels."""
 
     image: np.ndarray  # float32 [k, j, i]
-    bone: np.ndarray  # uint8 0/1, or float32 share of bone per voxel (soft labels)
-    boundary: np.ndarray  # flat indices of bone voxels that touch background
+    bone: np.ndarray  # uint8 0/1, or float32 share of bone per voxel (soft labels); 0 where not trained on
+    boundary: np.ndarray  # flat indices of trained bone voxels that touch background
     record: dict  # what the card says about this pair
+    trained: np.ndarray | None = None  # uint8 1 where the loss counts (None: everywhere), when the image reaches past the range
 
 
-def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="", soft_labels=False) -> TrainingVolume:
+def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="", soft_labels=False, context_mm=0.0) -> TrainingVolume:
     """Bring an image and its label map (:class:`~KneeBoneSegLib.volume.Volume`) to the model's grid.
 
     The image is normalised over the whole scan (as at inference), both are
@@ -210,6 +213,11 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     image, the labels as the share of bone in each voxel, kept from a half,
     or with ``soft_labels`` kept as that share: a coarse grid then loses
     almost nothing of the bone's outline).
+
+    ``context_mm`` keeps the image (never the labels) that far past each
+    end of the range, so sub-volumes can reach past it; ``trained`` then
+    marks the model-grid voxels that lie wholly inside the range (no label
+    beyond it blends into them), and the labels are zero everywhere else.
     """
     if image.array.shape != labels.array.shape:
         raise InputError(f"{name}: the image has {image.shape_ijk} voxels but its labels {labels.shape_ijk}; give labels on the image's grid")
@@ -223,7 +231,11 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     start, stop = train_range_i if train_range_i is not None else (0, shape_i)
     if stop > shape_i:
         raise InputError(f"{name}: the training range ends at i = {stop} but the image has {shape_i} voxels along i")
-    normalized, bone = normalized[:, :, start:stop], bone[:, :, start:stop]
+    context = int(round(context_mm / image.geometry.spacing[0])) if context_mm else 0
+    first, last = max(0, start - context), min(shape_i, stop + context)
+    inside = np.zeros(bone.shape, bool)
+    inside[:, :, start:stop] = True
+    normalized, bone, inside = normalized[:, :, first:last], bone[:, :, first:last], inside[:, :, first:last]
     if spacing_mm:
         spacing_ijk = image.geometry.spacing
         shape = grid_shape_for_spacing(normalized.shape, spacing_ijk, spacing_mm)
@@ -233,20 +245,24 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
         # and shift the labels half a fine voxel off the image.
         bone = resample_to_shape(bone.astype(np.float32), shape, order=1)
         bone = np.clip(bone, 0.0, 1.0) if soft_labels else bone >= 0.5
-    bone = np.ascontiguousarray(bone, dtype=np.float32 if soft_labels else np.uint8)
+        # A coarse voxel counts only if smoothing and interpolation drew (almost) nothing from past the range.
+        inside = resample_to_shape(inside.astype(np.float32), shape, order=1) >= 0.999
+    bone = np.ascontiguousarray(np.where(inside, bone, 0), dtype=np.float32 if soft_labels else np.uint8)
     if not bone.any():
         raise InputError(f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i")
     solid = bone >= 0.5
-    boundary = np.flatnonzero(solid & ~ndimage.binary_erosion(solid, border_value=1))
+    boundary = np.flatnonzero(solid & ~ndimage.binary_erosion(solid | ~inside, border_value=1))
     record = {
         "shape_ijk": list(image.shape_ijk),
         "spacing_mm": [round(s, 5) for s in image.geometry.spacing],
         "train_range_i": [start, stop],
+        **({"image_range_i": [first, last]} if context else {}),
         "model_grid_ijk": list(bone.shape[::-1]),
-        "bone_fraction": round(float(bone.mean()), 4),
+        "bone_fraction": round(float(bone[inside].mean()), 4),
         "boundary_voxels": int(boundary.size),
     }
-    return TrainingVolume(np.ascontiguousarray(normalized, dtype=np.float32), bone, boundary, record)
+    trained = np.ascontiguousarray(inside, dtype=np.uint8) if context else None
+    return TrainingVolume(np.ascontiguousarray(normalized, dtype=np.float32), bone, boundary, record, trained)
 
 
 def heldout_range(train_range_i, shape_i: int) -> dict | None:
@@ -302,13 +318,18 @@ class PatchSampler:
         self.rng.bit_generator.state = state
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``size`` sub-volumes as ``(images, bone)``, each ``(size, P, P, P, 1)`` float32."""
-        pairs = [self._patch() for _ in range(size)]
-        images = np.stack([image for image, _ in pairs])[..., None]
-        bone = np.stack([bone for _, bone in pairs])[..., None].astype(np.float32)
-        return images, bone
+        """``size`` sub-volumes as ``(images, targets)``, float32 ``(size, P, P, P, 1)`` and ``(size, P, P, P, C)``.
 
-    def _patch(self) -> tuple[np.ndarray, np.ndarray]:
+        The targets' first channel is the bone; where the volumes mark the
+        voxels trained on, a second channel is 1 there and 0 elsewhere
+        (:func:`bone_loss` counts only those).
+        """
+        patches = [self._patch() for _ in range(size)]
+        images = np.stack([patch[0] for patch in patches])[..., None]
+        targets = np.stack([np.stack(patch[1:], axis=-1) for patch in patches]).astype(np.float32)
+        return images, targets
+
+    def _patch(self) -> tuple[np.ndarray, ...]:
         volume = self.volumes[self.rng.integers(len(self.volumes))]
         centre = self._corner(volume) + (self.patch_size - 1) / 2
         coordinates = _spatial_matrix(self.augmentation, self.rng) @ self._offsets + centre[:, None]
@@ -317,7 +338,10 @@ class PatchSampler:
         # Soft labels are shares, interpolated as the image is; hard ones stay 0/1.
         bone = ndimage.map_coordinates(volume.bone, coordinates, order=1 if volume.bone.dtype == np.float32 else 0, mode="nearest")
         image = _augment_intensities(image.reshape(shape), self.augmentation, self.rng, self._unit)
-        return image, bone.reshape(shape)
+        if volume.trained is None:
+            return image, bone.reshape(shape)
+        trained = ndimage.map_coordinates(volume.trained, coordinates, order=0, mode="constant", cval=0)
+        return image, bone.reshape(shape), trained.reshape(shape)
 
     def _corner(self, volume: TrainingVolume) -> np.ndarray:
         """Index (k, j, i) of the sub-volume's first voxel before any rotation."""
@@ -373,17 +397,25 @@ def _augment_intensities(image: np.ndarray, augmentation: Augmentation, rng: np.
 
 
 def bone_loss(dice_weight: float = 0.0):
-    """Binary cross-entropy plus ``dice_weight`` times the batch's soft Dice loss (Keras 3 ops only)."""
-    import keras
+    """Binary cross-entropy plus ``dice_weight`` times the batch's soft Dice loss (Keras 3 ops only).
+
+    Targets with a second channel (:meth:`PatchSampler.batch`) count only the
+    voxels where it is 1: the mean cross-entropy and the Dice are over those.
+    """
     from keras import ops
 
     def loss(y_true, y_pred):
-        bce = keras.losses.binary_crossentropy(y_true, y_pred)
+        y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        bone = y_true[..., :1]
+        counted = y_true[..., 1:] if y_true.shape[-1] == 2 else ops.ones_like(bone)
+        p = ops.clip(y_pred, 1e-7, 1.0 - 1e-7)
+        bce = -(bone * ops.log(p) + (1.0 - bone) * ops.log(1.0 - p))
+        total = ops.sum(counted * bce) / ops.maximum(ops.sum(counted), 1.0)
         if not dice_weight:
-            return bce
-        overlap = ops.sum(y_true * y_pred)
-        dice = 1.0 - (2.0 * overlap + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
-        return bce + dice_weight * dice
+            return total
+        overlap = ops.sum(counted * bone * y_pred)
+        dice = 1.0 - (2.0 * overlap + 1.0) / (ops.sum(counted * bone) + ops.sum(counted * y_pred) + 1.0)
+        return total + dice_weight * dice
 
     return loss
 
@@ -425,7 +457,10 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     volumes, data = [], []
     for image_path, labels_path in zip(config.images, config.labels):
         image = read_volume(image_path)
-        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i, name=str(labels_path), soft_labels=config.soft_labels)
+        # Half a sub-volume past the range: every crop still has at least half its voxels trained on.
+        context_mm = card.patch_size / 2 * (card.spacing_mm[0] if card.spacing_mm else image.geometry.spacing[0]) if config.crops_past_range else 0.0
+        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i,
+                                name=str(labels_path), soft_labels=config.soft_labels, context_mm=context_mm)
         volume.record.update(image=image_path.name, labels=labels_path.name, image_sha256=_sha256(image_path), labels_sha256=_sha256(labels_path))
         volumes.append(volume)
         data.append(volume.record)
@@ -684,6 +719,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm-layer", choices=NORMALIZATIONS, default=None, help="normalisation after each convolution (default: the architecture's)")
     parser.add_argument("--soft-labels", type=_boolean, default=None, metavar="true|false",
                         help="train on the share of bone per voxel of the model's grid (default: the architecture's)")
+    parser.add_argument("--crops-past-range", type=_boolean, default=default.crops_past_range, metavar="true|false",
+                        help="let sub-volumes reach half their edge past --train-range-i, seeing the image there but not its labels (default: %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget: stop at the first epoch end past it (a later --resume goes on)")
     parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s; the paper used 1e-4)")
     parser.add_argument("--dice-weight", type=float, default=default.dice_weight, help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)")

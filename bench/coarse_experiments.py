@@ -61,7 +61,11 @@ RECIPES = {
     "light-1.4mm-w8": ("8 filters wide instead of 16", {"base_filters": 8}, {}),
     "light-perm-1.4mm-w16": ("axis permutations added to the light recipe", {"augmentation": replace(LIGHT, projections=True)}, {}),
     "strong-1.4mm-w16": ("strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise", {"augmentation": STRONG}, {}),
+    "batchnorm-1.4mm-w16": ("batch normalisation instead of instance normalisation", {"norm_layer": "batch"}, {}),
+    "crops-past-range": ("crops may reach half their edge past the training side (labels there not trained on)", {"crops_past_range": True}, {}),
     "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model", "light-1.4mm-w16", {"mirror": True}),
+    "light-1.4mm-w16-whole": ("the first row's model run on the whole coarse scan at once instead of 32^3 tiles", "light-1.4mm-w16", {"whole": True}),
+    "batchnorm-1.4mm-w16-whole": ("the batch-norm row's model run on the whole coarse scan at once", "batchnorm-1.4mm-w16", {"whole": True}),
     "gated-compact": ("the compact fold-right model's probabilities inside the first row's dilated bone region", "light-1.4mm-w16", {"gate": True}),
 }
 BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
@@ -137,7 +141,10 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
         model = replace(model, network=MirroredNetwork(model.network))
     options = SegmentOptions(surfaces=False)
     start = time.perf_counter()
-    (probability,) = predict_projection_maps(scan, model, options)
+    if how.get("whole"):
+        probability = whole_volume_probability(scan, model.card, models / f"coarse-{settings}.keras")
+    else:
+        (probability,) = predict_projection_maps(scan, model, options)
     network_s = time.perf_counter() - start
     probability = onto_scan(probability, scan, model)
     if how.get("gate"):
@@ -159,6 +166,28 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
         for bone in ("femur", "tibia", "patella", "all"):
             row[f"{side}_{bone}"] = round(found[bone], 4) if bone in found else ""
     return row
+
+
+def whole_volume_probability(scan: Volume, card, keras_path: Path) -> np.ndarray:
+    """The trained network, rebuilt fully convolutional, run once on the whole scan on the model's grid.
+
+    The scan is padded by repeating its last voxels to sides that the
+    network's poolings divide; the padding is cut off the prediction.
+    """
+    from KneeBoneSegLib.network import build_unet
+    from KneeBoneSegLib.normalization import normalize_intensities
+    from KneeBoneSegLib.resampling import ModelGrid
+
+    grid = ModelGrid(scan.geometry, scan.array.shape, card.spacing_mm)
+    image = normalize_intensities(scan.array, card.normalization)
+    image = grid.from_scan(image) if grid.resamples else image
+    architecture = card.architecture
+    network = build_unet(None, architecture["base_filters"], architecture["depth"], architecture.get("normalization", "batch"))
+    network.set_weights(load_model(keras_path).network.network.get_weights())
+    multiple = 2 ** architecture["depth"]
+    padded = np.pad(image, [(0, -side % multiple) for side in image.shape], mode="edge")
+    probability = network.predict_on_batch(padded[None, ..., None])[0, ..., 0]
+    return np.ascontiguousarray(probability[tuple(slice(0, side) for side in image.shape)], dtype=np.float32)
 
 
 def onto_scan(probability: np.ndarray, scan: Volume, model) -> np.ndarray:

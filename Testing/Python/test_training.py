@@ -24,6 +24,7 @@ from KneeBoneSegLib.training import (
     PatchSampler,
     TrainingConfig,
     add_arguments,
+    bone_loss,
     command_line,
     config_from_args,
     heldout_range,
@@ -204,6 +205,39 @@ def test_no_held_out_voxel_reaches_training():
         heldout_range((10, 50), 64)
 
 
+def test_crops_past_the_range_see_the_image_there_but_never_its_labels():
+    shape = (32, 32, 64)
+    image = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.uint8)
+    image[8:24, 8:24, 8:36], labels[8:24, 8:24, 8:36] = 1000.0, 1  # a bone that crosses the range's end (i = 32)
+    image[:, :, 40:], labels[:, :, 40:] = 100000.0, 2  # past the range: all bright, all bone
+    geometry = Geometry((0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
+
+    volume = prepare_volume(Volume(image, geometry), Volume(labels, geometry), spacing_mm=1.0, train_range_i=(0, 32), context_mm=8.0)
+    assert volume.image.shape == (16, 16, 24) and volume.record["image_range_i"] == [0, 48]
+    assert volume.image[:, :, 21:].min() > 0.9  # the bright image past the range is there to be seen
+    trained_i = np.flatnonzero(volume.trained.any(axis=(0, 1)))
+    assert trained_i[0] == 0 and 13 <= trained_i[-1] < 16  # inside the range, less what smoothing blends across its end
+    assert not volume.bone[volume.trained == 0].any()  # no label past the range is kept
+    assert np.all(np.unravel_index(volume.boundary, volume.bone.shape)[2] <= trained_i[-1])
+
+    images, targets = PatchSampler([volume], 16, 0.5, Augmentation(), seed=4).batch(8)
+    assert targets.shape == (8, 16, 16, 16, 2)
+    counted = targets[..., 1]
+    assert counted.mean() >= 0.5 and (counted == 0).any()  # each crop has a trained half; some reach past it
+    assert not targets[..., 0][counted == 0].any()
+
+    # The loss counts only the trained voxels: labels elsewhere change nothing, labels there do.
+    loss = bone_loss(dice_weight=1.0)
+    prediction = np.where(targets[..., :1] > 0.5, 0.9, 0.1).astype(np.float32)  # right where counted
+    value = float(loss(targets, prediction))
+    elsewhere, there = targets.copy(), targets.copy()
+    elsewhere[..., 0] = np.where(counted == 0, 1.0, targets[..., 0])
+    there[..., 0] = np.where(counted == 1, 1.0 - targets[..., 0], targets[..., 0])
+    assert float(loss(elsewhere, prediction)) == pytest.approx(value, rel=1e-6)
+    assert float(loss(there, prediction)) > value + 0.1
+
+
 def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_off():
     # A bone box whose faces fall in the middle of coarse voxels (odd fine indices at half the resolution):
     # the coarse mask must keep the box's centre, on every axis.
@@ -241,6 +275,7 @@ def test_the_card_command_line_rebuilds_the_same_configuration():
         spacing_mm=None,
         train_range_i=(0, 220),
         dice_weight=0.5,
+        crops_past_range=True,
         augmentation=replace(Augmentation(), rotation_deg=5.0, flips=False),
         normalization={"method": "minmax"},
     ).validate()
@@ -292,6 +327,12 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
     assert train(budgeted).steps == budgeted.steps_per_epoch  # the budget is spent at the first epoch end
     resumed = train(replace(budgeted, max_minutes=None, resume=True))
     assert resumed.steps == 3 * budgeted.steps_per_epoch
+
+    # Crops past the training range: the image reaches half a sub-volume further, the loss stays on the range.
+    past = train(coarse(tmp_path / "past.keras", train_range_i=(0, 40), crops_past_range=True, epochs=1))
+    (record,) = past.card.training["data"]
+    context = round(8 * past.card.spacing_mm[0] / float(read_volume(image_path).geometry.spacing[0]))  # half of a 16-voxel crop
+    assert record["image_range_i"] == [0, 40 + context] and np.isfinite(past.history[-1]["loss"])
 
     # The ONNX export runs on ONNX Runtime and gives Keras's probabilities.
     session = onnxruntime.InferenceSession(str(tmp_path / "coarse.onnx"), providers=["CPUExecutionProvider"])

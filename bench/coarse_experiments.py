@@ -61,18 +61,17 @@ LIGHT = replace(Augmentation.none(), flips=True, gamma=0.3)
 STRONG = replace(Augmentation(), projections=False, rotation_deg=30.0, scale=0.15)
 #: name: (what it changes, training settings, run settings). Each row adds one change to the first.
 RECIPES = {
-    "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma", {}, {}),
+    "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma; run in 32^3 tiles", {}, {"tiles": True}),
+    "light-1.4mm-w16-whole": ("the first row's model run on the whole coarse scan at once (as every later row) instead of in tiles", "light-1.4mm-w16", {}),
     "light-1.05mm-w16": ("1.05 mm instead of 1.4 mm", {"spacing_mm": 1.05}, {}),
     "light-1.4mm-w8": ("8 filters wide instead of 16", {"base_filters": 8}, {}),
     "light-perm-1.4mm-w16": ("axis permutations added to the light recipe", {"augmentation": replace(LIGHT, projections=True)}, {}),
     "strong-1.4mm-w16": ("strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise", {"augmentation": STRONG}, {}),
     "batchnorm-1.4mm-w16": ("batch normalisation instead of instance normalisation", {"norm_layer": "batch"}, {}),
     "crops-past-range": ("crops may reach half their edge past the training side (labels there not trained on)", {"crops_past_range": True}, {}),
-    "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model", "light-1.4mm-w16", {"mirror": True}),
-    "light-1.4mm-w16-whole": ("the first row's model run on the whole coarse scan at once instead of 32^3 tiles", "light-1.4mm-w16", {"whole": True}),
-    "batchnorm-1.4mm-w16-whole": ("the batch-norm row's model run on the whole coarse scan at once", "batchnorm-1.4mm-w16", {"whole": True}),
+    "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model: the mean over the scan and its mirror image along each axis", "light-1.4mm-w16", {"mirror": True}),
     "slices-0.7mm-w16": ("the 2.5D arm: a 2D U-Net (16-32-64-128, bridge 256, batch norm) on 64^2 crops of slices of all three planes at 0.7 mm, the planes averaged", {"slices": True}, {}),
-    "gated-compact": ("the compact fold-right model's probabilities inside the first row's dilated bone region", "light-1.4mm-w16", {"gate": True}),
+    "gated-compact": ("the compact fold-right model's probabilities inside the whole-scan row's bone region grown 4 mm", "light-1.4mm-w16", {"gate": True}),
 }
 BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
 GATE_MARGIN_MM = 4.0
@@ -81,26 +80,6 @@ SLICE_SPACING_MM, SLICE_EDGE, SLICE_BATCH = 0.7, 64, 16
 FIELDS = ["recipe", "change", "train_i", "validation_i", "steps", "train_minutes", "backend", "machine", "date"]
 FIELDS += [f"{side}_{bone}" for side in ("validation", "heldout") for bone in ("femur", "tibia", "patella", "all")]
 FIELDS += ["heldout_hd95_mm", "validation_network_all", "heldout_network_all", "network_s"]
-
-
-class MirroredNetwork:
-    """A network whose prediction is the mean over the sub-volume and its mirror image along each axis."""
-
-    def __init__(self, network):
-        self.network = network
-        self.input_shape, self.output_shape = network.input_shape, network.output_shape
-
-    def placed(self, device, threads):
-        return MirroredNetwork(self.network.placed(device, threads))
-
-    def describe(self) -> dict:
-        return {**self.network.describe(), "mirrored": True}
-
-    def predict_on_batch(self, batch):
-        total = self.network.predict_on_batch(batch)
-        for axis in (1, 2, 3):
-            total = total + np.flip(self.network.predict_on_batch(np.ascontiguousarray(np.flip(batch, axis))), axis)
-        return total / 4
 
 
 def trained_model(name: str, minutes: float, models: Path) -> tuple[Path, dict]:
@@ -150,14 +129,12 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     else:
         onnx_path, record = trained_model(name, minutes, models)
         model = load_model(onnx_path)
-    if how.get("mirror"):
-        model = replace(model, network=MirroredNetwork(model.network))
-    options = SegmentOptions(surfaces=False)
     start = time.perf_counter()
-    if how.get("whole"):
-        probability = whole_volume_probability(scan, model.card, models / f"coarse-{settings}.keras")
+    if how.get("tiles"):
+        (probability,) = predict_projection_maps(scan, model, SegmentOptions(surfaces=False))
     else:
-        (probability,) = predict_projection_maps(scan, model, options)
+        source = settings if isinstance(settings, str) else name
+        probability = whole_volume_probability(scan, model.card, models / f"coarse-{source}.keras", mirror=how.get("mirror", False))
     network_s = time.perf_counter() - start
     probability = onto_scan(probability, scan, model.card.spacing_mm)
     if how.get("gate"):
@@ -187,11 +164,12 @@ def scored(name: str, change: str, record: dict, scan: Volume, truth: Volume, pr
     return row
 
 
-def whole_volume_probability(scan: Volume, card, keras_path: Path) -> np.ndarray:
+def whole_volume_probability(scan: Volume, card, keras_path: Path, mirror: bool = False) -> np.ndarray:
     """The trained network, rebuilt fully convolutional, run once on the whole scan on the model's grid.
 
     The scan is padded by repeating its last voxels to sides that the
-    network's poolings divide; the padding is cut off the prediction.
+    network's poolings divide; the padding is cut off the prediction. With
+    ``mirror``, the mean over the scan and its mirror image along each axis.
     """
     from KneeBoneSegLib.network import build_unet
     from KneeBoneSegLib.normalization import normalize_intensities
@@ -205,7 +183,8 @@ def whole_volume_probability(scan: Volume, card, keras_path: Path) -> np.ndarray
     network.set_weights(load_model(keras_path).network.network.get_weights())
     multiple = 2 ** architecture["depth"]
     padded = np.pad(image, [(0, -side % multiple) for side in image.shape], mode="edge")
-    probability = network.predict_on_batch(padded[None, ..., None])[0, ..., 0]
+    flips = [(), (0,), (1,), (2,)] if mirror else [()]
+    probability = sum(np.flip(network.predict_on_batch(np.flip(padded, axes)[None, ..., None])[0, ..., 0], axes) for axes in flips) / len(flips)
     return np.ascontiguousarray(probability[tuple(slice(0, side) for side in image.shape)], dtype=np.float32)
 
 
@@ -227,7 +206,7 @@ def trained_slices(name: str, minutes: float, models: Path, score_only: bool) ->
     from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION
     from KneeBoneSegLib.training import bone_loss, prepare_volume
 
-    output, record_path = models / f"slices-{name}.keras", models / f"slices-{name}.json"
+    output, record_path = models / f"{name}.keras", models / f"{name}.json"
     if score_only:
         return output, json.loads(record_path.read_text())
     keras.utils.set_random_seed(0)

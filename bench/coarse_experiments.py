@@ -71,6 +71,10 @@ RECIPES = {
     "crops-past-range": ("crops may reach half their edge past the training side (labels there not trained on)", {"crops_past_range": True}, {}),
     "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model: the mean over the scan and its mirror image along each axis", "light-1.4mm-w16", {"mirror": True}),
     "slices-0.7mm-w16": ("the 2.5D arm: a 2D U-Net (16-32-64-128, bridge 256, batch norm) on 64^2 crops of slices of all three planes at 0.7 mm, the planes averaged", {"slices": True}, {}),
+    "slices-0.7mm-w16-axial": ("the 2.5D arm's axial slices alone", "slices-0.7mm-w16", {"planes": (0,)}),
+    "slices-0.7mm-w16-coronal": ("the 2.5D arm's coronal slices alone", "slices-0.7mm-w16", {"planes": (1,)}),
+    "slices-0.7mm-w16-sagittal": ("the 2.5D arm's sagittal slices alone", "slices-0.7mm-w16", {"planes": (2,)}),
+    "slices-0.7mm-w16-mirrored": ("test-time mirroring of the 2.5D arm: the mean over each slice and its mirror image along each of its axes", "slices-0.7mm-w16", {"mirror": True}),
     "gated-compact": ("the compact fold-right model's probabilities inside the whole-scan row's bone region grown 4 mm", "light-1.4mm-w16", {"gate": True}),
 }
 BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
@@ -118,13 +122,15 @@ def trained_file(models: Path, name: str):
 def run(name: str, minutes: float, models: Path, score_only: bool = False) -> dict:
     change, settings, how = RECIPES[name]
     scan, truth = read_volume(sample_dir() / "knee_mri.nrrd"), read_volume(sample_dir() / "knee_bones_labels.nrrd")
-    if isinstance(settings, dict) and settings.get("slices"):
-        keras_path, record = trained_slices(name, minutes, models, score_only)
+    source = settings if isinstance(settings, str) else name  # the recipe whose model is run
+    if RECIPES[source][1].get("slices"):  # the 2.5D arm, trained here or (re)scored
+        keras_path, record = trained_slices(source, minutes, models, score_only or source != name)
         start = time.perf_counter()
-        probability = onto_scan(slices_probability(scan, keras_path), scan, [SLICE_SPACING_MM] * 3)
+        probability = slices_probability(scan, keras_path, how.get("planes", (0, 1, 2)), how.get("mirror", False))
+        probability = onto_scan(probability, scan, [SLICE_SPACING_MM] * 3)
         return scored(name, change, record, scan, truth, probability, time.perf_counter() - start, {})
     if isinstance(settings, str) or score_only:  # a trained model, (re)scored: nothing is trained
-        model = trained_file(models, settings if isinstance(settings, str) else name)
+        model = trained_file(models, source)
         record = {key: model.card.training[key] for key in ("steps", "seconds")}
     else:
         onnx_path, record = trained_model(name, minutes, models)
@@ -133,7 +139,6 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     if how.get("tiles"):
         (probability,) = predict_projection_maps(scan, model, SegmentOptions(surfaces=False))
     else:
-        source = settings if isinstance(settings, str) else name
         probability = whole_volume_probability(scan, model.card, models / f"coarse-{source}.keras", mirror=how.get("mirror", False))
     network_s = time.perf_counter() - start
     probability = onto_scan(probability, scan, model.card.spacing_mm)
@@ -247,8 +252,13 @@ def slice_batch(volume, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return np.stack(images)[..., None].astype(np.float32), np.stack(targets).astype(np.float32)
 
 
-def slices_probability(scan: Volume, keras_path: Path) -> np.ndarray:
-    """The 2.5D arm's bone probability on its grid: every slice of each plane predicted whole, the three planes averaged."""
+def slices_probability(scan: Volume, keras_path: Path, planes=(0, 1, 2), mirror: bool = False) -> np.ndarray:
+    """The 2.5D arm's bone probability on its grid: every slice of each plane predicted whole, the planes averaged.
+
+    ``planes`` are the axes (k axial, j coronal, i sagittal) whose slices are
+    predicted; with ``mirror``, each slice's prediction is the mean over it and
+    its mirror image along each of its axes.
+    """
     import keras
     from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION, normalize_intensities
     from KneeBoneSegLib.resampling import ModelGrid
@@ -256,13 +266,17 @@ def slices_probability(scan: Volume, keras_path: Path) -> np.ndarray:
     network = keras.saving.load_model(keras_path, compile=False)
     grid = ModelGrid(scan.geometry, scan.array.shape, [SLICE_SPACING_MM] * 3)
     image = grid.from_scan(normalize_intensities(scan.array, DEFAULT_NORMALIZATION))
+    flips = [(), (1,), (2,)] if mirror else [()]
     total = np.zeros(image.shape, np.float32)
-    for axis in range(3):
+    for axis in planes:
         stack = np.moveaxis(image, axis, 0)
         padded = np.pad(stack, [(0, 0)] + [(0, -side % 16) for side in stack.shape[1:]], mode="edge")
-        predicted = np.concatenate([network.predict_on_batch(padded[n : n + 8, ..., None]) for n in range(0, len(padded), 8)])[..., 0]
+        predicted = sum(
+            np.flip(np.concatenate([network.predict_on_batch(np.flip(padded, axes)[n : n + 8, ..., None]) for n in range(0, len(padded), 8)])[..., 0], axes)
+            for axes in flips
+        ) / len(flips)
         total += np.moveaxis(predicted[:, : stack.shape[1], : stack.shape[2]], 0, axis)
-    return total / 3
+    return total / len(planes)
 
 
 def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:

@@ -49,13 +49,16 @@ def test_compact_unet_predicts_probabilities_of_the_patch_shape(rng):
     assert np.all((out > 0) & (out < 1))
 
 
-def test_a_unet_without_a_patch_size_runs_whole_volumes_with_the_patch_networks_weights(rng):
+def test_a_unet_without_a_patch_size_runs_whole_volumes_and_slices(rng):
     patch = build_unet(patch_size=16, base_filters=4, depth=2, normalization="instance")
     whole = build_unet(patch_size=None, base_filters=4, depth=2, normalization="instance")
     whole.set_weights(patch.get_weights())
     cube = rng.random((1, 16, 16, 16, 1), dtype=np.float32)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(whole(cube)), keras.ops.convert_to_numpy(patch(cube)), atol=1e-6)
     assert keras.ops.convert_to_numpy(whole(rng.random((1, 12, 20, 32, 1), dtype=np.float32))).shape == (1, 12, 20, 32, 1)
+    slices = build_unet(patch_size=None, base_filters=4, depth=2, dimensions=2)
+    assert _layers_of(slices, keras.layers.Conv2D) and not _layers_of(slices, keras.layers.Conv3D)
+    assert keras.ops.convert_to_numpy(slices(rng.random((3, 20, 32, 1), dtype=np.float32))).shape == (3, 20, 32, 1)
 
 
 def test_patch_size_must_fit_the_depth():

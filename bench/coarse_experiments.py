@@ -129,7 +129,7 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
         start = time.perf_counter()
         probability = slices_probability(scan, keras_path, how.get("planes", (0, 1, 2)), how.get("mirror", False))
         probability = onto_scan(probability, scan, [SLICE_SPACING_MM] * 3)
-        return scored(name, change, record, scan, truth, probability, time.perf_counter() - start, {})
+        return scored(name, change, record, scan, truth, probability, time.perf_counter() - start)
     if isinstance(settings, str) or score_only:  # a trained model, (re)scored: nothing is trained
         model = trained_file(models, source)
         record = {key: model.card.training[key] for key in ("steps", "seconds")}
@@ -145,28 +145,28 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     probability = onto_scan(probability, scan, model.card.spacing_mm)
     if how.get("gate"):
         probability = gated_fine(scan, probability, SegmentOptions(surfaces=False))
-    return scored(name, change, record, scan, truth, probability, network_s, how)
+    return scored(name, change, record, scan, truth, probability, network_s)
 
 
-def scored(name: str, change: str, record: dict, scan: Volume, truth: Volume, probability: np.ndarray, network_s: float, how: dict) -> dict:
+def scored(name: str, change: str, record: dict, scan: Volume, truth: Volume, probability: np.ndarray, network_s: float) -> dict:
     """The row of a network's bone probability on the scan's grid: components and naming as ``segment`` runs them, then Dice."""
     options = SegmentOptions(surfaces=False)
     # The network alone (bone where its probability reaches the threshold), before components and naming.
     network_only = {side: dice((probability >= options.threshold)[:, :, lo:hi], truth.array[:, :, lo:hi] > 0) for side, (lo, hi) in (("validation", VALIDATION_I), ("heldout", HELD_OUT_I))}
     labels = postprocess(Volume(probability, scan.geometry), options).labels
-    validation = scores(labels, truth.array, VALIDATION_I) if not how.get("gate") else {}
+    validation = scores(labels, truth.array, VALIDATION_I)
     held_out = scores(labels, truth.array, HELD_OUT_I)
     part = np.s_[:, :, HELD_OUT_I[0] : HELD_OUT_I[1]]
     row = {
         "recipe": name, "change": change, "train_i": "%d-%d" % TRAIN_I, "validation_i": "%d-%d" % VALIDATION_I, "steps": record["steps"], "train_minutes": round(record["seconds"] / 60, 1),
         "backend": os.environ["KERAS_BACKEND"], "machine": f"{cpu_description()['name']}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}",
         "date": datetime.date.today().isoformat(), "heldout_hd95_mm": round(hausdorff_95(labels[part] > 0, truth.array[part] > 0, scan.geometry.spacing), 2),
-        "validation_network_all": round(network_only["validation"], 4) if not how.get("gate") else "",
+        "validation_network_all": round(network_only["validation"], 4),
         "heldout_network_all": round(network_only["heldout"], 4), "network_s": round(network_s, 1),
     }  # fmt: skip
     for side, found in (("validation", validation), ("heldout", held_out)):
         for bone in ("femur", "tibia", "patella", "all"):
-            row[f"{side}_{bone}"] = round(found[bone], 4) if bone in found else ""
+            row[f"{side}_{bone}"] = round(found[bone], 4)
     return row
 
 

@@ -19,8 +19,8 @@ Each run appends one row to ``bench/results/coarse_experiments.csv``
 (recipe, split, steps, minutes, machine, validation and held-out Dice per
 bone and all bone, held-out HD95 of all bone, the network alone's all-bone
 Dice before components and naming, and the network's time on the whole
-scan). Training resumes from its checkpoint when a run is started again
-with the same recipe.
+scan). A 3D row's training resumes from its checkpoint when a run is
+started again with the same recipe; the 2.5D arm trains in one piece.
 """
 
 from __future__ import annotations

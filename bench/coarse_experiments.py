@@ -54,7 +54,7 @@ from KneeBoneSegLib.volume import Volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "coarse_experiments.csv"
-TRAIN_I = (0, 172)  # fold-right's training side; the scan holds bone from i = 128 on
+TRAIN_I = (0, 172)  # fold-right's training side; the scan holds bone from i = 108 on
 VALIDATION_I = (172, 236)  # between fold-right's training side and its held-out side: neither trained on nor reported
 HELD_OUT_I = (236, 512)
 LIGHT = replace(Augmentation.none(), flips=True, gamma=0.3)
@@ -81,7 +81,7 @@ RECIPES = {
 BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
 GATE_MARGIN_MM = 4.0
 #: The 2.5D arm: slices at the compact models' spacing, crops of SLICE_EDGE^2 that may reach half their edge past the training side.
-SLICE_SPACING_MM, SLICE_EDGE, SLICE_BATCH = 0.7, 64, 16
+SLICE_SPACING_MM, SLICE_EDGE, SLICE_BATCH, SLICE_DEPTH = 0.7, 64, 16, 4
 FIELDS = ["recipe", "change", "train_i", "validation_i", "steps", "train_minutes", "backend", "machine", "date"]
 FIELDS += [f"{side}_{bone}" for side in ("validation", "heldout") for bone in ("femur", "tibia", "patella", "all")]
 FIELDS += ["heldout_hd95_mm", "validation_network_all", "heldout_network_all", "network_s"]
@@ -125,7 +125,7 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     scan, truth = read_volume(sample_dir() / "knee_mri.nrrd"), read_volume(sample_dir() / "knee_bones_labels.nrrd")
     source = settings if isinstance(settings, str) else name  # the recipe whose model is run
     if RECIPES[source][1].get("slices"):  # the 2.5D arm, trained here or (re)scored
-        keras_path, record = trained_slices(source, minutes, models, score_only or source != name)
+        keras_path, record = trained_slices(source, minutes, models, score_only or source != name, scan, truth)
         start = time.perf_counter()
         probability = slices_probability(scan, keras_path, how.get("planes", (0, 1, 2)), how.get("mirror", False))
         probability = onto_scan(probability, scan, [SLICE_SPACING_MM] * 3)
@@ -178,20 +178,30 @@ def whole_volume_probability(scan: Volume, card, keras_path: Path, mirror: bool 
     ``mirror``, the mean over the scan and its mirror image along each axis.
     """
     from KneeBoneSegLib.network import build_unet
-    from KneeBoneSegLib.normalization import normalize_intensities
-    from KneeBoneSegLib.resampling import ModelGrid
 
-    grid = ModelGrid(scan.geometry, scan.array.shape, card.spacing_mm)
-    image = normalize_intensities(scan.array, card.normalization)
-    image = grid.from_scan(image) if grid.resamples else image
+    image = normalized_on_grid(scan, card.spacing_mm, card.normalization)
     architecture = card.architecture
     network = build_unet(None, architecture["base_filters"], architecture["depth"], architecture.get("normalization", "batch"))
     network.set_weights(load_model(keras_path).network.network.get_weights())
-    multiple = 2 ** architecture["depth"]
-    padded = np.pad(image, [(0, -side % multiple) for side in image.shape], mode="edge")
+    padded = padded_for_pooling(image, architecture["depth"], axes=(0, 1, 2))
     flips = [(), (0,), (1,), (2,)] if mirror else [()]
     probability = sum(np.flip(network.predict_on_batch(np.flip(padded, axes)[None, ..., None])[0, ..., 0], axes) for axes in flips) / len(flips)
     return np.ascontiguousarray(probability[tuple(slice(0, side) for side in image.shape)], dtype=np.float32)
+
+
+def normalized_on_grid(scan: Volume, spacing_mm, normalization: dict) -> np.ndarray:
+    """The scan's normalised intensities on the model's grid, as the pipeline gives them to the network."""
+    from KneeBoneSegLib.normalization import normalize_intensities
+    from KneeBoneSegLib.resampling import ModelGrid
+
+    grid = ModelGrid(scan.geometry, scan.array.shape, spacing_mm)
+    image = normalize_intensities(scan.array, normalization)
+    return grid.from_scan(image) if grid.resamples else image
+
+
+def padded_for_pooling(array: np.ndarray, depth: int, axes) -> np.ndarray:
+    """``array`` grown after its last voxels along ``axes``, repeating them, to sides that ``depth`` poolings divide."""
+    return np.pad(array, [(0, -side % 2**depth if axis in axes else 0) for axis, side in enumerate(array.shape)], mode="edge")
 
 
 def onto_scan(probability: np.ndarray, scan: Volume, spacing_mm) -> np.ndarray:
@@ -202,12 +212,11 @@ def onto_scan(probability: np.ndarray, scan: Volume, spacing_mm) -> np.ndarray:
     return grid.to_scan(probability) if grid.resamples else probability
 
 
-def trained_slices(name: str, minutes: float, models: Path, score_only: bool) -> tuple[Path, dict]:
-    """Train the 2.5D arm for ``minutes`` (no checkpoint: it is short) or, with ``score_only``, read its record."""
+def trained_slices(name: str, minutes: float, models: Path, score_only: bool, scan: Volume, truth: Volume) -> tuple[Path, dict]:
+    """Train the 2.5D arm on ``scan`` and its labels ``truth`` for ``minutes`` (no checkpoint: it is short) or, with ``score_only``, read its record."""
     import json
 
     import keras
-    from KneeBoneSegLib.io import read_mask
     from KneeBoneSegLib.network import build_unet
     from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION
     from KneeBoneSegLib.training import bone_loss, prepare_volume
@@ -217,10 +226,8 @@ def trained_slices(name: str, minutes: float, models: Path, score_only: bool) ->
         return output, json.loads(record_path.read_text())
     seed = RECIPES[name][1].get("seed", 0)
     keras.utils.set_random_seed(seed)
-    data = sample_dir()
-    volume = prepare_volume(read_volume(data / "knee_mri.nrrd"), read_mask(data / "knee_bones_labels.nrrd"), SLICE_SPACING_MM, DEFAULT_NORMALIZATION,
-                            TRAIN_I, soft_labels=True, context_mm=SLICE_EDGE / 2 * SLICE_SPACING_MM)  # fmt: skip
-    network = build_unet(None, base_filters=16, depth=4, normalization="batch", dimensions=2)
+    volume = prepare_volume(scan, truth, SLICE_SPACING_MM, DEFAULT_NORMALIZATION, TRAIN_I, soft_labels=True, context_mm=SLICE_EDGE / 2 * SLICE_SPACING_MM)
+    network = build_unet(None, base_filters=16, depth=SLICE_DEPTH, normalization="batch", dimensions=2)
     network.compile(optimizer=keras.optimizers.Adam(1e-3), loss=bone_loss(dice_weight=1.0))
     rng, steps, start = np.random.default_rng(seed), 0, time.perf_counter()
     while time.perf_counter() - start < 60 * minutes:
@@ -262,17 +269,15 @@ def slices_probability(scan: Volume, keras_path: Path, planes=(0, 1, 2), mirror:
     its mirror image along each of its axes.
     """
     import keras
-    from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION, normalize_intensities
-    from KneeBoneSegLib.resampling import ModelGrid
+    from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION
 
     network = keras.saving.load_model(keras_path, compile=False)
-    grid = ModelGrid(scan.geometry, scan.array.shape, [SLICE_SPACING_MM] * 3)
-    image = grid.from_scan(normalize_intensities(scan.array, DEFAULT_NORMALIZATION))
+    image = normalized_on_grid(scan, [SLICE_SPACING_MM] * 3, DEFAULT_NORMALIZATION)
     flips = [(), (1,), (2,)] if mirror else [()]
     total = np.zeros(image.shape, np.float32)
     for axis in planes:
         stack = np.moveaxis(image, axis, 0)
-        padded = np.pad(stack, [(0, 0)] + [(0, -side % 16) for side in stack.shape[1:]], mode="edge")
+        padded = padded_for_pooling(stack, SLICE_DEPTH, axes=(1, 2))
         predicted = sum(
             np.flip(np.concatenate([network.predict_on_batch(np.flip(padded, axes)[n : n + 8, ..., None]) for n in range(0, len(padded), 8)])[..., 0], axes)
             for axes in flips

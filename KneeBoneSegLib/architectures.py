@@ -3,6 +3,13 @@
 Kept apart from :mod:`.network` so that reading them needs no Keras (the
 command line builds its parser from them).
 
+- ``slices`` (the whole-knee network, chosen by ``bench/coarse_experiments.py``):
+  a 2D U-Net, 16-32-64-128 filters, a 256 bridge and batch normalisation,
+  trained on 64^2 crops of slices of all three planes at 0.7 mm, on soft
+  targets. It predicts every slice whole (whole slices in one pass, no
+  tiles), once for each plane: the three projections are its axial,
+  coronal and sagittal slices.
+
 - ``context`` (tried as the shipped models' successor, not shipped: held out it
   scored below ``compact``, ``bench/results/heldout_context.txt``): 8-16-32-64 filters down, a 128-filter
   bridge, on 64^3 sub-volumes at 0.7 mm (45 mm). Four poolings give each
@@ -43,9 +50,11 @@ class Architecture:
     projections: int  # projections predicted at inference, recorded in the card
     norm_layer: str = "batch"  # normalisation after each convolution (NORMALIZATIONS)
     soft_labels: bool = False  # train on the share of bone per voxel rather than on bone / not bone
+    dimensions: int = 3  # 3: sub-volumes; 2: slices (patch_size is then the training crop's edge)
 
 
 ARCHITECTURES = {
+    "slices": Architecture(base_filters=16, depth=4, patch_size=64, stride=64, batch_size=16, epochs=40, projections=3, soft_labels=True, dimensions=2),
     "coarse": Architecture(base_filters=16, depth=4, patch_size=32, stride=16, batch_size=4, epochs=10, projections=1, norm_layer="instance", soft_labels=True),
     "context": Architecture(base_filters=8, depth=4, patch_size=64, stride=48, batch_size=2, epochs=15, projections=1),
     "compact": Architecture(base_filters=16, depth=3, patch_size=32, stride=24, batch_size=8, epochs=25, projections=3),

@@ -38,7 +38,7 @@ TOLERANCE = 1e-4
 def export_onnx(keras_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, check_batch: int = 4) -> dict:
     """Write ``keras_path`` as ONNX (default: beside it, ``.onnx``) and record the export in its card.
 
-    The exported network is run on ``check_batch`` random sub-volumes by
+    The exported network is run on ``check_batch`` random sub-volumes (or slices) by
     ONNX Runtime and by Keras; an export that differs by more than
     :data:`TOLERANCE` is refused. The ONNX file is written whole or not at all.
 
@@ -59,8 +59,10 @@ def export_onnx(keras_path: str | os.PathLike, onnx_path: str | os.PathLike | No
         network = keras.saving.load_model(keras_path, compile=False)
     except Exception as error:  # Keras raises many kinds for a damaged file
         raise ModelError(f"{keras_path}: the model could not be loaded ({type(error).__name__}: {error})") from None
-    patch_size = int(network.input_shape[1])
-    batch = np.random.default_rng(0).random((check_batch, patch_size, patch_size, patch_size, 1), dtype=np.float32)
+    # A network of free sides (a 2D U-Net predicts whole slices) is checked on an oblong input, so that
+    # an export that fixed its sides to one shape is refused.
+    sides = [int(side) if side else 64 + 16 * axis for axis, side in enumerate(network.input_shape[1:-1])]
+    batch = np.random.default_rng(0).random((check_batch, *sides, 1), dtype=np.float32)
     expected = keras.ops.convert_to_numpy(network.predict_on_batch(batch))  # also builds the graph export needs
 
     with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch:

@@ -144,3 +144,50 @@ def predict_volume(
         return total
     # A copy of the image's part, so that the padded sums are released on return.
     return total[tuple(slice(0, n) for n in image.shape)].copy()
+
+
+def predict_slices(
+    image: np.ndarray,
+    network,
+    multiple: int = 16,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    skip_below: float | None = None,
+) -> np.ndarray:
+    """Bone probability of every voxel of ``image``, predicted whole slice by whole slice along its first axis.
+
+    Parameters
+    ----------
+    image : ndarray, shape (n, rows, columns)
+        Normalised intensities; each ``image[s]`` is one slice.
+    network
+        A 2D network of free sides: maps a batch (B, rows, columns, 1) to probabilities of the same shape.
+    multiple : int
+        What the network's poolings need the sides to divide by (``2**depth``); each slice
+        is grown after its last row and column, repeating them, and the growth is cut off
+        the prediction.
+    batch_size : int
+        Slices per network call.
+    progress, skip_below
+        As :func:`predict_volume`: a slice none of whose voxels reaches ``skip_below`` is
+        not run through the network and is background, probability 0.
+
+    Returns
+    -------
+    ndarray of float32, the shape of ``image``
+    """
+    rows, columns = image.shape[1:]
+    padded = np.pad(image, [(0, 0), (0, -rows % multiple), (0, -columns % multiple)], mode="edge")
+    wanted = np.arange(len(image))
+    if skip_below is not None:
+        wanted = wanted[image.reshape(len(image), -1).max(axis=1) >= skip_below]
+        log.debug("Leaving out %d of %d slices that hold only air", len(image) - len(wanted), len(image))
+    probability = np.zeros(image.shape, np.float32)
+    batches = range(0, len(wanted), batch_size)
+    for done, first in enumerate(batches, start=1):
+        indices = wanted[first : first + batch_size]
+        predicted = np.asarray(network.predict_on_batch(padded[indices][..., None]), dtype=np.float32)
+        probability[indices] = predicted[:, :rows, :columns, 0]
+        if progress is not None:
+            progress(done, len(batches))
+    return probability

@@ -106,9 +106,11 @@ def default_model_path() -> Path:
 
 
 def default_card(network=None) -> ModelCard:
-    """A card for a network file without one: patch size from its input, stride half of it."""
+    """A card for a network file without one: patch size from its input, stride half of it (a 2D network's sides are free)."""
     card = ModelCard()
-    if network is not None:
+    if network is not None and len(network.input_shape) == 4:
+        card.architecture = {"dimensions": 2}
+    elif network is not None:
         card.patch_size = int(network.input_shape[1])
         card.stride = card.patch_size // 2
     return card
@@ -161,7 +163,7 @@ def load_model(
     _check_shape(network, path)
     if card is None:
         card = read_card(path) or default_card(network)
-    if int(network.input_shape[1]) != int(card.patch_size):
+    if len(network.input_shape) == 5 and int(network.input_shape[1]) != int(card.patch_size):
         raise ModelError(
             f"{path}: the network takes {network.input_shape[1]}^3 sub-volumes but its card says {card.patch_size}"
         )
@@ -191,8 +193,15 @@ def write_card(card: ModelCard, model_path: str | os.PathLike) -> Path:
 def _check_shape(network, path: Path) -> None:
     shape_in, shape_out = tuple(network.input_shape), tuple(network.output_shape)
     cubic = len(shape_in) == 5 and shape_in[1] is not None and shape_in[1] == shape_in[2] == shape_in[3]
-    if not (cubic and shape_in[4] == 1 and shape_out[1:] == shape_in[1:4] + (1,)):
+    # A 2D network predicts whole slices: its sides are free.
+    slices = len(shape_in) == 4 and shape_in[1] is None and shape_in[2] is None
+    if not ((cubic or slices) and shape_in[-1] == 1 and shape_out[1:] == shape_in[1:-1] + (1,)):
         raise ModelError(
-            f"{path}: expected a 3D network from one-channel cubic sub-volumes to one probability channel, "
-            f"got input {shape_in} and output {shape_out}"
+            f"{path}: expected a 3D network from one-channel cubic sub-volumes (or a 2D one from slices of any size) "
+            f"to one probability channel, got input {shape_in} and output {shape_out}"
         )
+
+
+def network_dimensions(card: ModelCard) -> int:
+    """3 for a network of sub-volumes, 2 for one of slices (cards without the entry predate 2D networks)."""
+    return int(card.architecture.get("dimensions", 3))

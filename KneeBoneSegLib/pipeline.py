@@ -7,7 +7,8 @@ paper's (with one addition, 7), each a function of its own module:
 
 1. normalise intensities as the model's card says       (normalization)
 2. resample to the model's voxel spacing, if it has one  (resampling)
-3. predict overlapping sub-volumes on 1 or 3 projections (inference, projections)
+3. predict overlapping sub-volumes (or whole slices, with a 2D network)
+   on 1 or 3 projections                                  (inference, projections)
 4. fuse the projections and bring them back to the scan's grid
 5. keep the three largest components, name them          (components)
 6. close each bone with a sphere                          (morphology)
@@ -37,7 +38,7 @@ from .devices import check_device
 from .errors import Cancelled, InputError
 from .inference import AGGREGATIONS
 from .io import check_volume
-from .models import Model
+from .models import Model, network_dimensions
 from .projections import FUSIONS
 from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
@@ -229,16 +230,19 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed,
     on the model's grid (:class:`~KneeBoneSegLib.resampling.ModelGrid`, also returned)."""
     from .engines import as_network
-    from .inference import air_level, predict_volume
+    from .inference import air_level, predict_slices, predict_volume
     from .inputcheck import compare_with_card
     from .normalization import normalize_intensities
     from .projections import iter_projections
     from .resampling import ModelGrid, obliquity_degrees
 
     card = model.card
+    slices = network_dimensions(card) == 2
     # Options that contradict the model are refused first, before any work on the scan.
+    if slices and options.stride is not None:
+        raise InputError("this model predicts whole slices, not sub-volumes, so a stride means nothing to it; leave --stride out")
     stride = options.stride or card.stride
-    if stride > card.patch_size:
+    if not slices and stride > card.patch_size:
         raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
     projections = options.projections or card.projections
     if options.keep_uncertainty and projections < 3:
@@ -264,6 +268,8 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
         def batches_done(done: int, total: int) -> None:
             stages.report(f"network: {name}", done / max(total, 1))
 
+        if slices:  # each projection's first axis is its plane's: the axial view's slices are axial
+            return predict_slices(view, network, 2 ** card.architecture["depth"], options.batch_size, batches_done, skip_below)
         return predict_volume(
             view,
             network,

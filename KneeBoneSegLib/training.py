@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -356,14 +357,67 @@ class PatchSampler:
         return np.clip(corner, 0, shape - size).astype(float)
 
 
-def _spatial_matrix(augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
-    """3x3 map from sub-volume offsets to volume offsets: axis permutation, flips, rotation, zoom."""
-    matrix = np.eye(3)
-    if augmentation.projections:
+class SliceSampler(PatchSampler):
+    """Draws (augmented) ``patch_size``^2 crops of slices for the 2D U-Net, of the three planes alike.
+
+    Each crop lies in a slice, of a plane drawn at random, through a voxel
+    trained on (a ``boundary_fraction`` of them on the bone's boundary),
+    shifted by up to a quarter of its edge so that the boundary is not always
+    at its centre. Flips, in-plane rotation and zoom map the crop's offsets
+    into the slice, as :class:`PatchSampler` does in 3D; ``projections`` has
+    no say: the crops always come from all three planes, whose slices the
+    network predicts. Its state is its generator's, as :class:`PatchSampler`'s.
+    """
+
+    def __init__(self, volumes, patch_size: int, boundary_fraction: float, augmentation: Augmentation, seed):
+        super().__init__(volumes, patch_size, boundary_fraction, augmentation, seed)
+        offsets = np.arange(self.patch_size, dtype=float) - (self.patch_size - 1) / 2
+        self._offsets = np.stack(np.meshgrid(offsets, offsets, indexing="ij")).reshape(2, -1)
+        self._trained = [None if volume.trained is None else np.flatnonzero(volume.trained) for volume in self.volumes]
+
+    def _patch(self) -> tuple[np.ndarray, ...]:
+        which = self.rng.integers(len(self.volumes))
+        volume, trained = self.volumes[which], self._trained[which]
+        shape, size = np.asarray(volume.image.shape), self.patch_size
+        if volume.boundary.size and self.rng.random() < self.boundary_fraction:
+            voxel = np.unravel_index(volume.boundary[self.rng.integers(volume.boundary.size)], shape)
+        elif trained is not None:
+            voxel = np.unravel_index(trained[self.rng.integers(trained.size)], shape)
+        else:
+            voxel = self.rng.integers(0, shape)
+        axis = int(self.rng.integers(3))
+        arrays = [volume.image, volume.bone] + ([] if volume.trained is None else [volume.trained])
+        planes = [np.moveaxis(array, axis, 0)[voxel[axis]] for array in arrays]
+        in_plane = np.delete(np.asarray(voxel), axis)
+        corner = np.clip(in_plane - size // 2 + self.rng.integers(-(size // 4), size // 4 + 1, size=2), 0, np.delete(shape, axis) - size)
+        coordinates = _spatial_matrix(self.augmentation, self.rng, dimensions=2) @ self._offsets + (corner + (size - 1) / 2)[:, None]
+        image = ndimage.map_coordinates(planes[0], coordinates, order=1, mode="nearest", output=np.float32).reshape(size, size)
+        bone = ndimage.map_coordinates(planes[1], coordinates, order=1 if planes[1].dtype == np.float32 else 0, mode="nearest").reshape(size, size)
+        image = _augment_intensities(image, self.augmentation, self.rng, self._unit)
+        if volume.trained is None:
+            return image, bone
+        return image, bone, ndimage.map_coordinates(planes[2], coordinates, order=0, mode="constant", cval=0).reshape(size, size)
+
+
+def samplers(volumes, config: "TrainingConfig", patch_size: int, dimensions: int) -> tuple[PatchSampler, tuple[np.ndarray, np.ndarray]]:
+    """The training sampler for the network's ``dimensions`` and its fixed, unaugmented validation batch."""
+    kind = SliceSampler if dimensions == 2 else PatchSampler
+    sampler = kind(volumes, patch_size, config.boundary_fraction, config.augmentation, seed=config.seed)
+    validation = kind(volumes, patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1]).batch(config.validation_patches)
+    return sampler, validation
+
+
+def _spatial_matrix(augmentation: Augmentation, rng: np.random.Generator, dimensions: int = 3) -> np.ndarray:
+    """Map from crop offsets to volume (or slice) offsets: axis permutation (3D only), flips, rotation, zoom."""
+    matrix = np.eye(dimensions)
+    if augmentation.projections and dimensions == 3:
         matrix = matrix[:, rng.permutation(3)]
     if augmentation.flips:
-        matrix = matrix * rng.choice([-1.0, 1.0], size=3)
-    if augmentation.rotation_deg:
+        matrix = matrix * rng.choice([-1.0, 1.0], size=dimensions)
+    if augmentation.rotation_deg and dimensions == 2:
+        angle = np.deg2rad(rng.uniform(-augmentation.rotation_deg, augmentation.rotation_deg))
+        matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ matrix
+    elif augmentation.rotation_deg:
         axis = rng.normal(size=3)
         axis /= np.linalg.norm(axis)
         angle = np.deg2rad(rng.uniform(-augmentation.rotation_deg, augmentation.rotation_deg))
@@ -376,16 +430,18 @@ def _spatial_matrix(augmentation: Augmentation, rng: np.random.Generator) -> np.
 
 
 def _augment_intensities(image: np.ndarray, augmentation: Augmentation, rng: np.random.Generator, unit: np.ndarray) -> np.ndarray:
-    """Gamma, a smooth bias field, contrast and noise on a normalised sub-volume.
+    """Gamma, a smooth bias field, contrast and noise on a normalised sub-volume (or slice crop).
 
-    ``unit`` is the sub-volume's axis coordinates scaled to [-1, 1].
+    ``unit`` is the crop's axis coordinates scaled to [-1, 1], the same along each axis.
     """
     if augmentation.gamma:
         image = np.clip(image, 0.0, None) ** np.float32(np.exp(rng.uniform(-augmentation.gamma, augmentation.gamma)))
     if augmentation.bias_field:
-        uk, uj, ui = unit[:, None, None], unit[None, :, None], unit[None, None, :]
-        c = rng.uniform(-1.0, 1.0, size=9).astype(np.float32)
-        log_field = c[0] * uk + c[1] * uj + c[2] * ui + c[3] * uk**2 + c[4] * uj**2 + c[5] * ui**2 + c[6] * uk * uj + c[7] * uk * ui + c[8] * uj * ui
+        # A quadratic in the crop's coordinates: each axis, its square, and each pair's product.
+        axes = [unit.reshape([-1 if a == axis else 1 for a in range(image.ndim)]) for axis in range(image.ndim)]
+        terms = axes + [u**2 for u in axes] + [axes[a] * axes[b] for a, b in itertools.combinations(range(image.ndim), 2)]
+        c = rng.uniform(-1.0, 1.0, size=len(terms)).astype(np.float32)
+        log_field = sum(coefficient * term for coefficient, term in zip(c, terms))
         amplitude = rng.uniform(0.0, augmentation.bias_field) / max(float(np.abs(log_field).max()), 1e-6)
         image = image * np.exp(np.float32(amplitude) * log_field)
     if augmentation.contrast:
@@ -465,8 +521,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
         volumes.append(volume)
         data.append(volume.record)
     card.heldout = heldout_range(config.train_range_i, volumes[0].record["shape_ijk"][0])
-    sampler = PatchSampler(volumes, card.patch_size, config.boundary_fraction, config.augmentation, seed=config.seed)
-    validation_x, validation_y = PatchSampler(volumes, card.patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1]).batch(config.validation_patches)
+    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, card.architecture.get("dimensions", 3))
 
     network.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bone_loss(config.dice_weight))
     network.optimizer.build(network.trainable_variables)
@@ -569,8 +624,12 @@ def _initial_network(config: TrainingConfig):
     architecture = {"base_filters": int(config.base_filters), "depth": int(config.depth)}
     if config.norm_layer != "batch":  # the shipped cards predate the choice and mean batch norm
         architecture["normalization"] = config.norm_layer
+    dimensions = ARCHITECTURES[config.architecture].dimensions
+    if dimensions == 2:  # cards without the entry mean 3D sub-volumes
+        architecture["dimensions"] = dimensions
     try:
-        network = build_unet(patch_size=config.patch_size, **architecture)
+        # A 2D network takes slices of any size: it predicts whole slices, trained on crops of them.
+        network = build_unet(patch_size=config.patch_size if dimensions == 3 else None, **architecture)
     except ValueError as error:
         raise InputError(f"cannot build the network: {error}") from None
     card = ModelCard(

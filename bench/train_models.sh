@@ -6,8 +6,10 @@
 # WHICH is any of fold-right, fold-left, shipped (default: all three, one after the other;
 # two shells may train two of them at once). The models are kneeboneseg-ARCHITECTURE*.keras
 # (and .onnx): the shipped ones with the default, compact (32^3 sub-volumes at 0.7 mm, 2500
-# steps of 8, BCE + Dice, Adam 1e-3, full augmentation, seed 0); ARCHITECTURE=context gives
-# the larger-context attempt (bench/results/heldout_context.txt). A run resumes where it
+# steps of 8, BCE + Dice, Adam 1e-3, full augmentation, seed 0); ARCHITECTURE=slices gives the
+# whole-knee 2D network with the recipe bench/coarse_experiments.py chose (mirroring and gamma
+# only, fold crops reaching half their edge past the training range, at most 24 minutes);
+# ARCHITECTURE=context the larger-context attempt (bench/results/heldout_context.txt). A run resumes where it
 # stopped if its checkpoint is there. Keras runs on its torch backend where PyTorch is
 # installed: on the 2-core CPU it trained twice as fast as on TensorFlow
 # (bench/results/training_backends.txt).
@@ -26,17 +28,22 @@ GAP=64
 architecture="${ARCHITECTURE:-compact}"
 NAME="kneeboneseg-$architecture"
 pair=("$data/knee_mri.nrrd" "$data/knee_bones_labels.nrrd")
+recipe=() fold=()
+if [[ "$architecture" == slices ]]; then
+  recipe=(--augmentation '{"rotation_deg": 0, "scale": 0, "bias_field": 0, "contrast": 0, "noise": 0}' --max-minutes 24)
+  fold=(--crops-past-range true)
+fi
 if python -c "import torch" 2>/dev/null; then export KERAS_BACKEND="${KERAS_BACKEND:-torch}"; fi
 train() {
   local output="$1"; shift
   local again=(--overwrite)
   [[ -f "${output%.keras}.checkpoint.npz" ]] && again=(--resume)
-  kneeboneseg -v train "${pair[@]}" --architecture "$architecture" --no-progress-bar "${again[@]}" "$@" -o "$output"
+  kneeboneseg -v train "${pair[@]}" --architecture "$architecture" --no-progress-bar "${again[@]}" ${recipe[@]+"${recipe[@]}"} "$@" -o "$output"
 }
 for model in ${which[*]}; do
   case "$model" in
-    fold-right) train "$models/$NAME-fold-right.keras" --train-range-i 0 $((SPLIT - GAP)) ;;
-    fold-left) train "$models/$NAME-fold-left.keras" --train-range-i $((SPLIT + GAP)) 512 ;;
+    fold-right) train "$models/$NAME-fold-right.keras" --train-range-i 0 $((SPLIT - GAP)) ${fold[@]+"${fold[@]}"} ;;
+    fold-left) train "$models/$NAME-fold-left.keras" --train-range-i $((SPLIT + GAP)) 512 ${fold[@]+"${fold[@]}"} ;;
     shipped) train "$models/$NAME.keras" ;;
     *) echo "unknown model $model (fold-right, fold-left or shipped)" >&2; exit 2 ;;
   esac

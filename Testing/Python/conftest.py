@@ -143,18 +143,19 @@ def position_network_tile(tile: np.ndarray, widths=(3, 5)) -> np.ndarray:
     return sum(padded[:, p : p + n, q : q + m] for p in range(a) for q in range(b)) / (a * b)
 
 
-def write_threshold_onnx(path, card=None, patch_size: int = 16):
+def write_threshold_onnx(path, card=None, patch_size: int = 16, dimensions: int = 3):
     """Write the same threshold network as :func:`threshold_network`, as an ONNX file (with ``card`` beside it).
 
     Built with the ``onnx`` package alone, so tests of the segmenting path run
     it on ONNX Runtime exactly as the shipped models run, without Keras.
+    ``dimensions=2`` makes it a network of slices of any size, as the whole-knee model's.
     """
     import onnx
     from onnx import TensorProto, helper
 
     from KneeBoneSegLib.models import write_card
 
-    shape = ["batch", patch_size, patch_size, patch_size, 1]
+    shape = ["batch", patch_size, patch_size, patch_size, 1] if dimensions == 3 else ["batch", "rows", "columns", 1]
     graph = helper.make_graph(
         [
             helper.make_node("Mul", ["image", "gain"], ["scaled"]),

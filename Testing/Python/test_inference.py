@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import position_network, position_network_tile
 
-from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
 from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
 
 
@@ -138,3 +138,30 @@ def test_overlapping_tiles_are_weighted_by_place_then_averaged_or_ored(rng):
     np.testing.assert_allclose(mean, (weighted / weight_sum)[crop], atol=1e-5)
     assert np.abs(mean - (uniform / count)[crop]).max() > 0.05  # the Gaussian weights matter here
     np.testing.assert_array_equal(predict_volume(image, network, patch, stride, 4, "or"), ored[crop])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 9])
+def test_slices_are_predicted_whole_and_put_back_in_place_and_air_slices_are_left_out(rng, batch_size):
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    layer = keras.layers.Conv2D(1, 1, use_bias=False)
+    identity = keras.Model(inputs, layer(inputs))
+    layer.set_weights([np.ones((1, 1, 1, 1), np.float32)])
+    image = rng.random((9, 13, 18), dtype=np.float32) + 1.0
+    image[[0, 4]] = 0.05  # slices of air
+    calls = []
+    predicted = predict_slices(image, identity, multiple=8, batch_size=batch_size, progress=lambda done, total: calls.append((done, total)), skip_below=0.1)
+    expected = image.copy()
+    expected[[0, 4]] = 0.0
+    np.testing.assert_allclose(predicted, expected, atol=1e-6)
+    assert calls[-1] == (len(range(0, 7, batch_size)),) * 2
+
+
+def test_a_2d_unet_takes_slices_whose_sides_its_poolings_do_not_divide(rng):
+    from KneeBoneSegLib.network import build_unet
+
+    network = build_unet(None, base_filters=2, depth=3, dimensions=2)
+    image = rng.random((3, 13, 18), dtype=np.float32)
+    predicted = predict_slices(image, network, multiple=8)
+    assert predicted.shape == image.shape and np.all((predicted > 0) & (predicted < 1))

@@ -136,3 +136,20 @@ def test_an_uncertainty_map_needs_three_projections(phantom, model):
     image, _, geometry = phantom
     with pytest.raises(InputError, match="three projections"):
         segment(Volume(image, geometry), model, SegmentOptions(projections=1, keep_uncertainty=True))
+
+
+def test_a_2d_model_predicts_the_slices_of_each_plane_and_segments_the_bones(phantom, tmp_path):
+    image, truth, geometry = phantom
+    card = ModelCard(name="threshold-slices", architecture={"depth": 2, "dimensions": 2}, patch_size=16, normalization=MINMAX)
+    slices = load_model(write_threshold_onnx(tmp_path / "slices.onnx", card, dimensions=2))
+    assert slices.network.input_shape == (None, None, None, 1)
+    maps = predict_projection_maps(Volume(image, geometry), slices, SegmentOptions(skip_air_tiles=False))
+    # The network is voxel-wise, so each plane's slices, predicted whole, give one map: the scan's, thresholded.
+    minmax = (image - image.min()) / (image.max() - image.min())
+    for plane in maps:
+        np.testing.assert_allclose(plane, 1 / (1 + np.exp(-(40 * minmax - 20))), atol=1e-5)
+    result = segment(Volume(image, geometry), slices, SegmentOptions(closing_radius=2, smoothing_iterations=5, surfaces=False))
+    for label in (1, 2, 3):
+        assert _dice(result.labels == label, truth == label) > 0.97
+    with pytest.raises(InputError, match="whole slices"):
+        segment(Volume(image, geometry), slices, SegmentOptions(stride=8))

@@ -22,6 +22,8 @@ from KneeBoneSegLib.models import file_sha256, load_model
 from KneeBoneSegLib.training import (
     Augmentation,
     PatchSampler,
+    SliceSampler,
+    TrainingVolume,
     TrainingConfig,
     add_arguments,
     bone_loss,
@@ -339,3 +341,56 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
     batch = np.random.default_rng(0).normal(0.3, 0.3, (2, 16, 16, 16, 1)).astype(np.float32)
     keras_model = load_model(tmp_path / "coarse.keras").network
     np.testing.assert_allclose(session.run(None, {"image": batch})[0], keras_model.predict_on_batch(batch), atol=1e-4)
+
+
+def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_exports_free_sides(training_pair, tmp_path):
+    """The whole-knee network's recipe (architecture ``slices``) on a crop: few steps, the full path."""
+    import onnxruntime
+
+    slices = partial(_tiny_config, training_pair, architecture="slices", base_filters=4, depth=2, patch_size=16, batch_size=4, soft_labels=None, epochs=3, learning_rate=1e-2)
+    result = train(slices(tmp_path / "slices.keras", train_range_i=(0, 40), crops_past_range=True))
+    losses = [entry["loss"] for entry in result.history]
+    assert losses[-1] < losses[0]
+    assert result.card.architecture["dimensions"] == 2 and result.card.projections == 3
+
+    # The 2D network and its ONNX export take slices of any size, and agree.
+    model = load_model(tmp_path / "slices.onnx")
+    assert model.network.input_shape == (None, None, None, 1)
+    batch = np.random.default_rng(0).normal(0.3, 0.3, (2, 24, 40, 1)).astype(np.float32)
+    keras_model = load_model(tmp_path / "slices.keras").network
+    np.testing.assert_allclose(model.network.predict_on_batch(batch), keras_model.predict_on_batch(batch), atol=1e-4)
+
+    # A resumed run draws the same crops: its checkpoint holds the slice sampler's state.
+    budgeted = slices(tmp_path / "budget.keras", max_minutes=1e-6)
+    assert train(budgeted).steps == budgeted.steps_per_epoch
+    resumed = train(replace(budgeted, max_minutes=None, resume=True))
+    whole = train(slices(tmp_path / "whole.keras"))
+    assert [entry["loss"] for entry in resumed.history] == pytest.approx([entry["loss"] for entry in whole.history], rel=1e-4)
+
+
+def test_slice_crops_keep_image_and_labels_aligned_in_every_plane_and_see_no_label_past_the_range():
+    """Crops of a volume whose image is its labels: each crop's image is its bone, whatever plane and flips."""
+    rng = np.random.default_rng(3)
+    bone = (rng.random((40, 48, 56)) < 0.3).astype(np.float32)
+    bone[:, :, 30:] = 0  # past the range: image seen, labels not
+    trained = np.zeros(bone.shape, np.uint8)
+    trained[:, :, :30] = 1
+    image = np.where(trained > 0, bone, 0.5).astype(np.float32)
+    volume = TrainingVolume(image, bone, np.flatnonzero(bone > 0), {"model_grid_ijk": [56, 48, 40]}, trained)
+    sampler = SliceSampler([volume], 16, 0.5, replace(Augmentation.none(), flips=True), seed=0)
+    images, targets = sampler.batch(64)
+    assert images.shape == (64, 16, 16, 1) and targets.shape == (64, 16, 16, 2)
+    counted = targets[..., 1] > 0
+    assert counted.any() and not counted.all()  # crops reach past the range
+    np.testing.assert_array_equal(images[..., 0][counted], targets[..., 0][counted])
+    assert not targets[..., 0][~counted].any() and np.all(images[..., 0][~counted] == 0.5)
+    # The sampler's state replays its crops.
+    replay = SliceSampler([volume], 16, 0.5, replace(Augmentation.none(), flips=True), seed=1)
+    replay.set_state(sampler.state)
+    np.testing.assert_array_equal(replay.batch(8)[0], sampler.batch(8)[0])
+    # Crops of all three planes: an image that counts k, j and i in units of 1, 100 and 10000 says each crop's plane.
+    k, j, i = np.indices(bone.shape, dtype=np.float32)
+    coded = TrainingVolume(k + 100 * j + 10000 * i, bone, volume.boundary, volume.record, trained)
+    crops = SliceSampler([coded], 16, 0.5, replace(Augmentation.none(), flips=True), seed=0).batch(60)[0][..., 0]
+    steps = {frozenset(np.abs([crop[1, 0] - crop[0, 0], crop[0, 1] - crop[0, 0]]).astype(int)) for crop in crops}
+    assert steps == {frozenset({100, 10000}), frozenset({1, 10000}), frozenset({1, 100})}

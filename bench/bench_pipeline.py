@@ -1,6 +1,6 @@
 """Every stage after the network before and after the speed-ups, side by side in one run; then whole segmentations.
 
-    python bench/bench_pipeline.py [--threads N] [--stages-only] [--configuration NAME ...]
+    python bench/bench_pipeline.py [--threads N] [--stages-only | --segmentations-only] [--configuration NAME ...] [--also-model M.onnx]
     python bench/bench_pipeline.py --cube512 [--baseline CHECKOUT] [--model M.onnx]
 
 1. Stages, in this process, on the 512 x 512 x 286 sample scan: intensity
@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="with --cube512: also run the library of this checkout (e.g. main's)")
     parser.add_argument("--model", default=None, help="with --cube512: model file (default: the shipped model)")
     parser.add_argument("--also-model", type=Path, default=None, help="whole segmentations: also this checkout with this model, in another column")
+    parser.add_argument("--segmentations-only", action="store_true", help="only the whole segmentations, not the stages")
     parser.add_argument("--native-grid", action="store_true", help="with --cube512: also a model on the scan's own grid (the paper's tiling)")
     args = parser.parse_args()
     if args.cube512:
@@ -340,6 +341,8 @@ def main() -> None:
             for bone in BONES:
                 print(f"  {'Dice ' + bone.key:22}" + "".join(f"{dice(result[3] == bone.label, truth == bone.label):16.4f}" for result in results.values()))
             print("  (Dice with the ground truth of the scan the shipped model was trained on: a training figure, not a measure of quality)")
+    if args.segmentations_only:
+        return
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
     with using_threads(args.threads) as threads:
         print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")

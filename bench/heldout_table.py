@@ -1,6 +1,8 @@
 """Held-out quality of a family of models (the shipped one by default), and the effect of each setting.
 
     python bench/heldout_table.py [--models Resources/Models] [--family kneeboneseg-compact] [--json F] [--write-card]
+    python bench/heldout_table.py --family kneeboneseg-slices --json F --beside OTHER.json   # two families side by side
+    python bench/heldout_table.py --family kneeboneseg-slices --validation                  # to choose a setting
 
 There is one annotated scan, so quality is measured by a spatial 2-fold split
 along its first image axis i (left-right). Each fold model's card says which
@@ -14,6 +16,10 @@ held-out side of the split's middle. Two ways, as the README reports them:
 - **segmentations stitched**: each fold's own ``segment`` of the whole scan
   (default settings, what ``kneeboneseg segment --model FOLD.onnx`` gives
   anyone), and the two label maps stitched at the split.
+
+``--validation`` scores fold-right alone on the band between its training
+side and the split (172 <= i < 236), which no held-out figure covers: the
+place to choose a setting, so that the held-out figures choose nothing.
 
 A family is ``FAMILY.onnx`` (trained on the whole scan) with
 ``FAMILY-fold-right.onnx`` and ``FAMILY-fold-left.onnx`` beside it. Every
@@ -33,7 +39,7 @@ from _sample import sample_dir
 
 from KneeBoneSegLib.io import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
-from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model, read_card
+from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model, network_dimensions, read_card
 from KneeBoneSegLib.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import CLOSING_RADIUS_MM, SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.projections import fuse_probabilities
@@ -61,6 +67,24 @@ VARIANTS = [
     ("whole volume in one pass (no tiles), 1 projection", 1, "or", CLOSING_RADIUS_MM, True, WHOLE_VOLUME),
     ("whole volume in one pass, network and components only", 1, "or", 0, False, WHOLE_VOLUME),
 ]
+#: The rows of a family of 2D networks (whole slices, no sub-volumes: no stride to vary).
+SLICE_VARIANTS = [
+    ("default pipeline", None, "or", CLOSING_RADIUS_MM, True, None),
+    ("no hole filling", None, "or", CLOSING_RADIUS_MM, False, None),
+    ("no closing", None, "or", 0, True, None),
+    ("no closing, no hole filling (network and components only)", None, "or", 0, False, None),
+    ("3 planes, mean fusion", 3, "mean", CLOSING_RADIUS_MM, True, None),
+    ("3 planes, majority vote", 3, "vote", CLOSING_RADIUS_MM, True, None),
+    ("3 planes, mean fusion, no closing, no hole filling", 3, "mean", 0, False, None),
+    ("axial slices alone", 1, "or", CLOSING_RADIUS_MM, True, None),
+]
+#: What the side-by-side table compares.
+COMPARED = ("default pipeline", "no closing, no hole filling (network and components only)")
+
+
+def variants_of(card) -> list:
+    """The rows for a family whose fold's card is ``card``: sub-volume networks vary the stride, slice networks cannot."""
+    return SLICE_VARIANTS if network_dimensions(card) == 2 else VARIANTS
 
 
 def fold_names(family: str) -> tuple[str, str]:
@@ -111,11 +135,50 @@ def whole_volume_map(scan: Volume, keras_path: Path) -> np.ndarray:
     return probability[tuple(slice(0, n) for n in image.shape)]
 
 
-def measure_family(folder: Path, family: str, variants, scan: Volume, truth: np.ndarray, labels_out: Path | None = None) -> dict:
-    """Both ways of stitching the folds of ``family`` in ``folder``, and the ``variants`` rows; prints as it goes."""
+def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarray) -> dict:
+    """Fold-right alone, each row of its family scored on the band between its training side and the split."""
+    names = fold_names(family)
+    cards = [read_card(folder / name) for name in names]
+    split, _ = split_of(cards)
+    band = np.s_[..., cards[0].heldout["from"] : split]
+    model = load_model(folder / names[0])
+    print(f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)")
+    maps = {}
+    rows = {}
+    for name, projections, fusion, radius_mm, fill, _ in variants_of(model.card):
+        projections = projections or model.card.projections
+        if projections not in maps:
+            maps = {projections: predict_projection_maps(scan, model, SegmentOptions(projections=projections))}
+        probability = resample_to_shape(fuse_probabilities(maps[projections], fusion), truth.shape, order=1)
+        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
+        labels = postprocess(Volume(probability, scan.geometry), options).labels
+        rows[name] = evaluate_labels(labels[band], truth[band], scan.geometry.spacing)
+        print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  patella {rows[name]['patella']['dice']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
+    return {"fold": names[0], "band_i": [cards[0].heldout["from"], split], "validation": rows}
+
+
+def side_by_side(ours: dict, theirs: dict) -> str:
+    """Two families' held-out figures, both ways of stitching and the network with components only, one line a figure."""
+    lines = [f"{'':58}{ours['family']:>24}{theirs['family']:>24}"]
+    ways = [(f"probabilities stitched, {name}", lambda r, name=name: r["heldout"][name]) for name in COMPARED]
+    ways.insert(1, ("segmentations stitched, default pipeline", lambda r: r["segmentations_stitched"]))
+    for way, figures in ways:
+        lines.append(way)
+        for bone in ("femur", "tibia", "patella", "all"):
+            for metric, form in (("dice", "{:.4f}"), ("iou", "{:.4f}"), ("ahd_voxels", "{:.4f}"), ("ahd_mm", "{:.4f}"), ("hd95_mm", "{:.2f}")):
+                if metric != "dice" and bone != "all":
+                    continue
+                values = [form.format(figures(results)[bone][metric]) for results in (ours, theirs)]
+                lines.append(f"  {bone:8}{metric:48}{values[0]:>24}{values[1]:>24}")
+    return "\n".join(lines)
+
+
+def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, labels_out: Path | None = None) -> dict:
+    """Both ways of stitching the folds of ``family`` in ``folder``, and its variants' rows; prints as it goes."""
     spacing = scan.geometry.spacing
     names = fold_names(family)
     models = [load_model(folder / name) for name in names]
+    variants = variants_of(models[0].card)
     split, sides = split_of([model.card for model in models])
     print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
@@ -135,6 +198,7 @@ def measure_family(folder: Path, family: str, variants, scan: Volume, truth: np.
             else:
                 maps_by_setting[key] = [predict_projection_maps(scan, model, SegmentOptions(projections=projections, stride=stride)) for model in models]
             what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
+            what = "whole slices" if variants is SLICE_VARIANTS else what
             print(f"network, both folds, {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
         return maps_by_setting[key]
 
@@ -164,7 +228,7 @@ def measure_family(folder: Path, family: str, variants, scan: Volume, truth: np.
     print(format_metrics_table(rows[default]))
     print(f"\n{family}, held out, each fold's own segmentation (default settings) stitched:")
     print(format_metrics_table(each_fold))
-    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold}
+    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold, "variants": variants}
 
 
 def main() -> None:
@@ -177,17 +241,27 @@ def main() -> None:
     parser.add_argument("--write-card", action="store_true", help="record the figures in the shipped model's card (its 'quality')")
     parser.add_argument("--held-out-from", type=Path, default=None,
                         help="take the held-out figures from this --json output of an earlier run (the fold models unchanged) and add the training figure")
+    parser.add_argument("--validation", action="store_true", help="score fold-right alone on its validation band (to choose a setting), nothing else")
+    parser.add_argument("--beside", type=Path, default=None, help="print the figures beside another family's, from its --json output")
     args = parser.parse_args()
     data = sample_dir()
     scan = read_volume(data / "knee_mri.nrrd")
     truth = read_volume(data / "knee_bones_labels.nrrd").array
 
+    if args.validation:
+        results = {"family": args.family, **measure_validation(args.models, args.family, scan, truth)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
     if args.held_out_from:
         results = json.loads(args.held_out_from.read_text())
         print(f"held-out figures read from {args.held_out_from}")
     else:
-        results = {"family": args.family, **measure_family(args.models, args.family, VARIANTS, scan, truth, args.labels_out)}
+        results = {"family": args.family, **measure_family(args.models, args.family, scan, truth, args.labels_out)}
         print("\npaper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
+    if args.beside:
+        print("\nheld out, side by side:")
+        print(side_by_side(results, json.loads(args.beside.read_text())))
 
     if not args.no_training_figure:
         shipped = args.models / f"{args.family}.onnx"
@@ -219,8 +293,8 @@ def write_quality(model_path: Path, results: dict) -> None:
                 f"{ours['folds'][0]} and {ours['folds'][1]} (same recipe) each predict the side they never trained on; "
                 "the stitched full-volume probability is post-processed and compared with the ground truth"
             ),
-            "pipeline": VARIANTS[0][0],
-            "metrics": rounded(ours["heldout"][VARIANTS[0][0]]),
+            "pipeline": ours.get("variants", VARIANTS)[0][0],
+            "metrics": rounded(ours["heldout"][ours.get("variants", VARIANTS)[0][0]]),
             "segmentations_stitched": rounded(ours["segmentations_stitched"]),
         },
     }

@@ -158,7 +158,7 @@ class KneeBoneSegParameterNode:
     modelPath - a trained model; empty: the model shipped with the extension.
     threeProjections - predict on all three orientations of the scan and fuse them (the paper's method, the
         shipped model's default; else the scan's own orientation only, about 3 times faster).
-    fusion - how the projections' probabilities are fused.
+    fusion - how the projections' probabilities are fused ("model": the model card's rule).
     closingRadius - radius of the sphere that closes each bone, in closingUnits; 0: no closing.
     closingUnits - "mm" (3.2 mm is the paper's 9 voxels of its 0.352 mm scan) or "voxels" (the paper's rule: 9).
     smoothingIterations - Laplacian smoothing steps of the surfaces.
@@ -171,7 +171,7 @@ class KneeBoneSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     modelPath: str = ""
     threeProjections: bool = True
-    fusion: Annotated[str, Choice(["or", "vote", "mean"])] = "or"
+    fusion: Annotated[str, Choice(["model", "or", "vote", "mean"])] = "model"
     closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 3.2
     closingUnits: Annotated[str, Choice(["mm", "voxels"])] = "mm"
     smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
@@ -583,7 +583,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         volumeNode,
         closingRadius=3.2,
         projections=None,
-        fusion="or",
+        fusion="model",
         smoothingIterations=20,
         device="auto",
         modelPath="",
@@ -607,7 +607,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
             method, about 3 times slower), 1 for the scan's own orientation;
             default the model card's (3 for the shipped model).
         fusion : str
-            How the projections are fused: ``"or"`` (the paper's, the default), ``"vote"`` or ``"mean"``.
+            How the projections are fused: ``"model"`` (the default: the model card's rule), ``"or"`` (the paper's), ``"vote"`` or ``"mean"``.
         smoothingIterations : int
             Laplacian smoothing steps of the surfaces.
         device : str

@@ -51,10 +51,11 @@ class Architecture:
     norm_layer: str = "batch"  # normalisation after each convolution (NORMALIZATIONS)
     soft_labels: bool = False  # train on the share of bone per voxel rather than on bone / not bone
     dimensions: int = 3  # 3: sub-volumes; 2: slices (patch_size is then the training crop's edge)
+    fusion: str | None = None  # the projections' fusion the card names (None: or, the paper's rule)
 
 
 ARCHITECTURES = {
-    "slices": Architecture(base_filters=16, depth=4, patch_size=64, stride=64, batch_size=16, epochs=40, projections=3, soft_labels=True, dimensions=2),
+    "slices": Architecture(base_filters=16, depth=4, patch_size=64, stride=64, batch_size=16, epochs=40, projections=3, soft_labels=True, dimensions=2, fusion="vote"),
     "coarse": Architecture(base_filters=16, depth=4, patch_size=32, stride=16, batch_size=4, epochs=10, projections=1, norm_layer="instance", soft_labels=True),
     "context": Architecture(base_filters=8, depth=4, patch_size=64, stride=48, batch_size=2, epochs=15, projections=1),
     "compact": Architecture(base_filters=16, depth=3, patch_size=32, stride=24, batch_size=8, epochs=25, projections=3),

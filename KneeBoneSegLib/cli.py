@@ -91,7 +91,7 @@ def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICE_CHOICES
     from .engines import ENGINES, PRECISIONS
-    from .pipeline import AGGREGATIONS, FUSIONS, SegmentOptions
+    from .pipeline import AGGREGATIONS, FUSION_CHOICES, SegmentOptions
 
     defaults = SegmentOptions()  # one place for the recommended settings: the library's
     parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
     seg.add_argument("--model", type=Path, default=None, help="trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)")
     seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help="predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 3 for the shipped model)")
-    seg.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion, help=f"how projections are fused (or: the paper's; default: {defaults.fusion})")
+    seg.add_argument("--fusion", choices=FUSION_CHOICES, default=defaults.fusion,
+                     help="how projections are fused (or: the paper's; default: model, the model card's rule: or for the compact model, vote for the 2D one)")
     seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
     seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")
     seg.add_argument("--engine", choices=ENGINES, default="auto", help="what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)")

@@ -10,6 +10,7 @@ network needs and what it was trained on, so that the pipeline never guesses::
       "patch_size": 64,
       "stride": 32,
       "projections": 3,                # projections predicted by default (1 or 3)
+      "fusion": "vote",                # optional: their fusion by default (or, the paper's, where absent)
       "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
       "spacing_mm": null,              # resample to this spacing first; null = native grid
       "training": {...},               # data, augmentation, steps, time, machine
@@ -54,6 +55,7 @@ class ModelCard:
     patch_size: int = 64
     stride: int = 32
     projections: int = 3  # projections to predict unless a run asks otherwise (1: the scan's own axes)
+    fusion: str | None = None  # how they are fused unless a run asks otherwise (None: or, the paper's rule)
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     spacing_mm: list | None = None
     training: dict = field(default_factory=dict)

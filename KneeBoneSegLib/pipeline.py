@@ -51,6 +51,13 @@ Progress = Callable[[str, float], None]
 PAPER_CLOSING_RADIUS_VOXELS = 9.0
 CLOSING_RADIUS_MM = 3.2
 CLOSING_UNITS = ("mm", "voxels")
+#: ``fusion="model"`` takes the rule the model's card names (OR, the paper's, where it names none).
+FUSION_CHOICES = ("model",) + FUSIONS
+
+
+def fusion_rule(fusion: str, card) -> str:
+    """The fusion a run applies: ``fusion`` itself, or for ``"model"`` the card's rule (OR where it names none)."""
+    return (card.fusion or "or") if fusion == "model" else fusion
 
 
 def closing_radius_default(units: str) -> float:
@@ -65,9 +72,11 @@ class SegmentOptions:
     ``projections`` (1 or 3) defaults to the model card's: 3 for the shipped
     model and the paper's (a card without the field means 3).
 
-    ``fusion`` defaults to the paper's rule, OR of the projections (their
-    maximum probability): the compact model misses more bone than it adds,
-    and OR fusion scored best held out (``bench/heldout_table.py``).
+    ``fusion`` defaults to the model card's rule (``"model"``): the paper's,
+    OR of the projections (their maximum probability), for the compact
+    model, which misses more bone than it adds; majority vote for the
+    whole-knee 2D model, where OR added bone (both chosen by
+    ``bench/heldout_table.py``).
     ``aggregate`` defaults to a weighted mean of overlapping sub-volumes;
     ``"or"`` gives the paper's rule there too (threshold each tile, then OR).
     ``stride`` is the step between sub-volumes, in the model's voxels;
@@ -90,7 +99,7 @@ class SegmentOptions:
     """
 
     projections: int | None = None
-    fusion: str = "or"
+    fusion: str = "model"
     aggregate: str = "mean"
     stride: int | None = None
     skip_air_tiles: bool = True
@@ -108,8 +117,8 @@ class SegmentOptions:
     def validate(self) -> "SegmentOptions":
         if self.projections not in (None, 1, 3):
             raise InputError(f"projections must be 1 or 3, not {self.projections}")
-        if self.fusion not in FUSIONS:
-            raise InputError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+        if self.fusion not in FUSION_CHOICES:
+            raise InputError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, not {self.fusion!r}")
         if self.aggregate not in AGGREGATIONS:
             raise InputError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {self.aggregate!r}")
         if self.closing_units not in CLOSING_UNITS:
@@ -195,7 +204,8 @@ def segment(
         # Each projection's map is folded into the fused one as it comes (never all three held),
         # and into the running range that measures their disagreement.
         spread = ProjectionRange()
-        probability = stages.run("network", fuse_probabilities, spread.watch(maps), options.fusion)
+        fusion = fusion_rule(options.fusion, model.card)
+        probability = stages.run("network", fuse_probabilities, spread.watch(maps), fusion)
         disagreement = spread.disagreement()
         if grid.resamples:
             probability = stages.run("resample", grid.to_scan, probability)
@@ -203,7 +213,7 @@ def segment(
                 disagreement = stages.run("resample", grid.to_scan, disagreement)
 
         result = postprocess(Volume(probability, volume.geometry), options, progress=progress, field_of_view=FieldOfView(volume.array), _stages=stages)
-    result.report.update(report, warnings=report["warnings"] + result.report.get("warnings", []))
+    result.report.update(report, fusion=fusion, warnings=report["warnings"] + result.report.get("warnings", []))
     result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
     result.report["verdict"] = judge(result.report, model.card.confidence)
     result.uncertainty = disagreement if options.keep_uncertainty else None

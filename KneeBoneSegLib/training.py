@@ -638,6 +638,7 @@ def _initial_network(config: TrainingConfig):
         patch_size=config.patch_size,
         stride=config.stride,
         projections=ARCHITECTURES[config.architecture].projections,
+        fusion=ARCHITECTURES[config.architecture].fusion,
         normalization=dict(config.normalization),
         spacing_mm=[float(config.spacing_mm)] * 3 if config.spacing_mm else None,
     )

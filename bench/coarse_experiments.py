@@ -48,7 +48,7 @@ from KneeBoneSegLib.errors import ModelError  # noqa: E402
 from KneeBoneSegLib.io import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
 from KneeBoneSegLib.models import load_model  # noqa: E402
-from KneeBoneSegLib.pipeline import SegmentOptions, predict_projection_maps, postprocess  # noqa: E402
+from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, predict_projection_maps, postprocess  # noqa: E402
 from KneeBoneSegLib.training import Augmentation, TrainingConfig, train  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
 
@@ -293,7 +293,7 @@ def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.
 
     fine = load_model(ROOT / "Resources" / "Models" / "kneeboneseg-compact-fold-right.onnx")
     maps = predict_projection_maps(scan, fine, options)
-    fused = onto_scan(fuse_probabilities(iter(maps), options.fusion), scan, fine.card.spacing_mm)
+    fused = onto_scan(fuse_probabilities(iter(maps), fusion_rule(options.fusion, fine.card)), scan, fine.card.spacing_mm)
     sampling = np.asarray(scan.geometry.spacing)[::-1]
     region = ndimage.distance_transform_edt(coarse < options.threshold, sampling=sampling) <= GATE_MARGIN_MM
     return np.where(region, fused, 0.0).astype(np.float32)

@@ -116,6 +116,11 @@ def test_projection_and_fusion_variants_give_their_own_maps(phantom):
     for fusion, fused in expected.items():
         result = segment(volume, model, replace(options, fusion=fusion))
         np.testing.assert_allclose(result.probability, fused, atol=1e-6, err_msg=fusion)
+        # The default, "model", is the card's rule, and OR (the paper's) for a card that names none.
+        carded = segment(volume, Model(model.network, replace(model.card, fusion=fusion)), options)
+        np.testing.assert_allclose(carded.probability, fused, atol=1e-6, err_msg=fusion)
+        assert carded.report["fusion"] == fusion
+    np.testing.assert_allclose(segment(volume, model, options).probability, expected["or"], atol=1e-6)
     one = segment(volume, model, replace(options, projections=1)).probability
     np.testing.assert_allclose(one, maps[0], atol=1e-6)
     assert len({round(float(m.sum()), 1) for m in (*expected.values(), one)}) == 4

@@ -129,7 +129,7 @@ def test_ui_parameters_are_fields_of_the_parameter_node(module_tree, ui_widgets)
 
 def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
     from KneeBoneSegLib.devices import DEVICE_CHOICES
-    from KneeBoneSegLib.pipeline import CLOSING_UNITS, FUSIONS, SegmentOptions
+    from KneeBoneSegLib.pipeline import CLOSING_UNITS, FUSION_CHOICES, SegmentOptions
 
     parameter_class = _class(module_tree, "KneeBoneSegParameterNode")
     fields = {node.target.id: node for node in parameter_class.body if isinstance(node, ast.AnnAssign)}
@@ -138,7 +138,7 @@ def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
         (choice,) = [call for call in ast.walk(fields[name].annotation) if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Choice"]
         return set(ast.literal_eval(choice.args[0]))
 
-    assert choices("fusion") == set(FUSIONS)
+    assert choices("fusion") == set(FUSION_CHOICES)
     assert choices("device") == set(DEVICE_CHOICES)
     from KneeBoneSegLib.engines import PRECISIONS
 

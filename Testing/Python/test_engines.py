@@ -18,14 +18,20 @@ from KneeBoneSegLib.engines import open_network
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io import write_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, read_card
+from KneeBoneSegLib.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, network_dimensions, read_card
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-SHIPPED = ("kneeboneseg-compact", "kneeboneseg-compact-fold-right", "kneeboneseg-compact-fold-left")
+SHIPPED = tuple(f"kneeboneseg-{family}{fold}" for family in ("compact", "slices") for fold in ("", "-fold-right", "-fold-left"))
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 ONNX_ENGINES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed"))]
+
+
+def random_input(card: ModelCard, rng) -> np.ndarray:
+    """Two random inputs of the shape a model takes: cubic sub-volumes, or oblong slices for a 2D network of free sides."""
+    shape = (card.patch_size,) * 3 if network_dimensions(card) == 3 else (48, 80)
+    return rng.normal(0.3, 0.3, (2, *shape, 1)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -48,8 +54,7 @@ def test_every_shipped_onnx_model_gives_the_keras_probabilities_on_random_input(
     network = open_network(MODELS / f"{name}.onnx", engine=engine, device="cpu")
     # float32 unless asked: OpenVINO would compute in bfloat16 on CPUs with bfloat16 units (1.4e-3 off here).
     assert (network.describe()["engine"], network.describe()["precision"]) == (engine, "f32")
-    size = read_card(MODELS / f"{name}.onnx").patch_size
-    batch = rng.normal(0.3, 0.3, (2, size, size, size, 1)).astype(np.float32)
+    batch = random_input(read_card(MODELS / f"{name}.onnx"), rng)
     expected = keras.ops.convert_to_numpy(reference.predict_on_batch(batch))
     assert np.abs(network.predict_on_batch(batch) - expected).max() <= 1e-4
 
@@ -59,7 +64,7 @@ def test_bfloat16_is_a_choice_where_the_cpu_has_it_and_a_clear_refusal_where_not
     import openvino
 
     path = MODELS / SHIPPED_MODEL
-    batch = rng.normal(0.3, 0.3, (2, 32, 32, 32, 1)).astype(np.float32)
+    batch = random_input(read_card(path), rng)
     exact = open_network(path, engine="openvino", device="cpu").predict_on_batch(batch)
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(InputError, match="no bfloat16 arithmetic on this machine; use --precision f32"):

@@ -175,12 +175,13 @@ def side_by_side(ours: dict, theirs: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, labels_out: Path | None = None) -> dict:
-    """Both ways of stitching the folds of ``family`` in ``folder``, and its variants' rows; prints as it goes."""
+def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, labels_out: Path | None = None, compared_only: bool = False) -> dict:
+    """Both ways of stitching the folds of ``family`` in ``folder``, and its variants' rows (or only the
+    :data:`COMPARED` ones); prints as it goes."""
     spacing = scan.geometry.spacing
     names = fold_names(family)
     models = [load_model(folder / name) for name in names]
-    variants = variants_of(models[0].card)
+    variants = [row for row in variants_of(models[0].card) if row[0] in COMPARED or not compared_only]
     split, sides = split_of([model.card for model in models])
     print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
@@ -245,6 +246,7 @@ def main() -> None:
                         help="take the held-out figures from this --json output of an earlier run (the fold models unchanged) and add the training figure")
     parser.add_argument("--validation", action="store_true", help="score fold-right alone on its validation band (to choose a setting), nothing else")
     parser.add_argument("--beside", type=Path, default=None, help="print the figures beside another family's, from its --json output")
+    parser.add_argument("--compared-only", action="store_true", help="only the rows the side-by-side table compares (no ablations)")
     args = parser.parse_args()
     data = sample_dir()
     scan = read_volume(data / "knee_mri.nrrd")
@@ -259,7 +261,7 @@ def main() -> None:
         results = json.loads(args.held_out_from.read_text())
         print(f"held-out figures read from {args.held_out_from}")
     else:
-        results = {"family": args.family, **measure_family(args.models, args.family, scan, truth, args.labels_out)}
+        results = {"family": args.family, **measure_family(args.models, args.family, scan, truth, args.labels_out, args.compared_only)}
         print("\npaper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
     if args.beside:
         print("\nheld out, side by side:")

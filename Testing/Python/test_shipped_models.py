@@ -76,3 +76,25 @@ def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     scores = {bone.key: dice(result.labels == bone.label, truth.array == bone.label) for bone in BONES}
     figures = {key: card["metrics"][key]["dice"] for key in scores}
     assert all(abs(scores[key] - figures[key]) <= CARD_TOLERANCE for key in scores), (scores, figures)
+
+
+def test_the_2d_familys_fold_model_finds_the_bone_where_it_never_trained(sample_scan):
+    """The whole-knee 2D family, shipped as a choice: fold-right (trained on i < 172) on a block of i >= 236.
+
+    Its three planes' slices, fused by its card's rule (majority vote) and
+    thresholded, against the ground truth's bone: the network alone, before
+    components and naming, on a part of the knee it never saw.
+    """
+    from KneeBoneSegLib.pipeline import fusion_rule, predict_projection_maps
+    from KneeBoneSegLib.projections import fuse_probabilities
+    from KneeBoneSegLib.resampling import resample_to_shape
+
+    image, truth = sample_scan
+    model = load_model(MODELS / "kneeboneseg-slices-fold-right.onnx")
+    assert model.card.heldout == {"axis": "i", "from": 172, "to": 512} and model.card.fusion == "vote"
+    corner = (40, 100, 236)  # k, j, i: femur and tibia of the side the fold never trained on
+    box = tuple(slice(c, c + n) for c, n in zip(corner, (200, 300, 160)))
+    crop = Volume(image.array[box], image.geometry.cropped(corner))
+    fused = fuse_probabilities(predict_projection_maps(crop, model, SegmentOptions()), fusion_rule("model", model.card))
+    bone = resample_to_shape(fused, crop.array.shape, order=1) >= 0.5
+    assert dice(bone, truth.array[box] > 0) > 0.95

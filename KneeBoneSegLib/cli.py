@@ -91,7 +91,7 @@ def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICE_CHOICES
     from .engines import ENGINES, PRECISIONS
-    from .pipeline import AGGREGATIONS, FUSION_CHOICES, SegmentOptions
+    from .pipeline import AGGREGATIONS, FUSION_CHOICES, SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
 
     defaults = SegmentOptions()  # one place for the recommended settings: the library's
     parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", choices=PRECISIONS, default="f32", help="arithmetic of the network (default: f32, the same bones on every CPU; bf16: faster on CPUs with bfloat16 units, OpenVINO only)")
     seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
     seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
-    seg.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"sub-volumes per network call (default: {defaults.batch_size})")
+    seg.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                     help=f"sub-volumes (or slices, for a 2D model) per network call (default: {SUBVOLUMES_PER_CALL} sub-volumes or {SLICES_PER_CALL} slices)")
     seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
     seg.add_argument(
         "--save-uncertainty", action="store_true",

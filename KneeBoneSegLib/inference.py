@@ -150,7 +150,7 @@ def predict_slices(
     image: np.ndarray,
     network,
     multiple: int = 16,
-    batch_size: int = 8,
+    batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     skip_below: float | None = None,
 ) -> np.ndarray:

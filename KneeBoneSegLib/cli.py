@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads every stage (the network too) may use (default: all cores this process may run on)")
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
-    evaluate.add_argument("prediction", type=Path)
-    evaluate.add_argument("reference", type=Path)
+    evaluate.add_argument("prediction", type=Path, metavar="PRED",
+                          help="the label map to score (0 background, 1 femur, 2 tibia, 3 patella), on any grid that overlaps REFERENCE")
+    evaluate.add_argument("reference", type=Path, metavar="REFERENCE", help="the ground truth it is scored against, a label map with the same values")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all")
 
     train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
     sample.add_argument("--progress", choices=("text", "json", "none"), default="none", help="progress display (json: one object per line on stdout, for the Slicer module)")
 
-    commands.add_parser("info", help="versions, compute devices and the default model's card")
+    info = commands.add_parser("info", help="versions, the engine and device a segmentation runs on, and the default model with its held-out figures")
+    info.add_argument("--json", action="store_true", help="everything as one JSON object, the default model's whole card included")
     return parser
 
 
@@ -222,7 +224,7 @@ def _run_evaluate(args) -> None:
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
 
 
-def _run_info() -> None:
+def _run_info(args) -> None:
     from . import __version__
     from .devices import describe_devices
     from .models import default_model_path, load_model
@@ -234,7 +236,22 @@ def _run_info() -> None:
     info["default_model"] = {"path": str(model_path), "card": json.loads(card_file.read_text(encoding="utf-8")) if card_file.is_file() else None}
     # What a default `segment` runs on here, read back from the opened network: engine, device, precision, CPU.
     info["engine"] = load_model(model_path).network.describe() if model_path.is_file() else None
-    print(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2) if args.json else info_summary(info))
+
+
+def info_summary(info: dict) -> str:
+    """A few lines of ``kneeboneseg info``'s object for a person: versions, engine, default model and its held-out figures."""
+    engine, card = info["engine"], info["default_model"]["card"]
+    lines = [f"kneeboneseg {info['kneeboneseg']}, Python {sys.version.split()[0]}, " + ", ".join(f"{name} {version}" for name, version in info["versions"].items())]
+    if engine:
+        lines.append(f"runs on: {engine['engine']} {engine['version']}, {engine['device']} ({engine['cpu']['name']}), {engine['precision']}, {engine['threads']} threads")
+    lines.append(f"default model: {info['default_model']['path']}" + ("" if card else " (no card)"))
+    heldout = (card or {}).get("quality", {}).get("heldout")
+    if heldout:
+        dice = {bone: figures["dice"] for bone, figures in heldout["metrics"].items()}
+        lines.append("  held out, all-bone Dice {all:.4f} (femur {femur:.4f}, tibia {tibia:.4f}, patella {patella:.4f})".format(**dice))
+    lines.append("more: kneeboneseg info --json")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             train(config_from_args(args))
             return 0
         else:
-            _run_info()
+            _run_info(args)
             return 0
     except KneeBoneSegError as error:
         reporter.error(str(error))

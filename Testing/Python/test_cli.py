@@ -179,7 +179,7 @@ def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, 
 
 
 def test_the_console_script_runs_as_a_module():
-    completed = subprocess.run([sys.executable, "-m", "KneeBoneSegLib", "info"], capture_output=True, text=True, timeout=300)
+    completed = subprocess.run([sys.executable, "-m", "KneeBoneSegLib", "info", "--json"], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     info = json.loads(completed.stdout)
     assert info["devices"]["auto"] in ("cpu", "gpu") and "onnxruntime" in info["versions"]
@@ -187,6 +187,23 @@ def test_the_console_script_runs_as_a_module():
     engine = info["engine"]  # what a default segment runs on here
     assert engine["precision"] == "f32" and engine["engine"] in ("onnxruntime", "openvino") and engine["version"]
     assert "AVX2" in engine["cpu"]["instruction_sets"] or engine["cpu"]["machine"] not in ("x86_64", "AMD64")
+
+
+def test_info_is_a_short_summary_for_a_person_and_the_whole_object_with_json(capsys):
+    from KneeBoneSegLib.models import default_model_path, read_card
+
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and len(out.strip().splitlines()) <= 6
+    assert str(default_model_path()) in out and "f32" in out
+    dice = read_card(default_model_path()).quality["heldout"]["metrics"]["all"]["dice"]
+    assert f"all-bone Dice {dice:.4f}" in out
+
+
+def test_evaluate_help_says_which_argument_is_the_prediction_and_which_the_reference(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    usage = capsys.readouterr().out
+    assert "PRED REFERENCE" in usage and "the label map to score" in usage and "the ground truth" in usage
 
 
 def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path, capsys):
@@ -256,6 +273,7 @@ def test_evaluate_prints_a_table_of_each_bone_and_refuses_bad_inputs(scan_and_mo
 
 
 def test_train_runs_through_the_command_line(scan_and_model, tmp_path, capsys):
+    pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
     folder = scan_and_model
     code, _, err = run(["train", folder / "knee.nrrd", folder / "truth.nrrd", "-o", tmp_path / "tiny.keras", "--base-filters", "4",
                         "--depth", "2", "--patch-size", "16", "--stride", "8", "--epochs", "1", "--steps-per-epoch", "2",

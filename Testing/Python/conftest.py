@@ -11,6 +11,13 @@ import pytest
 SAMPLE_ENV = "KNEEBONESEG_SAMPLE_DIR"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the sample scan, through any fixture, is marked ``sample`` (``-m "not sample"`` leaves them out)."""
+    for item in items:
+        if "sample_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.sample)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The folder holding knee_mri.nrrd, knee_bones_labels.nrrd and dicom_subset/."""

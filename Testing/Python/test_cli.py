@@ -163,6 +163,7 @@ def test_thick_slices_warn_and_still_run(tmp_path, capsys, caplog, scan_and_mode
     assert any("3 mm" in w and "isotropic" in w for w in summary["warnings"]), summary["warnings"]
 
 
+@pytest.mark.slow
 def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, capsys):
     truth = sample_dir / "knee_bones_labels.nrrd"
     code, _, _ = run(["postprocess", truth, "-o", tmp_path / "bones", "--progress", "none", "--nifti"], capsys)
@@ -272,6 +273,7 @@ def test_evaluate_prints_a_table_of_each_bone_and_refuses_bad_inputs(scan_and_mo
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing.nrrd" in err
 
 
+@pytest.mark.slow
 def test_train_runs_through_the_command_line(scan_and_model, tmp_path, capsys):
     pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
     folder = scan_and_model

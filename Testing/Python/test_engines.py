@@ -110,6 +110,7 @@ def onnxruntime_on_the_crop(sample_crop):
         pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed")),
     ],
 )
+@pytest.mark.slow
 def test_every_installed_engine_gives_onnxruntimes_bones_on_the_sample_scan(sample_crop, onnxruntime_on_the_crop, engine):
     """By default every engine computes in float32, so on any CPU (AVX2, AVX-512, AMX) the bones are the same."""
     model_file = Path(SHIPPED_MODEL).with_suffix(".keras") if engine == "keras" else SHIPPED_MODEL
@@ -209,6 +210,7 @@ def test_an_unknown_engine_and_a_missing_openvino_are_clear_errors(tmp_path):
             open_network(path, engine="openvino")
 
 
+@pytest.mark.slow
 def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_checkout(tmp_path):
     """``pip install`` of a built wheel (not ``-e``): the default model must come with it."""
     import sysconfig

@@ -365,6 +365,7 @@ def test_read_mask_reads_a_slicer_segmentation_with_overlapping_segments(tmp_pat
     assert_same_geometry(mask.geometry, geometry, 1e-12)
 
 
+@pytest.mark.slow
 def test_read_mask_of_the_sample_label_map(sample_dir, sample_labels):
     mask = read_mask(sample_dir / "knee_bones_labels.nrrd")
 

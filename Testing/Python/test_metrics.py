@@ -35,6 +35,7 @@ def test_average_hausdorff_equals_pymia(rng):
     assert average_hausdorff(prediction, reference, spacing_kji[::-1]) == pytest.approx(metric.calculate(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_ground_truth_against_itself_and_a_perturbed_copy(sample_labels):
     truth, spacing = sample_labels.array, sample_labels.geometry.spacing
     perfect = evaluate_labels(truth, truth, spacing)

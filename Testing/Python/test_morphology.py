@@ -52,6 +52,7 @@ def test_close_bones_grows_each_bone_into_background_only():
         close_bones(labels, 3, units="cm")
 
 
+@pytest.mark.slow
 def test_closing_the_ground_truth_bones_of_the_sample_scan(sample_labels):
     labels = sample_labels.array
     patella = labels == 3

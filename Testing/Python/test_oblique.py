@@ -272,6 +272,7 @@ def upright_run(sample_scan, shipped_model):
 @pytest.mark.sample
 @pytest.mark.slow
 @pytest.mark.parametrize("turn", [("z", 20), ("xy", (20, 25))], ids=_turn_id)
+@pytest.mark.slow
 def test_the_sample_scan_on_turned_grids_gives_the_same_bones(turn, sample_scan, sample_labels, shipped_model, upright_run):
     scan, truth = turned(sample_scan, rotation(*turn)), turned(sample_labels, rotation(*turn), order=0)
     result = segment(scan, shipped_model, SAMPLE_OPTIONS)

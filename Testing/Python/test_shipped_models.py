@@ -52,6 +52,7 @@ CARD_TOLERANCE = 0.015
 MARGIN = 64
 
 
+@pytest.mark.slow
 def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     from KneeBoneSegLib.pipeline import postprocess, predict_projection_maps
     from KneeBoneSegLib.projections import fuse_probabilities
@@ -78,6 +79,7 @@ def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     assert all(abs(scores[key] - figures[key]) <= CARD_TOLERANCE for key in scores), (scores, figures)
 
 
+@pytest.mark.slow
 def test_the_2d_familys_fold_model_finds_the_bone_where_it_never_trained(sample_scan):
     """The whole-knee 2D family, shipped as a choice: fold-right (trained on i < 172) on a block of i >= 236.
 

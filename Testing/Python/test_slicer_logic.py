@@ -57,6 +57,7 @@ def segmented(tmp_path_factory):
     return {"scene": scene, "runs": runs, "knee": knee, "other": other, "target": target, "node": node, "temporary": temporary, "progress": progress, "run": run}
 
 
+@pytest.mark.slow
 def test_a_run_fills_the_nodes_it_started_with(segmented):
     scene, knee, target = segmented["scene"], segmented["knee"], segmented["target"]
     assert segmented["node"] is target

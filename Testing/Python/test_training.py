@@ -83,6 +83,7 @@ def _tiny_config(training_pair, output: Path, **changes) -> TrainingConfig:
     return replace(config, **changes)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curves(training_pair, tmp_path):
     output = tmp_path / "tiny.keras"
     result = train(_tiny_config(training_pair, output, epochs=6, steps_per_epoch=5))
@@ -126,6 +127,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
         assert np.count_nonzero(np.all(curves == colour, axis=-1)) > 200
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_exactly_where_it_stopped(training_pair, tmp_path):
     uninterrupted = train(_tiny_config(training_pair, tmp_path / "whole.keras"))
 
@@ -147,6 +149,7 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(training_pair, tmp_pat
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_a_new_run_refuses_to_overwrite(training_pair, tmp_path):
     config = _tiny_config(training_pair, tmp_path / "model.keras", epochs=1, steps_per_epoch=1)
     train(config)
@@ -255,6 +258,7 @@ def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_of
     assert abs(int(volume.bone.sum()) - labels.sum() / 8) <= 0.15 * labels.sum() / 8
 
 
+@pytest.mark.slow
 def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tmp_path):
     from KneeBoneSegLib.models import Model, ModelCard, save_model
     from KneeBoneSegLib.network import build_unet
@@ -307,6 +311,7 @@ def test_an_architecture_gives_the_settings_a_run_leaves_unset():
     assert "--base-filters" not in words and "--stride" not in words  # the architecture's own values need no option
 
 
+@pytest.mark.slow
 def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and_exports(training_pair, tmp_path):
     """The whole-knee experiments' recipe (architecture ``coarse``) on a crop: few steps, the full path."""
     import onnxruntime
@@ -343,6 +348,7 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
     np.testing.assert_allclose(session.run(None, {"image": batch})[0], keras_model.predict_on_batch(batch), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_exports_free_sides(training_pair, tmp_path):
     """The whole-knee network's recipe (architecture ``slices``) on a crop: few steps, the full path."""
     import onnxruntime

@@ -209,6 +209,7 @@ def sample_scan(sample_dir):
     return read_volume(sample_dir / "knee_mri.nrrd")
 
 
+@pytest.mark.slow
 def test_sample_knee_is_ok_for_all_three_bones(sample_scan, sample_labels, shipped):
     result = segment(_crop(sample_scan, KNEE), shipped, SegmentOptions(surfaces=False))
     verdict = result.verdict
@@ -218,6 +219,7 @@ def test_sample_knee_is_ok_for_all_three_bones(sample_scan, sample_labels, shipp
     _assert_no_wrong_bone(result, sample_labels.array[KNEE])
 
 
+@pytest.mark.slow
 def test_femur_only_crop_gives_a_femur_to_review_and_two_missing(sample_scan, sample_labels, shipped):
     result = segment(_crop(sample_scan, FEMUR_ONLY), shipped, SegmentOptions(surfaces=False))
     bones = result.verdict["bones"]
@@ -237,6 +239,7 @@ def _assert_untrusted(result, truth, words):
     _assert_no_wrong_bone(result, truth)
 
 
+@pytest.mark.slow
 def test_inverted_contrast_is_not_trusted(sample_scan, sample_labels, shipped):
     joint = _crop(sample_scan, JOINT)
     inverted = Volume(joint.array.max() - joint.array, joint.geometry)
@@ -245,6 +248,7 @@ def test_inverted_contrast_is_not_trusted(sample_scan, sample_labels, shipped):
     _assert_untrusted(result, sample_labels.array[JOINT], "inverted")
 
 
+@pytest.mark.slow
 def test_suppressed_fat_is_not_trusted(sample_scan, sample_labels, shipped):
     joint = _crop(sample_scan, JOINT)
     low, bright = np.percentile(joint.array, [50, 85])
@@ -255,6 +259,7 @@ def test_suppressed_fat_is_not_trusted(sample_scan, sample_labels, shipped):
     _assert_untrusted(result, sample_labels.array[JOINT], "the network is sure")
 
 
+@pytest.mark.slow
 def test_a_head_is_not_a_knee(shipped):
     from skimage.data import shepp_logan_phantom
     from skimage.transform import resize

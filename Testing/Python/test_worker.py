@@ -190,6 +190,7 @@ SAMPLE_CROP = (slice(64, 176), slice(112, 304), slice(136, 296))
 
 
 @pytest.mark.sample
+@pytest.mark.slow
 def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels, tmp_path):
     """What the Slicer module runs, end to end: the real command line in a worker, on real data."""
     from KneeBoneSegLib.anatomy import BONES

@@ -53,7 +53,7 @@ from scipy import ndimage
 
 from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
 from .errors import Cancelled, InputError
-from .models import Model, ModelCard, file_sha256, load_model, save_model
+from .models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
 from .resampling import grid_shape_for_spacing, resample_to_shape
 
@@ -521,7 +521,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
         volumes.append(volume)
         data.append(volume.record)
     card.heldout = heldout_range(config.train_range_i, volumes[0].record["shape_ijk"][0])
-    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, card.architecture.get("dimensions", 3))
+    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, network_dimensions(card))
 
     network.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bone_loss(config.dice_weight))
     network.optimizer.build(network.trainable_variables)

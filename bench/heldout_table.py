@@ -145,18 +145,53 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
     band = np.s_[..., cards[0].heldout["from"] : split]
     model = load_model(folder / names[0])
     print(f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)")
-    maps = {}
+    network_maps = fold_maps(folder, names[:1], [model], scan)
     rows = {}
-    for name, projections, fusion, radius_mm, fill, _ in variants_of(model.card):
+    for name, projections, fusion, radius_mm, fill, stride in variants_of(model.card):
         projections = projections or model.card.projections
-        if projections not in maps:
-            maps = {projections: predict_projection_maps(scan, model, SegmentOptions(projections=projections))}
-        probability = resample_to_shape(fuse_probabilities(maps[projections], fusion_rule(fusion, model.card)), truth.shape, order=1)
-        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
-        labels = postprocess(Volume(probability, scan.geometry), options).labels
+        (side_maps,) = network_maps(projections, stride)
+        labels = row_labels(fused_on_scan(side_maps, fusion, model.card, truth.shape), scan, projections, fusion, radius_mm, fill)
         rows[name] = evaluate_labels(labels[band], truth[band], scan.geometry.spacing)
         print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  patella {rows[name]['patella']['dice']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
     return {"fold": names[0], "band_i": [cards[0].heldout["from"], split], "validation": rows}
+
+
+def fold_maps(folder: Path, names, models, scan: Volume):
+    """``network_maps(projections, stride)``: each model's projection maps on its grid for one network
+    setting, computed once and kept until another setting is asked for (each set is a few hundred MB)."""
+    patch_size = models[0].card.patch_size
+    slices = network_dimensions(models[0].card) == 2
+    maps_by_setting = {}
+
+    def network_maps(projections: int, stride):
+        stride = {HALF_OVERLAP: patch_size // 2, NO_OVERLAP: patch_size}.get(stride, stride)
+        key = (projections, stride)
+        if projections == 1 and (3, stride) in maps_by_setting:  # the first projection is the one-projection run's
+            return [side_maps[:1] for side_maps in maps_by_setting[(3, stride)]]
+        if key not in maps_by_setting:
+            maps_by_setting.clear()
+            start = time.perf_counter()
+            if stride == WHOLE_VOLUME:
+                maps_by_setting[key] = [[whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names]
+            else:
+                maps_by_setting[key] = [predict_projection_maps(scan, model, SegmentOptions(projections=projections, stride=stride)) for model in models]
+            what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
+            what = "whole slices" if slices else what
+            print(f"network, {len(models)} fold(s), {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
+        return maps_by_setting[key]
+
+    return network_maps
+
+
+def fused_on_scan(side_maps, fusion: str, card, shape) -> np.ndarray:
+    """One model's projection maps fused by ``fusion`` (``"model"``: the card's rule) and brought to the scan's ``shape``."""
+    return resample_to_shape(fuse_probabilities(side_maps, fusion_rule(fusion, card)), shape, order=1)
+
+
+def row_labels(probability: np.ndarray, scan: Volume, projections: int, fusion: str, radius_mm: float, fill: bool) -> np.ndarray:
+    """A row's label map: ``probability`` on the scan's grid post-processed with the row's settings."""
+    options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
+    return postprocess(Volume(probability, scan.geometry), options).labels
 
 
 def side_by_side(ours: dict, theirs: dict) -> str:
@@ -185,41 +220,19 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     split, sides = split_of([model.card for model in models])
     print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
-    patch_size = models[0].card.patch_size
-    maps_by_setting = {}
-
-    def network_maps(projections: int, stride):
-        stride = {HALF_OVERLAP: patch_size // 2, NO_OVERLAP: patch_size}.get(stride, stride)
-        key = (projections, stride)
-        if projections == 1 and (3, stride) in maps_by_setting:  # the first projection is the one-projection run's
-            return [side_maps[:1] for side_maps in maps_by_setting[(3, stride)]]
-        if key not in maps_by_setting:
-            maps_by_setting.clear()  # one set of maps at a time: each is a few hundred MB
-            start = time.perf_counter()
-            if stride == WHOLE_VOLUME:
-                maps_by_setting[key] = [[whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names]
-            else:
-                maps_by_setting[key] = [predict_projection_maps(scan, model, SegmentOptions(projections=projections, stride=stride)) for model in models]
-            what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
-            what = "whole slices" if variants is SLICE_VARIANTS else what
-            print(f"network, both folds, {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
-        return maps_by_setting[key]
-
+    network_maps = fold_maps(folder, names, models, scan)
     rows = {}
     for name, projections, fusion, radius_mm, fill, stride in variants:
         projections = projections or models[0].card.projections
-        maps = network_maps(projections, stride)
-        fused = [fuse_probabilities(side_maps, fusion_rule(fusion, models[0].card)) for side_maps in maps]
-        fused = [resample_to_shape(side, truth.shape, order=1) for side in fused]
+        fused = [fused_on_scan(side_maps, fusion, models[0].card, truth.shape) for side_maps in network_maps(projections, stride)]
         probability = stitched(fused[sides["low"]], fused[sides["high"]], split)
         del fused
-        options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
-        labels = postprocess(Volume(probability, scan.geometry), options).labels
+        labels = row_labels(probability, scan, projections, fusion, radius_mm, fill)
         rows[name] = evaluate_labels(labels, truth, spacing)
         if name == variants[0][0] and labels_out:
             write_volume(Volume(labels, scan.geometry), labels_out)
         print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
-    maps_by_setting.clear()
+    del network_maps  # its maps, before the folds segment the whole scan
 
     start = time.perf_counter()
     segmented = [segment(scan, model, SegmentOptions(surfaces=False)).labels for model in models]

@@ -33,15 +33,13 @@ TERMINOLOGY_FILE = Path(__file__).resolve().parent / "Resources" / "Terminologie
 #: Where the last STL folder is remembered (Slicer's application settings).
 EXPORT_FOLDER_SETTING = "KneeBoneSeg/ExportFolder"
 
-#: The annotated KneeBones3Dify scan (GPL-3.0) and its ground truth, as NRRD files with
-#: their SHA-256. The published dataset (Zenodo 10.5281/zenodo.10534328) holds DICOM slices
-#: and PNG masks; Sample Data assembles them with ``kneeboneseg sample`` (KneeBoneSegLib.sample)
-#: into Slicer's cache, or takes the files from the folder named by KNEEBONESEG_SAMPLE_DIR.
+#: The annotated KneeBones3Dify scan (GPL-3.0) and its ground truth, as NRRD files. The published
+#: dataset (Zenodo 10.5281/zenodo.10534328) holds DICOM slices and PNG masks; Sample Data assembles
+#: them with ``kneeboneseg sample`` (KneeBoneSegLib.sample, which checks their voxels against the
+#: published data) into Slicer's cache, or takes the files from the folder named by
+#: KNEEBONESEG_SAMPLE_DIR (a folder ``kneeboneseg sample`` wrote, or the project's copy).
 SAMPLE_NAME = "KneeBones3Dify"
-SAMPLE_FILES = {
-    "knee_mri.nrrd": "SHA256:cf1d8356655e0a83e9eadcae46061a06981917120efa336af078a1665623ba08",
-    "knee_bones_labels.nrrd": "SHA256:c86294c8f0a3dec6a06659dac20188d6540f91d0eb9be9b5cf9e77bb27e0b7e4",
-}
+SAMPLE_FILES = ("knee_mri.nrrd", "knee_bones_labels.nrrd")
 SAMPLE_DIR_ENV = "KNEEBONESEG_SAMPLE_DIR"
 
 
@@ -98,8 +96,8 @@ def publicSampleFolder():
 def registerSampleData():
     """Offer the annotated KneeBones3Dify scan in the Sample Data module.
 
-    With KNEEBONESEG_SAMPLE_DIR, its files (checked by SHA-256); otherwise the
-    public dataset, downloaded and assembled once in the background.
+    With KNEEBONESEG_SAMPLE_DIR, its files; otherwise the public dataset,
+    downloaded, checked and assembled once in the background.
     """
     import SampleData
 
@@ -112,9 +110,7 @@ def registerSampleData():
     }
     folder = os.environ.get(SAMPLE_DIR_ENV)
     if folder and Path(folder, "knee_mri.nrrd").is_file():
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            **common, uris=Path(folder, "knee_mri.nrrd").as_uri(), checksums=SAMPLE_FILES["knee_mri.nrrd"]
-        )
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**common, uris=Path(folder, "knee_mri.nrrd").as_uri())
     else:
         from KneeBoneSegLib.sample import DATASET_URL
 
@@ -195,6 +191,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._installing = False
+        self._reapplyOnChange = False
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollRun)
@@ -282,39 +279,29 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = path
 
     def updateButtons(self, caller=None, event=None):
-        """Enable what can be used now: nothing that starts work, nor the inputs of a run, while one runs or packages install."""
-        parameters = self._parameterNode
-        busy = self._run is not None or self._installing
-        hasInput = bool(parameters and parameters.inputVolume)
-        # A run is bound to the nodes it started with; locking them shows that.
-        for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelPathLineEdit):
-            widget.enabled = not busy
-        self.ui.segmentButton.enabled = hasInput and not busy
-        if self._installing:
-            self.ui.segmentButton.toolTip = "Installing the Python packages KneeBoneSeg needs..."
-        elif not hasInput:
-            self.ui.segmentButton.toolTip = "Choose an input volume first."
-        elif self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters)):
-            self.ui.segmentButton.toolTip = "Re-apply closing and smoothing to the kept network output (fast)."
-        else:
-            self.ui.segmentButton.toolTip = "Run the network and segment femur, tibia and patella."
-        output = parameters.outputSegmentation if parameters else None
-        self.ui.exportSTLButton.enabled = bool(output) and not busy
-        self.ui.show3DButton.enabled = bool(output)
-        if parameters and parameters.inputVolume:
-            self.ui.outputSegmentationSelector.baseName = parameters.inputVolume.GetName() + " bones"
-        self.updateDeviceLabel()
+        """Show what can be used now (the library's panel_state decides)."""
+        from KneeBoneSegLib.slicer_logic import device_description, panel_state
 
-    def updateDeviceLabel(self):
-        device = self._parameterNode.device if self._parameterNode else "auto"
-        lastDevice = self.logic.lastDevice
-        if device == "auto":
-            text = f"Last run used {lastDevice}." if lastDevice else "The GPU if one is found, else the CPU."
-        elif device == "gpu":
-            text = "A GPU (the run stops with a message if none is found)."
-        else:
-            text = "The CPU."
-        self.ui.deviceLabel.text = text
+        parameters = self._parameterNode
+        hasInput = bool(parameters and parameters.inputVolume)
+        output = parameters.outputSegmentation if parameters else None
+        state = panel_state(
+            has_input=hasInput,
+            has_output=bool(output),
+            running=self._run is not None,
+            installing=self._installing,
+            can_reuse=hasInput and self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters)),
+        )
+        for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelPathLineEdit):
+            widget.enabled = state.choosers_enabled
+        self.ui.segmentButton.enabled = state.segment_enabled
+        self.ui.segmentButton.toolTip = state.segment_tooltip
+        self.ui.exportSTLButton.enabled = state.export_enabled
+        self.ui.show3DButton.enabled = state.show_3d_enabled
+        self._reapplyOnChange = state.reapply_on_change
+        if hasInput:
+            self.ui.outputSegmentationSelector.baseName = parameters.inputVolume.GetName() + " bones"
+        self.ui.deviceLabel.text = device_description(parameters.device if parameters else "auto", self.logic.lastDevice)
 
     def onSegmentButton(self):
         if self._run is not None or self._installing or not self.ensureRequirements():
@@ -344,15 +331,8 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReapplyPostprocessing(self):
         """Redo closing and smoothing from the kept network output when only those settings changed."""
-        parameters = self._parameterNode
-        if (
-            self._run is None
-            and not self._installing
-            and parameters
-            and parameters.inputVolume
-            and parameters.outputSegmentation
-            and self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters))
-        ):
+        self.updateButtons()
+        if self._reapplyOnChange:
             self.onSegmentButton()
 
     def onProgress(self, stage, fraction):
@@ -395,50 +375,30 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureRequirements(self):
         """Offer to install the missing or too old Python packages; True when all are there."""
-        from KneeBoneSegLib.slicer_environment import install_plan, requirement_problems
+        from KneeBoneSegLib.slicer_environment import ensure_requirements
 
-        problems = requirement_problems()
-        if not problems:
-            return True
-        pins, megabytes = install_plan(problems)
-        details = "\n".join(f"{name}: {problem}" for name, problem in problems.items())
-        if not slicer.util.confirmOkCancelDisplay(
-            "KneeBoneSeg needs these Python packages in Slicer's Python:\n\n"
-            f"{details}\n\nInstall {', '.join(pins)} now (about {megabytes} MB to download)?",
-            windowTitle="KneeBoneSeg: install packages",
-        ):
-            self.ui.statusLabel.text = "The packages were not installed; KneeBoneSeg cannot run without them."
-            return False
-        self._installing = True
-        self.updateButtons()
-        self.ui.statusLabel.text = f"Installing {', '.join(pins)}..."
-        slicer.app.processEvents()
-        try:
+        def install(pins):
             with slicer.util.WaitCursor():
                 self.logic.installRequirements(pins)
-        except Exception as error:
-            logging.exception("Installing %s failed", pins)
-            self.ui.statusLabel.text = "Installing the Python packages failed."
-            slicer.util.errorDisplay(
-                f"Installing {', '.join(pins)} failed: {error}\n\nCheck the internet connection; details are in the Python console.",
-                windowTitle="KneeBoneSeg",
-            )
-            return False
-        finally:
-            self._installing = False
-            self.updateButtons()
-        problems = requirement_problems()
-        if problems:
-            self.ui.statusLabel.text = "Restart Slicer to use the newly installed packages."
-            slicer.util.errorDisplay(
-                "The packages were installed, but Slicer still sees "
-                + "; ".join(f"{name}: {problem}" for name, problem in problems.items())
-                + ". Restart Slicer, then press Segment again.",
-                windowTitle="KneeBoneSeg",
-            )
-            return False
-        self.ui.statusLabel.text = "Packages installed."
-        return True
+
+        outcome = ensure_requirements(
+            confirm=lambda question: slicer.util.confirmOkCancelDisplay(question, windowTitle="KneeBoneSeg: install packages"),
+            install=install,
+            installing=self.setInstalling,
+        )
+        if outcome.status:
+            self.ui.statusLabel.text = outcome.status
+        if outcome.error:
+            slicer.util.errorDisplay(outcome.error, windowTitle="KneeBoneSeg")
+        return outcome.ready
+
+    def setInstalling(self, message):
+        """Lock the panel while packages install (``message`` shown), unlock it when ``message`` is None."""
+        self._installing = message is not None
+        self.updateButtons()
+        if message:
+            self.ui.statusLabel.text = message
+            slicer.app.processEvents()
 
 
 def networkSettings(parameters):

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD")
     sample.add_argument("-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd")
-    sample.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
+    source = sample.add_mutually_exclusive_group()
+    source.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
+    source.add_argument("--from", dest="from_folder", type=Path, default=None, metavar="DIR",
+                        help="no download: a local copy, either the unpacked dataset (Data/ and GT-Masks/) or a folder with knee_mri.nrrd and knee_bones_labels.nrrd")
     sample.add_argument("--progress", choices=("text", "json", "none"), default="none", help="progress display (json: one object per line on stdout, for the Slicer module)")
 
     info = commands.add_parser("info", help="versions, the engine and device a segmentation runs on, and the default model with its held-out figures")
@@ -274,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
             return 0
         elif args.command == "sample":
-            from .sample import download_sample
+            from .sample import copy_sample, download_sample
 
-            written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
+            if args.from_folder:
+                written = copy_sample(args.from_folder, args.output)
+            else:
+                written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
             if reporter.mode == "json":
                 reporter.finish({"outputs": [str(path) for path in written]})
             else:

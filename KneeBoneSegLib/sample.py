@@ -8,7 +8,8 @@ dataset's archive, puts each mask on the slice it belongs to (``Mask_NNN.png``
 is DICOM instance NNN), names the mask's connected components as bones and
 checks both arrays against the published data's digests before it writes
 ``knee_mri.nrrd`` and ``knee_bones_labels.nrrd`` (1 femur, 2 tibia, 3
-patella), the same voxels as the project's sample folder.
+patella), the same voxels as the project's sample folder. Offline,
+:func:`copy_sample` does the same from a local copy.
 """
 
 from __future__ import annotations
@@ -83,20 +84,61 @@ def download_sample(
     list of Path
         The two files written.
     """
-    expected = PUBLISHED_DIGESTS if expected is None else expected
     with tempfile.TemporaryDirectory(prefix="kneeboneseg-sample-") as scratch:
         archive = _download(url, Path(scratch) / "dataset.zip", progress)
         dataset = _unpack(archive, Path(scratch) / "dataset", url)
         image, labels = assemble_dataset(dataset)
-        for name, volume in ((IMAGE_FILE, image), (LABELS_FILE, labels)):
-            if expected.get(name) and array_digest(volume.array) != expected[name]:
-                raise KneeBoneSegError(
-                    f"the {name} assembled from {url} differs from the published dataset's; nothing was written "
-                    "(the download may be damaged or the source changed: try again, or pass --url a mirror of the dataset)"
-                )
+        return _write_checked(image, labels, url, output, expected)
+
+
+def copy_sample(source, output, expected: dict | None = None) -> list[Path]:
+    """The annotated knee scan from a local copy, without a network: checked and written as :func:`download_sample` does.
+
+    ``source`` is either the dataset as published, unpacked (a folder with
+    ``Data/`` and ``GT-Masks/``, or one or two levels above it), or a folder
+    that already holds ``knee_mri.nrrd`` and ``knee_bones_labels.nrrd``
+    (another sample folder, whose files are copied byte for byte).
+    Its voxels must be the published ones (``expected``, as in
+    :func:`download_sample`); ``output`` gets both files or neither.
+    """
+    from .io import read_volume
+
+    source = Path(source)
+    if (source / IMAGE_FILE).is_file() and (source / LABELS_FILE).is_file():
+        # Another sample folder: its files are copied as they are, once their voxels are checked.
+        files = {name: source / name for name in (IMAGE_FILE, LABELS_FILE)}
+        _check(read_volume(files[IMAGE_FILE]), read_volume(files[LABELS_FILE]), source, expected)
         with output_directory(output) as staging:
-            for name, volume in ((IMAGE_FILE, image), (LABELS_FILE, labels)):
-                write_volume(volume, staging / name)
+            for name, file in files.items():
+                shutil.copyfile(file, staging / name)
+        return [Path(output) / name for name in files]
+    dataset = _dataset_folder(source)
+    if dataset is None:
+        raise InputError(
+            f"{source} holds neither {IMAGE_FILE} and {LABELS_FILE} nor the dataset's Data/ and GT-Masks/ folders; "
+            "pass --from the unpacked KneeBones3Dify dataset or a sample folder"
+        )
+    image, labels = assemble_dataset(dataset)
+    return _write_checked(image, labels, source, output, expected)
+
+
+def _check(image: Volume, labels: Volume, source, expected: dict | None) -> None:
+    """Refuse a scan or labels whose voxels are not the published dataset's (``expected``: :func:`array_digest` by file)."""
+    expected = PUBLISHED_DIGESTS if expected is None else expected
+    for name, volume in ((IMAGE_FILE, image), (LABELS_FILE, labels)):
+        if expected.get(name) and array_digest(volume.array) != expected[name]:
+            raise KneeBoneSegError(
+                f"the {name} assembled from {source} differs from the published dataset's; nothing was written "
+                "(the copy may be damaged or the source changed: try again, or pass --url a mirror of the dataset)"
+            )
+
+
+def _write_checked(image: Volume, labels: Volume, source, output, expected: dict | None) -> list[Path]:
+    """Write the scan and its labels to ``output`` if their voxels are the published dataset's; else nothing."""
+    _check(image, labels, source, expected)
+    with output_directory(output) as staging:
+        for name, volume in ((IMAGE_FILE, image), (LABELS_FILE, labels)):
+            write_volume(volume, staging / name)
     return [Path(output) / IMAGE_FILE, Path(output) / LABELS_FILE]
 
 
@@ -188,8 +230,18 @@ def _unpack(archive: Path, target: Path, url: str) -> Path:
             bundle.extractall(target)
     except zipfile.BadZipFile:
         raise KneeBoneSegError(f"{url} is not a zip archive; pass --url the dataset's archive") from None
-    found = next((path.parent for path in sorted(target.rglob("Data")) if (path.parent / "GT-Masks").is_dir()), None)
+    found = _dataset_folder(target)
     if found is None:
         shutil.rmtree(target, ignore_errors=True)
         raise KneeBoneSegError(f"{url} holds no Data/ and GT-Masks/ folders; it is not the KneeBones3Dify dataset")
     return found
+
+
+def _dataset_folder(root: Path) -> Path | None:
+    """``root``, or a folder one or two levels below it, that holds the dataset's ``Data/`` and ``GT-Masks/``.
+
+    Not deeper: an archive unpacks into one top folder, and a wrong ``--from``
+    (a home folder) must not be searched whole.
+    """
+    candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))] if root.is_dir() else []
+    return next((folder for folder in candidates if (folder / "Data").is_dir() and (folder / "GT-Masks").is_dir()), None)

@@ -20,11 +20,14 @@ standard library, so it runs in any Slicer before anything is installed.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
 
 #: Newest first. ``shipped``: packages in Slicer's Python (distribution name: version);
 #: ``vtk``: the PyPI release of VTK closest to the VTK that Slicer builds itself.
@@ -156,6 +159,74 @@ def install_plan(problems: Dict[str, str], python: Optional[Tuple[int, int]] = N
             pins.append(f"{requirement.distribution}=={pinned}")
             megabytes += size
     return pins, megabytes
+
+
+@dataclass(frozen=True)
+class RequirementsOutcome:
+    """How :func:`ensure_requirements` ended: whether KneeBoneSeg can run now, and what to tell the user."""
+
+    ready: bool
+    status: str = ""  #: the panel's status line ("" leaves it as it is)
+    error: Optional[str] = None  #: a message for an error dialog
+
+
+def ensure_requirements(
+    confirm: Callable[[str], bool],
+    install: Callable[[List[str]], None],
+    installing: Callable[[Optional[str]], None],
+    problems: Callable[[], Dict[str, str]] = requirement_problems,
+) -> RequirementsOutcome:
+    """Offer to install the missing or too old first-use packages, and install them if the user agrees.
+
+    The module's panel passes its dialogs and Slicer's ``pip_install`` in:
+
+    Parameters
+    ----------
+    confirm : callable
+        ``confirm(question)``: True when the user agrees to the install.
+    install : callable
+        ``install(pins)``: installs ``name==version`` pins; may raise.
+    installing : callable
+        ``installing(message)`` before the install starts (the panel locks
+        everything that starts work and shows ``message``) and
+        ``installing(None)`` once it has ended, failed or not.
+    problems : callable
+        What is wrong now (:func:`requirement_problems`); asked again after
+        the install, since a package Slicer already imported stays old until
+        Slicer restarts.
+    """
+    found = problems()
+    if not found:
+        return RequirementsOutcome(ready=True)
+    pins, megabytes = install_plan(found)
+    details = "\n".join(f"{name}: {problem}" for name, problem in found.items())
+    question = (
+        f"KneeBoneSeg needs these Python packages in Slicer's Python:\n\n{details}\n\n"
+        f"Install {', '.join(pins)} now (about {megabytes} MB to download)?"
+    )
+    if not confirm(question):
+        return RequirementsOutcome(ready=False, status="The packages were not installed; KneeBoneSeg cannot run without them.")
+    installing(f"Installing {', '.join(pins)}...")
+    try:
+        install(pins)
+    except Exception as error:  # pip's failures are many and all end the same way: say so, keep Slicer running
+        log.exception("Installing %s failed", pins)
+        return RequirementsOutcome(
+            ready=False,
+            status="Installing the Python packages failed.",
+            error=f"Installing {', '.join(pins)} failed: {error}\n\nCheck the internet connection; details are in the Python console.",
+        )
+    finally:
+        installing(None)
+    remaining = problems()
+    if remaining:
+        seen = "; ".join(f"{name}: {problem}" for name, problem in remaining.items())
+        return RequirementsOutcome(
+            ready=False,
+            status="Restart Slicer to use the newly installed packages.",
+            error=f"The packages were installed, but Slicer still sees {seen}. Restart Slicer, then press Segment again.",
+        )
+    return RequirementsOutcome(ready=True, status="Packages installed.")
 
 
 def slicer_owned_constraints(path: Optional[List[str]] = None) -> List[str]:

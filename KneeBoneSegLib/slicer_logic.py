@@ -14,6 +14,9 @@ worker processes:
 - Every temporary folder is removed: on Cancel, on failure (of the run or of
   loading its results), when the kept output is replaced or discarded (scene
   close), and when the module is cleaned up.
+- What the panel offers at a moment (:func:`panel_state`): nothing that
+  starts work, nor the choosers of a run's nodes, while a run or an install
+  is under way.
 """
 
 from __future__ import annotations
@@ -242,3 +245,51 @@ def export_folder(remembered: str, scene_folder: str, documents_folder: str) -> 
         if candidate and os.path.isabs(candidate) and os.path.isdir(candidate):
             return Path(candidate)
     return Path(documents_folder)
+
+
+@dataclass(frozen=True)
+class PanelState:
+    """What the module's panel offers at one moment; the widget shows it as it is."""
+
+    choosers_enabled: bool  #: the input volume, output segmentation and model choosers
+    segment_enabled: bool
+    segment_tooltip: str
+    export_enabled: bool
+    show_3d_enabled: bool
+    reapply_on_change: bool  #: a change of closing or smoothing re-applies the post-processing at once
+
+
+def panel_state(has_input: bool, has_output: bool, running: bool, installing: bool, can_reuse: bool) -> PanelState:
+    """The panel's state from what is chosen and what is under way.
+
+    A run is bound to the nodes it started with, so their choosers are locked
+    while it runs; nothing that starts work is offered while a run or a
+    package install is under way. ``can_reuse``: the kept network output
+    fits the chosen volume and network settings (:meth:`SegmentationRuns.can_reuse`).
+    """
+    busy = running or installing
+    if installing:
+        tooltip = "Installing the Python packages KneeBoneSeg needs..."
+    elif not has_input:
+        tooltip = "Choose an input volume first."
+    elif can_reuse:
+        tooltip = "Re-apply closing and smoothing to the kept network output (fast)."
+    else:
+        tooltip = "Run the network and segment femur, tibia and patella."
+    return PanelState(
+        choosers_enabled=not busy,
+        segment_enabled=has_input and not busy,
+        segment_tooltip=tooltip,
+        export_enabled=has_output and not busy,
+        show_3d_enabled=has_output,
+        reapply_on_change=has_input and has_output and can_reuse and not busy,
+    )
+
+
+def device_description(device: str, last_device: Optional[str]) -> str:
+    """The panel's line under the device choice: where the next run will compute."""
+    if device == "auto":
+        return f"Last run used {last_device}." if last_device else "The GPU if one is found, else the CPU."
+    if device == "gpu":
+        return "A GPU (the run stops with a message if none is found)."
+    return "The CPU."

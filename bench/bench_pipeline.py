@@ -1,6 +1,6 @@
 """Every stage after the network before and after the speed-ups, side by side in one run; then whole segmentations.
 
-    python bench/bench_pipeline.py [--threads N] [--stages-only | --segmentations-only] [--configuration NAME ...] [--also-model M.onnx]
+    python bench/bench_pipeline.py [--threads N] [--stages-only | --segmentations-only] [--configuration NAME ...] [--also-model M.onnx] [--json OUT.json]
     python bench/bench_pipeline.py --cube512 [--baseline CHECKOUT] [--model M.onnx]
 
 1. Stages, in this process, on the 512 x 512 x 286 sample scan: intensity
@@ -22,7 +22,8 @@
    model (TensorFlow), "after" this checkout and its shipped model, and
    with ``--also-model`` this checkout with another model; stage times from
    each summary.json, wall time, peak memory, and each label map's Dice with
-   the ground truth (a training figure for models trained on that scan).
+   the ground truth (a training figure for models trained on that scan);
+   ``--json`` writes these figures too (``bench/readme_tables.py`` reads them).
 
 ``--cube512`` instead measures the default configuration on a 512 x 512 x 512
 scan (see :func:`cube512`) against its memory target, beside the same run of
@@ -231,6 +232,18 @@ def run(scan: Path, extra: list[str], model: str | None, library: Path | None = 
     return seconds, peak_kib / 2**20, summary, labels
 
 
+def segmentation_record(seconds: float, peak_gib: float, summary: dict, labels: np.ndarray, truth: np.ndarray) -> dict:
+    """What one whole segmentation measured, as ``--json`` writes it."""
+    return {
+        "model": summary.get("model", {}).get("name"),
+        "engine": summary.get("engine", {}),
+        "timings_s": summary["timings_s"],
+        "wall_s": seconds,
+        "peak_memory_gib": peak_gib,
+        "training_dice": {bone.key: dice(labels == bone.label, truth == bone.label) for bone in BONES},
+    }
+
+
 def print_table(title: str, header: tuple[str, str], rows: list) -> None:
     """Rows of (stage, (wall, CPU) before, (wall, CPU) after, agreement): seconds side by side."""
     print(title)
@@ -314,6 +327,7 @@ def main() -> None:
     parser.add_argument("--also-model", type=Path, default=None, help="whole segmentations: also this checkout with this model, in another column")
     parser.add_argument("--segmentations-only", action="store_true", help="only the whole segmentations, not the stages")
     parser.add_argument("--native-grid", action="store_true", help="with --cube512: also a model on the scan's own grid (the paper's tiling)")
+    parser.add_argument("--json", type=Path, default=None, help="whole segmentations: also write their figures to this JSON file")
     args = parser.parse_args()
     if args.cube512:
         cube512(args.model, args.baseline, args.native_grid)
@@ -323,6 +337,7 @@ def main() -> None:
     # process's resident memory when it was forked, which the stages below grow.
     if not args.stages_only:
         threads_option = ["--threads", str(args.threads)] if args.threads else []
+        recorded = {}
         for name in args.configuration or ["default"]:
             extra = CONFIGURATIONS[name] + threads_option
             scan_path = folder / "knee_mri.nrrd"
@@ -341,6 +356,9 @@ def main() -> None:
             for bone in BONES:
                 print(f"  {'Dice ' + bone.key:22}" + "".join(f"{dice(result[3] == bone.label, truth == bone.label):16.4f}" for result in results.values()))
             print("  (Dice with the ground truth of the scan the shipped model was trained on: a training figure, not a measure of quality)")
+            recorded[name] = {column: segmentation_record(*result, truth) for column, result in results.items()}
+        if args.json:
+            args.json.write_text(json.dumps(recorded, indent=1) + "\n")
     if args.segmentations_only:
         return
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")

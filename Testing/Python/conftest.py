@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
-    """The folder holding knee_mri.nrrd, knee_bones_labels.nrrd and dicom_subset/."""
+    """The folder holding knee_mri.nrrd and knee_bones_labels.nrrd (and, in the project's copy, dicom_subset/)."""
     value = os.environ.get(SAMPLE_ENV)
     if not value:
         pytest.skip(f"{SAMPLE_ENV} is not set: the annotated sample scan is not available on this machine")
@@ -28,6 +28,15 @@ def sample_dir() -> Path:
     if not (path / "knee_mri.nrrd").is_file():
         pytest.skip(f"{SAMPLE_ENV}={path} does not hold knee_mri.nrrd")
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_dicom(sample_dir) -> Path:
+    """The sample's 16 original DICOM slices, which a folder written by ``kneeboneseg sample`` lacks."""
+    folder = sample_dir / "dicom_subset"
+    if not folder.is_dir():
+        pytest.skip(f"{SAMPLE_ENV}={sample_dir} has no dicom_subset/ (the project's sample folder has it; kneeboneseg sample does not write it)")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +74,18 @@ def knee_phantom(shape=(72, 64, 64), spacing=(2.5, 2.5, 2.5)):
     return image.astype(np.float32), labels, Geometry(spacing, (-10.0, 20.0, -30.0))
 
 
+def needs_keras():
+    """Keras, or a skip saying which extra the test needs: Keras builds the stand-in networks of some tests."""
+    return pytest.importorskip("keras", reason="needs Keras: pip install kneeboneseg[train]")
+
+
 def threshold_network(patch_size: int = 16):
     """A real Keras 3D model that calls a voxel bone when its normalised intensity is above 0.5.
 
     It stands in for a trained U-Net where a test needs known, correct
     predictions: same input and output contract, computed by Keras.
     """
-    import keras
+    keras = needs_keras()
 
     inputs = keras.Input((patch_size, patch_size, patch_size, 1))
     layer = keras.layers.Conv3D(1, 1, activation="sigmoid")
@@ -131,7 +145,7 @@ def position_network(patch_size: int = 16, widths=(3, 5)):
     axis, so the three projections (which present the patient axes in
     different orders) predict three different maps.
     """
-    import keras
+    keras = needs_keras()
 
     inputs = keras.Input((patch_size, patch_size, patch_size, 1))
     threshold = keras.layers.Conv3D(1, 1, activation="sigmoid")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import position_network, position_network_tile
+from conftest import needs_keras, position_network, position_network_tile
 
 from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
 from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
@@ -12,7 +12,7 @@ from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, 
 
 def identity_network(patch_size: int):
     """A real Keras model whose output is its input (a 1x1x1 linear convolution of weight 1)."""
-    import keras
+    keras = needs_keras()
 
     inputs = keras.Input((patch_size, patch_size, patch_size, 1))
     layer = keras.layers.Conv3D(1, 1, use_bias=False)
@@ -142,7 +142,7 @@ def test_overlapping_tiles_are_weighted_by_place_then_averaged_or_ored(rng):
 
 @pytest.mark.parametrize("batch_size", [1, 4, 9])
 def test_slices_are_predicted_whole_and_put_back_in_place_and_air_slices_are_left_out(rng, batch_size):
-    import keras
+    keras = needs_keras()
 
     inputs = keras.Input((None, None, 1))
     layer = keras.layers.Conv2D(1, 1, use_bias=False)
@@ -159,6 +159,7 @@ def test_slices_are_predicted_whole_and_put_back_in_place_and_air_slices_are_lef
 
 
 def test_a_2d_unet_takes_slices_whose_sides_its_poolings_do_not_divide(rng):
+    needs_keras()
     from KneeBoneSegLib.network import build_unet
 
     network = build_unet(None, base_filters=2, depth=3, dimensions=2)

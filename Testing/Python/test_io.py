@@ -107,9 +107,9 @@ def test_write_volume_refuses_unknown_suffix(tmp_path):
 # --- DICOM -------------------------------------------------------------------------------------
 
 
-def test_dicom_subset_matches_the_same_slices_of_the_nrrd(sample_dir):
+def test_dicom_subset_matches_the_same_slices_of_the_nrrd(sample_dir, sample_dicom):
     nrrd = read_volume(sample_dir / "knee_mri.nrrd")
-    dicom = read_volume(sample_dir / "dicom_subset")
+    dicom = read_volume(sample_dicom)
 
     assert dicom.array.shape == (16, 512, 512)
     np.testing.assert_allclose(dicom.geometry.spacing, nrrd.geometry.spacing, rtol=0, atol=1e-5)
@@ -128,8 +128,8 @@ def test_dicom_subset_matches_the_same_slices_of_the_nrrd(sample_dir):
     np.testing.assert_array_equal(dicom.array, nrrd.array[first_k : first_k + 16])
 
 
-def test_one_dicom_slice_reads_its_whole_series(sample_dir):
-    one_file = sorted((sample_dir / "dicom_subset").iterdir())[0]
+def test_one_dicom_slice_reads_its_whole_series(sample_dicom):
+    one_file = sorted(sample_dicom.iterdir())[0]
 
     volume = read_volume(one_file)
 

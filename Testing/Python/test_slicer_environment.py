@@ -17,6 +17,7 @@ import pytest
 from KneeBoneSegLib.slicer_environment import (
     FIRST_USE,
     SLICER_RELEASES,
+    ensure_requirements,
     first_use_requirements,
     install_plan,
     installed_version,
@@ -77,6 +78,73 @@ def test_problems_name_missing_and_too_old_packages(tmp_path):
     (site / "scikit_image-0.19.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scikit-image\nVersion: 0.24.0\n")
     assert requirement_problems([str(site)]) == {}
     assert installed_version("Scikit_Image", [str(site)]) == "0.24.0"
+
+
+class _Panel:
+    """The module panel's side of a first-use install: its answer to the question, and what it shows."""
+
+    def __init__(self, site, agrees=True, pip_fails=False):
+        self.site, self.agrees, self.pip_fails = site, agrees, pip_fails
+        self.questions, self.installed, self.shown = [], [], []
+        self.locked = False
+
+    def confirm(self, question):
+        self.questions.append(question)
+        return self.agrees
+
+    def install(self, pins):
+        """``pip install`` into the panel's site folder; the panel must be locked meanwhile."""
+        assert self.locked, "Segment must be locked while packages install"
+        if self.pip_fails:
+            raise OSError("network unreachable")
+        for pin in pins:
+            _installed(self.site, *pin.split("=="))
+            self.installed.append(pin)
+
+    def installing(self, message):
+        self.locked = message is not None
+        self.shown.append(message)
+
+    def problems(self):
+        return requirement_problems([str(self.site)])
+
+
+def test_a_complete_python_asks_nothing(tmp_path):
+    panel = _Panel(tmp_path)
+    for requirement in FIRST_USE:
+        _installed(tmp_path, requirement.distribution, requirement.minimum)
+    outcome = ensure_requirements(panel.confirm, panel.install, panel.installing, panel.problems)
+    assert outcome.ready and not panel.questions and not panel.shown
+
+
+def test_first_use_asks_then_installs_what_is_missing_with_the_panel_locked(tmp_path):
+    panel = _Panel(tmp_path)
+    _installed(tmp_path, "scikit-image", "0.19.3")  # too old, as another extension may have left it
+    outcome = ensure_requirements(panel.confirm, panel.install, panel.installing, panel.problems)
+    assert outcome.ready and outcome.status == "Packages installed." and outcome.error is None
+    (question,) = panel.questions
+    assert "onnxruntime: not installed" in question and "scikit-image: 0.19.3 is installed" in question and "MB" in question
+    assert {pin.split("==")[0] for pin in panel.installed} == set(requirement_problems([str(tmp_path / "nothing")]))
+    assert panel.shown[0].startswith("Installing ") and panel.shown[-1] is None and not panel.locked
+    assert panel.problems() == {}
+
+
+def test_a_declined_or_failed_install_leaves_the_panel_unlocked_and_says_why(tmp_path):
+    declined = _Panel(tmp_path / "declined", agrees=False)
+    outcome = ensure_requirements(declined.confirm, declined.install, declined.installing, declined.problems)
+    assert not outcome.ready and "not installed" in outcome.status and not declined.installed and not declined.shown
+
+    failing = _Panel(tmp_path / "failing", pip_fails=True)
+    outcome = ensure_requirements(failing.confirm, failing.install, failing.installing, failing.problems)
+    assert not outcome.ready and "network unreachable" in outcome.error and "internet connection" in outcome.error
+    assert failing.shown[-1] is None and not failing.locked
+
+
+def test_packages_slicer_still_sees_as_old_ask_for_a_restart(tmp_path):
+    panel = _Panel(tmp_path)
+    panel.install = lambda pins: None  # pip ran, but the packages Slicer sees are still the old ones
+    outcome = ensure_requirements(panel.confirm, panel.install, panel.installing, panel.problems)
+    assert not outcome.ready and "Restart Slicer" in outcome.status and "onnxruntime: not installed" in outcome.error
 
 
 def test_ci_reads_the_versions_from_here(capsys):

@@ -1,8 +1,9 @@
 """The Slicer module's run handling, on real MRML nodes (slicer-core) and real worker processes.
 
-What the widget adds on top (disabling the selectors and buttons while a run
-or an install is under way, the dialogs) needs the Slicer application and is
-checked in ``test_slicer_extension_files.py`` by reading the module's source.
+What the panel offers while a run or an install is under way is decided by
+``panel_state`` (``test_slicer_panel.py``) and the first-use install by
+``ensure_requirements`` (``test_slicer_environment.py``); the widget only shows
+their answers and its dialogs.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ def test_verdicts_follow_confidence_and_input_differences():
     assert verdict["bones"]["tibia"] == {"verdict": "ok", "reasons": []}
 
 
-def test_input_check_names_what_differs_from_the_card(sample_dir):
+def test_input_check_names_what_differs_from_the_card(sample_dicom):
     card = load_model(default_model_path()).card
-    trained = read_volume(sample_dir / "dicom_subset").tags
+    trained = read_volume(sample_dicom).tags
     image = np.random.default_rng(0).random((40, 40, 40), np.float32)
     same = compare_with_card(image, (0.35, 0.35, 0.35), trained, card)
     assert not any("T scanner" in d or "fat" in d or "body part" in d for d in same["differences"])

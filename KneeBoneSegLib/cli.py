@@ -179,7 +179,8 @@ def _options_from_args(args):
 def _run_segment(args, reporter: _Reporter) -> dict:
     from .io import read_volume
     from .models import default_model_path, load_model
-    from .outputs import check_output_folder, write_outputs
+    from .atomic import check_output_folder
+    from .outputs import write_outputs
     from .pipeline import segment
 
     # Every refusal that needs no scan comes first, in a second: options, the output folder, the model and its engine.
@@ -202,7 +203,8 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
     from .io import read_mask
-    from .outputs import check_output_folder, write_outputs
+    from .atomic import check_output_folder
+    from .outputs import write_outputs
     from .pipeline import postprocess
 
     options = _options_from_args(args)

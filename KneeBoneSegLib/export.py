@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_file
 from .errors import ModelError
 from .models import card_path, default_card, file_sha256, read_card, write_card
 
@@ -65,17 +66,14 @@ def export_onnx(keras_path: str | os.PathLike, onnx_path: str | os.PathLike | No
     batch = np.random.default_rng(0).random((check_batch, *sides, 1), dtype=np.float32)
     expected = keras.ops.convert_to_numpy(network.predict_on_batch(batch))  # also builds the graph export needs
 
-    with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch:
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch, atomic_file(onnx_path) as partial:
         raw = Path(scratch) / "raw.onnx"
         network.export(str(raw), format="onnx", opset_version=OPSET, verbose=False)
-        graph = _standardise(onnx.load(str(raw)))
-        partial = Path(scratch) / onnx_path.name
-        onnx.save(graph, str(partial))
+        onnx.save(_standardise(onnx.load(str(raw))), str(partial))
         session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
         difference = float(np.abs(session.run(None, {INPUT_NAME: batch})[0] - expected).max())
         if difference > TOLERANCE:
             raise ModelError(f"{keras_path}: the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE:g}); not written")
-        os.replace(partial, onnx_path)
 
     record = {
         "file": onnx_path.name,

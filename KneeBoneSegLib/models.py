@@ -38,6 +38,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import ModelError
 from .normalization import DEFAULT_NORMALIZATION
 
@@ -132,7 +133,8 @@ def save_model(model: Model, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".keras":
         raise ModelError(f"{path}: model files must end in .keras")
-    model.network.save(path)
+    with atomic_file(path) as partial:
+        model.network.save(partial)
     write_card(model.card, path)
     return path
 
@@ -186,9 +188,8 @@ def read_card(model_path: str | os.PathLike) -> ModelCard | None:
 def write_card(card: ModelCard, model_path: str | os.PathLike) -> Path:
     """Write ``card`` beside ``model_path`` (as ``.json``), whole or not at all."""
     card_file = card_path(model_path)
-    partial = card_file.with_name(card_file.name + ".partial")
-    partial.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, card_file)
+    with atomic_file(card_file) as partial:
+        partial.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
     return card_file
 
 

@@ -14,8 +14,6 @@ Arrays keep SimpleITK's ``array[k, j, i]`` order, which is also how
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .anatomy import BONE_BY_LABEL, BONES
+from .atomic import output_directory
 from .errors import InputError, OutputError
 from .io import geometry_from_ijk_to_lps
 from .outputs import slicer_segment_metadata
@@ -298,23 +297,16 @@ def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[
     ids = vtk.vtkStringArray()
     for segment_id in segment_ids:
         ids.InsertNextValue(segment_id)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # Export into a fresh folder first: it tells exactly which files were
-        # written, and the target never holds a half-written set.
-        staging = Path(tempfile.mkdtemp(prefix=".kneeboneseg-stl-", dir=folder))
-    except OSError as error:
-        raise OutputError(f"{folder} cannot be written ({error.strerror or error}); choose a folder you can write to") from None
-    try:
+    # Export into a staging folder first: it tells exactly which files were
+    # written, and the target never holds a half-written set.
+    with output_directory(folder, overwrite=True) as staging:
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles(
             str(staging), segmentation_node, ids, "STL", True, 1.0, False
         )
-        written = sorted(staging.glob("*.stl"))
-        if not exported or len(written) != len(segment_ids):
+        names = sorted(path.name for path in staging.glob("*.stl"))
+        if not exported or len(names) != len(segment_ids):
             raise OutputError(f"{folder}: Slicer could not write the STL files of '{segmentation_node.GetName()}'")
-        return [Path(shutil.move(str(path), folder / path.name)) for path in written]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return [folder.absolute() / name for name in names]
 
 
 #: Node attributes that carry a run's verdict (see :mod:`KneeBoneSegLib.verdicts`).

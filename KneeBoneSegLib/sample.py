@@ -30,7 +30,7 @@ import numpy as np
 from .anatomy import BONE_BY_KEY
 from .errors import InputError, KneeBoneSegError
 from .io import image_to_volume, write_volume
-from .outputs import output_directory
+from .atomic import output_directory
 from .volume import Volume
 
 log = logging.getLogger(__name__)

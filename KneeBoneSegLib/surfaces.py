@@ -21,7 +21,7 @@ import numpy as np
 from scipy import sparse
 
 from .morphology import bone_boxes, bounding_box
-from .outputs import atomic_file
+from .atomic import atomic_file
 from .threads import thread_count
 from .volume import Geometry
 

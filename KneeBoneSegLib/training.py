@@ -52,6 +52,7 @@ import numpy as np
 from scipy import ndimage
 
 from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
+from .atomic import atomic_file
 from .errors import Cancelled, InputError
 from .models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
@@ -668,10 +669,8 @@ def _save_checkpoint(path: Path, network, best_weights, state: _State) -> None:
     arrays.update({f"best{n}": w for n, w in enumerate(best_weights)})
     arrays.update({f"optimizer{n}": keras.ops.convert_to_numpy(v) for n, v in enumerate(network.optimizer.variables)})
     arrays["state"] = np.array(json.dumps(asdict(state)))
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
+    with atomic_file(path) as partial, open(partial, "wb") as file:
         np.savez(file, **arrays)
-    os.replace(partial, path)
 
 
 def _load_checkpoint(path: Path, network, signature: dict):

@@ -357,7 +357,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     node = self.logic.finishRun(run)
                     if self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputVolume.GetID() == run.volume_node_id:
                         self._parameterNode.outputSegmentation = node
-                    self.ui.statusLabel.text = self.logic.summary(run)
+                    self.ui.statusLabel.text = run.summary_line()
         finally:
             self.updateButtons()
 
@@ -528,15 +528,6 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         """Cancel every run and remove every temporary folder."""
         if self._runs is not None:
             self._runs.close()
-
-    @staticmethod
-    def summary(run):
-        """One line: the verdict per bone with its first reason, the bones' volumes, and the time taken."""
-        from KneeBoneSegLib.verdicts import verdict_line
-
-        bones = run.report.get("bones", {})
-        found = ", ".join(f"{name} {bone['volume_mm3'] / 1000:.1f} cm³" for name, bone in bones.items()) or "no bones"
-        return f"{verdict_line(run.report['verdict'])} | {found} ({run.worker.seconds:.0f} s)."
 
     def segment(
         self,

@@ -25,7 +25,7 @@ from .anatomy import BONE_BY_LABEL, BONES
 from .atomic import output_directory
 from .errors import InputError, OutputError
 from .io import geometry_from_ijk_to_lps
-from .outputs import slicer_segment_metadata
+from .outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
 from .surfaces import Surface, to_vtk_polydata
 from .volume import Geometry, Volume
 
@@ -309,28 +309,28 @@ def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[
     return [folder.absolute() / name for name in names]
 
 
-#: Node attributes that carry a run's verdict (see :mod:`KneeBoneSegLib.verdicts`).
-VERDICT_ATTRIBUTE = "KneeBoneSeg.Verdict"
+#: The segmentation node's attribute with the run's reasons (its verdict is in :data:`~KneeBoneSegLib.outputs.VERDICT_TAG`).
 VERDICT_REASONS_ATTRIBUTE = "KneeBoneSeg.VerdictReasons"
 
 
 def mark_verdicts(segmentation_node, verdict: dict) -> None:
-    """Show a run's verdict on its segmentation node, so that nobody takes an untrusted bone for a result.
+    """Show a run's verdict on its segmentation node as the ``.seg.nrrd`` shows it (:func:`~KneeBoneSegLib.outputs.shown_verdict`).
 
-    A bone whose verdict is not ``ok`` is renamed ("Femur (failed)"), its
-    segment status set to flagged, and tagged ``KneeBoneSeg.Verdict``; the
-    node's attributes :data:`VERDICT_ATTRIBUTE` and :data:`VERDICT_REASONS_ATTRIBUTE`
+    A bone that is not ``ok`` is renamed ("Femur (failed)"), flagged and
+    tagged with its verdict; the node's attributes
+    :data:`~KneeBoneSegLib.outputs.VERDICT_TAG` and :data:`VERDICT_REASONS_ATTRIBUTE`
     hold the run's verdict and reasons.
     """
     segmentation = segmentation_node.GetSegmentation()
+    verdicts = bone_verdicts(verdict)
     for bone in BONES:
-        entry = verdict["bones"].get(bone.key, {})
         segment = segmentation.GetSegment(bone.name)
-        if segment is not None and entry.get("verdict", "ok") != "ok":
-            segment.SetName(f"{bone.name} ({entry['verdict']})")
-            segment.SetTag("Segmentation.Status", "flagged")
-            segment.SetTag(VERDICT_ATTRIBUTE, entry["verdict"])
-    segmentation_node.SetAttribute(VERDICT_ATTRIBUTE, verdict["run"])
+        if segment is not None:
+            name, tags = shown_verdict(bone, verdicts.get(bone.key))
+            segment.SetName(name)
+            for tag, value in tags.items():
+                segment.SetTag(tag, value)
+    segmentation_node.SetAttribute(VERDICT_TAG, verdict["run"])
     segmentation_node.SetAttribute(VERDICT_REASONS_ATTRIBUTE, "; ".join(verdict["reasons"]))
 
 

@@ -21,7 +21,6 @@ worker processes:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .worker import WorkerProcess, worker_environment
+
+#: A run's outputs go to this folder inside its work folder.
+OUTPUT_FOLDER = "output"
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,17 @@ class SegmentationRun:
     def work_folder(self) -> Path:
         return self.worker.work_folder
 
+    @property
+    def output_folder(self) -> Path:
+        """Where the worker writes the run's outputs (:func:`~KneeBoneSegLib.outputs.write_outputs`)."""
+        return self.work_folder / OUTPUT_FOLDER
+
+    def summary_line(self) -> str:
+        """One line for the panel's status: verdicts, bone volumes and the run's wall time."""
+        from .outputs import summary_line
+
+        return summary_line(self.report, seconds=self.worker.seconds)
+
 
 class SegmentationRuns:
     """Starts, finishes and cleans up the segmentation runs of one Slicer session.
@@ -141,12 +154,13 @@ class SegmentationRuns:
         """
         from .io import write_volume
         from .mrml import volume_from_node
+        from .outputs import PROBABILITY_FILE
 
         work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=self.temporary_folder))
-        output = str(work_folder / "output")
+        output = str(work_folder / OUTPUT_FOLDER)
         try:
             if self.can_reuse(volume_node, network):
-                probability = str(self._kept[1] / "output" / "probability.nrrd")
+                probability = str(self._kept[1] / OUTPUT_FOLDER / PROBABILITY_FILE)
                 arguments, reuse_key = ["postprocess", probability, "-o", output], None
             else:
                 input_path = work_folder / "input.nrrd"
@@ -176,9 +190,8 @@ class SegmentationRuns:
             With the run's message when it was cancelled or failed, or when
             its volume has been removed from the scene.
         """
-        from .io import read_volume
         from .mrml import labels_to_segmentation_node, mark_verdicts
-        from .surfaces import read_stl
+        from .outputs import read_outputs
 
         worker = run.worker
         if worker.poll():
@@ -191,16 +204,15 @@ class SegmentationRuns:
             volume_node = scene.GetNodeByID(run.volume_node_id)
             if volume_node is None:
                 raise RuntimeError("the segmented volume was removed from the scene while it was segmented")
-            outputs = {Path(path).name: Path(path) for path in worker.outputs}
-            labels = read_volume(outputs["segmentation.seg.nrrd"])
-            # "femur.stl", or "femur.failed.stl" for a bone that failed its checks
-            surfaces = {name.split(".")[0]: read_stl(path) for name, path in outputs.items() if name.endswith(".stl")}
-            run.report = json.loads(outputs["summary.json"].read_text(encoding="utf-8"))
+            written = read_outputs(run.output_folder)
+            run.report = written.report
             target = scene.GetNodeByID(run.segmentation_node_id) if run.segmentation_node_id else None
             if target is None:
                 target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", volume_node.GetName() + " bones")
-            node = labels_to_segmentation_node(labels.array, labels.geometry, target, reference_volume_node=volume_node, surfaces=surfaces)
-            mark_verdicts(node, run.report["verdict"])
+            node = labels_to_segmentation_node(
+                written.labels.array, written.labels.geometry, target, reference_volume_node=volume_node, surfaces=written.surfaces
+            )
+            mark_verdicts(node, written.verdict)
         except BaseException:
             shutil.rmtree(run.work_folder, ignore_errors=True)
             raise

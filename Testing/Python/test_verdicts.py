@@ -24,7 +24,8 @@ from KneeBoneSegLib.components import label_bones, largest_components
 from KneeBoneSegLib.inputcheck import compare_with_card
 from KneeBoneSegLib.io import read_volume, write_volume
 from KneeBoneSegLib.models import ModelCard, default_model_path, load_model
-from KneeBoneSegLib.outputs import write_outputs
+from KneeBoneSegLib.errors import InputError
+from KneeBoneSegLib.outputs import PROBABILITY_FILE, SEGMENTATION_FILE, read_outputs, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.plausibility import assignment_reasons, measure_components
 from KneeBoneSegLib.verdicts import judge
@@ -175,11 +176,24 @@ def test_failed_bones_are_marked_in_segment_names_and_files(tmp_path):
     assert segments["Tibia"]["status"] == "flagged" and segments["Patella"]["name"] == "Patella (review)"
     assert "tibia failed" in written["summary_line"]
 
+    # Read back by the one reader: the failed bone's surface under its own key, its verdict with it.
+    read = read_outputs(tmp_path / "out")
+    assert set(read.surfaces) == set(result.surfaces) and read.verdict["bones"]["tibia"]["verdict"] == "failed"
+    np.testing.assert_array_equal(read.labels.array, result.labels)
+    for key in ("tibia", "patella"):  # the same mesh (STL keeps float32 triangles, not the vertex order)
+        read_mesh, mesh = read.surfaces[key], result.surfaces[key]
+        assert len(read_mesh.faces) == len(mesh.faces)
+        np.testing.assert_allclose([read_mesh.vertices.min(0), read_mesh.vertices.max(0)], [mesh.vertices.min(0), mesh.vertices.max(0)], atol=1e-4)
+    assert read.path(PROBABILITY_FILE) is None and read.path(SEGMENTATION_FILE) == tmp_path / "out" / SEGMENTATION_FILE
+    with pytest.raises(InputError, match="not an output folder"):
+        read_outputs(tmp_path)
+
 
 def test_slicer_segments_show_the_verdict(tmp_path):
     slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
     import vtk
-    from KneeBoneSegLib.mrml import VERDICT_ATTRIBUTE, labels_to_segmentation_node, mark_verdicts
+    from KneeBoneSegLib.mrml import labels_to_segmentation_node, mark_verdicts
+    from KneeBoneSegLib.outputs import VERDICT_TAG
 
     _, truth, geometry = knee_phantom()
     result = postprocess(Volume(truth, geometry), SegmentOptions(closing_radius=0, surfaces=False))
@@ -193,7 +207,8 @@ def test_slicer_segments_show_the_verdict(tmp_path):
     assert segmentation.GetSegment("Patella").GetName() == "Patella (failed)"
     status = vtk.reference("")
     assert segmentation.GetSegment("Patella").GetTag("Segmentation.Status", status) and status.get() == "flagged"
-    assert node.GetAttribute(VERDICT_ATTRIBUTE) == "review"
+    assert node.GetAttribute(VERDICT_TAG) == "review"
+    assert segmentation.GetSegment("Patella").GetTag(VERDICT_TAG, status) and status.get() == "failed"
 
 
 # ---- the shipped model on cases built from the sample scan -------------------------------------

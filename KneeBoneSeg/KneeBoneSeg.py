@@ -145,34 +145,26 @@ def loadPublicSample(source=None):
 #
 
 
-@parameterNodeWrapper
-class KneeBoneSegParameterNode:
-    """Settings of the module, saved with the scene.
+def parameterNodeClass():
+    """The module's parameter node (saved with the scene): the input volume, the output segmentation, and
+    one field per option the panel shows, with its type, default, choices and range taken from the library
+    (KneeBoneSegLib.slicer_logic.panel_parameters), so the panel offers what the library accepts."""
+    from KneeBoneSegLib.slicer_logic import panel_parameters
 
-    inputVolume - the knee MRI.
-    outputSegmentation - where the bones go; none: a new segmentation is made.
-    modelPath - a trained model; empty: the model shipped with the extension.
-    threeProjections - predict on all three orientations of the scan and fuse them (the paper's method, the
-        shipped model's default; else the scan's own orientation only, about 3 times faster).
-    fusion - how the projections' probabilities are fused ("model": the model card's rule).
-    closingRadius - radius of the sphere that closes each bone, in closingUnits; 0: no closing.
-    closingUnits - "mm" (3.2 mm is the paper's 9 voxels of its 0.352 mm scan) or "voxels" (the paper's rule: 9).
-    smoothingIterations - Laplacian smoothing steps of the surfaces.
-    device - where the network runs.
-    precision - the network's arithmetic: f32 (the same bones on every computer) or bf16 (faster where the
-        CPU has bfloat16 units, with the OpenVINO engine; probabilities move by up to 0.05).
-    """
+    annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "outputSegmentation": vtkMRMLSegmentationNode}
+    defaults = {}
+    for parameter in panel_parameters():
+        if parameter.choices:
+            annotations[parameter.name] = Annotated[parameter.kind, Choice(list(parameter.choices))]
+        elif parameter.minimum is not None and parameter.maximum is not None:
+            annotations[parameter.name] = Annotated[parameter.kind, WithinRange(parameter.minimum, parameter.maximum)]
+        else:
+            annotations[parameter.name] = parameter.kind
+        defaults[parameter.name] = parameter.default
+    return parameterNodeWrapper(type("KneeBoneSegParameterNode", (), {"__annotations__": annotations, **defaults}))
 
-    inputVolume: vtkMRMLScalarVolumeNode
-    outputSegmentation: vtkMRMLSegmentationNode
-    modelPath: str = ""
-    threeProjections: bool = True
-    fusion: Annotated[str, Choice(["model", "or", "vote", "mean"])] = "model"
-    closingRadius: Annotated[float, WithinRange(0.0, 30.0)] = 3.2
-    closingUnits: Annotated[str, Choice(["mm", "voxels"])] = "mm"
-    smoothingIterations: Annotated[int, WithinRange(0, 200)] = 20
-    device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
-    precision: Annotated[str, Choice(["f32", "bf16"])] = "f32"
+
+KneeBoneSegParameterNode = parameterNodeClass()
 
 
 #
@@ -271,16 +263,16 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # Widgets with a "SlicerParameterName" property in the .ui follow the node both ways.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+            self.ui.modelPathLineEdit.currentPath = self._parameterNode.model
             self.updateButtons()
 
     def onModelPathChanged(self, path):
         if self._parameterNode:
-            self._parameterNode.modelPath = path
+            self._parameterNode.model = path
 
     def updateButtons(self, caller=None, event=None):
         """Show what can be used now (the library's panel_state decides)."""
-        from KneeBoneSegLib.slicer_logic import device_description, panel_state
+        from KneeBoneSegLib.slicer_logic import device_description, panel_options, panel_state
 
         parameters = self._parameterNode
         hasInput = bool(parameters and parameters.inputVolume)
@@ -290,7 +282,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             has_output=bool(output),
             running=self._run is not None,
             installing=self._installing,
-            can_reuse=hasInput and self.logic.canReusePrediction(parameters.inputVolume, networkSettings(parameters)),
+            can_reuse=hasInput and self.logic.canReusePrediction(parameters.inputVolume, panel_options(parameters)),
         )
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelPathLineEdit):
             widget.enabled = state.choosers_enabled
@@ -304,18 +296,15 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceLabel.text = device_description(parameters.device if parameters else "auto", self.logic.lastDevice)
 
     def onSegmentButton(self):
+        from KneeBoneSegLib.slicer_logic import panel_options
+
         if self._run is not None or self._installing or not self.ensureRequirements():
             return
         parameters = self._parameterNode
         self.ui.statusLabel.text = ""
         with slicer.util.tryWithErrorDisplay("KneeBoneSeg could not start.", waitCursor=True):
             self._run = self.logic.startSegmentation(
-                parameters.inputVolume,
-                parameters.outputSegmentation,
-                networkSettings(parameters),
-                postprocessSettings(parameters),
-                device=parameters.device,
-                onProgress=self.onProgress,
+                parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters), onProgress=self.onProgress
             )
         if self._run is None:
             return
@@ -401,26 +390,6 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()
 
 
-def networkSettings(parameters):
-    """The settings that change the network's output (the rest only change post-processing)."""
-    from KneeBoneSegLib.slicer_logic import NetworkSettings
-
-    return NetworkSettings(
-        projections=3 if parameters.threeProjections else 1, fusion=parameters.fusion, model_path=parameters.modelPath, precision=parameters.precision
-    )
-
-
-def postprocessSettings(parameters):
-    """The closing and smoothing settings of the panel."""
-    from KneeBoneSegLib.slicer_logic import PostprocessSettings
-
-    return PostprocessSettings(
-        closing_radius=parameters.closingRadius,
-        closing_units=parameters.closingUnits,
-        smoothing_iterations=parameters.smoothingIterations,
-    )
-
-
 def pythonSlicerExecutable():
     """Slicer's own Python interpreter launcher, which sets up Slicer's libraries."""
     import shutil
@@ -450,7 +419,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     From Slicer's Python console::
 
         logic = slicer.util.getModuleLogic("KneeBoneSeg")
-        segmentationNode = logic.segment(volumeNode, closingRadius=3.2, closingUnits="mm")
+        segmentationNode = logic.segment(volumeNode, closing_radius=3.2, closing_units="mm")
         logic.exportSTL(segmentationNode, "/path/to/folder")
     """
 
@@ -489,9 +458,9 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
             constraints.write_text("\n".join(slicer_owned_constraints()) + "\n")
             slicer.util.pip_install(list(pins) + ["--constraint", str(constraints)])
 
-    def canReusePrediction(self, volumeNode, network):
-        """True when the kept network output belongs to this volume, as it is placed now, and these network settings."""
-        return self._runs is not None and self._runs.can_reuse(volumeNode, network)
+    def canReusePrediction(self, volumeNode, options):
+        """True when the kept network output belongs to this volume, as it is placed now, and these options' network part."""
+        return self._runs is not None and self._runs.can_reuse(volumeNode, options)
 
     @staticmethod
     def defaultExportFolder():
@@ -501,7 +470,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
         return export_folder(str(qt.QSettings().value(EXPORT_FOLDER_SETTING, "") or ""), slicer.mrmlScene.GetRootDirectory(), documents)
 
-    def startSegmentation(self, volumeNode, segmentationNode, network, postprocess, device="auto", onProgress=None):
+    def startSegmentation(self, volumeNode, segmentationNode, options, onProgress=None):
         """Start segmenting ``volumeNode`` into ``segmentationNode`` (None: a new one) in the background.
 
         Returns the run, bound to these nodes: poll ``run.worker`` (or
@@ -509,7 +478,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         already ran on this volume, placed as it is, with these network
         settings, only the post-processing runs again.
         """
-        return self.runs.start(volumeNode, segmentationNode, network, postprocess, device, onProgress)
+        return self.runs.start(volumeNode, segmentationNode, options, onProgress)
 
     def finishRun(self, run):
         """Load an ended run's bones into the nodes it started with; returns the segmentation node."""
@@ -529,19 +498,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         if self._runs is not None:
             self._runs.close()
 
-    def segment(
-        self,
-        volumeNode,
-        closingRadius=3.2,
-        projections=None,
-        fusion="model",
-        smoothingIterations=20,
-        device="auto",
-        modelPath="",
-        closingUnits="mm",
-        segmentationNode=None,
-        precision="f32",
-    ):
+    def segment(self, volumeNode, segmentationNode=None, **options):
         """Segment femur, tibia and patella in ``volumeNode`` and return the segmentation node.
 
         Runs the same background process as the module panel and waits for it
@@ -551,28 +508,15 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         ----------
         volumeNode : vtkMRMLScalarVolumeNode
             The knee MRI.
-        closingRadius : float
-            Radius of the sphere that closes each bone, in ``closingUnits``; 0 skips it.
-        projections : int, optional
-            3 to predict on all three orientations and fuse them (the paper's
-            method, about 3 times slower), 1 for the scan's own orientation;
-            default the model card's (3 for the shipped model).
-        fusion : str
-            How the projections are fused: ``"model"`` (the default: the model card's rule), ``"or"`` (the paper's), ``"vote"`` or ``"mean"``.
-        smoothingIterations : int
-            Laplacian smoothing steps of the surfaces.
-        device : str
-            ``"auto"``, ``"cpu"`` or ``"gpu"``.
-        modelPath : str
-            A trained model; empty for the shipped one.
-        closingUnits : str
-            ``"mm"`` (3.2 mm is the paper's 9 voxels of its 0.352 mm scan, the
-            same sphere on any scan) or ``"voxels"`` (the paper's rule, with 9).
         segmentationNode : vtkMRMLSegmentationNode, optional
             Node to fill (its segments are replaced); default a new one.
-        precision : str
-            ``"f32"`` (the same bones on every computer) or ``"bf16"`` (faster
-            on CPUs with bfloat16 units, with OpenVINO; refused elsewhere).
+        **options
+            Any option of the library's ``KneeBoneSegLib.options.SegmentOptions``
+            by its name, e.g. ``closing_radius=3.2, closing_units="mm"``,
+            ``projections=3``, ``fusion="or"``, ``smoothing_iterations=20``,
+            ``device="cpu"``, ``model="/path/to/model.onnx"``, ``precision="bf16"``
+            (``kneeboneseg segment --help`` says what each does); the others
+            keep their defaults.
 
         Returns
         -------
@@ -588,16 +532,14 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         RuntimeError
             With the library's one-line message when the run fails.
         """
+        from KneeBoneSegLib.options import options_from_mapping
         from KneeBoneSegLib.slicer_environment import requirement_problems
-        from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings
 
         problems = requirement_problems()
         if problems:
             wrong = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
             raise RuntimeError(f"Python packages are missing or too old ({wrong}): press Segment in the module panel once to install them")
-        network = NetworkSettings(projections=projections, fusion=fusion, model_path=modelPath, precision=precision)
-        postprocess = PostprocessSettings(closingRadius, closingUnits, smoothingIterations)
-        run = self.startSegmentation(volumeNode, segmentationNode, network, postprocess, device)
+        run = self.startSegmentation(volumeNode, segmentationNode, options_from_mapping(options))
         run.worker.wait(on_idle=slicer.app.processEvents)
         return self.finishRun(run)
 

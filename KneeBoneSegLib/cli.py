@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import KneeBoneSegError
+from .errors import InputError, KneeBoneSegError
 
 log = logging.getLogger("kneeboneseg")
 
@@ -69,31 +69,21 @@ class _Reporter:
         print(f"kneeboneseg: error: {message}", file=sys.stderr)
 
 
-def _add_postprocess_options(parser: argparse.ArgumentParser, defaults) -> None:
-    from .pipeline import CLOSING_UNITS, closing_radius_default
-
-    group = parser.add_argument_group("post-processing")
-    group.add_argument(
-        "--closing-radius", type=float, default=None,
-        help=f"sphere radius of the closing, 0 to skip (default: {closing_radius_default('mm'):g} mm, the paper's 9 voxels "
-        f"of its 0.352 mm scan; with --closing-units voxels, {closing_radius_default('voxels'):g}, the paper's exact rule)",
-    )  # fmt: skip
-    group.add_argument("--closing-units", choices=CLOSING_UNITS, default=defaults.closing_units, help=f"units of --closing-radius (default: {defaults.closing_units})")
-    group.add_argument("--no-fill-holes", action="store_true", help="keep holes enclosed in 3D or in a slice (filled by default)")
-    group.add_argument("--smoothing-iterations", type=int, default=None, help="Laplacian smoothing iterations of the surfaces")
-    group.add_argument("--threshold", type=float, default=defaults.threshold, help=f"probability above which a voxel is bone (default: {defaults.threshold:g})")
-    group.add_argument("--no-surfaces", action="store_true", help="skip the surfaces and STL files")
+def _add_output_arguments(parser: argparse.ArgumentParser, probability: bool) -> None:
+    """The options file, and what a run writes and shows besides the options of the run itself."""
+    parser.add_argument("--options", type=Path, default=None, metavar="FILE",
+                        help="the run's options as a JSON object (SegmentOptions' names); flags given as well win over it")
+    group = parser.add_argument_group("outputs")
+    if probability:
+        group.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
     group.add_argument("--nifti", action="store_true", help="also write the label map as labels.nii.gz")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs in an existing, non-empty OUTDIR")
     group.add_argument("--progress", choices=("text", "json", "none"), default="text", help="progress display (json: one object per line on stdout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .devices import DEVICE_CHOICES
-    from .engines import ENGINES, PRECISIONS
-    from .pipeline import AGGREGATIONS, FUSION_CHOICES, SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
+    from .options import add_arguments
 
-    defaults = SegmentOptions()  # one place for the recommended settings: the library's
     parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,31 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", help="segment femur, tibia and patella in a knee MRI")
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
-    seg.add_argument("--model", type=Path, default=None, help="trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)")
-    seg.add_argument("--projections", type=int, choices=(1, 3), default=defaults.projections, help="predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 3 for the shipped model)")
-    seg.add_argument("--fusion", choices=FUSION_CHOICES, default=defaults.fusion,
-                     help="how projections are fused (or: the paper's; default: model, the model card's rule: or for the compact model, vote for the 2D one)")
-    seg.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate, help=f"how overlapping sub-volumes are merged (or: the paper's; default: {defaults.aggregate})")
-    seg.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device, help=f"where the network runs (default: {defaults.device}: a GPU when the engine has one)")
-    seg.add_argument("--engine", choices=ENGINES, default="auto", help="what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)")
-    seg.add_argument("--precision", choices=PRECISIONS, default="f32", help="arithmetic of the network (default: f32, the same bones on every CPU; bf16: faster on CPUs with bfloat16 units, OpenVINO only)")
-    seg.add_argument("--stride", type=int, default=defaults.stride, help="step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)")
-    seg.add_argument("--all-tiles", action="store_true", help="run the network on sub-volumes of pure air too (left out by default; they come out as background either way)")
-    seg.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                     help=f"sub-volumes (or slices, for a 2D model) per network call (default: {SUBVOLUMES_PER_CALL} sub-volumes or {SLICES_PER_CALL} slices)")
-    seg.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
-    seg.add_argument(
-        "--save-uncertainty", action="store_true",
-        help="also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look; needs --projections 3",
-    )  # fmt: skip
-    _add_postprocess_options(seg, defaults)
+    add_arguments(seg, "segment")
+    _add_output_arguments(seg, probability=True)
 
     post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
     post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
     post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    _add_postprocess_options(post, defaults)
-    for command in (seg, post):
-        command.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads every stage (the network too) may use (default: all cores this process may run on)")
+    add_arguments(post, "postprocess")
+    _add_output_arguments(post, probability=False)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
     evaluate.add_argument("prediction", type=Path, metavar="PRED",
@@ -156,37 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options_from_args(args):
-    from .pipeline import SegmentOptions, closing_radius_default
+    """The run's options: the ``--options`` file's, then the flags given."""
+    from .options import options_from_arguments, options_from_mapping
 
-    options = SegmentOptions(
-        closing_radius=closing_radius_default(args.closing_units) if args.closing_radius is None else args.closing_radius,
-        closing_units=args.closing_units,
-        threshold=args.threshold,
-        surfaces=not args.no_surfaces,
-        fill_holes=not args.no_fill_holes,
-    )
-    if args.smoothing_iterations is not None:
-        options.smoothing_iterations = args.smoothing_iterations
-    for name in ("projections", "fusion", "aggregate", "stride", "device", "threads", "batch_size"):
-        if hasattr(args, name):
-            setattr(options, name, getattr(args, name))
-    if getattr(args, "all_tiles", False):
-        options.skip_air_tiles = False
-    options.keep_uncertainty = getattr(args, "save_uncertainty", False)
-    return options.validate()
+    base = None
+    if args.options is not None:
+        try:
+            request = json.loads(args.options.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise InputError(f"{args.options} cannot be read as a JSON object of options ({error})") from None
+        if not isinstance(request, dict):
+            raise InputError(f"{args.options} must hold a JSON object of options, not {type(request).__name__}")
+        base = options_from_mapping(request)
+    return options_from_arguments(args, base)
 
 
 def _run_segment(args, reporter: _Reporter) -> dict:
-    from .io import read_volume
-    from .models import default_model_path, load_model
     from .atomic import check_output_folder
+    from .io import read_volume
+    from .models import load_model_for
     from .outputs import write_outputs
     from .pipeline import segment
 
     # Every refusal that needs no scan comes first, in a second: options, the output folder, the model and its engine.
     options = _options_from_args(args)
     check_output_folder(args.output, args.overwrite)
-    model = load_model(args.model or default_model_path(), engine=args.engine, device=options.device, threads=options.threads, precision=args.precision)
+    model = load_model_for(options)
     volume = read_volume(args.input)
     result = segment(volume, model, options, progress=reporter)
     result.report["input"] = str(args.input)
@@ -197,7 +165,7 @@ def _run_segment(args, reporter: _Reporter) -> dict:
         inputs=[args.input, model.path],
         nifti=args.nifti,
         probability=args.save_probability,
-        uncertainty=args.save_uncertainty,
+        uncertainty=options.keep_uncertainty,
     )
 
 

@@ -12,10 +12,10 @@ import functools
 import logging
 
 from .errors import InputError
+from .options import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
 
-DEVICE_CHOICES = ("auto", "cpu", "gpu")
 
 #: ONNX Runtime's GPU execution providers, the preferred first.
 GPU_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")

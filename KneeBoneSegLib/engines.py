@@ -36,13 +36,11 @@ from pathlib import Path
 
 from .devices import select_onnxruntime_providers, select_openvino_device
 from .errors import InputError, ModelError
+from .options import ENGINES, PRECISIONS
 from .threads import effective_threads
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "onnxruntime", "openvino")
-#: Arithmetic the network may run in: float32 (the default, the same everywhere) or bfloat16.
-PRECISIONS = ("f32", "bf16")
 _PRECISION_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 

@@ -17,10 +17,10 @@ import numpy as np
 from skimage.util import view_as_windows
 
 from .normalization import sampled_percentiles
+from .options import AGGREGATIONS
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("or", "mean")
 
 # Air in MRI is dark noise. On the sample scan (at the shipped model's 0.7 mm)
 # every 32^3 tile that holds bone reaches half the bright-tissue level, and in

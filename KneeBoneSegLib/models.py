@@ -174,6 +174,14 @@ def load_model(
     return Model(network=network, card=card, path=path)
 
 
+def load_model_for(options) -> Model:
+    """The model a run's :class:`~KneeBoneSegLib.options.SegmentOptions` name (the shipped one where they name none),
+    opened on their engine, device, threads and precision."""
+    return load_model(
+        options.model or default_model_path(), engine=options.engine, device=options.device, threads=options.threads, precision=options.precision
+    )
+
+
 def read_card(model_path: str | os.PathLike) -> ModelCard | None:
     """The card beside ``model_path``, or None where there is none."""
     card_file = card_path(model_path)

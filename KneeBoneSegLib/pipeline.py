@@ -34,12 +34,10 @@ import numpy as np
 from . import __version__
 from .anatomy import BONES
 from .components import label_bones
-from .devices import check_device
 from .errors import Cancelled, InputError
-from .inference import AGGREGATIONS
 from .io import check_volume
 from .models import Model, network_dimensions
-from .projections import FUSIONS
+from .options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
 from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
 
@@ -47,95 +45,9 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
-#: The paper's closing sphere: 9 voxels of its scan, whose voxels are 0.352 mm (3.17 mm).
-PAPER_CLOSING_RADIUS_VOXELS = 9.0
-CLOSING_RADIUS_MM = 3.2
-CLOSING_UNITS = ("mm", "voxels")
-#: Network calls' default batch: 32 sub-volumes of 32^3 (about a million voxels), or 4 whole slices (a 256^2 slice
-#: is 65,536 voxels): 8 slices a call took the 2D model's whole run to 2.0 GiB and 32 to 2.7, 4 to 1.8 in the same time.
-SUBVOLUMES_PER_CALL, SLICES_PER_CALL = 32, 4
-#: ``fusion="model"`` takes the rule the model's card names (OR, the paper's, where it names none).
-FUSION_CHOICES = ("model",) + FUSIONS
-
-
 def fusion_rule(fusion: str, card) -> str:
     """The fusion a run applies: ``fusion`` itself, or for ``"model"`` the card's rule (OR where it names none)."""
     return (card.fusion or "or") if fusion == "model" else fusion
-
-
-def closing_radius_default(units: str) -> float:
-    """The default closing radius in ``units``: 3.2 mm, or the paper's 9 voxels."""
-    return PAPER_CLOSING_RADIUS_VOXELS if units == "voxels" else CLOSING_RADIUS_MM
-
-
-@dataclass
-class SegmentOptions:
-    """Settings of one run; the defaults are the recommended ones.
-
-    ``projections`` (1 or 3) defaults to the model card's: 3 for the shipped
-    model and the paper's (a card without the field means 3).
-
-    ``fusion`` defaults to the model card's rule (``"model"``): the paper's,
-    OR of the projections (their maximum probability), for the compact
-    model, which misses more bone than it adds; majority vote for the
-    whole-knee 2D model, where OR added bone (both chosen by
-    ``bench/heldout_table.py``).
-    ``aggregate`` defaults to a weighted mean of overlapping sub-volumes;
-    ``"or"`` gives the paper's rule there too (threshold each tile, then OR).
-    ``stride`` is the step between sub-volumes, in the model's voxels;
-    ``None`` takes the model card's (24 for the shipped 32^3 model). Half the
-    sub-volume (16) scored better held out and takes about three times as
-    long in the network (``bench/heldout_table.py``).
-    ``skip_air_tiles`` leaves sub-volumes of pure air out of the network
-    (about half of them on a knee scan; see ``inference.air_level``).
-    ``closing_radius`` is in millimetres by default: 3.2 mm is the paper's
-    radius of 9 voxels on the paper's scan (the sample scan, 0.352 mm voxels),
-    and stays the same physical sphere on any grid (on 3 mm slices, 9 voxels
-    would reach 27 mm). ``closing_units="voxels"`` with a radius of 9 is the
-    paper's exact rule (:func:`closing_radius_default`); 0 skips closing.
-    ``fill_holes`` then fills what is still enclosed in 3D or in a slice of
-    any orientation (not in the paper).
-    ``threads`` is how many CPU threads every stage may use (``None``: all
-    the cores the process may run on; see :mod:`~KneeBoneSegLib.threads`).
-    ``keep_uncertainty`` keeps the projections' disagreement map in the
-    result (``result.uncertainty``, 0 to 1, on the input's grid).
-    """
-
-    projections: int | None = None
-    fusion: str = "model"
-    aggregate: str = "mean"
-    stride: int | None = None
-    skip_air_tiles: bool = True
-    threshold: float = 0.5
-    closing_radius: float = CLOSING_RADIUS_MM
-    closing_units: str = "mm"
-    fill_holes: bool = True
-    smoothing_iterations: int = 20
-    surfaces: bool = True
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int | None = None  # sub-volumes (or slices) per network call; None: SUBVOLUMES_PER_CALL or SLICES_PER_CALL
-    keep_uncertainty: bool = False
-
-    def validate(self) -> "SegmentOptions":
-        if self.projections not in (None, 1, 3):
-            raise InputError(f"projections must be 1 or 3, not {self.projections}")
-        if self.fusion not in FUSION_CHOICES:
-            raise InputError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, not {self.fusion!r}")
-        if self.aggregate not in AGGREGATIONS:
-            raise InputError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {self.aggregate!r}")
-        if self.closing_units not in CLOSING_UNITS:
-            raise InputError(f"closing units must be mm or voxels, not {self.closing_units!r}")
-        if self.stride is not None and self.stride < 1:
-            raise InputError(f"stride must be a positive number of voxels, not {self.stride}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be a positive number, not {self.threads}")
-        check_device(self.device)
-        if self.closing_radius < 0 or self.smoothing_iterations < 0 or (self.batch_size is not None and self.batch_size < 1):
-            raise InputError("closing radius and smoothing iterations must be >= 0 and batch size >= 1")
-        if not 0.0 < self.threshold < 1.0:
-            raise InputError(f"threshold must lie between 0 and 1, not {self.threshold}")
-        return self
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .options import FUSIONS
+
 #: Patient axes (LPS: 0 left-right, 1 anterior-posterior, 2 inferior-superior)
 #: in the order each projection presents them to the network, first to last.
 #: On an axial scan (identity direction) these are the array orders the
@@ -30,7 +32,6 @@ VIEW_PATIENT_AXES = {
     "sagittal": (0, 2, 1),
 }
 
-FUSIONS = ("or", "vote", "mean")
 
 _IDENTITY = np.eye(3)
 

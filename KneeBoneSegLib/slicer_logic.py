@@ -28,40 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from .options import SegmentOptions, option_fields
 from .worker import WorkerProcess, worker_environment
 
 #: A run's outputs go to this folder inside its work folder.
 OUTPUT_FOLDER = "output"
-
-
-@dataclass(frozen=True)
-class NetworkSettings:
-    """The settings that change the network's output (the device does not: CPU and GPU agree)."""
-
-    projections: Optional[int]  # None: the model card's
-    fusion: str
-    model_path: str = ""
-    precision: str = "f32"  # bf16 moves probabilities by up to 0.05 (engines.PRECISIONS)
-
-    def arguments(self) -> List[str]:
-        arguments = ["--projections", str(self.projections)] if self.projections else []
-        arguments += ["--fusion", self.fusion, "--precision", self.precision]
-        return arguments + (["--model", str(self.model_path)] if self.model_path else [])
-
-
-@dataclass(frozen=True)
-class PostprocessSettings:
-    """The settings that only change the post-processing of the network's output."""
-
-    closing_radius: float
-    closing_units: str
-    smoothing_iterations: int
-
-    def arguments(self) -> List[str]:
-        return [
-            "--closing-radius", str(self.closing_radius), "--closing-units", self.closing_units,
-            "--smoothing-iterations", str(int(self.smoothing_iterations)),
-        ]  # fmt: skip
 
 
 @dataclass
@@ -75,7 +46,7 @@ class SegmentationRun:
     segmentation_node_id : str or None
         Where the bones go; None: a new segmentation node.
     reuse_key : tuple or None
-        For a network run: the volume placement and network settings its
+        For a network run: the volume placement and network options its
         probability map belongs to. None for a post-processing-only run.
     worker : WorkerProcess
     report : dict or None
@@ -129,45 +100,47 @@ class SegmentationRuns:
         return list(self._running)
 
     @staticmethod
-    def reuse_key(volume_node, network: NetworkSettings) -> tuple:
+    def reuse_key(volume_node, options: SegmentOptions) -> tuple:
+        """The volume, placed as it is now, and the options the network output depends on (no others)."""
         from .mrml import volume_placement
 
-        return (volume_placement(volume_node), network)
+        return (volume_placement(volume_node), options.network_key())
 
-    def can_reuse(self, volume_node, network: NetworkSettings) -> bool:
-        """True when the kept network output belongs to this volume, placed as it is now, and these settings."""
-        return self._kept is not None and volume_node is not None and self._kept[0] == self.reuse_key(volume_node, network)
+    def can_reuse(self, volume_node, options: SegmentOptions) -> bool:
+        """True when the kept network output belongs to this volume, placed as it is now, and these network options."""
+        return self._kept is not None and volume_node is not None and self._kept[0] == self.reuse_key(volume_node, options)
 
     def start(
         self,
         volume_node,
         segmentation_node,
-        network: NetworkSettings,
-        postprocess: PostprocessSettings,
-        device: str = "auto",
+        options: SegmentOptions,
         on_progress: Optional[Callable[[str, float], None]] = None,
     ) -> SegmentationRun:
         """Start segmenting ``volume_node`` into ``segmentation_node`` (None: a new node) in the background.
 
-        When the kept network output fits (:meth:`can_reuse`), only the
-        post-processing runs again, from it.
+        The worker gets ``options`` as a request file (``--options``). When the
+        kept network output fits (:meth:`can_reuse`), only the post-processing
+        runs again, from it.
         """
         from .io import write_volume
         from .mrml import volume_from_node
-        from .outputs import PROBABILITY_FILE
+        from .outputs import PROBABILITY_FILE, write_json
 
+        options.validate()
         work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=self.temporary_folder))
         output = str(work_folder / OUTPUT_FOLDER)
         try:
-            if self.can_reuse(volume_node, network):
+            request = write_json(options.to_request(), work_folder / "options.json")
+            if self.can_reuse(volume_node, options):
                 probability = str(self._kept[1] / OUTPUT_FOLDER / PROBABILITY_FILE)
                 arguments, reuse_key = ["postprocess", probability, "-o", output], None
             else:
                 input_path = work_folder / "input.nrrd"
                 write_volume(volume_from_node(volume_node), input_path)
-                arguments = ["segment", str(input_path), "-o", output, *network.arguments(), "--device", device, "--save-probability"]
-                reuse_key = self.reuse_key(volume_node, network)
-            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments, *postprocess.arguments(), "--progress", "json"]
+                arguments = ["segment", str(input_path), "-o", output, "--save-probability"]
+                reuse_key = self.reuse_key(volume_node, options)
+            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments, "--options", str(request), "--progress", "json"]
             worker = WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
         except BaseException:
             shutil.rmtree(work_folder, ignore_errors=True)
@@ -305,3 +278,48 @@ def device_description(device: str, last_device: Optional[str]) -> str:
     if device == "gpu":
         return "A GPU (the run stops with a message if none is found)."
     return "The CPU."
+
+
+#: The options the module's panel shows, in its order; the others keep their defaults there.
+PANEL_OPTIONS = ("model", "projections", "fusion", "closing_radius", "closing_units", "smoothing_iterations", "device", "precision")
+
+
+@dataclass(frozen=True)
+class PanelParameter:
+    """A field of the module's parameter node, derived from the option it shows (:func:`panel_parameters`)."""
+
+    name: str  #: the parameter's name, which the .ui's widgets name in their SlicerParameterName
+    kind: type
+    default: object
+    help: str
+    choices: Optional[tuple] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+
+def panel_parameters() -> List[PanelParameter]:
+    """The parameter node's fields: one per option of :data:`PANEL_OPTIONS`, with its type, default, choices and range.
+
+    ``projections`` shows as a check box, ``three_projections``: checked runs
+    3 projections, unchecked the scan's own one. It starts checked, as the
+    shipped model's card asks (the option's default, None, means the card's).
+    """
+    parameters = []
+    for option in option_fields():
+        if option.name not in PANEL_OPTIONS:
+            continue
+        meta = option.metadata
+        if option.name == "projections":
+            parameters.append(PanelParameter("three_projections", bool, True, meta["help"]))
+            continue
+        parameters.append(PanelParameter(option.name, meta["kind"], option.default, meta["help"], meta["choices"], meta["minimum"], meta["maximum"]))
+    return parameters
+
+
+def panel_options(parameters) -> SegmentOptions:
+    """The run's options from the panel's parameter node (or any object with the fields of :func:`panel_parameters`)."""
+    from .options import options_from_mapping
+
+    values = {parameter.name: getattr(parameters, parameter.name) for parameter in panel_parameters()}
+    values["projections"] = 3 if values.pop("three_projections") else 1
+    return options_from_mapping(values)

@@ -207,6 +207,24 @@ def test_evaluate_help_says_which_argument_is_the_prediction_and_which_the_refer
     assert "PRED REFERENCE" in usage and "the label map to score" in usage and "the ground truth" in usage
 
 
+def test_an_options_file_sets_the_run_and_flags_given_win_over_it(scan_and_model, tmp_path, capsys):
+    """The Slicer module hands its background process a request file: the same options, by their names."""
+    request = tmp_path / "options.json"
+    request.write_text(json.dumps({"closing_radius": 0.0, "smoothing_iterations": 2, "threshold": 0.3, "surfaces": False}))
+    argv = ["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "out", "--options", request, "--threshold", "0.4", "--progress", "none"]
+    code, _, _ = run(argv, capsys)
+    options = json.loads((tmp_path / "out" / "summary.json").read_text())["options"]
+    assert code == 0 and (options["closing_radius"], options["smoothing_iterations"], options["surfaces"], options["threshold"]) == (0.0, 2, False, 0.4)
+    assert not list((tmp_path / "out").glob("*.stl"))
+
+    request.write_text(json.dumps({"closing_radius": -2}))
+    code, _, err = run(["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "refused", "--options", request, "--progress", "none"], capsys)
+    assert code == 2 and "closing radius must be at least 0" in err and len(err.strip().splitlines()) == 1
+    request.write_text("[1, 2]")
+    code, _, err = run(["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "refused", "--options", request, "--progress", "none"], capsys)
+    assert code == 2 and "must hold a JSON object of options" in err and not (tmp_path / "refused").exists()
+
+
 def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path, capsys):
     from KneeBoneSegLib.threads import available_cores
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import needs_keras, position_network, position_network_tile
 
-from KneeBoneSegLib.inference import AGGREGATIONS, air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.inference import air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.options import AGGREGATIONS
 from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
 
 

@@ -108,69 +108,22 @@ def test_every_widget_the_module_uses_is_in_the_ui_with_its_class(module_tree, u
         assert ui_widgets[name].get("class") == EXPECTED_WIDGETS[name], name
 
 
-def test_ui_parameters_are_fields_of_the_parameter_node(module_tree, ui_widgets):
-    parameter_class = _class(module_tree, "KneeBoneSegParameterNode")
-    assert any(getattr(decorator, "id", None) == "parameterNodeWrapper" for decorator in parameter_class.decorator_list)
-    fields = {node.target.id: node.annotation for node in parameter_class.body if isinstance(node, ast.AnnAssign)}
+def test_ui_widgets_show_parameters_of_the_parameter_node(ui_widgets):
+    """The module builds its parameter node from the library's panel_parameters(); the .ui binds widgets to them."""
+    from KneeBoneSegLib.slicer_logic import panel_parameters
 
+    kinds = {parameter.name: parameter.kind.__name__ for parameter in panel_parameters()}
+    kinds.update(inputVolume="vtkMRMLScalarVolumeNode", outputSegmentation="vtkMRMLSegmentationNode")
     bound = {}
-    for name, widget in ui_widgets.items():
+    for widget in ui_widgets.values():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget.get("class")
-    assert bound, "no widget of the .ui is bound to the parameter node"
     for parameter, widget_class in bound.items():
-        assert parameter in fields, f"the .ui binds '{parameter}', which KneeBoneSegParameterNode lacks"
-        annotation = fields[parameter]
-        base = annotation.slice.elts[0] if isinstance(annotation, ast.Subscript) else annotation
-        assert widget_class in CONNECTABLE[ast.unparse(base)], f"{parameter}: {widget_class} cannot show {ast.unparse(base)}"
-
-
-def test_parameter_choices_are_the_ones_the_library_accepts(module_tree):
-    from KneeBoneSegLib.devices import DEVICE_CHOICES
-    from KneeBoneSegLib.pipeline import CLOSING_UNITS, FUSION_CHOICES, SegmentOptions
-
-    parameter_class = _class(module_tree, "KneeBoneSegParameterNode")
-    fields = {node.target.id: node for node in parameter_class.body if isinstance(node, ast.AnnAssign)}
-
-    def choices(name):
-        (choice,) = [call for call in ast.walk(fields[name].annotation) if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Choice"]
-        return set(ast.literal_eval(choice.args[0]))
-
-    assert choices("fusion") == set(FUSION_CHOICES)
-    assert choices("device") == set(DEVICE_CHOICES)
-    from KneeBoneSegLib.engines import PRECISIONS
-
-    assert choices("precision") == set(PRECISIONS) and ast.literal_eval(fields["precision"].value) == "f32"
-    defaults = SegmentOptions()
-    assert ast.literal_eval(fields["fusion"].value) == defaults.fusion
-    assert ast.literal_eval(fields["closingRadius"].value) == defaults.closing_radius
-    assert ast.literal_eval(fields["closingUnits"].value) == defaults.closing_units
-    assert choices("closingUnits") == set(CLOSING_UNITS)
-    assert ast.literal_eval(fields["smoothingIterations"].value) == defaults.smoothing_iterations
-    from KneeBoneSegLib.models import default_model_path, read_card
-
-    shipped_projections = defaults.projections or read_card(default_model_path()).projections
-    assert ast.literal_eval(fields["threeProjections"].value) == (shipped_projections == 3)  # the panel starts as a run would
-
-
-def test_command_lines_of_the_module_runs_are_accepted():
-    """What SegmentationRuns.start passes to the worker parses with the library's own parser."""
-    from KneeBoneSegLib.cli import build_parser
-    from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings
-
-    post = PostprocessSettings(closing_radius=9.0, closing_units="voxels", smoothing_iterations=20)
-    settings = (
-        NetworkSettings(projections=3, fusion="or"),
-        NetworkSettings(projections=1, fusion="vote", model_path="m.onnx", precision="bf16"),
-        NetworkSettings(projections=None, fusion="or"),
-    )
-    for network in settings:
-        args = build_parser().parse_args(["segment", "in.nrrd", "-o", "out", *network.arguments(), "--device", "cpu", "--save-probability", *post.arguments(), "--progress", "json"])
-        assert (args.projections, args.fusion, args.precision, args.save_probability, args.progress) == (network.projections, network.fusion, network.precision, True, "json")
-        assert (args.model is None) == (not network.model_path)
-    args = build_parser().parse_args(["postprocess", "probability.nrrd", "-o", "out", *post.arguments(), "--progress", "json"])
-    assert (args.closing_radius, args.closing_units, args.smoothing_iterations) == (9.0, "voxels", 20)
+        assert parameter in kinds, f"the .ui binds '{parameter}', which the parameter node lacks"
+        assert widget_class in CONNECTABLE[kinds[parameter]], f"{parameter}: {widget_class} cannot show {kinds[parameter]}"
+    # Every parameter is shown; the model path's widget is set by the panel (a ctkPathLineEdit has no connector).
+    assert set(kinds) - set(bound) == {"model"}
 
 
 def test_library_names_the_module_imports_exist(module_tree):
@@ -189,16 +142,10 @@ def test_logic_offers_the_documented_console_api(module_tree):
     logic = _class(module_tree, "KneeBoneSegLogic")
     assert [base.id for base in logic.bases] == ["ScriptedLoadableModuleLogic"]
 
+    # Every option of the library by its name (options_from_mapping refuses others).
     segment = _method(logic, "segment")
-    arguments = [argument.arg for argument in segment.args.args]
-    defaults = dict(zip(arguments[-len(segment.args.defaults) :], (ast.literal_eval(d) for d in segment.args.defaults)))
-    assert arguments[:2] == ["self", "volumeNode"]
-    from KneeBoneSegLib.pipeline import SegmentOptions
-
-    library = SegmentOptions()
-    assert (defaults["closingRadius"], defaults["closingUnits"]) == (library.closing_radius, library.closing_units)
-    assert defaults["projections"] == library.projections is None  # the model card decides
-    assert ast.get_docstring(segment)
+    assert [argument.arg for argument in segment.args.args] == ["self", "volumeNode", "segmentationNode"] and segment.args.kwarg.arg == "options"
+    assert "options_from_mapping" in _calls(segment) and ast.get_docstring(segment)
 
     export = _method(logic, "exportSTL")
     assert [argument.arg for argument in export.args.args] == ["self", "segmentationNode", "folder"]

@@ -22,12 +22,12 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import vtk  # noqa: E402
 
 from KneeBoneSegLib.mrml import volume_from_node, volume_to_node  # noqa: E402
-from KneeBoneSegLib.slicer_logic import NetworkSettings, PostprocessSettings, SegmentationRuns, export_folder  # noqa: E402
+from KneeBoneSegLib.options import SegmentOptions  # noqa: E402
+from KneeBoneSegLib.slicer_logic import SegmentationRuns, export_folder  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
 
 LIBRARY_FOLDER = str(Path(__file__).resolve().parents[2])
-NETWORK = NetworkSettings(projections=1, fusion="or")
-POSTPROCESS = PostprocessSettings(closing_radius=1.0, closing_units="voxels", smoothing_iterations=2)
+OPTIONS = SegmentOptions(projections=1, fusion="or", closing_radius=1.0, closing_units="voxels", smoothing_iterations=2, device="cpu")
 
 
 def _work_folders(folder: Path) -> list:
@@ -50,7 +50,7 @@ def segmented(tmp_path_factory):
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "knee bones")
     runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(temporary))
     progress = []
-    run = runs.start(knee, target, NETWORK, POSTPROCESS, device="cpu", on_progress=lambda stage, fraction: progress.append(stage))
+    run = runs.start(knee, target, OPTIONS, on_progress=lambda stage, fraction: progress.append(stage))
     # The user now picks the other volume and a new output; the run must not follow.
     run.worker.wait()
     assert run.worker.error is None, run.worker.error
@@ -77,37 +77,40 @@ def test_a_run_fills_the_nodes_it_started_with(segmented):
 
 def test_kept_network_output_is_reused_only_while_the_volume_stays_where_it_was(segmented):
     runs, knee, scene = segmented["runs"], segmented["knee"], segmented["scene"]
-    assert runs.can_reuse(knee, NETWORK)
-    assert not runs.can_reuse(knee, NetworkSettings(projections=3, fusion="or"))
-    assert not runs.can_reuse(segmented["other"], NETWORK)
+    assert runs.can_reuse(knee, OPTIONS)
+    # By construction: an option of the network's stage forces a new network run, one of the later stages does not.
+    assert not runs.can_reuse(knee, OPTIONS.with_values(projections=3))
+    assert not runs.can_reuse(knee, OPTIONS.with_values(precision="bf16"))
+    assert runs.can_reuse(knee, OPTIONS.with_values(closing_radius=3.0, smoothing_iterations=5, threshold=0.4, device="auto", threads=1))
+    assert not runs.can_reuse(segmented["other"], OPTIONS)
 
     origin = knee.GetOrigin()
     knee.SetOrigin(origin[0] + 5.0, origin[1], origin[2])
-    assert not runs.can_reuse(knee, NETWORK), "a moved origin must force a new network run"
+    assert not runs.can_reuse(knee, OPTIONS), "a moved origin must force a new network run"
     knee.SetOrigin(*origin)
-    assert runs.can_reuse(knee, NETWORK)
+    assert runs.can_reuse(knee, OPTIONS)
 
     spacing = knee.GetSpacing()
     knee.SetSpacing(spacing[0] * 2, spacing[1], spacing[2])
-    assert not runs.can_reuse(knee, NETWORK), "a changed spacing must force a new network run"
+    assert not runs.can_reuse(knee, OPTIONS), "a changed spacing must force a new network run"
     knee.SetSpacing(*spacing)
 
     directions = vtk.vtkMatrix4x4()
     knee.GetIJKToRASDirectionMatrix(directions)
     knee.SetIJKToRASDirections(0, 1, 0, 1, 0, 0, 0, 0, -1)
-    assert not runs.can_reuse(knee, NETWORK), "changed directions must force a new network run"
+    assert not runs.can_reuse(knee, OPTIONS), "changed directions must force a new network run"
     knee.SetIJKToRASDirectionMatrix(directions)
-    assert runs.can_reuse(knee, NETWORK)
+    assert runs.can_reuse(knee, OPTIONS)
 
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     knee.SetAndObserveTransformNodeID(transform.GetID())
-    assert runs.can_reuse(knee, NETWORK), "an identity parent transform places the voxels where they were"
+    assert runs.can_reuse(knee, OPTIONS), "an identity parent transform places the voxels where they were"
     shift = vtk.vtkMatrix4x4()
     shift.SetElement(0, 3, 50.0)
     transform.SetMatrixTransformToParent(shift)
-    assert not runs.can_reuse(knee, NETWORK), "a parent transform change must force a new network run"
+    assert not runs.can_reuse(knee, OPTIONS), "a parent transform change must force a new network run"
     knee.SetAndObserveTransformNodeID(None)
-    assert runs.can_reuse(knee, NETWORK)
+    assert runs.can_reuse(knee, OPTIONS)
 
 
 def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmented):
@@ -117,8 +120,8 @@ def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmente
 
     # Two post-processing runs at once: the first one's output node is deleted
     # while it runs (a new one is made), the second one's volume is (it fails).
-    reapplied = runs.start(knee, segmented["target"], NETWORK, PostprocessSettings(0.0, "voxels", 0))
-    orphaned = runs.start(knee, None, NETWORK, POSTPROCESS)
+    reapplied = runs.start(knee, segmented["target"], OPTIONS.with_values(closing_radius=0.0, smoothing_iterations=0))
+    orphaned = runs.start(knee, None, OPTIONS)
     assert reapplied.reuse_key is None and "postprocess" in reapplied.worker._process.args
     scene.RemoveNode(segmented["target"])
     reapplied.worker.wait()
@@ -139,7 +142,7 @@ def test_close_stops_running_work_and_removes_every_folder(tmp_path):
     scene = slicer.vtkMRMLScene()
     knee = _phantom_volume(scene, "knee")
     runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(tmp_path))
-    run = runs.start(knee, None, NETWORK, POSTPROCESS, device="cpu")
+    run = runs.start(knee, None, OPTIONS)
     assert _work_folders(tmp_path) and run.worker.poll()
     runs.close()
     assert _work_folders(tmp_path) == []

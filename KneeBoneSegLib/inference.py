@@ -1,9 +1,10 @@
 """Sub-volume inference: tile a volume, predict the tiles in batches, put them back.
 
 The paper tiles the volume into 64-voxel cubes with a stride of 32, padding it
-to fit. The tile grid is a :func:`skimage.util.view_as_windows` view (the
-``patchify`` package the paper used is a thin alias of it that pins numpy<2),
-so tiles are copied only one batch at a time. Tiles of pure air, about half
+to fit. The tile grid is a view (numpy's ``sliding_window_view`` taken at the
+stride: what scikit-image's ``view_as_windows`` gives, of which the
+``patchify`` package the paper used is a thin alias that pins numpy<2), so
+tiles are copied only one batch at a time. Tiles of pure air, about half
 of a knee scan's field of view, can be left out of the network altogether
 (:func:`air_level`).
 """
@@ -14,7 +15,7 @@ import logging
 from typing import Callable
 
 import numpy as np
-from skimage.util import view_as_windows
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .normalization import sampled_percentiles
 from .options import AGGREGATIONS
@@ -106,7 +107,7 @@ def predict_volume(
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, not {aggregate!r}")
     padded = np.zeros(padded_shape(image.shape, patch_size, stride), np.float32)
     padded[tuple(slice(0, n) for n in image.shape)] = image
-    windows = view_as_windows(padded, patch_size, stride)
+    windows = sliding_window_view(padded, (patch_size,) * 3)[::stride, ::stride, ::stride]
     corners = tile_corners(padded.shape, patch_size, stride)
     weights = tile_weights(patch_size) if aggregate == "mean" else None
     total = np.zeros(padded.shape, np.float32)

@@ -50,7 +50,7 @@ class Requirement:
     Python is reported, not used. ``pins``: what is
     installed, by the oldest Python it is for (newest first), with its download
     in MB: its wheel and those of the packages it pulls in that Slicer does not
-    ship (onnxruntime brings sympy, scikit-image networkx), on the platform
+    ship (onnxruntime brings sympy), on the platform
     where they are largest, rounded up (``bench/bench_slicer_first_use.py``,
     ``bench/results/slicer_first_use.txt``).
     """
@@ -76,13 +76,6 @@ FIRST_USE = (
         "1.16",
         (("3.10", "1.23.2", 27), ("3.9", "1.19.2", 25)),
         "runs the network; 1.19.2 is the last release for Python 3.9, 1.23.2 the last with Intel-Mac wheels",
-    ),
-    Requirement(
-        "scikit-image",
-        "skimage",
-        "0.21",
-        (("3.10", "0.25.2", 18), ("3.9", "0.24.0", 18)),
-        "marching cubes and morphology; 0.24.0 is the last release for Python 3.9 (with networkx, imageio, tifffile)",
     ),
     Requirement("edt", "edt", "3.1", (("3.9", "3.1.2", 3),), "exact multi-threaded distance transforms for the closing"),
     Requirement("fill-voids", "fill_voids", "2.1", (("3.9", "2.1.2", 3),), "fills the holes inside each bone (with fastremap)"),
@@ -131,7 +124,7 @@ def requirement_problems(path: Optional[List[str]] = None) -> Dict[str, str]:
 
     Empty when every package is there at a version the library works with.
     A package is a problem when it is missing or older than its
-    :attr:`Requirement.minimum` (e.g. an old scikit-image another extension
+    :attr:`Requirement.minimum` (e.g. an old slicerio another extension
     installed); the message says which version is there and which is needed.
 
     Parameters

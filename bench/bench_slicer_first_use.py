@@ -12,6 +12,7 @@ already ship are added up: what a user's first **Segment** downloads.
 
 from __future__ import annotations
 
+import datetime
 import re
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def first_use_download(python: str, shipped: dict, tags: list, extra: tuple = ()
 
 
 def main() -> None:
-    print("# python bench/bench_slicer_first_use.py (2026-11-28; pip download of the first-use install, wheels Slicer does not ship; MB = 10^6 bytes)")
+    print(f"# python bench/bench_slicer_first_use.py ({datetime.date.today().isoformat()}; pip download of the first-use install, wheels Slicer does not ship; MB = 10^6 bytes)")
     for python, (slicer, shipped) in slicer_pythons().items():
         print(f"\nPython {python} (Slicer {', '.join(v for v, r in SLICER_RELEASES.items() if r['python'] == python)}): {' '.join(first_use_requirements(version_tuple(python)[:2]))}")
         for platform, tags in PLATFORMS.items():

@@ -207,6 +207,15 @@ def test_evaluate_help_says_which_argument_is_the_prediction_and_which_the_refer
     assert "PRED REFERENCE" in usage and "the label map to score" in usage and "the ground truth" in usage
 
 
+def test_segmenting_imports_no_scikit_image(scan_and_model, tmp_path):
+    """scikit-image is off the run path, so Slicer's first use does not install it (tests and benchmarks compare with it)."""
+    folder = scan_and_model
+    argv = ["segment", str(folder / "knee.nrrd"), "-o", str(tmp_path / "out"), "--model", str(folder / "threshold.onnx"), "--progress", "none"]
+    code = f"import sys; from KneeBoneSegLib.cli import main; status = main({argv!r}); print(status, 'skimage' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
+
+
 def test_an_options_file_sets_the_run_and_flags_given_win_over_it(scan_and_model, tmp_path, capsys):
     """The Slicer module hands its background process a request file: the same options, by their names."""
     request = tmp_path / "options.json"

@@ -10,6 +10,7 @@ version, and the last test checks the environment is what it claims to be.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -46,38 +47,37 @@ def test_first_use_installs_the_onnx_runtime_not_tensorflow(slicer_version):
     python = version_tuple(SLICER_RELEASES[slicer_version]["python"])
     requirements = first_use_requirements(python)
     names = {requirement.split("==")[0].lower() for requirement in requirements}
-    assert names == {"onnxruntime", "scikit-image", "edt", "fill-voids", "connected-components-3d", "slicerio", "tqdm"}
-    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "torch", "jax"}
+    assert names == {"onnxruntime", "edt", "fill-voids", "connected-components-3d", "slicerio", "tqdm"}
+    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "torch", "jax", "scikit-image"}
     assert not names & {name.lower() for name in SLICER_RELEASES[slicer_version]["shipped"]}, "never replace what Slicer ships"
     pins, megabytes = install_plan(dict.fromkeys(names, "not installed"), python)
-    assert sorted(pins) == sorted(requirements) and 20 < megabytes < 100
+    assert sorted(pins) == sorted(requirements) and 20 < megabytes < 60
 
 
 def test_python_39_gets_the_last_releases_that_support_it():
     on_39 = dict(requirement.split("==") for requirement in first_use_requirements((3, 9)))
     on_312 = dict(requirement.split("==") for requirement in first_use_requirements((3, 12)))
-    # onnxruntime 1.20 and scikit-image 0.25 need Python 3.10.
+    # onnxruntime 1.20 needs Python 3.10.
     assert version_tuple(on_39["onnxruntime"]) < (1, 20) <= version_tuple(on_312["onnxruntime"])
-    assert version_tuple(on_39["scikit-image"]) < (0, 25) <= version_tuple(on_312["scikit-image"])
 
 
 def test_problems_name_missing_and_too_old_packages(tmp_path):
     site = tmp_path / "site-packages"
-    _installed(site, "scikit-image", "0.19.3")  # as another extension may have left it
-    for name, version in (("edt", "3.1.2"), ("fill-voids", "2.1.2"), ("connected-components-3d", "4.1.1"), ("slicerio", "1.4.0"), ("tqdm", "4.66.1")):
+    _installed(site, "slicerio", "1.0.0")  # as another extension may have left it
+    for name, version in (("edt", "3.1.2"), ("fill-voids", "2.1.2"), ("connected-components-3d", "4.1.1"), ("tqdm", "4.66.1")):
         _installed(site, name, version)
     problems = requirement_problems([str(site)])
     assert problems == {
         "onnxruntime": "not installed",
-        "scikit-image": "0.19.3 is installed; KneeBoneSeg needs 0.21 or later",
+        "slicerio": "1.0.0 is installed; KneeBoneSeg needs 1.1 or later",
     }
     pins, _ = install_plan(problems, (3, 9))
-    assert [pin.split("==")[0] for pin in pins] == ["onnxruntime", "scikit-image"]
+    assert [pin.split("==")[0] for pin in pins] == ["onnxruntime", "slicerio"]
 
     _installed(site, "onnxruntime", "1.19.2")
-    (site / "scikit_image-0.19.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scikit-image\nVersion: 0.24.0\n")
+    (site / "slicerio-1.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: slicerio\nVersion: 1.4.0\n")
     assert requirement_problems([str(site)]) == {}
-    assert installed_version("Scikit_Image", [str(site)]) == "0.24.0"
+    assert installed_version("SlicerIO", [str(site)]) == "1.4.0"
 
 
 class _Panel:
@@ -98,7 +98,10 @@ class _Panel:
         if self.pip_fails:
             raise OSError("network unreachable")
         for pin in pins:
-            _installed(self.site, *pin.split("=="))
+            name, version = pin.split("==")
+            for old in self.site.glob(f"{name.replace('-', '_')}-*.dist-info"):  # pip replaces an older release
+                shutil.rmtree(old)
+            _installed(self.site, name, version)
             self.installed.append(pin)
 
     def installing(self, message):
@@ -119,11 +122,11 @@ def test_a_complete_python_asks_nothing(tmp_path):
 
 def test_first_use_asks_then_installs_what_is_missing_with_the_panel_locked(tmp_path):
     panel = _Panel(tmp_path)
-    _installed(tmp_path, "scikit-image", "0.19.3")  # too old, as another extension may have left it
+    _installed(tmp_path, "slicerio", "1.0.0")  # too old, as another extension may have left it
     outcome = ensure_requirements(panel.confirm, panel.install, panel.installing, panel.problems)
     assert outcome.ready and outcome.status == "Packages installed." and outcome.error is None
     (question,) = panel.questions
-    assert "onnxruntime: not installed" in question and "scikit-image: 0.19.3 is installed" in question and "MB" in question
+    assert "onnxruntime: not installed" in question and "slicerio: 1.0.0 is installed" in question and "MB" in question
     assert {pin.split("==")[0] for pin in panel.installed} == set(requirement_problems([str(tmp_path / "nothing")]))
     assert panel.shown[0].startswith("Installing ") and panel.shown[-1] is None and not panel.locked
     assert panel.problems() == {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI: the library as 3D Slicer runs it. For Slicer 5.8 (Python 3.9) and 5.10 (Python 3.12), build a
 # virtual environment from that Python with the numpy, SciPy and SimpleITK versions that Slicer ships, add
-# exactly what the module's first-use install adds (both lists come from KneeBoneSegLib/slicer_environment.py),
+# exactly what the module's first-use install adds (both lists come from KneeBoneSegLib/slicer/environment.py),
 # then run the worker end to end on a crop of the sample scan, the worker runner's and the install's tests,
 # and the MRML tests. The worker needs VTK for the bones' surfaces, as Slicer's own VTK provides it: on
 # Python 3.9 the PyPI release closest to Slicer's VTK (slicer-core, which the MRML tests need, has no wheels
@@ -24,19 +24,19 @@ find_python() {
 # Environment .venv-slicer<version> for Slicer <version>.
 set_up() {
   local slicer=$1 python venv shipped first_use vtk
-  python="$(find_python "$(PYTHONPATH="$PWD" python3 -m KneeBoneSegLib.slicer_environment python "$slicer")")"
+  python="$(find_python "$(PYTHONPATH="$PWD" python3 -m KneeBoneSegLib.slicer.environment python "$slicer")")"
   venv=".venv-slicer$slicer"
   "$python" -m venv --clear "$venv"
   local pip=("$venv/bin/python" -m pip install -qq --no-cache-dir --no-compile --disable-pip-version-check)
-  shipped="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment shipped "$slicer")"
-  first_use="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment first-use)"
+  shipped="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer.environment shipped "$slicer")"
+  first_use="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer.environment first-use)"
   # shellcheck disable=SC2086  # one requirement a line
   "${pip[@]}" $shipped $first_use pytest
   if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
     "${pip[@]}" --no-deps slicer-core
     vtk="$("$venv/bin/python" -c 'import importlib.metadata as m; print(next(r for r in m.requires("slicer-core") if r.startswith("vtk")))')"
   else
-    vtk="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer_environment vtk "$slicer")"
+    vtk="$(PYTHONPATH="$PWD" "$venv/bin/python" -m KneeBoneSegLib.slicer.environment vtk "$slicer")"
   fi
   "${pip[@]}" --no-deps "$vtk"
   echo "Slicer $slicer stand-in: Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'), $(tr '\n' ' ' <<<"$shipped")+ $(tr '\n' ' ' <<<"$first_use")+ $vtk"

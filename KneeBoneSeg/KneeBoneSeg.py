@@ -2,9 +2,9 @@
 
 The module is a thin layer over the ``KneeBoneSegLib`` library, which is
 installed beside it, in the split of SlicerNNUnet: what to install
-(:mod:`KneeBoneSegLib.slicer_environment`), the background process
-(:mod:`KneeBoneSegLib.worker`), the runs and their results
-(:mod:`KneeBoneSegLib.slicer_logic`, :mod:`KneeBoneSegLib.mrml`), all free of
+(:mod:`KneeBoneSegLib.slicer.environment`), the background process
+(:mod:`KneeBoneSegLib.slicer.worker`), the runs and their results
+(:mod:`KneeBoneSegLib.slicer.logic`, :mod:`KneeBoneSegLib.slicer.mrml`), all free of
 Qt and tested outside Slicer; this file adds the panel, the dialogs and the
 timer that follows a run.
 """
@@ -35,7 +35,7 @@ EXPORT_FOLDER_SETTING = "KneeBoneSeg/ExportFolder"
 
 #: The annotated KneeBones3Dify scan (GPL-3.0) and its ground truth, as NRRD files. The published
 #: dataset (Zenodo 10.5281/zenodo.10534328) holds DICOM slices and PNG masks; Sample Data assembles
-#: them with ``kneeboneseg sample`` (KneeBoneSegLib.sample, which checks their voxels against the
+#: them with ``kneeboneseg sample`` (KneeBoneSegLib.io.sample, which checks their voxels against the
 #: published data) into Slicer's cache, or takes the files from the folder named by
 #: KNEEBONESEG_SAMPLE_DIR (a folder ``kneeboneseg sample`` wrote, or the project's copy).
 SAMPLE_NAME = "KneeBones3Dify"
@@ -112,7 +112,7 @@ def registerSampleData():
     if folder and Path(folder, "knee_mri.nrrd").is_file():
         SampleData.SampleDataLogic.registerCustomSampleDataSource(**common, uris=Path(folder, "knee_mri.nrrd").as_uri())
     else:
-        from KneeBoneSegLib.sample import DATASET_URL
+        from KneeBoneSegLib.io.sample import DATASET_URL
 
         SampleData.SampleDataLogic.registerCustomSampleDataSource(**common, uris=DATASET_URL, customDownloader=loadPublicSample)
 
@@ -122,7 +122,7 @@ def loadPublicSample(source=None):
     import shutil
     import tempfile
 
-    from KneeBoneSegLib.worker import WorkerProcess, worker_environment
+    from KneeBoneSegLib.slicer.worker import WorkerProcess, worker_environment
 
     folder = publicSampleFolder()
     if not all((folder / name).is_file() for name in SAMPLE_FILES):
@@ -148,8 +148,8 @@ def loadPublicSample(source=None):
 def parameterNodeClass():
     """The module's parameter node (saved with the scene): the input volume, the output segmentation, and
     one field per option the panel shows, with its type, default, choices and range taken from the library
-    (KneeBoneSegLib.slicer_logic.panel_parameters), so the panel offers what the library accepts."""
-    from KneeBoneSegLib.slicer_logic import panel_parameters
+    (KneeBoneSegLib.slicer.logic.panel_parameters), so the panel offers what the library accepts."""
+    from KneeBoneSegLib.slicer.logic import panel_parameters
 
     annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "outputSegmentation": vtkMRMLSegmentationNode}
     defaults = {}
@@ -272,7 +272,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self, caller=None, event=None):
         """Show what can be used now (the library's panel_state decides)."""
-        from KneeBoneSegLib.slicer_logic import device_description, panel_options, panel_state
+        from KneeBoneSegLib.slicer.logic import device_description, panel_options, panel_state
 
         parameters = self._parameterNode
         hasInput = bool(parameters and parameters.inputVolume)
@@ -296,7 +296,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceLabel.text = device_description(parameters.device if parameters else "auto", self.logic.lastDevice)
 
     def onSegmentButton(self):
-        from KneeBoneSegLib.slicer_logic import panel_options
+        from KneeBoneSegLib.slicer.logic import panel_options
 
         if self._run is not None or self._installing or not self.ensureRequirements():
             return
@@ -364,7 +364,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureRequirements(self):
         """Offer to install the missing or too old Python packages; True when all are there."""
-        from KneeBoneSegLib.slicer_environment import ensure_requirements
+        from KneeBoneSegLib.slicer.environment import ensure_requirements
 
         def install(pins):
             with slicer.util.WaitCursor():
@@ -435,9 +435,9 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
 
     @property
     def runs(self):
-        """The session's :class:`KneeBoneSegLib.slicer_logic.SegmentationRuns` (made once the packages are there)."""
+        """The session's :class:`KneeBoneSegLib.slicer.logic.SegmentationRuns` (made once the packages are there)."""
         if self._runs is None:
-            from KneeBoneSegLib.slicer_logic import SegmentationRuns
+            from KneeBoneSegLib.slicer.logic import SegmentationRuns
 
             self._runs = SegmentationRuns([pythonSlicerExecutable()], libraryParentFolder(), slicer.app.temporaryPath)
         return self._runs
@@ -451,7 +451,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         """
         import tempfile
 
-        from KneeBoneSegLib.slicer_environment import slicer_owned_constraints
+        from KneeBoneSegLib.slicer.environment import slicer_owned_constraints
 
         with tempfile.TemporaryDirectory() as folder:
             constraints = Path(folder, "slicer-constraints.txt")
@@ -465,7 +465,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultExportFolder():
         """The last STL folder, else the scene's folder, else the user's documents."""
-        from KneeBoneSegLib.slicer_logic import export_folder
+        from KneeBoneSegLib.slicer.logic import export_folder
 
         documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
         return export_folder(str(qt.QSettings().value(EXPORT_FOLDER_SETTING, "") or ""), slicer.mrmlScene.GetRootDirectory(), documents)
@@ -533,7 +533,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
             With the library's one-line message when the run fails.
         """
         from KneeBoneSegLib.options import options_from_mapping
-        from KneeBoneSegLib.slicer_environment import requirement_problems
+        from KneeBoneSegLib.slicer.environment import requirement_problems
 
         problems = requirement_problems()
         if problems:
@@ -551,7 +551,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         smoothed, closed ones, whatever Show 3D was toggled to (they are the
         segmentation's source representation), until the segments are edited.
         """
-        from KneeBoneSegLib.mrml import export_segments_to_stl
+        from KneeBoneSegLib.slicer.mrml import export_segments_to_stl
 
         if segmentationNode is None:
             raise ValueError("no segmentation to export; segment a volume first")
@@ -600,13 +600,13 @@ class KneeBoneSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Segmenting (one projection, to keep the test short)")
         logic = KneeBoneSegLogic()
-        from KneeBoneSegLib.slicer_environment import requirement_problems
+        from KneeBoneSegLib.slicer.environment import requirement_problems
 
         self.assertEqual(requirement_problems(), {}, "install the Python packages first (press Segment once)")
         segmentationNode = logic.segment(volumeNode, projections=1)
 
         from KneeBoneSegLib.anatomy import BONES
-        from KneeBoneSegLib.io import read_volume
+        from KneeBoneSegLib.io.images import read_volume
         from KneeBoneSegLib.metrics import dice
 
         truth = read_volume(groundTruthPath)

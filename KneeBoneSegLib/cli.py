@@ -145,10 +145,10 @@ def _options_from_args(args):
 
 
 def _run_segment(args, reporter: _Reporter) -> dict:
-    from .atomic import check_output_folder
-    from .io import read_volume
-    from .models import load_model_for
-    from .outputs import write_outputs
+    from .io.atomic import check_output_folder
+    from .io.images import read_volume
+    from .network.models import load_model_for
+    from .io.outputs import write_outputs
     from .pipeline import segment
 
     # Every refusal that needs no scan comes first, in a second: options, the output folder, the model and its engine.
@@ -170,9 +170,9 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
-    from .io import read_mask
-    from .atomic import check_output_folder
-    from .outputs import write_outputs
+    from .io.images import read_mask
+    from .io.atomic import check_output_folder
+    from .io.outputs import write_outputs
     from .pipeline import postprocess
 
     options = _options_from_args(args)
@@ -183,9 +183,9 @@ def _run_postprocess(args, reporter: _Reporter) -> dict:
 
 
 def _run_evaluate(args) -> None:
-    from .io import read_volume
+    from .io.images import read_volume
     from .metrics import evaluate_labels, format_metrics_table
-    from .resampling import labels_onto_grid, same_grid
+    from .preprocess.resampling import labels_onto_grid, same_grid
 
     prediction, reference = read_volume(args.prediction), read_volume(args.reference)
     predicted = prediction.array
@@ -199,8 +199,8 @@ def _run_evaluate(args) -> None:
 
 def _run_info(args) -> None:
     from . import __version__
-    from .devices import describe_devices
-    from .models import default_model_path, load_model
+    from .network.devices import describe_devices
+    from .network.models import default_model_path, load_model
     from .pipeline import _versions
 
     info = {"kneeboneseg": __version__, "versions": _versions(), "devices": describe_devices()}
@@ -241,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             _run_evaluate(args)
             return 0
         elif args.command == "export":
-            from .export import export_onnx
+            from .network.export import export_onnx
 
             record = export_onnx(args.model, args.output)
             print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
             return 0
         elif args.command == "sample":
-            from .sample import copy_sample, download_sample
+            from .io.sample import copy_sample, download_sample
 
             if args.from_folder:
                 written = copy_sample(args.from_folder, args.output)

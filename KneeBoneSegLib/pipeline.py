@@ -33,10 +33,10 @@ import numpy as np
 
 from . import __version__
 from .anatomy import BONES
-from .components import label_bones
+from .postprocess.components import label_bones
 from .errors import Cancelled, InputError
-from .io import check_volume
-from .models import Model, network_dimensions
+from .io.images import check_volume
+from .network.models import Model, network_dimensions
 from .options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
 from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
@@ -63,7 +63,7 @@ class SegmentationResult:
 
     @property
     def verdict(self) -> dict:
-        """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.verdicts`)."""
+        """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.trust.verdicts`)."""
         return self.report["verdict"]
 
 
@@ -107,10 +107,10 @@ def segment(
     ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
-    from .confidence import ProjectionRange, bone_confidence
-    from .plausibility import FieldOfView
-    from .projections import fuse_probabilities
-    from .verdicts import judge
+    from .trust.confidence import ProjectionRange, bone_confidence
+    from .trust.plausibility import FieldOfView
+    from .network.projections import fuse_probabilities
+    from .trust.verdicts import judge
 
     options = (options or SegmentOptions()).validate()
     stages = _Stages(progress)
@@ -153,13 +153,13 @@ def predict_projection_maps(
 
 def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], "ModelGrid", dict]:
     """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed,
-    on the model's grid (:class:`~KneeBoneSegLib.resampling.ModelGrid`, also returned)."""
-    from .engines import as_network
-    from .inference import air_level, predict_slices, predict_volume
-    from .inputcheck import compare_with_card
-    from .normalization import normalize_intensities
-    from .projections import iter_projections
-    from .resampling import ModelGrid, obliquity_degrees
+    on the model's grid (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`, also returned)."""
+    from .network.engines import as_network
+    from .network.inference import air_level, predict_slices, predict_volume
+    from .trust.inputcheck import compare_with_card
+    from .preprocess.normalization import normalize_intensities
+    from .network.projections import iter_projections
+    from .preprocess.resampling import ModelGrid, obliquity_degrees
 
     card = model.card
     slices = network_dimensions(card) == 2
@@ -224,7 +224,7 @@ def postprocess(
     ``options.threshold``) or an integer mask or label map (any non-zero voxel
     is bone; names are re-derived from anatomy, so a label map from another
     tool with other label values works too). ``field_of_view``
-    (:class:`~KneeBoneSegLib.plausibility.FieldOfView` of the scan) finds a
+    (:class:`~KneeBoneSegLib.trust.plausibility.FieldOfView` of the scan) finds a
     turned scan's zero-filled margin, where a bone is cut by the field of view
     as at the array's edge, and into which the closing never grows a bone;
     without it only the array's edge cuts.
@@ -235,9 +235,9 @@ def postprocess(
 
 
 def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field_of_view=None) -> SegmentationResult:
-    from .morphology import close_bones, fill_bone_holes
-    from .surfaces import bone_surfaces
-    from .verdicts import judge
+    from .postprocess.morphology import close_bones, fill_bone_holes
+    from .postprocess.surfaces import bone_surfaces
+    from .trust.verdicts import judge
 
     array = volume.array
     if np.issubdtype(array.dtype, np.floating):

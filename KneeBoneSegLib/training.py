@@ -51,12 +51,12 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
-from .atomic import atomic_file
+from .network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
+from .io.atomic import atomic_file
 from .errors import Cancelled, InputError
-from .models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
-from .normalization import DEFAULT_NORMALIZATION, normalize_intensities
-from .resampling import grid_shape_for_spacing, resample_to_shape
+from .network.models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
+from .preprocess.normalization import DEFAULT_NORMALIZATION, normalize_intensities
+from .preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TrainingConfig:
     the range left out must be one slab at either end (it becomes the card's
     ``heldout``). ``None`` for ``base_filters``, ``depth``, ``patch_size``,
     ``stride``, ``batch_size`` or ``epochs`` takes the architecture's
-    (:data:`~KneeBoneSegLib.architectures.ARCHITECTURES`). With
+    (:data:`~KneeBoneSegLib.network.architectures.ARCHITECTURES`). With
     ``initial_model`` (fine-tuning) the architecture, patch size,
     normalisation and spacing come from that model's card.
     """
@@ -502,8 +502,8 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .export import export_onnx
-    from .io import read_mask, read_volume
+    from .network.export import export_onnx
+    from .io.images import read_mask, read_volume
 
     config = config.validate()
     _check_output(config)
@@ -620,7 +620,7 @@ def _initial_network(config: TrainingConfig):
         )
         log.info("Fine-tuning %s: patch size, normalisation and spacing come from its card", config.initial_model)
         return start.network.network, card  # the Keras model inside the engine wrapper
-    from .network import build_unet
+    from .network.unet import build_unet
 
     architecture = {"base_filters": int(config.base_filters), "depth": int(config.depth)}
     if config.norm_layer != "batch":  # the shipped cards predate the choice and mean batch norm
@@ -761,7 +761,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", nargs="+", type=Path, metavar="IMAGE LABELS", help="training scans, each followed by its label map (labels > 0 are bone)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.keras); its card, loss curves and checkpoint go beside it")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=default.architecture,
-                        help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.architectures; default: %(default)s)")
+                        help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.network.architectures; default: %(default)s)")
     parser.add_argument("--base-filters", type=int, default=None, help="filters of the first level (default: the architecture's)")
     parser.add_argument("--depth", type=int, default=None, help="pooling steps (default: the architecture's)")
     parser.add_argument("--patch-size", type=int, default=None, help="sub-volume edge in voxels (default: the architecture's)")

@@ -23,8 +23,8 @@ from _sample import sample_dir
 from skimage.morphology import ball, closing
 
 from KneeBoneSegLib.anatomy import BONES
-from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.morphology import closing_ball
+from KneeBoneSegLib.io.images import read_volume
+from KneeBoneSegLib.postprocess.morphology import closing_ball
 from KneeBoneSegLib.threads import using_threads
 
 

@@ -46,14 +46,14 @@ from _sample import sample_dir
 from bench_pipeline import run as run_segment
 from bench_slicer_first_use import PLATFORMS, first_use_download, slicer_pythons
 
-from KneeBoneSegLib.engines import cpu_description
+from KneeBoneSegLib.network.engines import cpu_description
 from KneeBoneSegLib.errors import KneeBoneSegError
-from KneeBoneSegLib.inference import air_level
-from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.models import SHIPPED_MODEL, load_model
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.network.inference import air_level
+from KneeBoneSegLib.io.images import read_volume
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import SegmentOptions, predict_projection_maps
-from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "Resources" / "Models"

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing" / "Python
 from conftest import rotation, turned  # noqa: E402  (the tests' definition of a turned scan, so both measure the same thing)
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
-from KneeBoneSegLib.io import read_volume  # noqa: E402
+from KneeBoneSegLib.io.images import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice  # noqa: E402
-from KneeBoneSegLib.models import default_model_path, load_model  # noqa: E402
+from KneeBoneSegLib.network.models import default_model_path, load_model  # noqa: E402
 from KneeBoneSegLib.pipeline import SegmentOptions, segment  # noqa: E402
-from KneeBoneSegLib.resampling import obliquity_degrees  # noqa: E402
+from KneeBoneSegLib.preprocess.resampling import obliquity_degrees  # noqa: E402
 
 AXES = {"x": "left-right", "y": "anterior-posterior", "z": "superior-inferior"}
 TURNS = [(None, 0)] + [(axis, degrees) for axis in "xyz" for degrees in (10, 20, 30)]

@@ -48,9 +48,9 @@ from _sample import sample_dir
 from scipy.spatial import cKDTree
 
 from KneeBoneSegLib.anatomy import BONES
-from KneeBoneSegLib.io import read_mask, read_volume
+from KneeBoneSegLib.io.images import read_mask, read_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.outputs import SEGMENTATION_FILE
+from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE
 from KneeBoneSegLib.threads import thread_count, using_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +106,11 @@ def mesh_distance_mm(before, after) -> float:
 
 def stage_rows(scan, truth) -> tuple[list, dict]:
     """Before/after seconds and agreement of each post-network stage; the inputs the alternatives use."""
-    from KneeBoneSegLib.components import label_bones
-    from KneeBoneSegLib.morphology import close_bones, fill_bone_holes
-    from KneeBoneSegLib.normalization import normalize_intensities
-    from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
-    from KneeBoneSegLib.surfaces import bone_surfaces
+    from KneeBoneSegLib.postprocess.components import label_bones
+    from KneeBoneSegLib.postprocess.morphology import close_bones, fill_bone_holes
+    from KneeBoneSegLib.preprocess.normalization import normalize_intensities
+    from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
+    from KneeBoneSegLib.postprocess.surfaces import bone_surfaces
 
     old = {name: baseline_module(name) for name in ("normalization", "resampling", "components", "morphology", "surfaces")}
     geometry = scan.geometry
@@ -161,8 +161,8 @@ def alternative_rows(data: dict) -> list:
     import cc3d
     from scipy import ndimage
 
-    from KneeBoneSegLib.resampling import resample_to_shape
-    from KneeBoneSegLib.surfaces import extract_surface
+    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
+    from KneeBoneSegLib.postprocess.surfaces import extract_surface
 
     rows = []
     library_s, ours = best_of(ALTERNATIVE_ROUNDS, resample_to_shape, data["coarse"], data["image"].shape)
@@ -196,8 +196,8 @@ def surface_nets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkFiltersCore import vtkSurfaceNets3D
 
-    from KneeBoneSegLib.morphology import bounding_box
-    from KneeBoneSegLib.surfaces import to_vtk_image
+    from KneeBoneSegLib.postprocess.morphology import bounding_box
+    from KneeBoneSegLib.postprocess.surfaces import to_vtk_image
 
     nets = vtkSurfaceNets3D()
     nets.SetInputData(to_vtk_image(np.pad(mask[bounding_box(mask)], 1).astype(np.uint8)))
@@ -272,7 +272,7 @@ def native_grid_model(folder: Path) -> Path:
     sys.path.insert(0, str(ROOT / "Testing" / "Python"))
     from conftest import write_threshold_onnx
 
-    from KneeBoneSegLib.models import ModelCard
+    from KneeBoneSegLib.network.models import ModelCard
 
     card = ModelCard(name="native-grid stand-in (threshold network)", patch_size=64, stride=32, projections=3, spacing_mm=None)
     return write_threshold_onnx(folder / "native_grid.onnx", card, patch_size=64)
@@ -284,7 +284,7 @@ def cube512_scan(folder: Path) -> Path:
     A 512^3 knee scan at the sample's resolution: the bones and the network's
     work grow with the field of view as they would on a longer acquisition.
     """
-    from KneeBoneSegLib.io import read_volume, write_volume
+    from KneeBoneSegLib.io.images import read_volume, write_volume
     from KneeBoneSegLib.volume import Volume
 
     scan = read_volume(sample_dir() / "knee_mri.nrrd")

@@ -2,7 +2,7 @@
 
 For each Python that Slicer runs (3.9: Slicer 5.6 and 5.8; 3.12: Slicer 5.10)
 and each platform, ``pip download`` fetches the wheels of
-:func:`KneeBoneSegLib.slicer_environment.first_use_requirements` with their
+:func:`KneeBoneSegLib.slicer.environment.first_use_requirements` with their
 dependencies, next to the numpy and SciPy that Slicer ships (so that pip
 resolves against them), and the sizes of the wheels that Slicer does not
 already ship are added up: what a user's first **Segment** downloads.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from KneeBoneSegLib.slicer_environment import SLICER_RELEASES, first_use_requirements, version_tuple  # noqa: E402
+from KneeBoneSegLib.slicer.environment import SLICER_RELEASES, first_use_requirements, version_tuple  # noqa: E402
 
 #: pip's --platform tags for each platform (pip does not widen a tag it is given to older ones).
 PLATFORMS = {

@@ -23,8 +23,8 @@ _CHILD = """
 import json, sys, time
 import numpy as np
 import keras
-from KneeBoneSegLib.architectures import ARCHITECTURES
-from KneeBoneSegLib.network import build_unet
+from KneeBoneSegLib.network.architectures import ARCHITECTURES
+from KneeBoneSegLib.network.unet import build_unet
 from KneeBoneSegLib.training import bone_loss
 
 preset, steps = ARCHITECTURES[sys.argv[1]], int(sys.argv[2])

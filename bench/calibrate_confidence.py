@@ -36,13 +36,13 @@ from _sample import sample_dir
 from heldout_table import FAMILY, fold_names, split_of
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
-from KneeBoneSegLib.confidence import bone_confidence
-from KneeBoneSegLib.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
-from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.trust.confidence import bone_confidence
+from KneeBoneSegLib.trust.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
+from KneeBoneSegLib.io.images import read_volume
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path, load_model
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
-from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 from KneeBoneSegLib.training import Augmentation
 
 FAILED_SURE_SHARE = 0.5

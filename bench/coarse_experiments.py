@@ -43,11 +43,11 @@ if "KERAS_BACKEND" not in os.environ:  # training steps are about three times ch
     os.environ["KERAS_BACKEND"] = "torch" if importlib.util.find_spec("torch") else "tensorflow"
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
-from KneeBoneSegLib.engines import cpu_description  # noqa: E402
+from KneeBoneSegLib.network.engines import cpu_description  # noqa: E402
 from KneeBoneSegLib.errors import ModelError  # noqa: E402
-from KneeBoneSegLib.io import read_volume  # noqa: E402
+from KneeBoneSegLib.io.images import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
-from KneeBoneSegLib.models import load_model  # noqa: E402
+from KneeBoneSegLib.network.models import load_model  # noqa: E402
 from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, predict_projection_maps, postprocess  # noqa: E402
 from KneeBoneSegLib.training import Augmentation, TrainingConfig, train  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
@@ -177,7 +177,7 @@ def whole_volume_probability(scan: Volume, card, keras_path: Path, mirror: bool 
     network's poolings divide; the padding is cut off the prediction. With
     ``mirror``, the mean over the scan and its mirror image along each axis.
     """
-    from KneeBoneSegLib.network import build_unet
+    from KneeBoneSegLib.network.unet import build_unet
 
     image = normalized_on_grid(scan, card.spacing_mm, card.normalization)
     architecture = card.architecture
@@ -191,8 +191,8 @@ def whole_volume_probability(scan: Volume, card, keras_path: Path, mirror: bool 
 
 def normalized_on_grid(scan: Volume, spacing_mm, normalization: dict) -> np.ndarray:
     """The scan's normalised intensities on the model's grid, as the pipeline gives them to the network."""
-    from KneeBoneSegLib.normalization import normalize_intensities
-    from KneeBoneSegLib.resampling import ModelGrid
+    from KneeBoneSegLib.preprocess.normalization import normalize_intensities
+    from KneeBoneSegLib.preprocess.resampling import ModelGrid
 
     grid = ModelGrid(scan.geometry, scan.array.shape, spacing_mm)
     image = normalize_intensities(scan.array, normalization)
@@ -205,8 +205,8 @@ def padded_for_pooling(array: np.ndarray, depth: int, axes) -> np.ndarray:
 
 
 def onto_scan(probability: np.ndarray, scan: Volume, spacing_mm) -> np.ndarray:
-    """A model-grid map on the scan's grid, brought back as the pipeline does (:class:`~KneeBoneSegLib.resampling.ModelGrid`)."""
-    from KneeBoneSegLib.resampling import ModelGrid
+    """A model-grid map on the scan's grid, brought back as the pipeline does (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`)."""
+    from KneeBoneSegLib.preprocess.resampling import ModelGrid
 
     grid = ModelGrid(scan.geometry, scan.array.shape, spacing_mm)
     return grid.to_scan(probability) if grid.resamples else probability
@@ -217,8 +217,8 @@ def trained_slices(name: str, minutes: float, models: Path, score_only: bool, sc
     import json
 
     import keras
-    from KneeBoneSegLib.network import build_unet
-    from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION
+    from KneeBoneSegLib.network.unet import build_unet
+    from KneeBoneSegLib.preprocess.normalization import DEFAULT_NORMALIZATION
     from KneeBoneSegLib.training import bone_loss, prepare_volume
 
     output, record_path = models / f"{name}.keras", models / f"{name}.json"
@@ -269,7 +269,7 @@ def slices_probability(scan: Volume, keras_path: Path, planes=(0, 1, 2), mirror:
     its mirror image along each of its axes.
     """
     import keras
-    from KneeBoneSegLib.normalization import DEFAULT_NORMALIZATION
+    from KneeBoneSegLib.preprocess.normalization import DEFAULT_NORMALIZATION
 
     network = keras.saving.load_model(keras_path, compile=False)
     image = normalized_on_grid(scan, [SLICE_SPACING_MM] * 3, DEFAULT_NORMALIZATION)
@@ -288,7 +288,7 @@ def slices_probability(scan: Volume, keras_path: Path, planes=(0, 1, 2), mirror:
 
 def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:
     """The compact fold-right model's fused probabilities, zero outside the coarse model's bone grown by GATE_MARGIN_MM."""
-    from KneeBoneSegLib.projections import fuse_probabilities
+    from KneeBoneSegLib.network.projections import fuse_probabilities
     from scipy import ndimage
 
     fine = load_model(ROOT / "Resources" / "Models" / "kneeboneseg-compact-fold-right.onnx")

@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 from _sample import sample_dir
 
-from KneeBoneSegLib.io import read_volume, write_volume
+from KneeBoneSegLib.io.images import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
-from KneeBoneSegLib.models import SHIPPED_MODEL, card_path, load_model, network_dimensions, read_card
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path, load_model, network_dimensions, read_card
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 from KneeBoneSegLib.options import CLOSING_RADIUS_MM
 from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, postprocess, predict_projection_maps, segment
-from KneeBoneSegLib.projections import fuse_probabilities
-from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.network.projections import fuse_probabilities
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 from KneeBoneSegLib.volume import Volume
 
 FAMILY = Path(SHIPPED_MODEL).stem  # the shipped family

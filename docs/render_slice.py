@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from KneeBoneSegLib.anatomy import BONES
-from KneeBoneSegLib.io import read_mask, read_volume
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.io.images import read_mask, read_volume
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
 
 def outlined_slice(image: np.ndarray, labels: np.ndarray, i: int, zoom: int = 2, uncertainty: np.ndarray | None = None) -> np.ndarray:

@@ -10,7 +10,7 @@ the annotated sample scan's ground truth) and the Slicer module's icon::
         KneeBoneSeg/Resources/Icons/KneeBoneSeg.png --size 128 --background none
 
 A folder is read as its ``femur.stl``, ``tibia.stl`` and ``patella.stl``; a
-label map's surfaces come from :func:`KneeBoneSegLib.surfaces.bone_surface`
+label map's surfaces come from :func:`KneeBoneSegLib.postprocess.surfaces.bone_surface`
 (the library's own, as written to the STL files). Colours from :mod:`KneeBoneSegLib.anatomy`.
 The view looks at the knee from the front (anterior), slightly from the
 patient's right and above, in LPS millimetres. Off-screen rendering needs
@@ -30,8 +30,8 @@ import vtk
 from vtk.util import numpy_support
 
 from KneeBoneSegLib.anatomy import BONES
-from KneeBoneSegLib.io import read_volume
-from KneeBoneSegLib.surfaces import Surface, bone_surface, read_stl, to_vtk_polydata
+from KneeBoneSegLib.io.images import read_volume
+from KneeBoneSegLib.postprocess.surfaces import Surface, bone_surface, read_stl, to_vtk_polydata
 
 log = logging.getLogger("render_surfaces")
 

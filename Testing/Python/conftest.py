@@ -42,7 +42,7 @@ def sample_dicom(sample_dir) -> Path:
 @pytest.fixture(scope="session")
 def sample_labels(sample_dir):
     """The ground-truth label map of the sample scan as a Volume (1 femur, 2 tibia, 3 patella)."""
-    from KneeBoneSegLib.io import read_volume
+    from KneeBoneSegLib.io.images import read_volume
 
     return read_volume(sample_dir / "knee_bones_labels.nrrd")
 
@@ -174,7 +174,7 @@ def write_threshold_onnx(path, card=None, patch_size: int = 16, dimensions: int 
     import onnx
     from onnx import TensorProto, helper
 
-    from KneeBoneSegLib.models import write_card
+    from KneeBoneSegLib.network.models import write_card
 
     shape = ["batch", patch_size, patch_size, patch_size, 1] if dimensions == 3 else ["batch", "rows", "columns", 1]
     graph = helper.make_graph(
@@ -210,7 +210,7 @@ def turned(volume, turn: np.ndarray, order: int = 1):
     turned grid reaches beyond the scan (as a scanner console or Slicer
     fills it). ``order`` 1 for images, 0 for label maps.
     """
-    from KneeBoneSegLib.resampling import resample_onto
+    from KneeBoneSegLib.preprocess.resampling import resample_onto
     from KneeBoneSegLib.volume import Volume
 
     shape = volume.array.shape

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from conftest import knee_phantom, write_threshold_onnx
 
 from KneeBoneSegLib.cli import main
-from KneeBoneSegLib.io import read_mask, write_volume
+from KneeBoneSegLib.io.images import read_mask, write_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import ModelCard
+from KneeBoneSegLib.network.models import ModelCard
 from KneeBoneSegLib.volume import Geometry, Volume
 
 
@@ -191,7 +191,7 @@ def test_the_console_script_runs_as_a_module():
 
 
 def test_info_is_a_short_summary_for_a_person_and_the_whole_object_with_json(capsys):
-    from KneeBoneSegLib.models import default_model_path, read_card
+    from KneeBoneSegLib.network.models import default_model_path, read_card
 
     code, out, _ = run(["info"], capsys)
     assert code == 0 and len(out.strip().splitlines()) <= 6
@@ -313,7 +313,7 @@ def test_train_runs_through_the_command_line(scan_and_model, tmp_path, capsys):
 
 
 def test_asking_for_a_gpu_where_there_is_none_is_a_one_line_error(scan_and_model, tmp_path, capsys):
-    from KneeBoneSegLib.devices import GPU_PROVIDERS, onnxruntime_providers
+    from KneeBoneSegLib.network.devices import GPU_PROVIDERS, onnxruntime_providers
 
     if set(GPU_PROVIDERS) & set(onnxruntime_providers()):
         pytest.skip("ONNX Runtime has a GPU provider on this machine")

@@ -7,7 +7,7 @@ import pytest
 from conftest import knee_phantom
 from scipy import ndimage
 
-from KneeBoneSegLib.components import component_statistics, label_bones, largest_components
+from KneeBoneSegLib.postprocess.components import component_statistics, label_bones, largest_components
 from KneeBoneSegLib.volume import Geometry
 
 

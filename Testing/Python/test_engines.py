@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import knee_phantom, write_threshold_onnx
 
-from KneeBoneSegLib.devices import select_onnxruntime_providers, select_openvino_device
-from KneeBoneSegLib.engines import open_network
+from KneeBoneSegLib.network.devices import select_onnxruntime_providers, select_openvino_device
+from KneeBoneSegLib.network.engines import open_network
 from KneeBoneSegLib.errors import InputError
-from KneeBoneSegLib.io import write_volume
+from KneeBoneSegLib.io.images import write_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, network_dimensions, read_card
+from KneeBoneSegLib.network.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, network_dimensions, read_card
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
@@ -89,7 +89,7 @@ def test_other_precisions_are_refused_with_the_choices(tmp_path):
 @pytest.fixture(scope="module")
 def sample_crop(sample_dir):
     """A 42 x 63 x 42 mm block of the sample scan around the joint that holds part of each bone."""
-    from KneeBoneSegLib.io import read_volume
+    from KneeBoneSegLib.io.images import read_volume
 
     image = read_volume(sample_dir / "knee_mri.nrrd")
     corner = (60, 120, 150)  # k, j, i
@@ -154,7 +154,7 @@ def test_gpu_provider_choice():
 def test_asking_for_a_gpu_on_a_machine_without_one_is_a_one_line_error(tmp_path):
     import onnxruntime
 
-    from KneeBoneSegLib.devices import GPU_PROVIDERS
+    from KneeBoneSegLib.network.devices import GPU_PROVIDERS
 
     if set(GPU_PROVIDERS) & set(onnxruntime.get_available_providers()):
         pytest.skip("this machine's ONNX Runtime has a GPU provider")
@@ -232,8 +232,8 @@ def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_chec
     write_volume(Volume(image, geometry), tmp_path / "knee.nrrd")
     script = (
         "import json\n"
-        "from KneeBoneSegLib import models\n"
-        "from KneeBoneSegLib.io import read_volume\n"
+        "from KneeBoneSegLib.network import models\n"
+        "from KneeBoneSegLib.io.images import read_volume\n"
         "from KneeBoneSegLib.pipeline import SegmentOptions, segment\n"
         "model = models.load_model(models.default_model_path())\n"
         f"result = segment(read_volume({str(tmp_path / 'knee.nrrd')!r}), model, SegmentOptions(projections=1, surfaces=False))\n"

@@ -16,14 +16,14 @@ from conftest import knee_phantom, patient_phantom, position_network, sagittal_g
 
 from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.errors import InputError
-from KneeBoneSegLib.io import read_mask, read_volume, write_volume
+from KneeBoneSegLib.io.images import read_mask, read_volume, write_volume
 from KneeBoneSegLib.metrics import dice, evaluate_labels
-from KneeBoneSegLib.models import Model, ModelCard
-from KneeBoneSegLib.outputs import SEGMENTATION_FILE, write_outputs
+from KneeBoneSegLib.network.models import Model, ModelCard
+from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
-from KneeBoneSegLib.projections import iter_projections, view_orders
-from KneeBoneSegLib.resampling import MAX_ALIGNED_DEGREES, grid_shape_for_spacing
-from KneeBoneSegLib.surfaces import read_stl
+from KneeBoneSegLib.network.projections import iter_projections, view_orders
+from KneeBoneSegLib.preprocess.resampling import MAX_ALIGNED_DEGREES, grid_shape_for_spacing
+from KneeBoneSegLib.postprocess.surfaces import read_stl
 from KneeBoneSegLib.volume import Geometry, Volume
 
 MINMAX = {"method": "minmax"}

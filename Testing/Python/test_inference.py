@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import needs_keras, position_network, position_network_tile
 
-from KneeBoneSegLib.inference import air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.network.inference import air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
 from KneeBoneSegLib.options import AGGREGATIONS
-from KneeBoneSegLib.projections import fuse_probabilities, predict_projections, view_orders
+from KneeBoneSegLib.network.projections import fuse_probabilities, predict_projections, view_orders
 
 
 def identity_network(patch_size: int):
@@ -161,7 +161,7 @@ def test_slices_are_predicted_whole_and_put_back_in_place_and_air_slices_are_lef
 
 def test_a_2d_unet_takes_slices_whose_sides_its_poolings_do_not_divide(rng):
     needs_keras()
-    from KneeBoneSegLib.network import build_unet
+    from KneeBoneSegLib.network.unet import build_unet
 
     network = build_unet(None, base_filters=2, depth=3, dimensions=2)
     image = rng.random((3, 13, 18), dtype=np.float32)

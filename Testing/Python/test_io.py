@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from KneeBoneSegLib.errors import InputError, OutputError
-from KneeBoneSegLib.io import check_volume, read_mask, read_volume, write_volume
+from KneeBoneSegLib.io.images import check_volume, read_mask, read_volume, write_volume
 from KneeBoneSegLib.volume import Geometry, Volume
 
 
@@ -140,7 +140,7 @@ def test_folder_with_two_series_reads_the_larger_and_says_so(tmp_path, caplog):
     write_dicom_series(tmp_path, "1.2.826.0.1.3680043.2.1125.101", [100, 101, 102], z0=0.0)
     write_dicom_series(tmp_path, "1.2.826.0.1.3680043.2.1125.202", [200, 201, 202, 203, 204], z0=10.0)
 
-    with caplog.at_level(logging.WARNING, logger="KneeBoneSegLib.io"):
+    with caplog.at_level(logging.WARNING, logger="KneeBoneSegLib.io.images"):
         volume = read_volume(tmp_path)
 
     assert volume.array.shape == (5, 12, 10)
@@ -269,7 +269,7 @@ def test_check_volume_refuses_a_volume_smaller_than_one_sub_volume(rng):
 def test_check_volume_warns_about_thick_slices(rng, caplog):
     volume = volume_of(rng.random((10, 20, 20)), spacing=(0.35, 0.35, 3.0))
 
-    with caplog.at_level(logging.WARNING, logger="KneeBoneSegLib.io"):
+    with caplog.at_level(logging.WARNING, logger="KneeBoneSegLib.io.images"):
         warnings = check_volume(volume, "knee.nrrd")
 
     assert len(warnings) == 1
@@ -374,7 +374,7 @@ def test_read_mask_of_the_sample_label_map(sample_dir, sample_labels):
 
 
 def test_overlapping_reads_in_threads_leave_itk_warnings_as_they_were():
-    from KneeBoneSegLib.io import _itk_warnings_off
+    from KneeBoneSegLib.io.images import _itk_warnings_off
 
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     try:

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing
 
-from KneeBoneSegLib.morphology import bone_boxes, bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
+from KneeBoneSegLib.postprocess.morphology import bone_boxes, bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])

@@ -13,15 +13,15 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML classes (install slicer-core)", allow_module_level=True)
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
-from KneeBoneSegLib.io import volume_to_image  # noqa: E402
-from KneeBoneSegLib.mrml import (  # noqa: E402
+from KneeBoneSegLib.io.images import volume_to_image  # noqa: E402
+from KneeBoneSegLib.slicer.mrml import (  # noqa: E402
     CLOSED_SURFACE,
     export_segments_to_stl,
     labels_to_segmentation_node,
     volume_from_node,
     volume_to_node,
 )
-from KneeBoneSegLib.surfaces import bone_surface, enclosed_volume, read_stl  # noqa: E402
+from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume, read_stl  # noqa: E402
 from KneeBoneSegLib.errors import InputError  # noqa: E402
 from KneeBoneSegLib.volume import Geometry, Volume  # noqa: E402
 
@@ -236,7 +236,7 @@ def test_console_workflow_from_volume_node_to_stl(scene, tmp_path):
     """What logic.segment + logic.exportSTL do in Slicer, minus the background process."""
     from conftest import write_threshold_onnx
 
-    from KneeBoneSegLib.models import ModelCard, load_model
+    from KneeBoneSegLib.network.models import ModelCard, load_model
     from KneeBoneSegLib.pipeline import SegmentOptions, segment
 
     image, truth, geometry = knee_phantom()
@@ -314,7 +314,7 @@ def test_reference_geometry_of_a_transformed_oblique_volume_is_the_volume_grid(s
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     # The segmentation sits under the volume's transform, so its reference grid is the volume's own, untransformed.
-    from KneeBoneSegLib.mrml import matrix_to_array
+    from KneeBoneSegLib.slicer.mrml import matrix_to_array
 
     np.testing.assert_allclose(matrix_to_array(reference_to_local), matrix_to_array(ijk_to_ras), atol=1e-6)
     assert reference.GetDimensions() == volume_node.GetImageData().GetDimensions()

@@ -11,10 +11,10 @@ import pytest
 keras = pytest.importorskip("keras", reason="building and saving networks needs Keras: pip install kneeboneseg[train]")
 
 from KneeBoneSegLib.errors import ModelError
-from KneeBoneSegLib.export import export_onnx
-from KneeBoneSegLib.models import Model, ModelCard, card_path, load_model, save_model
-from KneeBoneSegLib.network import build_unet, compile_unet
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.network.export import export_onnx
+from KneeBoneSegLib.network.models import Model, ModelCard, card_path, load_model, save_model
+from KneeBoneSegLib.network.unet import build_unet, compile_unet
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
 
 def _layers_of(model, kind):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from KneeBoneSegLib.normalization import normalize_intensities
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
 
 @pytest.mark.parametrize("spec", [None, {"method": "minmax"}, {"method": "percentile", "low": 2, "high": 98}])

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from conftest import patient_phantom, rotation, turned, write_threshold_onnx
 
-from KneeBoneSegLib.components import label_bones, name_components
-from KneeBoneSegLib.io import read_volume
+from KneeBoneSegLib.postprocess.components import label_bones, name_components
+from KneeBoneSegLib.io.images import read_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import ModelCard, default_model_path, load_model
+from KneeBoneSegLib.network.models import ModelCard, default_model_path, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
-from KneeBoneSegLib.plausibility import FieldOfView, measure_components
-from KneeBoneSegLib.resampling import MAX_ALIGNED_DEGREES, ModelGrid, obliquity_degrees
-from KneeBoneSegLib.verdicts import FAILED, OK, REVIEW, judge
+from KneeBoneSegLib.trust.plausibility import FieldOfView, measure_components
+from KneeBoneSegLib.preprocess.resampling import MAX_ALIGNED_DEGREES, ModelGrid, obliquity_degrees
+from KneeBoneSegLib.trust.verdicts import FAILED, OK, REVIEW, judge
 from KneeBoneSegLib.volume import Geometry, Volume
 
 BONES = {1: "femur", 2: "tibia", 3: "patella"}
@@ -177,7 +177,7 @@ def onto_turned_grid(volume: Volume, turn: np.ndarray) -> Volume:
     label is resampled linearly and kept from a half (nearest neighbour
     would leave a staircase on every surface, which a closing then fills).
     """
-    from KneeBoneSegLib.resampling import resample_onto
+    from KneeBoneSegLib.preprocess.resampling import resample_onto
 
     geometry, shape_ijk = volume.geometry, np.asarray(volume.array.shape[::-1], dtype=float)
     spacing = np.asarray(geometry.spacing)

@@ -9,7 +9,7 @@ import pytest
 from KneeBoneSegLib.cli import build_parser
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.options import STAGES, SegmentOptions, option_fields, options_from_arguments, options_from_mapping
-from KneeBoneSegLib.slicer_logic import panel_options, panel_parameters
+from KneeBoneSegLib.slicer.logic import panel_options, panel_parameters
 
 
 def test_every_option_has_one_stage_help_and_a_command_that_offers_it():

@@ -9,7 +9,7 @@ import pytest
 from conftest import knee_phantom, position_network, write_threshold_onnx
 
 from KneeBoneSegLib.errors import Cancelled, InputError
-from KneeBoneSegLib.models import Model, ModelCard, load_model
+from KneeBoneSegLib.network.models import Model, ModelCard, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
 from KneeBoneSegLib.volume import Volume
 

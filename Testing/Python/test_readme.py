@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from KneeBoneSegLib.cli import build_parser
-from KneeBoneSegLib.models import SHIPPED_MODEL
+from KneeBoneSegLib.network.models import SHIPPED_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -53,7 +53,7 @@ def test_readme_tables_follow_the_results_files(readme_tables, readme, tmp_path)
 
 def test_each_shipped_card_holds_the_held_out_figures_the_readme_shows(readme_tables):
     """``kneeboneseg info`` reads a model's card; its figures are the README's, from the same results file."""
-    from KneeBoneSegLib.models import read_card
+    from KneeBoneSegLib.network.models import read_card
 
     for family, _, results in readme_tables.FAMILIES:
         measured = json.loads((readme_tables.RESULTS / results).read_text())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from KneeBoneSegLib.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 
 
 def scipy_resample(array, shape, order):
@@ -43,8 +43,8 @@ def test_an_image_on_the_target_grid_is_returned_as_it_is_and_other_orders_are_r
 
 
 def test_the_sample_scan_goes_to_the_model_grid_and_back_as_scipy_would(sample_dir):
-    from KneeBoneSegLib.io import read_volume
-    from KneeBoneSegLib.normalization import normalize_intensities
+    from KneeBoneSegLib.io.images import read_volume
+    from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
     volume = read_volume(sample_dir / "knee_mri.nrrd")
     crop = normalize_intensities(volume.array)[100:164, 150:278, 150:278]

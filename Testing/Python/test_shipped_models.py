@@ -9,7 +9,7 @@ import pytest
 
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.models import SHIPPED_MODEL, load_model
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
@@ -37,7 +37,7 @@ def test_the_fold_models_leave_out_opposite_sides_with_a_gap():
 
 @pytest.fixture(scope="module")
 def sample_scan(sample_dir):
-    from KneeBoneSegLib.io import read_volume
+    from KneeBoneSegLib.io.images import read_volume
 
     return read_volume(sample_dir / "knee_mri.nrrd"), read_volume(sample_dir / "knee_bones_labels.nrrd")
 
@@ -55,8 +55,8 @@ MARGIN = 64
 @pytest.mark.slow
 def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     from KneeBoneSegLib.pipeline import postprocess, predict_projection_maps
-    from KneeBoneSegLib.projections import fuse_probabilities
-    from KneeBoneSegLib.resampling import resample_to_shape
+    from KneeBoneSegLib.network.projections import fuse_probabilities
+    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
 
     image, truth = sample_scan
     card = load_model(MODELS / SHIPPED_MODEL).card.quality["heldout"]
@@ -87,8 +87,8 @@ def test_the_2d_familys_fold_model_finds_the_bone_where_it_never_trained(sample_
     components and naming, on a part of the knee it never saw.
     """
     from KneeBoneSegLib.pipeline import fusion_rule, predict_projection_maps
-    from KneeBoneSegLib.projections import fuse_probabilities
-    from KneeBoneSegLib.resampling import resample_to_shape
+    from KneeBoneSegLib.network.projections import fuse_probabilities
+    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
 
     image, truth = sample_scan
     model = load_model(MODELS / "kneeboneseg-slices-fold-right.onnx")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from KneeBoneSegLib.slicer_environment import (
+from KneeBoneSegLib.slicer.environment import (
     FIRST_USE,
     SLICER_RELEASES,
     ensure_requirements,

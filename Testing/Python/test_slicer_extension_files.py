@@ -110,7 +110,7 @@ def test_every_widget_the_module_uses_is_in_the_ui_with_its_class(module_tree, u
 
 def test_ui_widgets_show_parameters_of_the_parameter_node(ui_widgets):
     """The module builds its parameter node from the library's panel_parameters(); the .ui binds widgets to them."""
-    from KneeBoneSegLib.slicer_logic import panel_parameters
+    from KneeBoneSegLib.slicer.logic import panel_parameters
 
     kinds = {parameter.name: parameter.kind.__name__ for parameter in panel_parameters()}
     kinds.update(inputVolume="vtkMRMLScalarVolumeNode", outputSegmentation="vtkMRMLSegmentationNode")
@@ -169,11 +169,11 @@ def test_module_cmake_lists_every_module_file():
 
 
 def test_extension_cmake_packages_the_whole_library_and_the_shipped_model():
-    from KneeBoneSegLib.models import SHIPPED_MODEL, card_path
+    from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path
 
     lists = _cmake_lists(ROOT / "CMakeLists.txt")
     library = set(lists["KneeBoneSegLib_PYTHON_SCRIPTS"])
-    on_disk = {path.relative_to(ROOT).as_posix() for path in (ROOT / "KneeBoneSegLib").glob("*.py")}
+    on_disk = {path.relative_to(ROOT).as_posix() for path in (ROOT / "KneeBoneSegLib").rglob("*.py")}
     assert library == on_disk, f"missing from CMake: {on_disk - library}; listed but absent: {library - on_disk}"
 
     model = f"Resources/Models/{SHIPPED_MODEL}"
@@ -221,7 +221,7 @@ def test_icon_is_a_128_pixel_png():
 
 
 def test_the_sample_files_are_the_ones_the_library_writes(module_tree):
-    from KneeBoneSegLib.sample import IMAGE_FILE, LABELS_FILE
+    from KneeBoneSegLib.io.sample import IMAGE_FILE, LABELS_FILE
 
     assert _constant(module_tree, "SAMPLE_FILES") == (IMAGE_FILE, LABELS_FILE)
 
@@ -314,7 +314,7 @@ def test_stl_export_starts_in_a_real_folder_and_remembers_it(module_tree):
 
 
 def test_the_terminology_the_segments_name_is_shipped_and_loaded(module_tree):
-    from KneeBoneSegLib.outputs import SLICER_TERMINOLOGY_CONTEXT
+    from KneeBoneSegLib.io.outputs import SLICER_TERMINOLOGY_CONTEXT
 
     source = MODULE_SOURCE.read_text(encoding="utf-8")
     (name,) = re.findall(r'"(SegmentationCategoryType-[\w-]+\.term\.json)"', source)
@@ -345,7 +345,7 @@ def test_sample_data_assembles_the_public_dataset_with_the_library_command(modul
     from KneeBoneSegLib.cli import build_parser
 
     register = ast.unparse(next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData"))
-    assert "customDownloader=loadPublicSample" in register and "from KneeBoneSegLib.sample import DATASET_URL" in register
+    assert "customDownloader=loadPublicSample" in register and "from KneeBoneSegLib.io.sample import DATASET_URL" in register
     load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadPublicSample")
     (command,) = [node.value for node in ast.walk(load) if isinstance(node, ast.Assign) and _dotted(node.targets[0]) == "command"]
     arguments = [element.value if isinstance(element, ast.Constant) else "X" for element in command.elts][3:]

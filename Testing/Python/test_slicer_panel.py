@@ -1,7 +1,7 @@
 """What the module's panel offers at each moment: the library decides (``panel_state``), the widget shows it.
 
 The widget needs the Slicer application, so its decisions live in
-``KneeBoneSegLib.slicer_logic`` and are tested here; the first-use install's
+``KneeBoneSegLib.slicer.logic`` and are tested here; the first-use install's
 steps are tested in ``test_slicer_environment.py``, the runs themselves in
 ``test_slicer_logic.py`` and ``test_worker.py``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from KneeBoneSegLib.slicer_logic import device_description, panel_state
+from KneeBoneSegLib.slicer.logic import device_description, panel_state
 
 MOMENTS = [
     dict(zip(("has_input", "has_output", "running", "installing", "can_reuse"), values))

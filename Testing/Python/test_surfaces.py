@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.measure import marching_cubes
 
-from KneeBoneSegLib.surfaces import (
+from KneeBoneSegLib.postprocess.surfaces import (
     Surface,
     bone_surface,
     bone_surfaces,

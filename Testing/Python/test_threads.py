@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from KneeBoneSegLib.morphology import close_bones, closing_ball
-from KneeBoneSegLib.normalization import normalize_intensities
-from KneeBoneSegLib.resampling import resample_to_shape
+from KneeBoneSegLib.postprocess.morphology import close_bones, closing_ball
+from KneeBoneSegLib.preprocess.normalization import normalize_intensities
+from KneeBoneSegLib.preprocess.resampling import resample_to_shape
 from KneeBoneSegLib.threads import available_cores, effective_threads, split_ranges, thread_count, using_threads
 
 

@@ -17,8 +17,8 @@ from conftest import SAMPLE_ENV, knee_phantom
 pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
 
 from KneeBoneSegLib.errors import Cancelled, InputError
-from KneeBoneSegLib.io import read_mask, read_volume, write_volume
-from KneeBoneSegLib.models import file_sha256, load_model
+from KneeBoneSegLib.io.images import read_mask, read_volume, write_volume
+from KneeBoneSegLib.network.models import file_sha256, load_model
 from KneeBoneSegLib.training import (
     Augmentation,
     PatchSampler,
@@ -33,7 +33,7 @@ from KneeBoneSegLib.training import (
     prepare_volume,
     train,
 )
-from KneeBoneSegLib.resampling import grid_shape_for_spacing
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.volume import Geometry, Volume
 
 CROP = 64  # voxels of the sample scan around the patella: bone, cartilage, soft tissue and femur
@@ -260,8 +260,8 @@ def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_of
 
 @pytest.mark.slow
 def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tmp_path):
-    from KneeBoneSegLib.models import Model, ModelCard, save_model
-    from KneeBoneSegLib.network import build_unet
+    from KneeBoneSegLib.network.models import Model, ModelCard, save_model
+    from KneeBoneSegLib.network.unet import build_unet
 
     spacing = [0.7, 0.7, 1.05]  # a model trained on anisotropic voxels
     start = save_model(Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras")
@@ -296,7 +296,7 @@ def test_the_card_command_line_rebuilds_the_same_configuration():
 
 
 def test_an_architecture_gives_the_settings_a_run_leaves_unset():
-    from KneeBoneSegLib.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
+    from KneeBoneSegLib.network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
     for name in ARCHITECTURES:
         config = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture=name).validate()

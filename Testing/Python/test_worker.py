@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KneeBoneSegLib.worker import WorkerProcess, worker_environment
+from KneeBoneSegLib.slicer.worker import WorkerProcess, worker_environment
 
 LIBRARY_FOLDER = str(Path(__file__).resolve().parents[2])
 
@@ -194,7 +194,7 @@ SAMPLE_CROP = (slice(64, 176), slice(112, 304), slice(136, 296))
 def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels, tmp_path):
     """What the Slicer module runs, end to end: the real command line in a worker, on real data."""
     from KneeBoneSegLib.anatomy import BONES
-    from KneeBoneSegLib.io import read_volume, write_volume
+    from KneeBoneSegLib.io.images import read_volume, write_volume
     from KneeBoneSegLib.metrics import dice
     from KneeBoneSegLib.volume import Volume
 

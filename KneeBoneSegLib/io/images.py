@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
-from .volume import Geometry, Volume
+from ..errors import InputError, OutputError
+from ..volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def check_volume(volume: Volume, path=None, min_shape=None, model_spacing=None) 
 
 
 def _require_min_shape(volume: Volume, name: str, min_shape, model_spacing) -> None:
-    from .resampling import grid_shape_for_spacing
+    from ..preprocess.resampling import grid_shape_for_spacing
 
     min_ijk = tuple(int(n) for n in min_shape[::-1])
     if model_spacing:
@@ -213,7 +213,7 @@ def write_volume(volume: Volume, path) -> Path:
     """Write ``volume`` with its geometry, compressed; the format follows the suffix.
 
     Supports ``.nrrd``, ``.nii``, ``.nii.gz`` and ``.mha``. The file is written
-    in place: write into an :func:`~KneeBoneSegLib.atomic.output_directory`
+    in place: write into an :func:`~KneeBoneSegLib.io.atomic.output_directory`
     staging folder to get all-or-nothing outputs.
     """
     path = Path(path)

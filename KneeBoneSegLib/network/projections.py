@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .options import FUSIONS
+from ..options import FUSIONS
 
 #: Patient axes (LPS: 0 left-right, 1 anterior-posterior, 2 inferior-superior)
 #: in the order each projection presents them to the network, first to last.

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .volume import Geometry
+from ..volume import Geometry
 
 AXES = ("left-right", "anterior-posterior", "superior-inferior")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import BONES
+from ..anatomy import BONES
 
 #: How far from the threshold a probability must be to count as sure.
 SURE_MARGIN = 0.4

@@ -21,9 +21,9 @@ import numpy as np
 from scipy import sparse
 
 from .morphology import bone_boxes, bounding_box
-from .atomic import atomic_file
-from .threads import thread_count
-from .volume import Geometry
+from ..io.atomic import atomic_file
+from ..threads import thread_count
+from ..volume import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: 
     """:func:`bone_surface` of every bone of a label map, the bones in parallel threads.
 
     Each bone is cut out of ``labels`` by its bounding box
-    (:func:`~KneeBoneSegLib.morphology.bone_boxes`), so the threads together
+    (:func:`~KneeBoneSegLib.postprocess.morphology.bone_boxes`), so the threads together
     hold no more than the bones' boxes. Each thread runs in a copy of the
     caller's context, so the run's thread count (:mod:`.threads`) holds there too.
     Smoothing spends most of its time in numpy and scipy calls that release

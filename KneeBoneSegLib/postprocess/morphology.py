@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anatomy import BONES
-from .threads import thread_count
+from ..anatomy import BONES
+from ..threads import thread_count
 
 
 def closing_ball(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -88,7 +88,7 @@ def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), unit
         Ball radius in voxels (``units="voxels"``, the paper's 9) or
         millimetres (``units="mm"``, using ``spacing`` along i, j, k).
 
-    field_of_view : :class:`~KneeBoneSegLib.plausibility.FieldOfView`, optional
+    field_of_view : :class:`~KneeBoneSegLib.trust.plausibility.FieldOfView`, optional
         The scan's. A bone cut by the field of view of a scan on a turned
         grid ends at a face inside the array, with unscanned (zero-filled)
         voxels beyond it; the closing never grows it into them, as it never

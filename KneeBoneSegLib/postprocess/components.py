@@ -8,7 +8,7 @@ Choosing by place as well as size, rather than taking the three largest,
 keeps a false-positive blob of fat (bright like marrow, sometimes larger
 than the patella, but beside or behind the femur) from being called a bone.
 A component is named only if its size and place fit that bone as well
-(:mod:`~KneeBoneSegLib.plausibility`); one that does not is reported as
+(:mod:`~KneeBoneSegLib.trust.plausibility`); one that does not is reported as
 rejected, with the reasons. LPS: +y is posterior, +z is superior.
 """
 
@@ -20,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from .anatomy import BONE_BY_KEY, BONES
+from ..anatomy import BONE_BY_KEY, BONES
 from .morphology import bounding_box
-from .plausibility import FieldOfView, assignment_reasons, bone_reasons, measure_boxes
-from .volume import Geometry
+from ..trust.plausibility import FieldOfView, assignment_reasons, bone_reasons, measure_boxes
+from ..volume import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         Components smaller than this fraction of the largest are not bones.
     field_of_view : FieldOfView, optional
         The scan's, so that a bone running into a turned scan's empty margin
-        counts as cut (:class:`~KneeBoneSegLib.plausibility.FieldOfView`).
+        counts as cut (:class:`~KneeBoneSegLib.trust.plausibility.FieldOfView`).
 
     Returns
     -------

@@ -5,8 +5,8 @@ and whether those already there are recent enough) and the CI jobs in
 ``.ci/slicer_python.sh``, which rebuild each supported Slicer's Python from
 :data:`SLICER_RELEASES` and add exactly what the first-use install adds::
 
-    python -m KneeBoneSegLib.slicer_environment shipped 5.8    # numpy==1.26.4 ...
-    python -m KneeBoneSegLib.slicer_environment first-use      # for the running Python
+    python -m KneeBoneSegLib.slicer.environment shipped 5.8    # numpy==1.26.4 ...
+    python -m KneeBoneSegLib.slicer.environment first-use      # for the running Python
 
 Slicer 5.6 and 5.8 run Python 3.9, 5.10 runs 3.12; the versions of the
 packages Slicer ships come from its SuperBuild files (``External_python-numpy``,
@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif argv[:1] == ["vtk"] and len(argv) == 2:
         lines = [f"vtk=={SLICER_RELEASES[argv[1]]['vtk']}"]
     else:
-        print("usage: python -m KneeBoneSegLib.slicer_environment {shipped VERSION | vtk VERSION | python VERSION | first-use}", file=sys.stderr)
+        print("usage: python -m KneeBoneSegLib.slicer.environment {shipped VERSION | vtk VERSION | python VERSION | first-use}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0

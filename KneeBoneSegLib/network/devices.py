@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from .errors import InputError
-from .options import DEVICE_CHOICES
+from ..errors import InputError
+from ..options import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
 

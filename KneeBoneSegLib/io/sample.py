@@ -27,11 +27,11 @@ from typing import Callable
 
 import numpy as np
 
-from .anatomy import BONE_BY_KEY
-from .errors import InputError, KneeBoneSegError
-from .io import image_to_volume, write_volume
+from ..anatomy import BONE_BY_KEY
+from ..errors import InputError, KneeBoneSegError
+from .images import image_to_volume, write_volume
 from .atomic import output_directory
-from .volume import Volume
+from ..volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def copy_sample(source, output, expected: dict | None = None) -> list[Path]:
     Its voxels must be the published ones (``expected``, as in
     :func:`download_sample`); ``output`` gets both files or neither.
     """
-    from .io import read_volume
+    from .images import read_volume
 
     source = Path(source)
     if (source / IMAGE_FILE).is_file() and (source / LABELS_FILE).is_file():

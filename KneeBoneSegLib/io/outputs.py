@@ -1,6 +1,6 @@
 """A run's results as files: the segmentation, the surfaces, the summary.
 
-Every file goes through :mod:`~KneeBoneSegLib.atomic`, so the outputs
+Every file goes through :mod:`~KneeBoneSegLib.io.atomic`, so the outputs
 appear whole or not at all. The segmentation is a Slicer ``.seg.nrrd``
 whose segments carry the names, colours and SNOMED CT codes of
 :data:`~KneeBoneSegLib.anatomy.BONES`.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import ANATOMICAL_STRUCTURE, BONES
+from ..anatomy import ANATOMICAL_STRUCTURE, BONES
 from .atomic import atomic_file, output_directory
-from .errors import InputError
-from .volume import Geometry, Volume
+from ..errors import InputError
+from ..volume import Geometry, Volume
 
 # The terminology context that holds these codes: the extension's own list
 # (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since
@@ -171,10 +171,10 @@ def write_outputs(
     -------
     dict
         ``files``: the written paths; ``summary_line``: one line for a person;
-        ``verdict``: the report's (:mod:`~KneeBoneSegLib.verdicts`).
+        ``verdict``: the report's (:mod:`~KneeBoneSegLib.trust.verdicts`).
     """
-    from .io import write_volume
-    from .surfaces import write_stl
+    from .images import write_volume
+    from ..postprocess.surfaces import write_stl
 
     outdir = Path(outdir).absolute()
     with output_directory(outdir, overwrite=overwrite, inputs=inputs) as staging:
@@ -208,7 +208,7 @@ class WrittenResult:
     labels : Volume
         The segmentation's label map (1 femur, 2 tibia, 3 patella) on the input's grid.
     surfaces : dict
-        Bone key -> :class:`~KneeBoneSegLib.surfaces.Surface`, for each STL file written
+        Bone key -> :class:`~KneeBoneSegLib.postprocess.surfaces.Surface`, for each STL file written
         (a failed bone's too: its verdict says what it is).
     report : dict
         ``summary.json``: versions, options, timings, bones, ``verdict``, ``outputs``.
@@ -236,8 +236,8 @@ def read_outputs(folder) -> WrittenResult:
     InputError
         ``folder`` holds no ``summary.json`` (it is not a run's output folder).
     """
-    from .io import read_volume
-    from .surfaces import read_stl
+    from .images import read_volume
+    from ..postprocess.surfaces import read_stl
 
     folder = Path(folder)
     if not (folder / SUMMARY_FILE).is_file():
@@ -260,7 +260,7 @@ def summary_line(report: dict, outdir=None, seconds: float | None = None) -> str
     ``seconds``: the run's wall time where the caller measured it (default:
     the sum of the report's stage times).
     """
-    from .verdicts import verdict_line
+    from ..trust.verdicts import verdict_line
 
     bones = ", ".join(f"{key} {bone['volume_mm3'] / 1000:.1f} cm3" for key, bone in report.get("bones", {}).items()) or "no bones"
     seconds = sum(report.get("timings_s", {}).values()) if seconds is None else seconds

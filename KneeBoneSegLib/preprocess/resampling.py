@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .threads import in_slabs
+from ..threads import in_slabs
 
 
 def grid_shape_for_spacing(shape_kji, spacing_ijk, target_spacing_ijk) -> tuple[int, int, int]:
@@ -151,7 +151,7 @@ def labels_onto_grid(labels, reference, names=("the label map", "the reference i
     InputError
         The two grids do not overlap in patient space.
     """
-    from .errors import InputError
+    from ..errors import InputError
 
     # Reference (i, j, k, 1) -> LPS -> label map (i, j, k, 1); then in the arrays' (k, j, i) order.
     ijk_map = np.linalg.inv(labels.geometry.ijk_to_lps) @ reference.geometry.ijk_to_lps
@@ -194,7 +194,7 @@ def resample_onto(array: np.ndarray, geometry, target, shape, order: int = 1, fi
     """
     import SimpleITK as sitk
 
-    from .threads import thread_count
+    from ..threads import thread_count
 
     source = np.asarray(array, dtype=np.float32) if order == 1 else np.ascontiguousarray(array)
     image = sitk.GetImageFromArray(np.ascontiguousarray(source))
@@ -242,7 +242,7 @@ class ModelGrid:
     """
 
     def __init__(self, geometry, scan_shape, spacing_mm=None):
-        from .volume import Geometry
+        from ..volume import Geometry
 
         self.scan_geometry, self.scan_shape = geometry, tuple(int(n) for n in scan_shape)
         self.reoriented = obliquity_degrees(geometry.direction) > MAX_ALIGNED_DEGREES

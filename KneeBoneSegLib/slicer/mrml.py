@@ -21,13 +21,13 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .anatomy import BONE_BY_LABEL, BONES
-from .atomic import output_directory
-from .errors import InputError, OutputError
-from .io import geometry_from_ijk_to_lps
-from .outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
-from .surfaces import Surface, to_vtk_polydata
-from .volume import Geometry, Volume
+from ..anatomy import BONE_BY_LABEL, BONES
+from ..io.atomic import output_directory
+from ..errors import InputError, OutputError
+from ..io.images import geometry_from_ijk_to_lps
+from ..io.outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
+from ..postprocess.surfaces import Surface, to_vtk_polydata
+from ..volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
 
@@ -309,16 +309,16 @@ def export_segments_to_stl(segmentation_node, folder, segment_ids=None) -> list[
     return [folder.absolute() / name for name in names]
 
 
-#: The segmentation node's attribute with the run's reasons (its verdict is in :data:`~KneeBoneSegLib.outputs.VERDICT_TAG`).
+#: The segmentation node's attribute with the run's reasons (its verdict is in :data:`~KneeBoneSegLib.io.outputs.VERDICT_TAG`).
 VERDICT_REASONS_ATTRIBUTE = "KneeBoneSeg.VerdictReasons"
 
 
 def mark_verdicts(segmentation_node, verdict: dict) -> None:
-    """Show a run's verdict on its segmentation node as the ``.seg.nrrd`` shows it (:func:`~KneeBoneSegLib.outputs.shown_verdict`).
+    """Show a run's verdict on its segmentation node as the ``.seg.nrrd`` shows it (:func:`~KneeBoneSegLib.io.outputs.shown_verdict`).
 
     A bone that is not ``ok`` is renamed ("Femur (failed)"), flagged and
     tagged with its verdict; the node's attributes
-    :data:`~KneeBoneSegLib.outputs.VERDICT_TAG` and :data:`VERDICT_REASONS_ATTRIBUTE`
+    :data:`~KneeBoneSegLib.io.outputs.VERDICT_TAG` and :data:`VERDICT_REASONS_ATTRIBUTE`
     hold the run's verdict and reasons.
     """
     segmentation = segmentation_node.GetSegmentation()

@@ -38,9 +38,9 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_file
-from .errors import ModelError
-from .normalization import DEFAULT_NORMALIZATION
+from ..io.atomic import atomic_file
+from ..errors import ModelError
+from ..preprocess.normalization import DEFAULT_NORMALIZATION
 
 SHIPPED_MODEL = "kneeboneseg-compact.onnx"
 MODEL_SUFFIXES = (".onnx", ".keras")
@@ -103,7 +103,7 @@ def default_model_path() -> Path:
     override = os.environ.get(MODEL_ENV)
     if override:
         return Path(override)
-    beside_package = Path(__file__).resolve().parent.parent / "Resources" / "Models" / SHIPPED_MODEL
+    beside_package = Path(__file__).resolve().parents[2] / "Resources" / "Models" / SHIPPED_MODEL
     installed = Path(sys.prefix) / "share" / "kneeboneseg" / "Models" / SHIPPED_MODEL
     return installed if installed.is_file() and not beside_package.is_file() else beside_package
 

@@ -17,7 +17,7 @@ Per bone found:
 
 A bone that is not in the output is ``missing``, with why (nothing found
 where it should be, or components rejected as not that bone by size or
-place, see :mod:`~KneeBoneSegLib.plausibility`).
+place, see :mod:`~KneeBoneSegLib.trust.plausibility`).
 
 The run is ``ok`` when all three bones are ``ok``, ``failed`` when no bone
 is ``ok`` or ``review`` (the command line then exits with
@@ -26,7 +26,7 @@ is ``ok`` or ``review`` (the command line then exits with
 
 from __future__ import annotations
 
-from .anatomy import BONES
+from ..anatomy import BONES
 
 OK, REVIEW, FAILED, MISSING = "ok", "review", "failed", "missing"
 PASSING = (OK, REVIEW)
@@ -45,7 +45,7 @@ def judge(report: dict, thresholds: dict | None = None) -> dict:
     report : dict
         The pipeline's report: ``bones`` (found), ``components`` (with
         ``rejected``), and where the network ran ``confidence`` (per bone,
-        :func:`~KneeBoneSegLib.confidence.bone_confidence`) and ``input_check``.
+        :func:`~KneeBoneSegLib.trust.confidence.bone_confidence`) and ``input_check``.
     thresholds : dict, optional
         The model card's ``confidence``: ``min_sure_share``,
         ``max_surface_disagreement`` (below / above them: ``review``) and

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .threads import in_slabs
+from ..threads import in_slabs
 
 DEFAULT_NORMALIZATION = {"method": "percentile", "low": 0.5, "high": 99.5}
 

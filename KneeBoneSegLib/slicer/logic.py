@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .options import SegmentOptions, option_fields
+from ..options import SegmentOptions, option_fields
 from .worker import WorkerProcess, worker_environment
 
 #: A run's outputs go to this folder inside its work folder.
@@ -65,12 +65,12 @@ class SegmentationRun:
 
     @property
     def output_folder(self) -> Path:
-        """Where the worker writes the run's outputs (:func:`~KneeBoneSegLib.outputs.write_outputs`)."""
+        """Where the worker writes the run's outputs (:func:`~KneeBoneSegLib.io.outputs.write_outputs`)."""
         return self.work_folder / OUTPUT_FOLDER
 
     def summary_line(self) -> str:
         """One line for the panel's status: verdicts, bone volumes and the run's wall time."""
-        from .outputs import summary_line
+        from ..io.outputs import summary_line
 
         return summary_line(self.report, seconds=self.worker.seconds)
 
@@ -123,9 +123,9 @@ class SegmentationRuns:
         kept network output fits (:meth:`can_reuse`), only the post-processing
         runs again, from it.
         """
-        from .io import write_volume
+        from ..io.images import write_volume
         from .mrml import volume_from_node
-        from .outputs import PROBABILITY_FILE, write_json
+        from ..io.outputs import PROBABILITY_FILE, write_json
 
         options.validate()
         work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=self.temporary_folder))
@@ -164,7 +164,7 @@ class SegmentationRuns:
             its volume has been removed from the scene.
         """
         from .mrml import labels_to_segmentation_node, mark_verdicts
-        from .outputs import read_outputs
+        from ..io.outputs import read_outputs
 
         worker = run.worker
         if worker.poll():
@@ -318,7 +318,7 @@ def panel_parameters() -> List[PanelParameter]:
 
 def panel_options(parameters) -> SegmentOptions:
     """The run's options from the panel's parameter node (or any object with the fields of :func:`panel_parameters`)."""
-    from .options import options_from_mapping
+    from ..options import options_from_mapping
 
     values = {parameter.name: getattr(parameters, parameter.name) for parameter in panel_parameters()}
     values["projections"] = 3 if values.pop("three_projections") else 1

@@ -35,9 +35,9 @@ import os
 from pathlib import Path
 
 from .devices import select_onnxruntime_providers, select_openvino_device
-from .errors import InputError, ModelError
-from .options import ENGINES, PRECISIONS
-from .threads import effective_threads
+from ..errors import InputError, ModelError
+from ..options import ENGINES, PRECISIONS
+from ..threads import effective_threads
 
 log = logging.getLogger(__name__)
 

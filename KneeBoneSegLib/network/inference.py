@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .normalization import sampled_percentiles
-from .options import AGGREGATIONS
+from ..preprocess.normalization import sampled_percentiles
+from ..options import AGGREGATIONS
 
 log = logging.getLogger(__name__)
 

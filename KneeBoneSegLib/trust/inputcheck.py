@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .inference import air_level
+from ..network.inference import air_level
 
 #: Quantiles (per cent) of the normalised tissue intensities that describe the histogram's shape.
 QUANTILES = tuple(range(5, 100, 5))
@@ -63,7 +63,7 @@ def compare_with_card(image: np.ndarray, spacing, tags: dict, card) -> dict:
     spacing : sequence of 3 float
         The input's voxel size (mm), before resampling.
     tags : dict
-        DICOM tags by keyword (``Volume.tags``, see :data:`~KneeBoneSegLib.io.DICOM_TAGS`); empty for files without them.
+        DICOM tags by keyword (``Volume.tags``, see :data:`~KneeBoneSegLib.io.images.DICOM_TAGS`); empty for files without them.
     card : ModelCard
 
     Returns

@@ -1,0 +1,1 @@
+"""After the network: naming the bones (components), closing and hole filling (morphology), surfaces."""

@@ -33,11 +33,11 @@ import numpy as np
 
 from . import __version__
 from .anatomy import BONES
-from .postprocess.components import label_bones
 from .errors import Cancelled, InputError
 from .io.images import check_volume
 from .network.models import Model, network_dimensions
 from .options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
+from .postprocess.components import label_bones
 from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
 

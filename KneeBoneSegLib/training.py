@@ -51,9 +51,9 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
-from .io.atomic import atomic_file
 from .errors import Cancelled, InputError
+from .io.atomic import atomic_file
+from .network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALIZATIONS, PRESET_SETTINGS
 from .network.models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .preprocess.normalization import DEFAULT_NORMALIZATION, normalize_intensities
 from .preprocess.resampling import grid_shape_for_spacing, resample_to_shape

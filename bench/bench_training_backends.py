@@ -1,6 +1,6 @@
 """Seconds per training step of the shipped architecture on each Keras backend installed, side by side.
 
-    python bench/bench_training_backends.py [--steps 5] [--architecture compact context]
+    python bench/bench_training_backends.py [--steps 5] [--architecture compact slices]
 
 Each backend runs in its own process (Keras picks its backend at import): each
 architecture's network, its batch of sub-volumes, the training loss and Adam,
@@ -45,7 +45,7 @@ print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / steps, "ke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--architecture", nargs="+", default=["compact", "context"])
+    parser.add_argument("--architecture", nargs="+", default=["compact", "slices"])
     args = parser.parse_args()
     print(f"{args.steps} timed steps after 2 warm-up steps, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     for architecture, backend in ((a, b) for a in args.architecture for b in BACKENDS):

@@ -8,9 +8,8 @@
 # (and .onnx): the shipped ones with the default, compact (32^3 sub-volumes at 0.7 mm, 2500
 # steps of 8, BCE + Dice, Adam 1e-3, full augmentation, seed 0); ARCHITECTURE=slices gives the
 # whole-knee 2D network with the recipe bench/coarse_experiments.py chose (mirroring and gamma
-# only, fold crops reaching half their edge past the training range, at most 24 minutes);
-# ARCHITECTURE=context the larger-context attempt (bench/results/heldout_context.txt). A run resumes where it
-# stopped if its checkpoint is there. Keras runs on its torch backend where PyTorch is
+# only, fold crops reaching half their edge past the training range, at most 24 minutes). A run
+# resumes where it stopped if its checkpoint is there. Keras runs on its torch backend where PyTorch is
 # installed: on the 2-core CPU it trained twice as fast as on TensorFlow
 # (bench/results/training_backends.txt).
 #

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..anatomy import ANATOMICAL_STRUCTURE, BONES
-from .atomic import atomic_file, output_directory
 from ..errors import InputError
 from ..volume import Geometry, Volume
+from .atomic import atomic_file, output_directory
 
 # The terminology context that holds these codes: the extension's own list
 # (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since

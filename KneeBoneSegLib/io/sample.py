@@ -29,9 +29,9 @@ import numpy as np
 
 from ..anatomy import BONE_BY_KEY
 from ..errors import InputError, KneeBoneSegError
-from .images import image_to_volume, write_volume
-from .atomic import output_directory
 from ..volume import Volume
+from .atomic import output_directory
+from .images import image_to_volume, write_volume
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The U-Net variants ``kneeboneseg train --architecture`` builds, and how each is trained and run.
 
-Kept apart from :mod:`.network` so that reading them needs no Keras (the
+Kept apart from :mod:`.unet` so that reading them needs no Keras (the
 command line builds its parser from them).
 
 - ``slices`` (the whole-knee network, chosen by ``bench/coarse_experiments.py``):
@@ -10,13 +10,6 @@ command line builds its parser from them).
   tiles), once for each plane: the three projections are its axial,
   coronal and sagittal slices.
 
-- ``context`` (tried as the shipped models' successor, not shipped: held out it
-  scored below ``compact``, ``bench/results/heldout_context.txt``): 8-16-32-64 filters down, a 128-filter
-  bridge, on 64^3 sub-volumes at 0.7 mm (45 mm). Four poolings give each
-  prediction a receptive field wider than the sub-volume, so it sees bone
-  edges from deep inside the femur; few filters at full resolution keep its
-  cost per voxel about a quarter of ``compact``'s. One projection with
-  overlapping tiles (stride 48) is about 2.4 evaluations per voxel.
 - ``coarse`` (the whole-knee experiments, ``bench/coarse_experiments.py``):
   16-32-64-128 filters, a 256 bridge and instance normalisation, trained on
   soft targets (the share of bone per voxel) at a coarse spacing (1.4 mm by
@@ -26,20 +19,24 @@ command line builds its parser from them).
   sub-volumes (22 mm), three projections.
 - ``paper``: the paper's network, 64-128-256-512 and a 1024 bridge, 64^3
   sub-volumes at stride 32 on the scan's own grid, three projections.
+
+A ``context`` preset (8-16-32-64 filters on 64^3 sub-volumes) was tried and
+dropped: held out it scored below ``compact`` (``docs/model.md``,
+``bench/results/heldout_context.txt``, made at commit fcd5289 and before).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Normalisation after each convolution (see :func:`.network.build_unet`): the paper's batch norm, or
+#: Normalisation after each convolution (see :func:`.unet.build_unet`): the paper's batch norm, or
 #: instance norm, which does not depend on the batch and so suits the small batches a CPU trains.
 NORMALIZATIONS = ("batch", "instance")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A network (``base_filters``, ``depth``: see :func:`.network.build_unet`) and its defaults."""
+    """A network (``base_filters``, ``depth``: see :func:`.unet.build_unet`) and its defaults."""
 
     base_filters: int
     depth: int
@@ -57,7 +54,6 @@ class Architecture:
 ARCHITECTURES = {
     "slices": Architecture(base_filters=16, depth=4, patch_size=64, stride=64, batch_size=16, epochs=40, projections=3, soft_labels=True, dimensions=2, fusion="vote"),
     "coarse": Architecture(base_filters=16, depth=4, patch_size=32, stride=16, batch_size=4, epochs=10, projections=1, norm_layer="instance", soft_labels=True),
-    "context": Architecture(base_filters=8, depth=4, patch_size=64, stride=48, batch_size=2, epochs=15, projections=1),
     "compact": Architecture(base_filters=16, depth=3, patch_size=32, stride=24, batch_size=8, epochs=25, projections=3),
     "paper": Architecture(base_filters=64, depth=4, patch_size=64, stride=32, batch_size=2, epochs=25, projections=3),
 }

@@ -34,10 +34,10 @@ import logging
 import os
 from pathlib import Path
 
-from .devices import select_onnxruntime_providers, select_openvino_device
 from ..errors import InputError, ModelError
 from ..options import ENGINES, PRECISIONS
 from ..threads import effective_threads
+from .devices import select_onnxruntime_providers, select_openvino_device
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..preprocess.normalization import sampled_percentiles
 from ..options import AGGREGATIONS
+from ..preprocess.normalization import sampled_percentiles
 
 log = logging.getLogger(__name__)
 

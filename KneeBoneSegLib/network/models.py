@@ -38,8 +38,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io.atomic import atomic_file
 from ..errors import ModelError
+from ..io.atomic import atomic_file
 from ..preprocess.normalization import DEFAULT_NORMALIZATION
 
 SHIPPED_MODEL = "kneeboneseg-compact.onnx"

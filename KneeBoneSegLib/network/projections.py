@@ -92,11 +92,6 @@ def iter_projections(
         yield np.ascontiguousarray(probability.transpose(np.argsort(order)))
 
 
-def predict_projections(image, predict, projections: int = 3, direction=_IDENTITY) -> list[np.ndarray]:
-    """Every map of :func:`iter_projections` in a list (to compare fusions of the same maps)."""
-    return list(iter_projections(image, predict, projections, direction))
-
-
 def fuse_probabilities(maps: Iterable[np.ndarray], method: str = "mean") -> np.ndarray:
     """Fuse per-projection probability maps voxel by voxel.
 

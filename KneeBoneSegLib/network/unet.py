@@ -62,13 +62,3 @@ def build_unet(patch_size: int | None = 64, base_filters: int = 64, depth: int =
         x = _conv_block(x, filters, f"up{level}", normalization, dimensions)
     outputs = output(1, 1, activation="sigmoid", name="bone_probability", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"unet{dimensions}d_f{base_filters}_d{depth}")
-
-
-def compile_unet(model: keras.Model, learning_rate: float = 1e-4) -> keras.Model:
-    """Compile with the paper's loss and optimiser: binary cross-entropy and Adam."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")],
-    )
-    return model

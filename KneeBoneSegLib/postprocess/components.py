@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 
 from ..anatomy import BONE_BY_KEY, BONES
-from .morphology import bounding_box
 from ..trust.plausibility import FieldOfView, assignment_reasons, bone_reasons, measure_boxes
 from ..volume import Geometry
+from .morphology import bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +32,24 @@ log = logging.getLogger(__name__)
 MIN_BONE_FRACTION = 0.01
 
 
-def largest_components(mask: np.ndarray, count: int | None = 3, min_fraction: float = 0.0) -> tuple[np.ndarray, list[int]]:
-    """Label the face-connected components of ``mask`` and keep the ``count`` largest (all if None).
+def largest_in_box(mask: np.ndarray, count: int | None = 3, min_fraction: float = 0.0) -> tuple[tuple[slice, ...] | None, np.ndarray | None, list[int]]:
+    """Label the face-connected components of ``mask`` in its bounding box and keep the ``count`` largest (all if None).
 
     Components smaller than ``min_fraction`` of the largest are dropped.
-
     Face (6-) connectivity keeps two bones apart when a prediction touches
     them only along an edge or a corner. Labelled with connected-components-3d
     (``cc3d``), which numbers components as ``scipy.ndimage.label`` does.
+    Every component lies in the box (a quarter of a knee scan), and labelling
+    there numbers them as in the whole volume; the later stages work there too.
 
     Returns
     -------
-    components : ndarray of int32
-        0 background, 1..n the kept components by decreasing size (n <= count).
+    box : tuple of slice, or None
+        The mask's bounding box (None for an empty mask).
+    components : ndarray of int32, or None
+        The box's labels: 0 background, 1..n the kept components by decreasing size (n <= count).
     sizes : list of int
         Their voxel counts.
-    """
-    components = np.zeros(mask.shape, np.int32)
-    box, in_box, sizes = _largest_in_box(mask, count, min_fraction)
-    if box is not None:
-        components[box] = in_box
-    return components, sizes
-
-
-def _largest_in_box(mask: np.ndarray, count: int | None, min_fraction: float) -> tuple[tuple[slice, ...] | None, np.ndarray | None, list[int]]:
-    """:func:`largest_components` within the mask's bounding box: (the box, its labels, the sizes).
-
-    Every component lies in the box (a quarter of a knee scan), and labelling
-    there numbers them as in the whole volume; the later stages work there too.
     """
     box = bounding_box(mask)
     if box is None:
@@ -181,7 +171,7 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         them), ``rejected`` (those of them that no bone's size fits, with
         the reasons per bone) and ``warnings``.
     """
-    box, components, sizes = _largest_in_box(mask, None, min_fraction)
+    box, components, sizes = largest_in_box(mask, None, min_fraction)
     labels = np.zeros(mask.shape, np.uint8)
     report = {"found": {}, "missing": [], "dropped_voxels": 0, "dropped_components": [], "rejected": [], "warnings": []}
     if sizes:

@@ -22,35 +22,6 @@ from ..anatomy import BONES
 from ..threads import thread_count
 
 
-def closing_ball(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Close a binary ``mask`` with a ball of ``radius``.
-
-    Parameters
-    ----------
-    mask : ndarray of bool, shape (k, j, i)
-    radius : float
-        In the units of ``spacing``; with the default unit spacing, voxels,
-        and the result equals ``skimage.morphology.binary_closing(mask,
-        skimage.morphology.ball(radius))`` for an integer radius.
-    spacing : sequence of 3 floats
-        Voxel size along (i, j, k), as in :class:`~KneeBoneSegLib.volume.Geometry`.
-
-    Returns
-    -------
-    ndarray of bool
-    """
-    mask = np.asarray(mask, dtype=bool)
-    closed = mask.copy()
-    if radius <= 0:
-        return closed
-    sampling = np.asarray(spacing, dtype=float)[::-1]
-    box = bounding_box(mask, _closing_margin(radius, sampling))
-    if box is None:
-        return closed
-    closed[box] = _closed_in_box(mask[box], radius, sampling)
-    return closed
-
-
 def _closing_margin(radius: float, sampling: np.ndarray) -> np.ndarray:
     """Voxels per axis (k, j, i) by which a bone's box grows so that its closing fits inside."""
     return np.ceil(radius / sampling).astype(int) + 1

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from .morphology import bone_boxes, bounding_box
 from ..io.atomic import atomic_file
 from ..threads import thread_count
 from ..volume import Geometry
+from .morphology import bone_boxes, bounding_box
 
 log = logging.getLogger(__name__)
 

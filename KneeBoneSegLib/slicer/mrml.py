@@ -22,8 +22,8 @@ import vtk
 from vtk.util import numpy_support
 
 from ..anatomy import BONE_BY_LABEL, BONES
-from ..io.atomic import output_directory
 from ..errors import InputError, OutputError
+from ..io.atomic import output_directory
 from ..io.images import geometry_from_ijk_to_lps
 from ..io.outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
 from ..postprocess.surfaces import Surface, to_vtk_polydata
@@ -138,17 +138,6 @@ def volume_from_node(volume_node) -> Volume:
     return Volume(array, geometry_from_node(volume_node))
 
 
-def volume_to_node(volume: Volume, scene, name: str = "Volume", class_name: str = "vtkMRMLScalarVolumeNode"):
-    """Add ``volume`` to ``scene`` as a new volume node (a copy of its voxels) and return the node.
-
-    ``class_name`` may be ``"vtkMRMLLabelMapVolumeNode"`` for a label map.
-    """
-    node = scene.AddNewNodeByClass(class_name, name)
-    node.SetIJKToRASMatrix(array_to_matrix(volume.geometry.ijk_to_ras))
-    node.SetAndObserveImageData(_image_data(volume.array, vtk.vtkImageData()))
-    return node
-
-
 def terminology_entry(bone) -> str:
     """The ``TerminologyEntry`` tag of a bone's segment, in Slicer's serialised form.
 
@@ -214,7 +203,7 @@ def labels_to_segmentation_node(
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
 
-    labelmap = _image_data(labels.astype(np.uint8, copy=False), slicer.vtkOrientedImageData())
+    labelmap = image_data_from_array(labels.astype(np.uint8, copy=False), slicer.vtkOrientedImageData())
     labelmap.SetImageToWorldMatrix(array_to_matrix(geometry.ijk_to_ras))
     segmentation = node.GetSegmentation()
     if reference_volume_node is not None:
@@ -334,7 +323,7 @@ def mark_verdicts(segmentation_node, verdict: dict) -> None:
     segmentation_node.SetAttribute(VERDICT_REASONS_ATTRIBUTE, "; ".join(verdict["reasons"]))
 
 
-def _image_data(array: np.ndarray, image):
+def image_data_from_array(array: np.ndarray, image):
     """Fill ``image`` (a ``vtkImageData`` or ``vtkOrientedImageData``) with a copy of ``array[k, j, i]``."""
     array = np.ascontiguousarray(array)
     image.SetDimensions(*array.shape[::-1])

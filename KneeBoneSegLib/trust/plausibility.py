@@ -175,13 +175,8 @@ class FieldOfView:
         return bool(self.outside(np.argwhere(beside) + [g.start for g in grown]).any())
 
 
-def measure_components(components: np.ndarray, sizes, geometry: Geometry, count: int, field_of_view: FieldOfView | None = None) -> list[ComponentMeasure]:
-    """Volume, LPS extent and field-of-view contact of components 1..``count`` of a labelled array."""
-    return measure_boxes(components, (0, 0, 0), ndimage.find_objects(components, max_label=count), sizes, geometry, components.shape, field_of_view)
-
-
 def measure_boxes(components: np.ndarray, start, boxes, sizes, geometry: Geometry, shape, field_of_view: FieldOfView | None = None) -> list[ComponentMeasure]:
-    """:func:`measure_components` for the components of a crop of a scan.
+    """Volume, LPS extent and field-of-view contact of the components of a crop of a scan.
 
     Parameters
     ----------

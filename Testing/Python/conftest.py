@@ -74,6 +74,38 @@ def knee_phantom(shape=(72, 64, 64), spacing=(2.5, 2.5, 2.5)):
     return image.astype(np.float32), labels, Geometry(spacing, (-10.0, 20.0, -30.0))
 
 
+def largest_components(mask, count=3, min_fraction=0.0):
+    """The library's :func:`~KneeBoneSegLib.postprocess.components.largest_in_box`, placed on the whole array."""
+    from KneeBoneSegLib.postprocess.components import largest_in_box
+
+    components = np.zeros(np.shape(mask), np.int32)
+    box, in_box, sizes = largest_in_box(mask, count, min_fraction)
+    if box is not None:
+        components[box] = in_box
+    return components, sizes
+
+
+def measure_components(components, sizes, geometry, count, field_of_view=None):
+    """The library's :func:`~KneeBoneSegLib.trust.plausibility.measure_boxes` for components 1..count of a whole array."""
+    from scipy import ndimage
+
+    from KneeBoneSegLib.trust.plausibility import measure_boxes
+
+    return measure_boxes(components, (0, 0, 0), ndimage.find_objects(components, max_label=count), sizes, geometry, components.shape, field_of_view)
+
+
+def volume_to_node(volume, scene, name="Volume", class_name="vtkMRMLScalarVolumeNode"):
+    """A new volume node holding a copy of ``volume``, as a scan loaded in Slicer is (needs slicer-core)."""
+    import vtk
+
+    from KneeBoneSegLib.slicer.mrml import array_to_matrix, image_data_from_array
+
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetIJKToRASMatrix(array_to_matrix(volume.geometry.ijk_to_ras))
+    node.SetAndObserveImageData(image_data_from_array(volume.array, vtk.vtkImageData()))
+    return node
+
+
 def needs_keras():
     """Keras, or a skip saying which extra the test needs: Keras builds the stand-in networks of some tests."""
     return pytest.importorskip("keras", reason="needs Keras: pip install kneeboneseg[train]")

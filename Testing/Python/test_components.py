@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import knee_phantom
+from conftest import knee_phantom, largest_components
 from scipy import ndimage
 
-from KneeBoneSegLib.postprocess.components import component_statistics, label_bones, largest_components
+from KneeBoneSegLib.postprocess.components import component_statistics, label_bones
 from KneeBoneSegLib.volume import Geometry
 
 

@@ -8,7 +8,7 @@ from conftest import needs_keras, position_network, position_network_tile
 
 from KneeBoneSegLib.network.inference import air_level, padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
 from KneeBoneSegLib.options import AGGREGATIONS
-from KneeBoneSegLib.network.projections import fuse_probabilities, predict_projections, view_orders
+from KneeBoneSegLib.network.projections import fuse_probabilities, iter_projections, view_orders
 
 
 def identity_network(patch_size: int):
@@ -98,12 +98,12 @@ def test_projections_come_back_on_the_input_grid(rng):
         seen[name] = view.shape
         return view * 2
 
-    maps = predict_projections(image, predict, projections=3)
+    maps = list(iter_projections(image, predict, projections=3))
     assert seen == {name: tuple(image.shape[a] for a in order) for name, order in view_orders().items()}
     assert len(set(seen.values())) == 3
     for fused in maps:
         np.testing.assert_array_equal(fused, image * 2)
-    assert len(predict_projections(image, predict, projections=1)) == 1
+    assert len(list(iter_projections(image, predict, projections=1))) == 1
 
 
 def test_fusion_rules_are_or_majority_and_mean():

@@ -7,7 +7,13 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing
 
-from KneeBoneSegLib.postprocess.morphology import bone_boxes, bounding_box, close_bones, closing_ball, fill_bone_holes, fill_holes
+from KneeBoneSegLib.postprocess.morphology import bone_boxes, bounding_box, close_bones, fill_bone_holes, fill_holes
+
+
+def closing_ball(mask, radius, spacing=None):
+    """The pipeline's closing (:func:`close_bones`) of one bone given as a binary mask; ``spacing``: radius in mm."""
+    units = "voxels" if spacing is None else "mm"
+    return close_bones(mask.astype(np.uint8), radius, spacing or (1.0, 1.0, 1.0), units=units) == 1
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 9])

@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras", reason="building and saving networks needs 
 from KneeBoneSegLib.errors import ModelError
 from KneeBoneSegLib.network.export import export_onnx
 from KneeBoneSegLib.network.models import Model, ModelCard, card_path, load_model, save_model
-from KneeBoneSegLib.network.unet import build_unet, compile_unet
+from KneeBoneSegLib.network.unet import build_unet
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
 
@@ -33,13 +33,6 @@ def test_paper_unet_has_the_papers_filters_pooling_and_output():
     assert len(_layers_of(model, keras.layers.Concatenate)) == 4
     assert model.output_shape == (None, 64, 64, 64, 1)
     assert model.layers[-1].activation.__name__ == "sigmoid"
-
-
-def test_compiled_unet_uses_binary_crossentropy_and_adam_1e4():
-    model = compile_unet(build_unet(patch_size=16, base_filters=2, depth=2))
-    assert isinstance(model.loss, keras.losses.BinaryCrossentropy)
-    assert isinstance(model.optimizer, keras.optimizers.Adam)
-    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-4)
 
 
 def test_compact_unet_predicts_probabilities_of_the_patch_shape(rng):

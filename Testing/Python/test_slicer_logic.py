@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import knee_phantom
+from conftest import knee_phantom, volume_to_node
 
 slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -21,7 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import vtk  # noqa: E402
 
-from KneeBoneSegLib.slicer.mrml import volume_from_node, volume_to_node  # noqa: E402
+from KneeBoneSegLib.slicer.mrml import volume_from_node  # noqa: E402
 from KneeBoneSegLib.options import SegmentOptions  # noqa: E402
 from KneeBoneSegLib.slicer.logic import SegmentationRuns, export_folder  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402

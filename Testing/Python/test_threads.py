@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from KneeBoneSegLib.postprocess.morphology import close_bones, closing_ball
+from KneeBoneSegLib.postprocess.morphology import close_bones
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 from KneeBoneSegLib.preprocess.resampling import resample_to_shape
 from KneeBoneSegLib.threads import available_cores, effective_threads, split_ranges, thread_count, using_threads
@@ -55,11 +55,11 @@ def test_stages_give_the_same_result_on_any_number_of_threads(rng):
     mask = rng.random((30, 28, 26)) < 0.02
     labels = (rng.random((30, 28, 26)) < 0.05) * rng.integers(1, 4, (30, 28, 26), dtype=np.uint8)
     with using_threads(1):
-        resampled, closed = resample_to_shape(image, (11, 41, 9)), closing_ball(mask, 3)
+        resampled, closed = resample_to_shape(image, (11, 41, 9)), close_bones(mask.astype(np.uint8), 3)
         normalised, closed_bones = normalize_intensities(scan), close_bones(labels, 2)
     for count in (2, 5):
         with using_threads(count):
             np.testing.assert_array_equal(resample_to_shape(image, (11, 41, 9)), resampled)
-            np.testing.assert_array_equal(closing_ball(mask, 3), closed)
+            np.testing.assert_array_equal(close_bones(mask.astype(np.uint8), 3), closed)
             np.testing.assert_array_equal(normalize_intensities(scan), normalised)
             np.testing.assert_array_equal(close_bones(labels, 2), closed_bones)

@@ -15,19 +15,19 @@ import json
 import numpy as np
 import pytest
 import slicerio
-from conftest import knee_phantom, write_threshold_onnx
+from conftest import knee_phantom, largest_components, measure_components, write_threshold_onnx
 from scipy import ndimage
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
 from KneeBoneSegLib.cli import EXIT_NO_BONE, main
-from KneeBoneSegLib.postprocess.components import label_bones, largest_components
+from KneeBoneSegLib.postprocess.components import label_bones
 from KneeBoneSegLib.trust.inputcheck import compare_with_card
 from KneeBoneSegLib.io.images import read_volume, write_volume
 from KneeBoneSegLib.network.models import ModelCard, default_model_path, load_model
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io.outputs import PROBABILITY_FILE, SEGMENTATION_FILE, read_outputs, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
-from KneeBoneSegLib.trust.plausibility import assignment_reasons, measure_components
+from KneeBoneSegLib.trust.plausibility import assignment_reasons
 from KneeBoneSegLib.trust.verdicts import judge
 from KneeBoneSegLib.volume import Geometry, Volume
 

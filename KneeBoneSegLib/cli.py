@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all")
 
     train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
-    from .training import add_arguments as add_training_arguments
+    from .training.arguments import add_arguments as add_training_arguments
 
     add_training_arguments(train)
 
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(str(path) for path in written))
             return 0
         elif args.command == "train":
-            from .training import config_from_args, train
+            from .training.arguments import config_from_args
+            from .training.loop import train
 
             train(config_from_args(args))
             return 0

@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from .options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
 from .postprocess.components import label_bones
 from .threads import thread_count, using_threads
 from .volume import Geometry, Volume
+
+if TYPE_CHECKING:  # imported where it is used: the resampling module loads SciPy
+    from .preprocess.resampling import ModelGrid
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import keras
 from KneeBoneSegLib.network.architectures import ARCHITECTURES
 from KneeBoneSegLib.network.unet import build_unet
-from KneeBoneSegLib.training import bone_loss
+from KneeBoneSegLib.training.loop import bone_loss
 
 preset, steps = ARCHITECTURES[sys.argv[1]], int(sys.argv[2])
 network = build_unet(patch_size=preset.patch_size, **preset.network)

@@ -43,7 +43,7 @@ from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path, load_model
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
-from KneeBoneSegLib.training import Augmentation
+from KneeBoneSegLib.training.augmentation import Augmentation
 
 FAILED_SURE_SHARE = 0.5
 #: Least share of a bone's voxels on a fold's held-out side for that bone to count in the calibration.

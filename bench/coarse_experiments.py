@@ -49,7 +49,9 @@ from KneeBoneSegLib.io.images import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
 from KneeBoneSegLib.network.models import load_model  # noqa: E402
 from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, predict_projection_maps, postprocess  # noqa: E402
-from KneeBoneSegLib.training import Augmentation, TrainingConfig, train  # noqa: E402
+from KneeBoneSegLib.training.augmentation import Augmentation  # noqa: E402
+from KneeBoneSegLib.training.config import TrainingConfig  # noqa: E402
+from KneeBoneSegLib.training.loop import train  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +221,8 @@ def trained_slices(name: str, minutes: float, models: Path, score_only: bool, sc
     import keras
     from KneeBoneSegLib.network.unet import build_unet
     from KneeBoneSegLib.preprocess.normalization import DEFAULT_NORMALIZATION
-    from KneeBoneSegLib.training import bone_loss, prepare_volume
+    from KneeBoneSegLib.training.data import prepare_volume
+    from KneeBoneSegLib.training.loop import bone_loss
 
     output, record_path = models / f"{name}.keras", models / f"{name}.json"
     if score_only:
@@ -241,7 +244,7 @@ def trained_slices(name: str, minutes: float, models: Path, score_only: bool, sc
 
 def slice_batch(volume, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """SLICE_BATCH crops of slices through trained voxels (half of them on the bone's boundary), each plane alike,
-    mirrored at random and with a random gamma; targets as :meth:`~KneeBoneSegLib.training.PatchSampler.batch` gives them."""
+    mirrored at random and with a random gamma; targets as :meth:`~KneeBoneSegLib.training.data.PatchSampler.batch` gives them."""
     trained = np.flatnonzero(volume.trained)
     images, targets = [], []
     for _ in range(SLICE_BATCH):

@@ -167,7 +167,7 @@ def labels_onto_grid(labels, reference, names=("the label map", "the reference i
 
 #: Scans whose image axes all lie within this angle of the patient's axes go to the model's grid along
 #: their own axes; more oblique ones go onto a grid aligned with the patient. The networks were trained
-#: with rotations of up to 10 degrees (``training.Augmentation.rotation_deg``), so a few degrees of tilt
+#: with rotations of up to 10 degrees (``training.augmentation.Augmentation.rotation_deg``), so a few degrees of tilt
 #: (the sample scan's axes are 2.6 degrees off) are inside what they learned.
 MAX_ALIGNED_DEGREES = 5.0
 

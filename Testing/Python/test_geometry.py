@@ -16,7 +16,7 @@ from conftest import knee_phantom, patient_phantom, position_network, sagittal_g
 
 from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.errors import InputError
-from KneeBoneSegLib.io.images import read_mask, read_volume, write_volume
+from KneeBoneSegLib.io.images import read_mask, write_volume
 from KneeBoneSegLib.metrics import dice, evaluate_labels
 from KneeBoneSegLib.network.models import Model, ModelCard
 from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs

@@ -10,7 +10,7 @@ import pytest
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model
-from KneeBoneSegLib.pipeline import SegmentOptions, segment
+from KneeBoneSegLib.pipeline import SegmentOptions
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"

@@ -19,20 +19,12 @@ pytest.importorskip("keras", reason="training needs Keras: pip install kneebones
 from KneeBoneSegLib.errors import Cancelled, InputError
 from KneeBoneSegLib.io.images import read_mask, read_volume, write_volume
 from KneeBoneSegLib.network.models import file_sha256, load_model
-from KneeBoneSegLib.training import (
-    Augmentation,
-    PatchSampler,
-    SliceSampler,
-    TrainingVolume,
-    TrainingConfig,
-    add_arguments,
-    bone_loss,
-    command_line,
-    config_from_args,
-    heldout_range,
-    prepare_volume,
-    train,
-)
+from KneeBoneSegLib.training.arguments import add_arguments, command_line, config_from_args
+from KneeBoneSegLib.training.augmentation import Augmentation
+from KneeBoneSegLib.training.config import TrainingConfig
+from KneeBoneSegLib.training.data import PatchSampler, SliceSampler, TrainingVolume, heldout_range, prepare_volume
+from KneeBoneSegLib.training.loop import bone_loss, train
+from KneeBoneSegLib.training.plot import TRAINING_COLOUR, VALIDATION_COLOUR
 from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.volume import Geometry, Volume
 
@@ -121,10 +113,10 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
     assert exported.card.export["onnx"]["onnx_sha256"] == file_sha256(output.with_suffix(".onnx"))
     np.testing.assert_allclose(exported.network.predict_on_batch(images), model.network.predict_on_batch(images), atol=1e-4)
 
-    curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))
+    curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))[..., :3].astype(int)
     assert curves.shape == (360, 600, 3)
-    for colour in ((31, 119, 180), (230, 110, 0)):  # training and validation curves are drawn
-        assert np.count_nonzero(np.all(curves == colour, axis=-1)) > 200
+    for colour in TRAINING_COLOUR, VALIDATION_COLOUR:  # training and validation curves are drawn
+        assert np.count_nonzero(np.abs(curves - colour).max(axis=-1) <= 30) > 200
 
 
 @pytest.mark.slow
@@ -351,8 +343,6 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
 @pytest.mark.slow
 def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_exports_free_sides(training_pair, tmp_path):
     """The whole-knee network's recipe (architecture ``slices``) on a crop: few steps, the full path."""
-    import onnxruntime
-
     slices = partial(_tiny_config, training_pair, architecture="slices", base_filters=4, depth=2, patch_size=16, batch_size=4, soft_labels=None, epochs=3, learning_rate=1e-2)
     result = train(slices(tmp_path / "slices.keras", train_range_i=(0, 40), crops_past_range=True))
     losses = [entry["loss"] for entry in result.history]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from ..errors import InputError
 from ..io.atomic import atomic_file
 from ..threads import thread_count
 from ..volume import Geometry
@@ -263,34 +264,34 @@ def to_vtk_polydata(surface: Surface):
     return polydata
 
 
-_STL_RECORD = np.dtype([("normal", "<f4", 3), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
-
-
 def write_stl(surface: Surface, path) -> None:
-    """Write ``surface`` as a binary STL in LPS millimetres, whole or not at all.
+    """Write ``surface`` as a binary STL in LPS millimetres (VTK's writer), whole or not at all.
 
     The header says ``SPACE=LPS``, which 3D Slicer reads to place the model.
     """
-    triangles = np.take(surface.vertices, surface.faces, axis=0)
-    normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-    records = np.zeros(len(triangles), _STL_RECORD)
-    records["normal"] = normals
-    records["vertices"] = triangles
-    header = b"KneeBoneSeg surface SPACE=LPS units=mm".ljust(80, b" ")
+    import vtk
+
+    writer = vtk.vtkSTLWriter()
+    writer.SetInputData(to_vtk_polydata(surface))
+    writer.SetFileTypeToBinary()
+    writer.SetHeader("KneeBoneSeg surface SPACE=LPS units=mm")
     with atomic_file(path) as temporary:
-        with open(temporary, "wb") as stream:
-            stream.write(header)
-            stream.write(np.uint32(len(records)).tobytes())
-            stream.write(records.tobytes())
+        writer.SetFileName(str(temporary))
+        if not writer.Write():
+            raise OSError(f"VTK could not write {temporary.name}")
 
 
 def read_stl(path) -> Surface:
-    """Read a binary STL written by :func:`write_stl` (vertices merged by position)."""
-    with open(path, "rb") as stream:
-        stream.seek(80)
-        count = int(np.frombuffer(stream.read(4), "<u4")[0])
-        records = np.frombuffer(stream.read(count * _STL_RECORD.itemsize), _STL_RECORD)
-    corners = records["vertices"].reshape(-1, 3).astype(np.float64)
-    vertices, index = np.unique(corners, axis=0, return_inverse=True)
-    return Surface(vertices, index.reshape(-1, 3))
+    """Read an STL file (VTK's reader, vertices merged by position)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    reader = vtk.vtkSTLReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    polydata = reader.GetOutput()
+    if polydata.GetNumberOfPolys() == 0:
+        raise InputError(f"{path} holds no triangles; it is not an STL surface")
+    vertices = numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(np.float64)
+    faces = numpy_support.vtk_to_numpy(polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    return Surface(vertices, faces.astype(np.int64))

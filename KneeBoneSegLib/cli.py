@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(post, "postprocess")
     _add_output_arguments(post, probability=False)
 
+    batch = commands.add_parser("batch", help="segment a cohort: each case into OUTDIR/<case>/, one table OUTDIR/cases.csv; run again to resume")
+    batch.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files, DICOM folders (each series in the tree a case) or CSV files with id and path columns")
+    batch.add_argument("-o", "--output", type=Path, required=True, help="the cohort's folder (created or resumed)")
+    add_arguments(batch, "segment")
+    batch.add_argument("--options", type=Path, default=None, metavar="FILE", help="the options as a JSON object, as for segment")
+    batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1)")
+    batch.add_argument("--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before")
+    batch.add_argument("--progress", choices=("text", "none"), default="text", help="a bar over the cases with the time left (default: text)")
+
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
     evaluate.add_argument("prediction", type=Path, metavar="PRED",
                           help="the label map to score (0 background, 1 femur, 2 tibia, 3 patella), on any grid that overlaps REFERENCE")
@@ -182,6 +191,41 @@ def _run_postprocess(args, reporter: _Reporter) -> dict:
     return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask], nifti=args.nifti)
 
 
+def _run_batch(args) -> int:
+    """``kneeboneseg batch``: the exit status is the number of failed cases (at most 100)."""
+    from .batch import TABLE_FILE, find_cases, failures, segment_many
+
+    options = _options_from_args(args)
+    if args.workers < 1:
+        raise InputError(f"workers must be at least 1, not {args.workers}")
+    cases = find_cases(args.inputs)
+    bar = None
+    if args.progress == "text":
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), unit="case", file=sys.stderr)
+    done = {"count": 0}
+
+    def progress(count: int, total: int, row: dict) -> None:
+        if bar is not None:
+            bar.n = count
+            bar.set_postfix_str(f"{row['id']}: {row['status']}")
+            bar.refresh()
+        done["count"] = count
+
+    try:
+        rows = segment_many(cases, args.output, options, workers=args.workers, retry_failed=args.retry_failed, progress=progress)
+    except KeyboardInterrupt:
+        print(f"kneeboneseg: interrupted with {done['count']} of {len(cases)} cases in {args.output / TABLE_FILE}; run the same command to go on", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "review", "failed", "error")}
+    print(f"{len(rows)} cases: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {args.output / TABLE_FILE}")
+    return min(failures(rows), 100)
+
+
 def _run_evaluate(args) -> None:
     from .io.images import read_volume
     from .metrics import evaluate_labels, format_metrics_table
@@ -230,6 +274,8 @@ def info_summary(info: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the console; a batch's per-case logs take the library's INFO lines
+        handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     reporter = _Reporter(getattr(args, "progress", "none"))
     start = time.perf_counter()
     try:
@@ -240,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             _run_evaluate(args)
             return 0
+        elif args.command == "batch":
+            return _run_batch(args)
         elif args.command == "export":
             from .network.export import export_onnx
 

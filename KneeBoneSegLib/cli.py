@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("-o", "--output", type=Path, required=True, help="the cohort's folder (created or resumed)")
     add_arguments(batch, "segment")
     batch.add_argument("--options", type=Path, default=None, metavar="FILE", help="the options as a JSON object, as for segment")
-    batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1)")
+    batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1, faster on 2 cores than 2 workers, bench/bench_batch.py)")
     batch.add_argument("--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before")
     batch.add_argument("--progress", choices=("text", "none"), default="text", help="a bar over the cases with the time left (default: text)")
 

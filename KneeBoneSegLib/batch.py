@@ -246,19 +246,28 @@ def write_table(rows: list[dict], path) -> None:
         temporary.write_text(text.getvalue(), encoding="utf-8")
 
 
-_WORKER_MODEL = None
+_PROCESS_MODELS: dict = {}
 
 
-def _open_worker_model(options: SegmentOptions) -> None:
-    """A worker process opens the model once, for all its cases."""
-    global _WORKER_MODEL
+def _process_model(options: SegmentOptions):
+    """The model ``options`` open, opened once per process (a pool's or a Dask cluster's worker) and kept."""
     from .network.models import load_model_for
 
-    _WORKER_MODEL = load_model_for(options)
+    key = (options.model, options.engine, options.device, options.threads, options.precision)
+    if key not in _PROCESS_MODELS:
+        _PROCESS_MODELS[key] = load_model_for(options)
+    return _PROCESS_MODELS[key]
 
 
 def _run_in_worker(case: Case, outdir: str, options: SegmentOptions) -> dict:
-    return segment_case(case, outdir, options, _WORKER_MODEL)
+    """One case in a worker process, with that process's model."""
+    return segment_case(case, outdir, options, _process_model(options))
+
+
+def _remove_staging(outdir: Path) -> None:
+    """Staging folders left by a run or a worker that was killed in the middle of a case."""
+    for leftover in outdir.glob(".*.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def segment_many(
@@ -268,14 +277,18 @@ def segment_many(
     workers: int = 1,
     retry_failed: bool = False,
     progress: Callable[[int, int, dict], None] | None = None,
+    client=None,
 ) -> list[dict]:
     """Segment every case into ``outdir`` (``<case.id>/`` each, ``cases.csv`` for all); returns the table's rows.
 
     Cases done before for the same input, model and options are skipped (the
     failed ones too, unless ``retry_failed``). ``workers`` processes run the
     cases, each with the model opened once and the cores shared among them
-    (``options.threads``, else cores / workers each). ``progress(done, total, row)``
-    after every case.
+    (``options.threads``, else cores / workers each). ``client``: a
+    ``dask.distributed.Client`` whose cluster runs the cases instead, on
+    paths its workers share; a case whose worker is lost is run again on
+    another (Dask reschedules it), and what the lost worker half wrote is
+    removed. ``progress(done, total, row)`` after every case.
     """
     from .network.models import load_model_for
     from .threads import available_cores
@@ -284,9 +297,8 @@ def segment_many(
     cases = list(cases)
     outdir = Path(outdir).absolute()
     outdir.mkdir(parents=True, exist_ok=True)
-    for leftover in outdir.glob(".*.partial-*"):  # staging folders of a run that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    if options.threads is None:
+    _remove_staging(outdir)
+    if options.threads is None and client is None:
         options = options.with_values(threads=max(1, available_cores() // max(1, workers)))
     model = load_model_for(options)  # refused here, before any case, if it cannot run
     rows: dict[str, dict] = {}
@@ -299,7 +311,7 @@ def segment_many(
             pending.append(case)
     table = outdir / TABLE_FILE
     write_table([rows[case.id] for case in cases if case.id in rows], table)
-    log.info("%d cases: %d done before, %d to run with %d worker(s)", len(cases), len(rows), len(pending), workers)
+    log.info("%d cases: %d done before, %d to run", len(cases), len(rows), len(pending))
 
     def finished(row: dict) -> None:
         rows[row["id"]] = row
@@ -307,26 +319,48 @@ def segment_many(
         if progress is not None:
             progress(len(rows), len(cases), row)
 
-    if workers <= 1:
+    if client is not None:
+        _run_on_cluster(client, pending, outdir, options, finished)
+    elif workers <= 1:
         for case in pending:
             finished(segment_case(case, outdir, options, model))
     elif pending:
-        del model  # each worker opens its own
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no forked copies of a runtime's threads
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_worker_model, initargs=(options,)) as pool:
-            futures = [pool.submit(_run_in_worker, case, str(outdir), options) for case in pending]
-            try:
-                for future in as_completed(futures):
-                    finished(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    process.terminate()
-                raise
+        _run_in_processes(workers, pending, outdir, options, finished)
+    _remove_staging(outdir)
     return [rows[case.id] for case in cases]
+
+
+def _run_in_processes(workers: int, cases: list, outdir: Path, options: SegmentOptions, finished) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no forked copies of a runtime's threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_run_in_worker, case, str(outdir), options) for case in cases]
+        try:
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
+
+
+def _run_on_cluster(client, cases: list, outdir: Path, options: SegmentOptions, finished) -> None:
+    """The cases as tasks of a Dask cluster; a task whose worker dies is rescheduled by Dask."""
+    import uuid
+
+    from distributed import as_completed as completed
+
+    run = uuid.uuid4().hex[:8]
+    futures = [client.submit(_run_in_worker, case, str(outdir), options, key=f"kneeboneseg-{run}-{case.id}", pure=False) for case in cases]
+    try:
+        for future in completed(futures):
+            finished(future.result())
+    except BaseException:
+        client.cancel(futures)
+        raise
 
 
 def failures(rows: list[dict]) -> int:

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(batch, "segment")
     batch.add_argument("--options", type=Path, default=None, metavar="FILE", help="the options as a JSON object, as for segment")
     batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1, faster on 2 cores than 2 workers, bench/bench_batch.py)")
+    batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="send the cases to this Dask distributed scheduler (tcp://host:8786; the [cluster] extra); inputs and OUTDIR on storage its workers share")
     batch.add_argument("--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before")
     batch.add_argument("--progress", choices=("text", "none"), default="text", help="a bar over the cases with the time left (default: text)")
 
@@ -213,17 +215,32 @@ def _run_batch(args) -> int:
             bar.refresh()
         done["count"] = count
 
+    client = _dask_client(args.scheduler) if args.scheduler else None
     try:
-        rows = segment_many(cases, args.output, options, workers=args.workers, retry_failed=args.retry_failed, progress=progress)
+        rows = segment_many(cases, args.output, options, workers=args.workers, retry_failed=args.retry_failed, progress=progress, client=client)
     except KeyboardInterrupt:
         print(f"kneeboneseg: interrupted with {done['count']} of {len(cases)} cases in {args.output / TABLE_FILE}; run the same command to go on", file=sys.stderr)
         return 130
     finally:
         if bar is not None:
             bar.close()
+        if client is not None:
+            client.close()
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "review", "failed", "error")}
     print(f"{len(rows)} cases: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {args.output / TABLE_FILE}")
     return min(failures(rows), 100)
+
+
+def _dask_client(address: str):
+    """A client of the Dask scheduler at ``address``, or a one-line error saying what to install or check."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError('--scheduler needs Dask distributed: pip install "kneeboneseg[cluster]"') from None
+    try:
+        return Client(address, timeout="30s")
+    except (OSError, TimeoutError) as error:
+        raise InputError(f"no Dask scheduler answers at {address} ({error}); start one (dask scheduler) or check the address") from None
 
 
 def _run_evaluate(args) -> None:

@@ -163,3 +163,37 @@ def test_a_batch_interrupted_by_a_signal_goes_on_where_it_stopped(sample_cohort,
     assert statuses["corrupt"] == "error" and table[3]["error"] and "\n" not in table[3]["error"]
     assert statuses["no-knee"] in ("failed", "error"), statuses
     assert second.returncode == 2 == failures(table), second.stderr
+
+
+@pytest.mark.slow
+def test_a_cohort_on_a_local_dask_cluster_survives_a_lost_worker(sample_cohort, tmp_path):
+    """A real LocalCluster of 2 worker processes; the one running crop-b is killed in the middle of it."""
+    import threading
+
+    distributed = pytest.importorskip("distributed", reason='the cluster path needs Dask: pip install "kneeboneseg[cluster]"')
+    cases = find_cases(sample_cohort[:3])
+    out = tmp_path / "cohort"
+    killed = {}
+
+    def kill_the_worker_of_crop_b(client):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "logs" / "crop-b.log").is_file():  # the case has started
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for address, keys in client.processing().items():
+            if any("crop-b" in str(key) for key in keys):
+                pid = client.run(os.getpid, workers=[address])[address]
+                os.kill(pid, signal.SIGKILL)
+                killed[address] = pid
+                return
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        watcher = threading.Thread(target=kill_the_worker_of_crop_b, args=(client,))
+        watcher.start()
+        rows = segment_many(cases, out, SegmentOptions(projections=1, device="cpu"), client=client)
+        watcher.join()
+    assert killed, "the worker running crop-b was not found to kill"
+    assert [row["id"] for row in _table(out)] == ["crop-a", "crop-b", "crop-c"]
+    assert all(row["status"] in ("ok", "review") for row in rows), rows
+    assert not list(out.glob(".*")), "a killed worker's half-written output remains"
+    assert {"segmentation.seg.nrrd", "summary.json", "femur.stl"} <= {path.name for path in (out / "crop-b").iterdir()}

@@ -184,6 +184,11 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._installing = False
         self._reapplyOnChange = False
+        self._batch = None
+        self._batchTable = None
+        self._batchTimer = qt.QTimer()
+        self._batchTimer.setInterval(200)
+        self._batchTimer.connect("timeout()", self.onPollBatch)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollRun)
@@ -217,6 +222,11 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         self.ui.stageLabel.hide()
         self.ui.cancelButton.hide()
+        self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRunButton)
+        self.ui.batchCancelButton.connect("clicked(bool)", self.onBatchCancelButton)
+        self.ui.batchTableView.connect("clicked(QModelIndex)", self.onBatchCaseClicked)
+        self.ui.batchProgressBar.hide()
+        self.ui.batchCancelButton.hide()
 
         self.initializeParameterNode()
 
@@ -224,6 +234,10 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module reload or application exit: stop any run and remove every temporary folder."""
         self._pollTimer.stop()
         self._reapplyTimer.stop()
+        self._batchTimer.stop()
+        if self._batch is not None:
+            self._batch.cancel()
+            self._batch = None
         if self.logic is not None:
             self.logic.close()
         self._run = None
@@ -362,6 +376,65 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
             self.ui.statusLabel.text = f"Wrote {len(written)} STL files (LPS, mm) to {folder}."
 
+    def onBatchRunButton(self):
+        """Segment every scan of the chosen folder into the results folder, in the background."""
+        from KneeBoneSegLib.slicer.logic import panel_options
+
+        if self._batch is not None or self._installing or not self.ensureRequirements():
+            return
+        with slicer.util.tryWithErrorDisplay("The batch could not start.", waitCursor=True):
+            self._batch = self.logic.startBatch(
+                self.ui.batchInputDirectoryButton.directory,
+                self.ui.batchOutputDirectoryButton.directory,
+                panel_options(self._parameterNode),
+                onProgress=self.onBatchProgress,
+            )
+        if self._batch is None:
+            return
+        self.ui.batchProgressBar.value = 0
+        self.ui.batchProgressBar.show()
+        self.ui.batchCancelButton.show()
+        self.ui.batchRunButton.enabled = False
+        self.ui.batchStatusLabel.text = "Starting..."
+        self._batchTimer.start()
+
+    def onBatchProgress(self, stage, fraction):
+        self.ui.batchStatusLabel.text = stage
+        self.ui.batchProgressBar.value = int(round(100 * fraction))
+
+    def onPollBatch(self):
+        from KneeBoneSegLib.slicer.logic import finish_batch
+
+        if self._batch is None or self._batch.poll():
+            return
+        self._batchTimer.stop()
+        batch, self._batch = self._batch, None
+        self.ui.batchProgressBar.hide()
+        self.ui.batchCancelButton.hide()
+        self.ui.batchRunButton.enabled = True
+        try:
+            self._batchTable = finish_batch(batch, slicer.mrmlScene)
+        except RuntimeError as error:
+            self.ui.batchStatusLabel.text = str(error)
+            return
+        self.ui.batchTableView.setMRMLTableNode(self._batchTable)
+        self.ui.batchStatusLabel.text = f"{self._batchTable.GetNumberOfRows()} cases in {self._batchTable.GetName()}; click one to load it."
+
+    def onBatchCancelButton(self):
+        if self._batch is not None:
+            self._batch.cancel()
+            self.onPollBatch()
+
+    def onBatchCaseClicked(self, index):
+        """Load the clicked case's scan and bones, and show them."""
+        from KneeBoneSegLib.slicer.logic import load_case
+
+        with slicer.util.tryWithErrorDisplay("The case could not be loaded.", waitCursor=True):
+            volumeNode, segmentationNode = load_case(slicer.mrmlScene, self._batchTable, index.row())
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            self._parameterNode.inputVolume = volumeNode
+            self._parameterNode.outputSegmentation = segmentationNode
+
     def ensureRequirements(self):
         """Offer to install the missing or too old Python packages; True when all are there."""
         from KneeBoneSegLib.slicer.environment import ensure_requirements
@@ -479,6 +552,18 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         settings, only the post-processing runs again.
         """
         return self.runs.start(volumeNode, segmentationNode, options, onProgress)
+
+    def startBatch(self, inputFolder, outputFolder, options, onProgress=None):
+        """Start ``kneeboneseg batch`` on a folder of scans into ``outputFolder`` in the background; returns its worker.
+
+        Poll ``worker`` (or ``worker.wait()``), then
+        ``KneeBoneSegLib.slicer.logic.finish_batch(worker, scene)`` gives the
+        cases table as a table node. Running again into the same folder goes
+        on where the last batch stopped.
+        """
+        if not inputFolder or not outputFolder:
+            raise ValueError("choose the folder of scans and the folder for the results first")
+        return self.runs.start_batch([inputFolder], outputFolder, options, onProgress)
 
     def finishRun(self, run):
         """Load an ended run's bones into the nodes it started with; returns the segmentation node."""

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="send the cases to this Dask distributed scheduler (tcp://host:8786; the [cluster] extra); inputs and OUTDIR on storage its workers share")
     batch.add_argument("--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before")
-    batch.add_argument("--progress", choices=("text", "none"), default="text", help="a bar over the cases with the time left (default: text)")
+    batch.add_argument("--progress", choices=("text", "json", "none"), default="text",
+                       help="a bar over the cases with the time left (default: text; json: one object per case on stdout, for the Slicer module)")
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
     evaluate.add_argument("prediction", type=Path, metavar="PRED",
@@ -208,7 +209,11 @@ def _run_batch(args) -> int:
         bar = tqdm(total=len(cases), unit="case", file=sys.stderr)
     done = {"count": 0}
 
+    reporter = _Reporter(args.progress)
+
     def progress(count: int, total: int, row: dict) -> None:
+        if args.progress == "json":
+            reporter(f"{count} of {total} cases ({row['id']}: {row['status']})", count / total)
         if bar is not None:
             bar.n = count
             bar.set_postfix_str(f"{row['id']}: {row['status']}")
@@ -227,6 +232,9 @@ def _run_batch(args) -> int:
         if client is not None:
             client.close()
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "review", "failed", "error")}
+    if args.progress == "json":
+        reporter.finish({"outputs": [str(Path(args.output).absolute() / TABLE_FILE)], "cases": counts})
+        return min(failures(rows), 100)
     print(f"{len(rows)} cases: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {args.output / TABLE_FILE}")
     return min(failures(rows), 100)
 

@@ -192,6 +192,25 @@ class SegmentationRuns:
         self._keep(run)
         return node
 
+    def start_batch(self, inputs: Sequence[str], outdir: str, options: SegmentOptions, on_progress: Optional[Callable[[str, float], None]] = None) -> WorkerProcess:
+        """Start ``kneeboneseg batch`` on ``inputs`` (files, folders, CSV files) into ``outdir`` in the background.
+
+        Resumes what an earlier batch into ``outdir`` did. Finish it with
+        :func:`finish_batch`; ``worker.cancel()`` stops it at once (what was
+        done stays done, and the next batch into ``outdir`` goes on from there).
+        """
+        from ..io.outputs import write_json
+
+        options.validate()
+        work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-batch-", dir=self.temporary_folder))
+        try:
+            request = write_json(options.to_request(), work_folder / "options.json")
+            command = [*self.python_command, "-m", "KneeBoneSegLib", "batch", *map(str, inputs), "-o", str(outdir), "--options", str(request), "--progress", "json"]
+            return WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
+        except BaseException:
+            shutil.rmtree(work_folder, ignore_errors=True)
+            raise
+
     def cancel(self, run: SegmentationRun) -> None:
         """Stop a run and its processes; its folder is removed."""
         run.worker.cancel()
@@ -323,3 +342,70 @@ def panel_options(parameters) -> SegmentOptions:
     values = {parameter.name: getattr(parameters, parameter.name) for parameter in panel_parameters()}
     values["projections"] = 3 if values.pop("three_projections") else 1
     return options_from_mapping(values)
+
+
+#: The table node attribute that says which batch folder its cases are in.
+BATCH_FOLDER_ATTRIBUTE = "KneeBoneSeg.BatchFolder"
+
+
+def finish_batch(worker: WorkerProcess, scene):
+    """The ended batch's ``cases.csv`` as a new table node in ``scene``; its work folder is removed.
+
+    Raises
+    ------
+    RuntimeError
+        With the batch's message when it was cancelled or failed before its table was complete.
+    """
+    try:
+        if worker.poll():
+            raise RuntimeError("the batch has not ended yet")
+        if worker.cancelled or worker.error or not worker.outputs:
+            raise RuntimeError(worker.error or "the batch was cancelled; run it again to go on")
+        return cases_table_node(scene, Path(worker.outputs[0]))
+    finally:
+        shutil.rmtree(worker.work_folder, ignore_errors=True)
+
+
+def cases_table_node(scene, table_path: Path, name: str = "KneeBoneSeg cases"):
+    """A table node holding ``cases.csv`` (a text column per field), marked with its batch folder."""
+    import csv
+
+    import vtk
+
+    with open(table_path, newline="", encoding="utf-8") as stream:
+        header, *rows = list(csv.reader(stream))
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = node.GetTable()
+    for column, title in enumerate(header):
+        values = vtk.vtkStringArray()
+        values.SetName(title)
+        for row in rows:
+            values.InsertNextValue(row[column])
+        table.AddColumn(values)
+    node.SetUseColumnNameAsColumnHeader(True)
+    node.SetAttribute(BATCH_FOLDER_ATTRIBUTE, str(Path(table_path).parent))
+    return node
+
+
+def load_case(scene, table_node, row: int):
+    """Load the case on ``row`` of a cases table: its scan as a volume node, its bones as a segmentation node.
+
+    Raises :class:`~KneeBoneSegLib.errors.InputError` for a case without
+    outputs (status ``error``), naming its reason.
+    """
+    from ..errors import InputError
+    from ..io.images import read_volume
+    from ..io.outputs import read_outputs
+    from .mrml import labels_to_segmentation_node, mark_verdicts, volume_to_node
+
+    table = table_node.GetTable()
+    cells = {table.GetColumnName(column): table.GetValue(row, column).ToString() for column in range(table.GetNumberOfColumns())}
+    if cells.get("status") == "error":
+        raise InputError(f"case {cells['id']} has no bones to show: {cells.get('error', '')}")
+    written = read_outputs(Path(table_node.GetAttribute(BATCH_FOLDER_ATTRIBUTE)) / cells["id"])
+    volume_node = volume_to_node(read_volume(written.report["input"]), scene, cells["id"])
+    segmentation = labels_to_segmentation_node(
+        written.labels.array, written.labels.geometry, scene, reference_volume_node=volume_node, surfaces=written.surfaces, name=f"{cells['id']} bones"
+    )
+    mark_verdicts(segmentation, written.verdict)
+    return volume_node, segmentation

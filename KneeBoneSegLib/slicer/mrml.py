@@ -138,6 +138,17 @@ def volume_from_node(volume_node) -> Volume:
     return Volume(array, geometry_from_node(volume_node))
 
 
+def volume_to_node(volume: Volume, scene, name: str = "Volume", class_name: str = "vtkMRMLScalarVolumeNode"):
+    """Add ``volume`` to ``scene`` as a new volume node (a copy of its voxels) and return the node.
+
+    ``class_name`` may be ``"vtkMRMLLabelMapVolumeNode"`` for a label map.
+    """
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetIJKToRASMatrix(array_to_matrix(volume.geometry.ijk_to_ras))
+    node.SetAndObserveImageData(image_data_from_array(volume.array, vtk.vtkImageData()))
+    return node
+
+
 def terminology_entry(bone) -> str:
     """The ``TerminologyEntry`` tag of a bone's segment, in Slicer's serialised form.
 

@@ -94,18 +94,6 @@ def measure_components(components, sizes, geometry, count, field_of_view=None):
     return measure_boxes(components, (0, 0, 0), ndimage.find_objects(components, max_label=count), sizes, geometry, components.shape, field_of_view)
 
 
-def volume_to_node(volume, scene, name="Volume", class_name="vtkMRMLScalarVolumeNode"):
-    """A new volume node holding a copy of ``volume``, as a scan loaded in Slicer is (needs slicer-core)."""
-    import vtk
-
-    from KneeBoneSegLib.slicer.mrml import array_to_matrix, image_data_from_array
-
-    node = scene.AddNewNodeByClass(class_name, name)
-    node.SetIJKToRASMatrix(array_to_matrix(volume.geometry.ijk_to_ras))
-    node.SetAndObserveImageData(image_data_from_array(volume.array, vtk.vtkImageData()))
-    return node
-
-
 def needs_keras():
     """Keras, or a skip saying which extra the test needs: Keras builds the stand-in networks of some tests."""
     return pytest.importorskip("keras", reason="needs Keras: pip install kneeboneseg[train]")

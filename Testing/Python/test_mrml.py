@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import knee_phantom, volume_to_node
+from conftest import knee_phantom
 
 slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -19,6 +19,7 @@ from KneeBoneSegLib.slicer.mrml import (  # noqa: E402
     export_segments_to_stl,
     labels_to_segmentation_node,
     volume_from_node,
+    volume_to_node,
 )
 from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume, read_stl  # noqa: E402
 from KneeBoneSegLib.errors import InputError  # noqa: E402

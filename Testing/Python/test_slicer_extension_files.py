@@ -257,6 +257,11 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
         (widget, "onPollRun"): {"self._run.worker.poll", "self.logic.finishRun"},
         (widget, "cleanup"): {"self.logic.close"},
         (widget, "onSceneStartClose"): {"self.logic.discardKeptOutput"},
+        (widget, "onBatchRunButton"): {"self.logic.startBatch", "panel_options"},
+        (widget, "onPollBatch"): {"finish_batch", "self.ui.batchTableView.setMRMLTableNode"},
+        (widget, "onBatchCaseClicked"): {"load_case"},
+        (widget, "onBatchCancelButton"): {"self._batch.cancel"},
+        (logic, "startBatch"): {"self.runs.start_batch"},
         (logic, "runs"): {"SegmentationRuns"},
         (logic, "segment"): {"requirement_problems"},
     }

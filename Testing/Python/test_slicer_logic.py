@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import knee_phantom, volume_to_node
+from conftest import knee_phantom
 
 slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -21,7 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import vtk  # noqa: E402
 
-from KneeBoneSegLib.slicer.mrml import volume_from_node  # noqa: E402
+from KneeBoneSegLib.slicer.mrml import volume_from_node, volume_to_node  # noqa: E402
 from KneeBoneSegLib.options import SegmentOptions  # noqa: E402
 from KneeBoneSegLib.slicer.logic import SegmentationRuns, export_folder  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
@@ -160,3 +160,29 @@ def test_export_folder_is_never_the_working_directory(tmp_path):
     assert export_folder("", str(scene_folder), documents) == scene_folder
     assert export_folder(str(tmp_path), str(scene_folder), documents) == tmp_path
     assert export_folder(str(tmp_path / "gone"), str(scene_folder), documents) == scene_folder
+
+
+@pytest.mark.slow
+def test_a_batch_of_two_cases_ends_in_a_table_whose_rows_load_each_case(tmp_path):
+    """The module's Batch section: the batch in a background process, its table as a node, a row loaded."""
+    from KneeBoneSegLib.io.images import write_volume
+    from KneeBoneSegLib.slicer.logic import finish_batch, load_case
+
+    image, _, geometry = knee_phantom(shape=(52, 48, 48))
+    for name, voxels in (("knee-a", image), ("knee-b", image[:, :, ::-1].copy())):
+        write_volume(Volume(voxels, geometry), tmp_path / f"{name}.nrrd")
+    (tmp_path / "temp").mkdir()
+    runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(tmp_path / "temp"))
+    stages = []
+    worker = runs.start_batch([str(tmp_path / "knee-a.nrrd"), str(tmp_path / "knee-b.nrrd")], str(tmp_path / "cohort"), OPTIONS,
+                              on_progress=lambda stage, fraction: stages.append(fraction))  # fmt: skip
+    worker.wait()
+    scene = slicer.vtkMRMLScene()
+    table = finish_batch(worker, scene)
+    assert table.GetNumberOfRows() == 2 and table.GetCellText(0, 0) == "knee-a" and stages[-1] == 1.0
+    assert not list((tmp_path / "temp").iterdir()), "the batch's work folder must be removed"
+
+    volume_node, segmentation = load_case(scene, table, 1)
+    assert volume_node.GetName() == "knee-b" and segmentation.GetName() == "knee-b bones"
+    assert segmentation.GetSegmentation().GetNumberOfSegments() >= 1
+    np.testing.assert_array_equal(volume_from_node(volume_node).array, image[:, :, ::-1])

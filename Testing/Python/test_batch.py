@@ -121,12 +121,13 @@ def test_the_command_line_counts_failures_in_its_exit_status(phantoms, tmp_path)
 
 @pytest.fixture(scope="module")
 def sample_cohort(sample_dir, tmp_path_factory):
-    """Three crops of the sample scan, a corrupt file and a volume with no knee in it."""
+    """Two crops of the sample scan and the whole scan, a corrupt file and a volume with no knee in it."""
     folder = tmp_path_factory.mktemp("sample_cohort")
     scan = read_volume(sample_dir / "knee_mri.nrrd")
     paths = []
-    for name, start in (("crop-a", (64, 112, 136)), ("crop-b", (72, 120, 140)), ("crop-c", (56, 104, 132))):
-        box = tuple(slice(s, s + n) for s, n in zip(start, (112, 192, 160)))
+    # crop-b is the whole knee, so that it takes several seconds: the signal arrives while it runs.
+    for name, start, size in (("crop-a", (64, 112, 136), (112, 192, 160)), ("crop-b", (0, 0, 0), scan.array.shape), ("crop-c", (56, 104, 132), (112, 192, 160))):
+        box = tuple(slice(s, s + n) for s, n in zip(start, size))
         write_volume(Volume(scan.array[box], scan.geometry.cropped(start)), folder / f"{name}.nrrd")
         paths.append(folder / f"{name}.nrrd")
     (folder / "corrupt.nrrd").write_bytes((folder / "crop-a.nrrd").read_bytes()[:2000])
@@ -146,7 +147,7 @@ def test_a_batch_interrupted_by_a_signal_goes_on_where_it_stopped(sample_cohort,
     first = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ((out / TABLE_FILE).is_file() and len(_table(out)) >= 1) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)
     first.send_signal(signal.SIGINT)  # a real Ctrl-C, after the first case has ended
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err

@@ -144,7 +144,9 @@ def test_a_batch_interrupted_by_a_signal_goes_on_where_it_stopped(sample_cohort,
     command = [sys.executable, "-m", "KneeBoneSegLib", "batch", *map(str, sample_cohort), "-o", str(out),
                "--projections", "1", "--device", "cpu", "--progress", "none"]  # fmt: skip
     environment = dict(os.environ, PYTHONPATH=LIBRARY_FOLDER)
-    first = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: restore Ctrl-C's default.
+    first = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     while not ((out / TABLE_FILE).is_file() and len(_table(out)) >= 1) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.02)

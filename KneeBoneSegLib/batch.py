@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import re
@@ -181,13 +182,24 @@ def _case_log(outdir: Path, case: Case) -> logging.Handler:
 
 def _signature(case: Case, options: SegmentOptions, model) -> dict:
     """What a case's outputs depend on: its input, the model file and the options that change the bones."""
-    from .network.models import file_sha256
-
     return {
         "input": str(case.input),
-        "model_sha256": file_sha256(model.path) if model.path else None,
+        "model_sha256": _model_sha256(model.path) if model.path else None,
         "options": {name: value for name, value in options.to_request().items() if name not in ("device", "engine", "threads", "batch_size")},
     }
+
+
+def _model_sha256(path) -> str:
+    """The model file's SHA-256, read once per file version (every case of a batch asks for it twice)."""
+    stat = Path(path).stat()
+    return _sha256_of_version(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
+    from .network.models import file_sha256
+
+    return file_sha256(path)
 
 
 def _row(case: Case, report: dict, seconds: float) -> dict:

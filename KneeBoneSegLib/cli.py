@@ -69,10 +69,14 @@ class _Reporter:
         print(f"kneeboneseg: error: {message}", file=sys.stderr)
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, probability: bool) -> None:
-    """The options file, and what a run writes and shows besides the options of the run itself."""
+def _add_options_file_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--options", type=Path, default=None, metavar="FILE",
                         help="the run's options as a JSON object (SegmentOptions' names); flags given as well win over it")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, probability: bool) -> None:
+    """The options file, and what a run writes and shows besides the options of the run itself."""
+    _add_options_file_argument(parser)
     group = parser.add_argument_group("outputs")
     if probability:
         group.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files, DICOM folders (each series in the tree a case) or CSV files with id and path columns")
     batch.add_argument("-o", "--output", type=Path, required=True, help="the cohort's folder (created or resumed)")
     add_arguments(batch, "segment")
-    batch.add_argument("--options", type=Path, default=None, metavar="FILE", help="the options as a JSON object, as for segment")
+    _add_options_file_argument(batch)
     batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1, faster on 2 cores than 2 workers, bench/bench_batch.py)")
     batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="send the cases to this Dask distributed scheduler (tcp://host:8786; the [cluster] extra); inputs and OUTDIR on storage its workers share")

@@ -43,6 +43,12 @@ STAGES = ("network", "postprocess", "run")
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
+def _is_kind(value, kind: type) -> bool:
+    """``value`` is of ``kind``; a whole number is a number too, but true and false are neither."""
+    accepted = (int, float) if kind is float else kind
+    return isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+
+
 def closing_radius_default(units: str) -> float:
     """The default closing radius in ``units``: 3.2 mm, or the paper's 9 voxels."""
     return PAPER_CLOSING_RADIUS_VOXELS if units == "voxels" else CLOSING_RADIUS_MM
@@ -127,9 +133,8 @@ class SegmentOptions:
             if value is None and option.default is None:
                 continue
             label = option.name.replace("_", " ")
-            if not isinstance(value, meta["kind"]) or (meta["kind"] is int and isinstance(value, bool)):
-                if not (meta["kind"] is float and isinstance(value, int) and not isinstance(value, bool)):
-                    raise InputError(f"{label} must be {_KIND_NAMES[meta['kind']]}, not {value!r}")
+            if not _is_kind(value, meta["kind"]):
+                raise InputError(f"{label} must be {_KIND_NAMES[meta['kind']]}, not {value!r}")
             if meta["choices"] and value not in meta["choices"]:
                 raise InputError(f"{label} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
             if meta["minimum"] is not None and value < meta["minimum"]:

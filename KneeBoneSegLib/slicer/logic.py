@@ -124,27 +124,21 @@ class SegmentationRuns:
         runs again, from it.
         """
         from ..io.images import write_volume
+        from ..io.outputs import PROBABILITY_FILE
         from .mrml import volume_from_node
-        from ..io.outputs import PROBABILITY_FILE, write_json
 
         options.validate()
-        work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-", dir=self.temporary_folder))
-        output = str(work_folder / OUTPUT_FOLDER)
-        try:
-            request = write_json(options.to_request(), work_folder / "options.json")
-            if self.can_reuse(volume_node, options):
-                probability = str(self._kept[1] / OUTPUT_FOLDER / PROBABILITY_FILE)
-                arguments, reuse_key = ["postprocess", probability, "-o", output], None
-            else:
-                input_path = work_folder / "input.nrrd"
-                write_volume(volume_from_node(volume_node), input_path)
-                arguments = ["segment", str(input_path), "-o", output, "--save-probability"]
-                reuse_key = self.reuse_key(volume_node, options)
-            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments, "--options", str(request), "--progress", "json"]
-            worker = WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
-        except BaseException:
-            shutil.rmtree(work_folder, ignore_errors=True)
-            raise
+        reuse = self.can_reuse(volume_node, options)
+        reuse_key = None if reuse else self.reuse_key(volume_node, options)
+
+        def arguments(work_folder: Path) -> List[str]:
+            output = str(work_folder / OUTPUT_FOLDER)
+            if reuse:
+                return ["postprocess", str(self._kept[1] / OUTPUT_FOLDER / PROBABILITY_FILE), "-o", output]
+            write_volume(volume_from_node(volume_node), work_folder / "input.nrrd")
+            return ["segment", str(work_folder / "input.nrrd"), "-o", output, "--save-probability"]
+
+        worker = self._start_worker("KneeBoneSeg-", arguments, options, on_progress)
         run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker)
         self._running.append(run)
         return run
@@ -199,13 +193,20 @@ class SegmentationRuns:
         :func:`finish_batch`; ``worker.cancel()`` stops it at once (what was
         done stays done, and the next batch into ``outdir`` goes on from there).
         """
+        options.validate()
+        return self._start_worker("KneeBoneSeg-batch-", lambda work_folder: ["batch", *map(str, inputs), "-o", str(outdir)], options, on_progress)
+
+    def _start_worker(self, prefix: str, arguments: Callable[[Path], List[str]], options: SegmentOptions, on_progress) -> WorkerProcess:
+        """``python -m KneeBoneSegLib`` with ``arguments(work_folder)`` in a new work folder, ``options`` as its request file.
+
+        The work folder is removed again when the worker cannot start.
+        """
         from ..io.outputs import write_json
 
-        options.validate()
-        work_folder = Path(tempfile.mkdtemp(prefix="KneeBoneSeg-batch-", dir=self.temporary_folder))
+        work_folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.temporary_folder))
         try:
             request = write_json(options.to_request(), work_folder / "options.json")
-            command = [*self.python_command, "-m", "KneeBoneSegLib", "batch", *map(str, inputs), "-o", str(outdir), "--options", str(request), "--progress", "json"]
+            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments(work_folder), "--options", str(request), "--progress", "json"]
             return WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
         except BaseException:
             shutil.rmtree(work_folder, ignore_errors=True)

@@ -66,6 +66,6 @@ for slicer in "${SLICERS[@]}"; do
   KNEEBONESEG_SLICER="$slicer" PYTHONPATH="$PWD" ".venv-slicer$slicer/bin/python" -m pytest -q -ra -p no:cacheprovider \
     -W "ignore::DeprecationWarning" --deselect Testing/Python/test_mrml.py::test_console_workflow_from_volume_node_to_stl \
     Testing/Python/test_slicer_environment.py Testing/Python/test_worker.py \
-    Testing/Python/test_mrml.py Testing/Python/test_slicer_logic.py
+    Testing/Python/test_mrml.py Testing/Python/test_slicer_logic.py Testing/Python/test_slicer_panel.py Testing/Python/test_slicer_sampledata.py
 done
 echo "Slicer stand-ins: $((SECONDS - started)) s in all"

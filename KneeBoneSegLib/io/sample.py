@@ -31,20 +31,10 @@ from ..anatomy import BONE_BY_KEY
 from ..errors import InputError, KneeBoneSegError
 from ..volume import Volume
 from .atomic import output_directory
+from .dataset import DATASET_URL, IMAGE_FILE, LABELS_FILE, PUBLISHED_DIGESTS
 from .images import image_to_volume, write_volume
 
 log = logging.getLogger(__name__)
-
-#: The dataset's public repository at its latest commit (January 2024); the digests below pin its voxels.
-DATASET_URL = "https://github.com/diego-romano/KneeBones3Dify-Annotated-Dataset/archive/a72fa052ba0c8ded7a264d78aa7a0dae08b4f755.zip"
-DATASET_DOI = "10.5281/zenodo.10534328"
-IMAGE_FILE = "knee_mri.nrrd"
-LABELS_FILE = "knee_bones_labels.nrrd"
-#: :func:`array_digest` of the assembled volume and labels (512 x 512 x 286 uint16 and uint8).
-PUBLISHED_DIGESTS = {
-    IMAGE_FILE: "b1d41d21b00614f1d5952c9ab5892dc6fee4b420cbe960acac3a0ce97e428589",
-    LABELS_FILE: "fb1a1cf972bcfbaf6f1c9cb27473e863fcba16a58eefd68f085b28f3644912fc",
-}
 
 _MASK_NAME = re.compile(r"Mask_(\d+)\.png$", re.IGNORECASE)
 

@@ -10,7 +10,9 @@ worker processes:
 - The network's output of the last run is kept so that changing only the
   closing or smoothing re-runs the fast post-processing; it is reused only
   while the volume, its voxels, its placement in the world and the network
-  settings are all unchanged.
+  settings are all unchanged, and re-applied at once only to the segmentation
+  its bones went to, when the post-processing options differ from the ones
+  those bones were made with (:meth:`SegmentationRuns.reapplies`).
 - Every temporary folder is removed: on Cancel, on failure (of the run or of
   loading its results), when the kept output is replaced or discarded (scene
   close), and when the module is cleaned up.
@@ -24,10 +26,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from ..errors import InputError
 from ..options import SegmentOptions, option_fields
 from .worker import WorkerProcess, worker_environment
 
@@ -49,6 +52,8 @@ class SegmentationRun:
         For a network run: the volume placement and network options its
         probability map belongs to. None for a post-processing-only run.
     worker : WorkerProcess
+    options : SegmentOptions
+        The options the run was started with.
     report : dict or None
         The run's ``summary.json``, once loaded.
     """
@@ -57,6 +62,7 @@ class SegmentationRun:
     segmentation_node_id: Optional[str]
     reuse_key: Optional[tuple]
     worker: WorkerProcess
+    options: SegmentOptions
     report: Optional[dict] = field(default=None)
 
     @property
@@ -73,6 +79,16 @@ class SegmentationRun:
         from ..io.outputs import summary_line
 
         return summary_line(self.report, seconds=self.worker.seconds)
+
+
+@dataclass(frozen=True)
+class KeptOutput:
+    """The network output kept from the last network run, to re-post-process without the network."""
+
+    reuse_key: tuple  #: the volume placement and network options it belongs to
+    work_folder: Path  #: holds ``output/probability.nrrd``
+    segmentation_node_id: str  #: the segmentation its bones were last shown in
+    postprocess: dict  #: the post-processing options those bones were made with
 
 
 class SegmentationRuns:
@@ -92,7 +108,7 @@ class SegmentationRuns:
         self.python_command = list(python_command)
         self.library_folder = library_folder
         self.temporary_folder = temporary_folder
-        self._kept = None  # (reuse key, work folder holding output/probability.nrrd)
+        self._kept: Optional[KeptOutput] = None
         self._running: List[SegmentationRun] = []
 
     @property
@@ -108,7 +124,24 @@ class SegmentationRuns:
 
     def can_reuse(self, volume_node, options: SegmentOptions) -> bool:
         """True when the kept network output belongs to this volume, placed as it is now, and these network options."""
-        return self._kept is not None and volume_node is not None and self._kept[0] == self.reuse_key(volume_node, options)
+        return self._kept is not None and volume_node is not None and self._kept.reuse_key == self.reuse_key(volume_node, options)
+
+    def reapplies(self, volume_node, segmentation_node, options: SegmentOptions) -> bool:
+        """True when a change of post-processing options should re-apply them at once.
+
+        That is when the kept network output fits (:meth:`can_reuse`), its
+        bones were last shown in ``segmentation_node``, and they were made
+        with other post-processing options. A panel that writes back the
+        values the bones were made with (as Slicer does when it binds the
+        widgets) re-applies nothing. Whether the segmentation was edited
+        since is for the caller to ask (:func:`~KneeBoneSegLib.slicer.mrml.edited_since_written`).
+        """
+        return (
+            segmentation_node is not None
+            and self.can_reuse(volume_node, options)
+            and segmentation_node.GetID() == self._kept.segmentation_node_id
+            and options.stage("postprocess") != self._kept.postprocess
+        )
 
     def start(
         self,
@@ -134,12 +167,12 @@ class SegmentationRuns:
         def arguments(work_folder: Path) -> List[str]:
             output = str(work_folder / OUTPUT_FOLDER)
             if reuse:
-                return ["postprocess", str(self._kept[1] / OUTPUT_FOLDER / PROBABILITY_FILE), "-o", output]
+                return ["postprocess", str(self._kept.work_folder / OUTPUT_FOLDER / PROBABILITY_FILE), "-o", output]
             write_volume(volume_from_node(volume_node), work_folder / "input.nrrd")
             return ["segment", str(work_folder / "input.nrrd"), "-o", output, "--save-probability"]
 
         worker = self._start_worker("KneeBoneSeg-", arguments, options, on_progress)
-        run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker)
+        run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker, options)
         self._running.append(run)
         return run
 
@@ -157,8 +190,8 @@ class SegmentationRuns:
             With the run's message when it was cancelled or failed, or when
             its volume has been removed from the scene.
         """
-        from .mrml import labels_to_segmentation_node, mark_verdicts
         from ..io.outputs import read_outputs
+        from .mrml import bones_to_segmentation_node
 
         worker = run.worker
         if worker.poll():
@@ -176,14 +209,11 @@ class SegmentationRuns:
             target = scene.GetNodeByID(run.segmentation_node_id) if run.segmentation_node_id else None
             if target is None:
                 target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", volume_node.GetName() + " bones")
-            node = labels_to_segmentation_node(
-                written.labels.array, written.labels.geometry, target, reference_volume_node=volume_node, surfaces=written.surfaces
-            )
-            mark_verdicts(node, written.verdict)
+            node = bones_to_segmentation_node(written, target, reference_volume_node=volume_node)
         except BaseException:
             shutil.rmtree(run.work_folder, ignore_errors=True)
             raise
-        self._keep(run)
+        self._keep(run, node)
         return node
 
     def start_batch(self, inputs: Sequence[str], outdir: str, options: SegmentOptions, on_progress: Optional[Callable[[str, float], None]] = None) -> WorkerProcess:
@@ -221,7 +251,7 @@ class SegmentationRuns:
     def discard_kept(self) -> None:
         """Forget the kept network output and remove its folder (e.g. when the scene closes)."""
         if self._kept is not None:
-            shutil.rmtree(self._kept[1], ignore_errors=True)
+            shutil.rmtree(self._kept.work_folder, ignore_errors=True)
             self._kept = None
 
     def close(self) -> None:
@@ -230,13 +260,17 @@ class SegmentationRuns:
             self.cancel(run)
         self.discard_kept()
 
-    def _keep(self, run: SegmentationRun) -> None:
-        if run.reuse_key is None:
+    def _keep(self, run: SegmentationRun, node) -> None:
+        """Keep a network run's output; note where a run's bones went and how they were post-processed."""
+        shown = dict(segmentation_node_id=node.GetID(), postprocess=run.options.stage("postprocess"))
+        if run.reuse_key is None:  # post-processing only: the kept network output stays
             shutil.rmtree(run.work_folder, ignore_errors=True)
+            if self._kept is not None:
+                self._kept = replace(self._kept, **shown)
             return
         self.discard_kept()
         (run.work_folder / "input.nrrd").unlink(missing_ok=True)
-        self._kept = (run.reuse_key, run.work_folder)
+        self._kept = KeptOutput(run.reuse_key, run.work_folder, **shown)
 
 
 def export_folder(remembered: str, scene_folder: str, documents_folder: str) -> Path:
@@ -252,6 +286,30 @@ def export_folder(remembered: str, scene_folder: str, documents_folder: str) -> 
     return Path(documents_folder)
 
 
+def batch_folders(scans_folder: str, results_folder: str) -> tuple:
+    """The panel's batch folders as ``(scans, results)`` paths, checked.
+
+    ctkDirectoryButton shows ``"."`` until a folder is chosen, which the
+    batch would take as Slicer's working directory (often the application's
+    own folder or the user's home): only absolute paths are taken.
+
+    Raises
+    ------
+    InputError
+        When a folder is not chosen, the scans folder does not exist, or the
+        results would go inside the scans folder (a later batch would take
+        them for scans).
+    """
+    if not (scans_folder and results_folder and os.path.isabs(scans_folder) and os.path.isabs(results_folder)):
+        raise InputError("choose the folder of scans and the folder for the results first")
+    scans, results = Path(scans_folder).resolve(), Path(results_folder).resolve()
+    if not scans.is_dir():
+        raise InputError(f"the folder of scans {scans} does not exist: choose another one")
+    if results == scans or scans in results.parents:
+        raise InputError(f"the results folder {results} is inside the folder of scans: choose one outside it")
+    return scans, results
+
+
 @dataclass(frozen=True)
 class PanelState:
     """What the module's panel offers at one moment; the widget shows it as it is."""
@@ -261,7 +319,6 @@ class PanelState:
     segment_tooltip: str
     export_enabled: bool
     show_3d_enabled: bool
-    reapply_on_change: bool  #: a change of closing or smoothing re-applies the post-processing at once
 
 
 def panel_state(has_input: bool, has_output: bool, running: bool, installing: bool, can_reuse: bool) -> PanelState:
@@ -287,7 +344,6 @@ def panel_state(has_input: bool, has_output: bool, running: bool, installing: bo
         segment_tooltip=tooltip,
         export_enabled=has_output and not busy,
         show_3d_enabled=has_output,
-        reapply_on_change=has_input and has_output and can_reuse and not busy,
     )
 
 
@@ -383,30 +439,52 @@ def cases_table_node(scene, table_path: Path, name: str = "KneeBoneSeg cases"):
         for row in rows:
             values.InsertNextValue(row[column])
         table.AddColumn(values)
-    node.SetUseColumnNameAsColumnHeader(True)
+    node.SetUseColumnTitleAsColumnHeader(True)
     node.SetAttribute(BATCH_FOLDER_ATTRIBUTE, str(Path(table_path).parent))
     return node
 
 
+#: The attribute that marks a case's volume and segmentation nodes with the case's folder.
+CASE_FOLDER_ATTRIBUTE = "KneeBoneSeg.CaseFolder"
+
+
 def load_case(scene, table_node, row: int):
-    """Load the case on ``row`` of a cases table: its scan as a volume node, its bones as a segmentation node.
+    """Show the case on ``row`` of a cases table: its scan as a volume node, its bones as a segmentation node.
+
+    A case already shown in ``scene`` is not loaded again: its nodes are
+    returned (a click on a row, or each click of a double-click, adds nothing).
 
     Raises :class:`~KneeBoneSegLib.errors.InputError` for a case without
     outputs (status ``error``), naming its reason.
     """
-    from ..errors import InputError
     from ..io.images import read_volume
     from ..io.outputs import read_outputs
-    from .mrml import labels_to_segmentation_node, mark_verdicts, volume_to_node
+    from .mrml import bones_to_segmentation_node, volume_to_node
 
     table = table_node.GetTable()
     cells = {table.GetColumnName(column): table.GetValue(row, column).ToString() for column in range(table.GetNumberOfColumns())}
     if cells.get("status") == "error":
         raise InputError(f"case {cells['id']} has no bones to show: {cells.get('error', '')}")
-    written = read_outputs(Path(table_node.GetAttribute(BATCH_FOLDER_ATTRIBUTE)) / cells["id"])
+    case_folder = str(Path(table_node.GetAttribute(BATCH_FOLDER_ATTRIBUTE)) / cells["id"])
+    shown = [_node_with_attribute(scene, class_name, CASE_FOLDER_ATTRIBUTE, case_folder) for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")]
+    if all(shown):
+        return tuple(shown)
+    for node in shown:
+        if node is not None:  # half a case (the other node was deleted): load it whole again
+            scene.RemoveNode(node)
+    written = read_outputs(Path(case_folder))
     volume_node = volume_to_node(read_volume(written.report["input"]), scene, cells["id"])
-    segmentation = labels_to_segmentation_node(
-        written.labels.array, written.labels.geometry, scene, reference_volume_node=volume_node, surfaces=written.surfaces, name=f"{cells['id']} bones"
-    )
-    mark_verdicts(segmentation, written.verdict)
+    segmentation = bones_to_segmentation_node(written, scene, reference_volume_node=volume_node, name=f"{cells['id']} bones")
+    for node in (volume_node, segmentation):
+        node.SetAttribute(CASE_FOLDER_ATTRIBUTE, case_folder)
     return volume_node, segmentation
+
+
+def _node_with_attribute(scene, class_name: str, attribute: str, value: str):
+    """The first node of ``class_name`` in ``scene`` whose ``attribute`` is ``value``, or None."""
+    nodes = scene.GetNodesByClass(class_name)
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if node.GetAttribute(attribute) == value:
+            return node
+    return None

@@ -13,6 +13,7 @@ Arrays keep SimpleITK's ``array[k, j, i]`` order, which is also how
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -332,6 +333,83 @@ def mark_verdicts(segmentation_node, verdict: dict) -> None:
                 segment.SetTag(tag, value)
     segmentation_node.SetAttribute(VERDICT_TAG, verdict["run"])
     segmentation_node.SetAttribute(VERDICT_REASONS_ATTRIBUTE, "; ".join(verdict["reasons"]))
+
+
+def bones_to_segmentation_node(written, target, reference_volume_node=None, name: str = "Knee bones"):
+    """Show a run's results (a :class:`~KneeBoneSegLib.io.outputs.WrittenResult`) as a segmentation.
+
+    The bones as :func:`labels_to_segmentation_node` shows them, marked with
+    the run's verdicts (:func:`mark_verdicts`), and stamped with a digest of
+    what was written (:func:`edited_since_written` compares with it).
+    """
+    node = labels_to_segmentation_node(
+        written.labels.array, written.labels.geometry, target, reference_volume_node=reference_volume_node, surfaces=written.surfaces, name=name
+    )
+    mark_verdicts(node, written.verdict)
+    node.SetAttribute(WRITTEN_CONTENT_ATTRIBUTE, content_digest(node))
+    return node
+
+
+def bone_segment_ids(segmentation_node) -> dict[str, str]:
+    """The bones a segmentation holds, by bone name, with their segment ids.
+
+    A bone's segment keeps the bone's name as its id whatever it is shown
+    as ("Tibia (review)" when flagged, or a name the user gave it).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    return {bone.name: bone.name for bone in BONES if segmentation.GetSegment(bone.name) is not None}
+
+
+#: The segmentation node's attribute with the digest of the bones as KneeBoneSeg wrote them (:func:`content_digest`).
+WRITTEN_CONTENT_ATTRIBUTE = "KneeBoneSeg.WrittenContent"
+
+
+def content_digest(segmentation_node) -> str:
+    """A digest of what an edit can change in a segmentation: its source representation, and each
+    segment's id, name, label value and source representation data.
+
+    Views and Show 3D convert to other representations and leave the source
+    alone, so only an edit changes the digest (the Segment Editor edits the
+    binary labelmap, which it makes the source first).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    digest = hashlib.sha256(source.encode())
+    hashed = []  # segments on one shared labelmap layer are hashed once
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        digest.update(f"{segment_id}\0{segment.GetName()}\0{segment.GetLabelValue()}\0".encode())
+        data = segment.GetRepresentation(source)
+        if data is None or any(data is seen for seen in hashed):
+            continue
+        hashed.append(data)
+        for array in _representation_arrays(data):
+            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(array)).tobytes())
+        if isinstance(data, vtk.vtkImageData):
+            digest.update(repr(data.GetExtent()).encode())
+            if isinstance(data, slicer.vtkOrientedImageData):
+                matrix = vtk.vtkMatrix4x4()
+                data.GetImageToWorldMatrix(matrix)
+                digest.update(matrix_to_array(matrix).tobytes())
+    return digest.hexdigest()
+
+
+def _representation_arrays(data) -> list:
+    """The VTK arrays that hold a representation's shape: a labelmap's voxels, a surface's points and triangles."""
+    if isinstance(data, vtk.vtkPolyData):
+        arrays = [data.GetPoints().GetData()] if data.GetPoints() is not None else []
+        return arrays + [data.GetPolys().GetOffsetsArray(), data.GetPolys().GetConnectivityArray()]
+    scalars = data.GetPointData().GetScalars()
+    return [scalars] if scalars is not None else []
+
+
+def edited_since_written(segmentation_node) -> bool:
+    """True when replacing this segmentation's segments would lose someone's work: it has segments,
+    and they are not the bones as KneeBoneSeg wrote them (edited since, or never written by it)."""
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        return False
+    return segmentation_node.GetAttribute(WRITTEN_CONTENT_ATTRIBUTE) != content_digest(segmentation_node)
 
 
 def image_data_from_array(array: np.ndarray, image):

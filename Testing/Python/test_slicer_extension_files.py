@@ -53,13 +53,6 @@ def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
     return found[0]
 
 
-def _constant(tree: ast.Module, name: str):
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == name for target in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"KneeBoneSeg.py defines no constant {name}")
-
-
 def _cmake_lists(path: Path) -> dict[str, list[str]]:
     """``set(NAME item item ...)`` blocks of a CMake file, ``${MODULE_NAME}`` expanded."""
     text = re.sub(r"#[^\n]*", "", path.read_text())
@@ -194,12 +187,6 @@ def test_icon_is_a_128_pixel_png():
     assert (width, height) == (128, 128)
 
 
-def test_the_sample_files_are_the_ones_the_library_writes(module_tree):
-    from KneeBoneSegLib.io.sample import IMAGE_FILE, LABELS_FILE
-
-    assert _constant(module_tree, "SAMPLE_FILES") == (IMAGE_FILE, LABELS_FILE)
-
-
 def test_slicer_docs_show_what_exists(module_tree):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
@@ -250,8 +237,13 @@ def _assigned(tree: ast.AST) -> list[tuple[str, object]]:
 def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
     widget, logic = _class(module_tree, "KneeBoneSegWidget"), _class(module_tree, "KneeBoneSegLogic")
     wiring = {
+        (widget, "setup"): {"ParameterGuiBinding", "parameter_widgets"},
+        (widget, "setParameterNode"): {"self._guiBinding.bind"},
+        (widget, "cleanup"): {"self._guiBinding.unbind"},
         (widget, "updateButtons"): {"panel_state", "device_description"},
-        (widget, "onReapplyPostprocessing"): {"self.updateButtons", "self.onSegmentButton"},
+        (widget, "onSegmentButton"): {"self.confirmReplacingEdits"},
+        (widget, "confirmReplacingEdits"): {"edited_since_written", "slicer.util.confirmOkCancelDisplay"},
+        (widget, "onReapplyPostprocessing"): {"self.logic.reappliesPostprocessing", "self.onSegmentButton"},
         (widget, "ensureRequirements"): {"ensure_requirements"},
         (widget, "onCancelButton"): {"self.logic.cancelRun"},
         (widget, "onPollRun"): {"self._run.worker.poll", "self.logic.finishRun"},
@@ -261,7 +253,8 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
         (widget, "onPollBatch"): {"finish_batch", "self.ui.batchTableView.setMRMLTableNode"},
         (widget, "onBatchCaseClicked"): {"load_case"},
         (widget, "onBatchCancelButton"): {"self._batch.cancel"},
-        (logic, "startBatch"): {"self.runs.start_batch"},
+        (logic, "startBatch"): {"batch_folders", "self.runs.start_batch"},
+        (logic, "reappliesPostprocessing"): {"self._runs.reapplies"},
         (logic, "runs"): {"SegmentationRuns"},
         (logic, "segment"): {"requirement_problems"},
     }
@@ -270,6 +263,12 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
     # A run's results go to the nodes it started with, never to what the selectors show when it ends.
     finish = [node for node in ast.walk(_method(widget, "onPollRun")) if isinstance(node, ast.Call) and _dotted(node.func) == "self.logic.finishRun"]
     assert [ast.unparse(call) for call in finish] == ["self.logic.finishRun(run)"]
+    # The widgets are bound once per parameter node (KneeBoneSegLib.slicer.gui), never by connectGui, whose tag
+    # Slicer 5.6 and 5.8 do not return; re-apply follows the signals the library names (no combo box refill).
+    source = MODULE_SOURCE.read_text(encoding="utf-8")
+    assert "connectGui(" not in source and "disconnectGui(" not in source
+    assert "getattr(self.ui, name).connect(signal, self.onPostprocessingSettingChanged)" in ast.unparse(_method(widget, "setup"))
+    assert "onPostprocessingSettingChanged" not in re.sub(r"getattr\(self\.ui, name\)\.connect\(signal, self\.onPostprocessingSettingChanged\)|def onPostprocessingSettingChanged", "", source)
     # Work is polled from a Qt timer: a reader thread starves under PythonQt.
     assert "threading" not in MODULE_SOURCE.read_text(encoding="utf-8")
     assert 'slicer.app.connect("aboutToQuit()", self.close)' in ast.unparse(_method(logic, "__init__")).replace("'", '"')
@@ -323,9 +322,9 @@ def test_extensions_index_reads_literal_urls_and_a_matching_licence():
 def test_sample_data_assembles_the_public_dataset_with_the_library_command(module_tree):
     from KneeBoneSegLib.cli import build_parser
 
-    register = ast.unparse(next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData"))
-    assert "customDownloader=loadPublicSample" in register and "from KneeBoneSegLib.io.sample import DATASET_URL" in register
-    load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadPublicSample")
+    register = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData")
+    assert "sample_data_source" in _calls(register) and "customDownloader=loadSampleScan" in ast.unparse(register)
+    load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadSampleScan")
     (command,) = [node.value for node in ast.walk(load) if isinstance(node, ast.Assign) and _dotted(node.targets[0]) == "command"]
     arguments = [element.value if isinstance(element, ast.Constant) else "X" for element in command.elts][3:]
     assert arguments[0] == "sample" and "WorkerProcess" in _calls(load)

@@ -113,6 +113,81 @@ def test_kept_network_output_is_reused_only_while_the_volume_stays_where_it_was(
     assert runs.can_reuse(knee, OPTIONS)
 
 
+def test_postprocessing_is_reapplied_only_when_it_changed_for_the_bones_it_made(segmented):
+    """Slicer writes the node's values back into the widgets when it binds them: that must re-apply nothing."""
+    runs, knee, target, scene = segmented["runs"], segmented["knee"], segmented["target"], segmented["scene"]
+    assert not runs.reapplies(knee, target, OPTIONS), "the bones were made with these options"
+    assert runs.reapplies(knee, target, OPTIONS.with_values(closing_radius=2.0))
+    assert runs.reapplies(knee, target, OPTIONS.with_values(smoothing_iterations=5))
+    assert not runs.reapplies(knee, target, OPTIONS.with_values(device="auto", threads=1)), "a run option changes no bone"
+    assert not runs.reapplies(knee, target, OPTIONS.with_values(closing_radius=2.0, projections=3)), "a network option needs the network"
+    assert not runs.reapplies(segmented["other"], target, OPTIONS.with_values(closing_radius=2.0))
+    elsewhere = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "the user's own")
+    assert not runs.reapplies(knee, elsewhere, OPTIONS.with_values(closing_radius=2.0)), "only the segmentation the bones went to"
+    assert not runs.reapplies(knee, None, OPTIONS.with_values(closing_radius=2.0))
+    scene.RemoveNode(elsewhere)
+
+
+def test_an_edit_of_the_bones_is_told_from_a_view_of_them(segmented):
+    """Replacing a segmentation asks first when someone changed it since KneeBoneSeg wrote it."""
+    from KneeBoneSegLib.slicer.mrml import BINARY_LABELMAP, bone_segment_ids, edited_since_written
+
+    scene, target = segmented["scene"], segmented["target"]
+    segmentation = target.GetSegmentation()
+    assert not edited_since_written(target)
+    # Slice views and Show 3D make other representations; the source stays as written.
+    target.CreateBinaryLabelmapRepresentation()
+    target.CreateClosedSurfaceRepresentation()
+    assert not edited_since_written(target)
+
+    segment = segmentation.GetNthSegment(0)
+    name = segment.GetName()
+    segment.SetName("my femur")
+    assert edited_since_written(target)
+    segment.SetName(name)
+    assert not edited_since_written(target)
+
+    points = segment.GetRepresentation(segmentation.GetSourceRepresentationName()).GetPoints()
+    point = points.GetPoint(0)
+    points.SetPoint(0, point[0] + 1.0, point[1], point[2])
+    assert edited_since_written(target)
+    points.SetPoint(0, *point)
+    assert not edited_since_written(target)
+
+    # The Segment Editor makes the labelmap the source before it paints (on a copy: this drops the surfaces).
+    copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "copy")
+    copy.Copy(target)
+    assert not edited_since_written(copy)
+    copy.GetSegmentation().SetSourceRepresentationName(BINARY_LABELMAP)
+    assert edited_since_written(copy)
+    assert bone_segment_ids(copy) == bone_segment_ids(target)
+    scene.RemoveNode(copy)
+
+    someone_elses = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "never written by KneeBoneSeg")
+    assert not edited_since_written(someone_elses), "an empty segmentation holds nothing to lose"
+    someone_elses.GetSegmentation().AddEmptySegment("tumour")
+    assert edited_since_written(someone_elses)
+    scene.RemoveNode(someone_elses)
+
+
+def test_flagged_bones_are_found_by_their_segment_ids(segmented):
+    """The self-test finds each bone whatever its segment shows ("Tibia (review)")."""
+    from KneeBoneSegLib.anatomy import BONES
+    from KneeBoneSegLib.slicer.mrml import bone_segment_ids, mark_verdicts
+
+    scene, target = segmented["scene"], segmented["target"]
+    copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "copy")
+    copy.Copy(target)
+    present = bone_segment_ids(target)
+    assert present and set(present) <= {bone.name for bone in BONES}
+    verdict = {"run": "review", "reasons": ["a test"], "bones": {bone.key: {"verdict": "review"} for bone in BONES}}
+    mark_verdicts(copy, verdict)
+    shown = [copy.GetSegmentation().GetSegment(segment_id).GetName() for segment_id in present.values()]
+    assert all(name.endswith(" (review)") for name in shown), shown
+    assert bone_segment_ids(copy) == present
+    scene.RemoveNode(copy)
+
+
 def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmented):
     runs, knee, scene, temporary = segmented["runs"], segmented["knee"], segmented["scene"], segmented["temporary"]
     kept = _work_folders(temporary)
@@ -128,6 +203,9 @@ def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmente
     orphaned.worker.wait()
     node = runs.finish(reapplied, scene)
     assert node.GetName() == "knee bones" and node.GetScene() is scene and node.GetSegmentation().GetNumberOfSegments() >= 1
+    # The kept output now stands for the re-applied bones in the new node.
+    assert not runs.reapplies(knee, node, OPTIONS.with_values(closing_radius=0.0, smoothing_iterations=0))
+    assert runs.reapplies(knee, node, OPTIONS)
 
     scene.RemoveNode(knee)
     with pytest.raises(RuntimeError, match="removed from the scene"):
@@ -186,3 +264,30 @@ def test_a_batch_of_two_cases_ends_in_a_table_whose_rows_load_each_case(tmp_path
     assert volume_node.GetName() == "knee-b" and segmentation.GetName() == "knee-b bones"
     assert segmentation.GetSegmentation().GetNumberOfSegments() >= 1
     np.testing.assert_array_equal(volume_from_node(volume_node).array, image[:, :, ::-1])
+
+    # Each click on a row (a double-click's first one too) shows the case; it is loaded once.
+    def counts():
+        return [scene.GetNodesByClass(name).GetNumberOfItems() for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")]
+
+    loaded = counts()
+    assert load_case(scene, table, 1) == (volume_node, segmentation) and counts() == loaded
+    other_volume, other_segmentation = load_case(scene, table, 0)
+    assert other_volume.GetName() == "knee-a" and counts() == [loaded[0] + 1, loaded[1] + 1]
+    scene.RemoveNode(segmentation)  # half a case is loaded whole again, without a second volume
+    again = load_case(scene, table, 1)
+    assert again[0].GetName() == "knee-b" and again[1].GetName() == "knee-b bones" and counts() == [loaded[0] + 1, loaded[1] + 1]
+
+
+def test_the_cases_table_uses_no_deprecated_call(tmp_path):
+    """SetUseColumnNameAsColumnHeader logs a VTK warning at every batch end (deprecated since before Slicer 5.6)."""
+    from KneeBoneSegLib.slicer.logic import cases_table_node
+
+    (tmp_path / "cases.csv").write_text("id,status\nknee-a,ok\n", encoding="utf-8")
+    window, previous = vtk.vtkStringOutputWindow(), vtk.vtkOutputWindow.GetInstance()
+    vtk.vtkOutputWindow.SetInstance(window)
+    try:
+        node = cases_table_node(slicer.vtkMRMLScene(), tmp_path / "cases.csv")
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+    assert window.GetOutput() == ""
+    assert node.GetUseColumnTitleAsColumnHeader()  # an empty title shows the column name (qMRMLTableModel)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 
-from KneeBoneSegLib.slicer.logic import device_description, panel_state
+import pytest
+
+from KneeBoneSegLib.errors import InputError
+from KneeBoneSegLib.slicer.logic import batch_folders, device_description, panel_state
 
 MOMENTS = [
     dict(zip(("has_input", "has_output", "running", "installing", "can_reuse"), values))
@@ -26,14 +29,6 @@ def test_nothing_starts_work_and_no_chooser_moves_while_a_run_or_an_install_is_u
         assert state.segment_enabled == (moment["has_input"] and not busy), moment
         assert state.export_enabled == (moment["has_output"] and not busy), moment
         assert state.show_3d_enabled == moment["has_output"], moment
-        assert not (busy and state.reapply_on_change), moment
-
-
-def test_changing_closing_or_smoothing_reapplies_only_to_a_kept_output_of_the_chosen_volume():
-    idle = dict(has_input=True, has_output=True, running=False, installing=False)
-    assert panel_state(**idle, can_reuse=True).reapply_on_change
-    assert not panel_state(**idle, can_reuse=False).reapply_on_change
-    assert not panel_state(**dict(idle, has_output=False), can_reuse=True).reapply_on_change
 
 
 def test_the_segment_button_says_what_it_will_do():
@@ -49,3 +44,19 @@ def test_the_device_line_says_where_the_next_run_computes():
     assert device_description("auto", "gpu (CUDA)") == "Last run used gpu (CUDA)."
     assert "stops with a message" in device_description("gpu", "cpu")
     assert device_description("cpu", "gpu") == "The CPU."
+
+
+def test_a_batch_without_chosen_folders_is_refused_in_one_line(tmp_path, monkeypatch):
+    """ctkDirectoryButton shows "." until a folder is chosen: the batch must not take Slicer's working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans").mkdir()
+    for scans, results in ((".", "."), ("", str(tmp_path / "out")), (str(tmp_path / "scans"), "."), ("scans", str(tmp_path / "out"))):
+        with pytest.raises(InputError, match="^choose the folder of scans and the folder for the results first$"):
+            batch_folders(scans, results)
+    with pytest.raises(InputError, match="does not exist"):
+        batch_folders(str(tmp_path / "gone"), str(tmp_path / "out"))
+    for inside in (tmp_path / "scans", tmp_path / "scans" / "results"):
+        with pytest.raises(InputError, match="inside the folder of scans"):
+            batch_folders(str(tmp_path / "scans"), str(inside))
+    assert batch_folders(str(tmp_path / "scans"), str(tmp_path / "out")) == (tmp_path / "scans", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "scans"], "checking the folders writes nothing"

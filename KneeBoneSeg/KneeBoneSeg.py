@@ -234,6 +234,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         # The widgets stay bound while the module is hidden: showing it again connects, refills and writes nothing.
         self.initializeParameterNode()
+        self.updateButtons()
 
     def onSceneStartClose(self, caller, event):
         self.onCancelButton()

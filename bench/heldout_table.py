@@ -137,8 +137,8 @@ def whole_volume_map(scan: Volume, keras_path: Path) -> np.ndarray:
     return probability[tuple(slice(0, n) for n in image.shape)]
 
 
-def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarray) -> dict:
-    """Fold-right alone, each row of its family scored on the band between its training side and the split."""
+def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarray, compared_only: bool = False) -> dict:
+    """Fold-right alone, each row of its family (or only the :data:`COMPARED` ones) scored on the band between its training side and the split."""
     names = fold_names(family)
     # Before this family's fold-left is trained, the shipped family's folds give the split (train_models.sh's, for both).
     cards = [read_card(folder / name) for name in names]
@@ -148,7 +148,7 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
     print(f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)")
     network_maps = fold_maps(folder, names[:1], [model], scan)
     rows = {}
-    for name, projections, fusion, radius_mm, fill, stride in variants_of(model.card):
+    for name, projections, fusion, radius_mm, fill, stride in [row for row in variants_of(model.card) if row[0] in COMPARED or not compared_only]:
         projections = projections or model.card.projections
         (side_maps,) = network_maps(projections, stride)
         labels = row_labels(fused_on_scan(side_maps, fusion, model.card, truth.shape), scan, projections, fusion, radius_mm, fill)
@@ -236,16 +236,18 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     del network_maps  # its maps, before the folds segment the whole scan
 
     start = time.perf_counter()
-    segmented = [segment(scan, model, SegmentOptions(surfaces=False)).labels for model in models]
+    segmented = [segment(scan, model, SegmentOptions(surfaces=False)) for model in models]
     print(f"each fold's own segment of the whole scan, default settings: {time.perf_counter() - start:.0f} s")
-    each_fold = evaluate_labels(stitched(segmented[sides["low"]], segmented[sides["high"]], split), truth, spacing)
+    each_fold = evaluate_labels(stitched(segmented[sides["low"]].labels, segmented[sides["high"]].labels, split), truth, spacing)
 
     default = variants[0][0]
     print(f"\n{family}, held out, probabilities stitched, then the default pipeline:")
     print(format_metrics_table(rows[default]))
     print(f"\n{family}, held out, each fold's own segmentation (default settings) stitched:")
     print(format_metrics_table(each_fold))
-    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold, "variants": variants}
+    verdicts = {name: result.verdict for name, result in zip(names, segmented)}  # each fold's own run on the whole scan
+    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold,
+            "verdicts": verdicts, "variants": variants}
 
 
 def main() -> None:

@@ -16,6 +16,10 @@ the paper, with what a network trained on very few scans needs to generalise:
   random permutation of each sub-volume's axes, random flips, small rotations
   and scaling (all in one resampling of the sub-volume), then gamma, bias
   field, contrast and noise.
+- **Synthetic images** (:mod:`.synthesis`, 2D networks): a share of the crops
+  gets an image synthesised from a label map, another knee's or the training
+  pair's own, with new random intensities for every crop (after SynthSeg), so
+  that the network learns other knees' anatomy without their MR images.
 - **Loss** binary cross-entropy (the paper's) plus ``dice_weight`` times the
   soft Dice loss of the batch (1.0 by default; 0 is the paper's loss alone); Adam.
 - **Validation** on a fixed, seeded sample of unaugmented sub-volumes of the
@@ -33,6 +37,6 @@ Only Keras 3 APIs are used; the ONNX export goes through tf2onnx and so needs
 the TensorFlow backend.
 
 Modules: :mod:`.config` (the run's definition), :mod:`.augmentation`,
-:mod:`.data` (pairs and crops), :mod:`.loop` (:func:`~.loop.train`),
+:mod:`.data` (pairs and crops), :mod:`.synthesis` (images from label maps), :mod:`.loop` (:func:`~.loop.train`),
 :mod:`.arguments` (the command line), :mod:`.plot` (loss curves).
 """

@@ -14,13 +14,14 @@ from .augmentation import Augmentation
 from .config import TrainingConfig, fill_from_architecture
 
 
-_NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_bar")
+_NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_bar", "synthesis")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``kneeboneseg train``'s arguments to ``parser`` (read them back with :func:`config_from_args`)."""
     default = TrainingConfig(images=[], labels=[], output=Path("model.keras"))
-    parser.add_argument("pairs", nargs="+", type=Path, metavar="IMAGE LABELS", help="training scans, each followed by its label map (labels > 0 are bone)")
+    parser.add_argument("pairs", nargs="*", type=Path, metavar="IMAGE LABELS",
+                        help="training scans, each followed by its label map (labels > 0 are bone); none when every crop is synthetic")
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.keras); its card, loss curves and checkpoint go beside it")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=default.architecture,
                         help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.network.architectures; default: %(default)s)")
@@ -50,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-patches", type=int, default=default.validation_patches, help="fixed validation sub-volumes (default: %(default)s)")
     parser.add_argument("--augmentation", type=_augmentation, default=default.augmentation,
                         help=f"'none', or JSON overriding some of {json.dumps(asdict(default.augmentation))}")
+    parser.add_argument("--synthetic-map", dest="synthetic_maps", nargs=2, action="append", default=[], metavar=("LABELS", "BONES"),
+                        help="a label map of another knee to synthesise training images from, and its bone values ('5,6,7', or 'all' "
+                             "for every non-zero one); the other values are other structures. Repeat for more maps")
+    parser.add_argument("--synthetic-fraction", type=float, default=default.synthetic_fraction,
+                        help="share of the crops synthesised from label maps; 1: no real image at all (default: %(default)s)")
+    parser.add_argument("--synthesize-training-labels", type=_boolean, default=default.synthesize_training_labels, metavar="true|false",
+                        help="synthesise images from the training pairs' label maps too, on their training range (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=default.seed, help="(default: %(default)s)")
     parser.add_argument("--initial-model", type=Path, default=None,
                         help="fine-tune this .keras model (its card sets patch size, normalisation and spacing)")
@@ -65,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         raise InputError(f"give IMAGE LABELS pairs; {len(args.pairs)} paths is an odd number")
     values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if hasattr(args, f.name)}
     values.update(images=args.pairs[0::2], labels=args.pairs[1::2])
+    values["synthetic_maps"] = [(Path(path), _bone_values(bones)) for path, bones in args.synthetic_maps]
     return TrainingConfig(**values).validate()
 
 
@@ -82,7 +91,10 @@ def command_line(config: TrainingConfig) -> str:
         if f.name in _NOT_OPTIONS or value == unchanged:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, Augmentation):
+        if f.name == "synthetic_maps":
+            for path, bones in value:
+                words += ["--synthetic-map", _portable(path), "all" if bones is None else ",".join(map(str, bones))]
+        elif isinstance(value, Augmentation):
             changed = {k: v for k, v in asdict(value).items() if v != getattr(default.augmentation, k)}
             words += [flag, "none" if value == Augmentation.none() else json.dumps(changed)]
         elif isinstance(value, dict):
@@ -104,6 +116,16 @@ def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return text.lower() == "true"
+
+
+def _bone_values(text: str) -> tuple | None:
+    """``'5,6,7'`` as (5, 6, 7); ``'all'`` as None (every non-zero value is bone)."""
+    if text.lower() == "all":
+        return None
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise InputError(f"bone values must be integers separated by commas, or 'all', not {text!r}") from None
 
 
 def _spacing(text: str) -> float | None:

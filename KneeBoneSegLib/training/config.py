@@ -10,6 +10,7 @@ from ..network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, NORMALI
 from ..network.models import ModelCard
 from ..preprocess.normalization import DEFAULT_NORMALIZATION
 from .augmentation import Augmentation
+from .synthesis import Synthesis
 
 
 @dataclass
@@ -24,6 +25,14 @@ class TrainingConfig:
     (:data:`~KneeBoneSegLib.network.architectures.ARCHITECTURES`). With
     ``initial_model`` (fine-tuning) the architecture, patch size,
     normalisation and spacing come from that model's card.
+
+    ``synthetic_maps`` are label maps of other knees, each with the values
+    that are bone (None: every non-zero value; the others are other
+    structures); a share ``synthetic_fraction`` of the crops gets images
+    synthesised from them (:mod:`.synthesis`), and with
+    ``synthesize_training_labels`` from the training pairs' label maps too
+    (their training range only). At a fraction of 1 no real image is seen,
+    and no pair is needed.
     """
 
     images: list[Path]
@@ -50,6 +59,10 @@ class TrainingConfig:
     boundary_fraction: float = 0.5
     validation_patches: int = 16
     augmentation: Augmentation = field(default_factory=Augmentation)
+    synthetic_maps: list = field(default_factory=list)  # (label map, bone values or None)
+    synthetic_fraction: float = 0.0
+    synthesize_training_labels: bool = False
+    synthesis: Synthesis = field(default_factory=Synthesis)
     seed: int = 0
     initial_model: Path | None = None
     name: str | None = None
@@ -61,8 +74,16 @@ class TrainingConfig:
         self.images = [Path(p) for p in self.images]
         self.labels = [Path(p) for p in self.labels]
         self.output = Path(self.output)
-        if not self.images or len(self.images) != len(self.labels):
+        self.synthetic_maps = [(Path(path), None if bones is None else tuple(int(v) for v in bones)) for path, bones in self.synthetic_maps]
+        if len(self.images) != len(self.labels) or not (self.images or self.synthetic_fraction == 1.0):
             raise InputError("give one or more IMAGE LABELS pairs (an image, then its label map)")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise InputError(f"the synthetic fraction must lie in [0, 1], not {self.synthetic_fraction}")
+        synthesizing = bool(self.synthetic_maps) or self.synthesize_training_labels
+        if synthesizing != (self.synthetic_fraction > 0):
+            raise InputError("give label maps to synthesise from (--synthetic-map or --synthesize-training-labels) and a --synthetic-fraction above 0, both or neither")
+        if synthesizing and ARCHITECTURES[self.architecture].dimensions != 2:
+            raise InputError("images are synthesised for the 2D networks: use --architecture slices")
         if self.output.suffix != ".keras":
             raise InputError(f"{self.output}: the model file must end in .keras")
         if self.architecture not in ARCHITECTURES:

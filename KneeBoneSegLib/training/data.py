@@ -12,6 +12,7 @@ from ..preprocess.normalization import normalize_intensities
 from ..preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 from .augmentation import Augmentation, augment_intensities, spatial_matrix
 from .config import TrainingConfig
+from .synthesis import Synthesis, elastic_displacement, synthesize_crop
 
 
 @dataclass
@@ -123,7 +124,7 @@ class PatchSampler:
         self.augmentation = augmentation
         self.rng = np.random.default_rng(seed)
         for volume in self.volumes:
-            if min(volume.image.shape) < self.patch_size:
+            if min(volume.bone.shape) < self.patch_size:
                 raise InputError(
                     f"the training volume is {volume.record['model_grid_ijk']} voxels on the model's grid, smaller than the "
                     f"{self.patch_size}^3 sub-volumes; use a wider training range, a finer spacing or a smaller patch size"
@@ -146,10 +147,7 @@ class PatchSampler:
         voxels trained on, a second channel is 1 there and 0 elsewhere
         (:func:`bone_loss` counts only those).
         """
-        patches = [self._patch() for _ in range(size)]
-        images = np.stack([patch[0] for patch in patches])[..., None]
-        targets = np.stack([np.stack(patch[1:], axis=-1) for patch in patches]).astype(np.float32)
-        return images, targets
+        return stack_crops([self._patch() for _ in range(size)])
 
     def _patch(self) -> tuple[np.ndarray, ...]:
         volume = self.volumes[self.rng.integers(len(self.volumes))]
@@ -178,6 +176,15 @@ class PatchSampler:
         return np.clip(corner, 0, shape - size).astype(float)
 
 
+def stack_crops(crops) -> tuple[np.ndarray, np.ndarray]:
+    """Crops ``(image, bone[, trained])`` as a batch ``(images, targets)``; a crop without ``trained`` counts everywhere."""
+    counted = any(len(crop) == 3 for crop in crops)
+    images = np.stack([crop[0] for crop in crops])[..., None]
+    channels = [crop[1:] if len(crop) == 3 or not counted else (crop[1], np.ones_like(crop[1])) for crop in crops]
+    targets = np.stack([np.stack(channel, axis=-1) for channel in channels]).astype(np.float32)
+    return images, targets
+
+
 class SliceSampler(PatchSampler):
     """Draws (augmented) ``patch_size``^2 crops of slices for the 2D U-Net, of the three planes alike.
 
@@ -197,9 +204,19 @@ class SliceSampler(PatchSampler):
         self._trained = [None if volume.trained is None else np.flatnonzero(volume.trained) for volume in self.volumes]
 
     def _patch(self) -> tuple[np.ndarray, ...]:
+        volume, axis, index, coordinates = self._crop()
+        image = self._sample(volume.image, axis, index, coordinates, order=1)
+        bone = self._sample(volume.bone, axis, index, coordinates, order=1 if volume.bone.dtype == np.float32 else 0)
+        image = augment_intensities(image, self.augmentation, self.rng, self._unit)
+        if volume.trained is None:
+            return image, bone
+        return image, bone, self._sample(volume.trained, axis, index, coordinates, order=0, outside=0)
+
+    def _crop(self):
+        """A random crop: ``(volume, plane axis, slice index, the crop's (2, P*P) coordinates in the slice)``."""
         which = self.rng.integers(len(self.volumes))
         volume, trained = self.volumes[which], self._trained[which]
-        shape, size = np.asarray(volume.image.shape), self.patch_size
+        shape, size = np.asarray(volume.bone.shape), self.patch_size
         if volume.boundary.size and self.rng.random() < self.boundary_fraction:
             voxel = np.unravel_index(volume.boundary[self.rng.integers(volume.boundary.size)], shape)
         elif trained is not None:
@@ -207,22 +224,85 @@ class SliceSampler(PatchSampler):
         else:
             voxel = self.rng.integers(0, shape)
         axis = int(self.rng.integers(3))
-        arrays = [volume.image, volume.bone] + ([] if volume.trained is None else [volume.trained])
-        planes = [np.moveaxis(array, axis, 0)[voxel[axis]] for array in arrays]
         in_plane = np.delete(np.asarray(voxel), axis)
         corner = np.clip(in_plane - size // 2 + self.rng.integers(-(size // 4), size // 4 + 1, size=2), 0, np.delete(shape, axis) - size)
         coordinates = spatial_matrix(self.augmentation, self.rng, dimensions=2) @ self._offsets + (corner + (size - 1) / 2)[:, None]
-        image = ndimage.map_coordinates(planes[0], coordinates, order=1, mode="nearest", output=np.float32).reshape(size, size)
-        bone = ndimage.map_coordinates(planes[1], coordinates, order=1 if planes[1].dtype == np.float32 else 0, mode="nearest").reshape(size, size)
-        image = augment_intensities(image, self.augmentation, self.rng, self._unit)
-        if volume.trained is None:
-            return image, bone
-        return image, bone, ndimage.map_coordinates(planes[2], coordinates, order=0, mode="constant", cval=0).reshape(size, size)
+        return volume, axis, int(voxel[axis]), coordinates
+
+    def _sample(self, array, axis: int, index: int, coordinates, order: int, outside=None) -> np.ndarray:
+        """``array``'s slice ``index`` across ``axis`` at ``coordinates``, as a crop (``outside``: the value past its edge, else the nearest)."""
+        plane = np.moveaxis(array, axis, 0)[index]
+        mode = "nearest" if outside is None else "constant"
+        values = ndimage.map_coordinates(plane, coordinates, order=order, mode=mode, cval=outside or 0)
+        return values.reshape(self.patch_size, self.patch_size)
 
 
-def samplers(volumes, config: "TrainingConfig", patch_size: int, dimensions: int) -> tuple[PatchSampler, tuple[np.ndarray, np.ndarray]]:
-    """The training sampler for the network's ``dimensions`` and its fixed, unaugmented validation batch."""
+class SyntheticSliceSampler(SliceSampler):
+    """Draws crops of slices of label maps (:class:`~.synthesis.LabelMap`) with images synthesised for each crop.
+
+    The crops are placed as :class:`SliceSampler` places them, then bent by
+    an elastic displacement; the image comes from :func:`~.synthesis.synthesize_crop`
+    and goes through ``synthesis.augmentation``'s intensity changes.
+    """
+
+    def __init__(self, maps, patch_size: int, boundary_fraction: float, synthesis: Synthesis, seed):
+        super().__init__(maps, patch_size, boundary_fraction, synthesis.augmentation, seed)
+        self.synthesis = synthesis
+
+    def _patch(self) -> tuple[np.ndarray, np.ndarray]:
+        label_map, axis, index, coordinates = self._crop()
+        spacing = np.delete(label_map.spacing_mm, axis)
+        coordinates = coordinates + elastic_displacement(self.patch_size, spacing, self.synthesis, self.rng)
+        labels = self._sample(label_map.labels, axis, index, coordinates, order=0)
+        bone = self._sample(label_map.bone, axis, index, coordinates, order=1 if label_map.bone.dtype == np.float32 else 0)
+        depth = self._sample(label_map.bone_depth_mm, axis, index, coordinates, order=1)
+        body = self._sample(label_map.body_mm, axis, index, coordinates, order=1)
+        image = synthesize_crop(labels, label_map.is_bone, depth, body, spacing, self.synthesis, self.rng)
+        return augment_intensities(image, self.augmentation, self.rng, self._unit), bone
+
+
+class MixedSampler:
+    """Real crops and synthetic crops at a set ratio, each crop's source drawn at random.
+
+    Its state is its own generator's and both samplers', so a resumed run
+    draws what an uninterrupted one would.
+    """
+
+    def __init__(self, real: SliceSampler | None, synthetic: SyntheticSliceSampler, synthetic_fraction: float, seed):
+        self.real, self.synthetic = real, synthetic
+        self.synthetic_fraction = 1.0 if real is None else float(synthetic_fraction)
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def state(self) -> dict:
+        return {"mix": self.rng.bit_generator.state, "synthetic": self.synthetic.state, "real": None if self.real is None else self.real.state}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["mix"]
+        self.synthetic.set_state(state["synthetic"])
+        if self.real is not None:
+            self.real.set_state(state["real"])
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        sources = [self.synthetic if self.rng.random() < self.synthetic_fraction else self.real for _ in range(size)]
+        return stack_crops([source._patch() for source in sources])
+
+
+def samplers(volumes, config: "TrainingConfig", patch_size: int, dimensions: int, label_maps=()) -> tuple[PatchSampler, tuple[np.ndarray, np.ndarray]]:
+    """The training sampler for the network's ``dimensions`` and its fixed validation batch.
+
+    With ``label_maps`` (:class:`~.synthesis.LabelMap`), a share
+    ``config.synthetic_fraction`` of the crops, of the validation batch too,
+    is synthesised from them (real validation crops are unaugmented,
+    synthetic ones are what synthesis makes them).
+    """
     kind = SliceSampler if dimensions == 2 else PatchSampler
-    sampler = kind(volumes, patch_size, config.boundary_fraction, config.augmentation, seed=config.seed)
-    validation = kind(volumes, patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1]).batch(config.validation_patches)
+    real = kind(volumes, patch_size, config.boundary_fraction, config.augmentation, seed=config.seed) if volumes else None
+    real_validation = kind(volumes, patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1]) if volumes else None
+    if not label_maps:
+        return real, real_validation.batch(config.validation_patches)
+    synthetic = SyntheticSliceSampler(label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 2])
+    synthetic_validation = SyntheticSliceSampler(label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 3])
+    sampler = MixedSampler(real, synthetic, config.synthetic_fraction, seed=[config.seed, 4])
+    validation = MixedSampler(real_validation, synthetic_validation, config.synthetic_fraction, seed=[config.seed, 5]).batch(config.validation_patches)
     return sampler, validation

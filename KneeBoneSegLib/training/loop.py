@@ -21,6 +21,7 @@ from ..network.models import Model, ModelCard, file_sha256, load_model, network_
 from .arguments import command_line
 from .config import TrainingConfig, TrainingResult
 from .data import heldout_range, prepare_volume, samplers
+from .synthesis import prepare_label_map
 from .plot import write_loss_curves
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     network, card = _initial_network(config)
 
     volumes, data = [], []
-    for image_path, labels_path in zip(config.images, config.labels):
+    # At a synthetic fraction of 1 no real image is read: the network never sees one.
+    for image_path, labels_path in zip(config.images, config.labels) if config.synthetic_fraction < 1 else ():
         image = read_volume(image_path)
         # Half a sub-volume past the range: every crop still has at least half its voxels trained on.
         context_mm = card.patch_size / 2 * (card.spacing_mm[0] if card.spacing_mm else image.geometry.spacing[0]) if config.crops_past_range else 0.0
@@ -96,8 +98,12 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
         volume.record.update(image=image_path.name, labels=labels_path.name, image_sha256=_sha256(image_path), labels_sha256=_sha256(labels_path))
         volumes.append(volume)
         data.append(volume.record)
-    card.heldout = heldout_range(config.train_range_i, volumes[0].record["shape_ijk"][0])
-    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, network_dimensions(card))
+    label_maps = _label_maps(config, card)
+    synthesis_record = [label_map.record for label_map in label_maps]
+    # The scan's length along i, from its image or, when only its labels were used, from them.
+    lengths = [record["shape_ijk"][0] for record in data] + [record["shape_ijk"][0] for record in synthesis_record if "train_range_i" in record]
+    card.heldout = heldout_range(config.train_range_i, lengths[0]) if lengths else None
+    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, network_dimensions(card), label_maps)
 
     network.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bone_loss(config.dice_weight))
     network.optimizer.build(network.trainable_variables)
@@ -122,7 +128,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if state.step % config.steps_per_epoch == 0:
-                best_weights = _end_epoch(config, card, network, state, best_weights, (validation_x, validation_y), data, started)
+                best_weights = _end_epoch(config, card, network, state, best_weights, (validation_x, validation_y), data, started, synthesis_record)
                 if config.max_minutes is not None and state.seconds >= 60 * config.max_minutes:
                     log.info("time budget of %g min spent at step %d of %d", config.max_minutes, state.step, total_steps)
                     break
@@ -135,13 +141,13 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
                 raise Cancelled(message if isinstance(error, Cancelled) else f"{message} ({error})") from None
     if not config.checkpoint_path.is_file() or state.step % config.steps_per_epoch:
         _save_checkpoint(config.checkpoint_path, network, best_weights, state)
-    card.training = _training_record(config, state, data, started)
+    card.training = _training_record(config, state, data, started, synthesis_record)
     save_model(_export(network, best_weights, card), config.output)
     card.export = {"onnx": export_onnx(config.output)}  # what segmenting runs, beside the .keras file
     return TrainingResult(config.output, card, state.history, network, state.step, round(state.seconds, 1))
 
 
-def _end_epoch(config, card, network, state: _State, best_weights, validation, data, started):
+def _end_epoch(config, card, network, state: _State, best_weights, validation, data, started, synthesis_record):
     """Validate, keep the best weights, save model, checkpoint and curves, log one line."""
     epoch = state.step // config.steps_per_epoch
     validation_loss = float(network.evaluate(*validation, batch_size=config.batch_size, verbose=0, return_dict=True)["loss"])
@@ -158,7 +164,7 @@ def _end_epoch(config, card, network, state: _State, best_weights, validation, d
     if improved:
         state.best_loss, state.best_epoch = validation_loss, epoch
         best_weights = network.get_weights()
-        card.training = _training_record(config, state, data, started)
+        card.training = _training_record(config, state, data, started, synthesis_record)
         save_model(_export(network, best_weights, card), config.output)
     _save_checkpoint(config.checkpoint_path, network, best_weights, state)
     write_loss_curves(state.history, config.curves_path)
@@ -167,6 +173,21 @@ def _end_epoch(config, card, network, state: _State, best_weights, validation, d
         epoch, config.epochs, entry["loss"], validation_loss, " (best, saved)" if improved else "", state.seconds,
     )
     return best_weights
+
+
+def _label_maps(config: TrainingConfig, card: ModelCard) -> list:
+    """The label maps crops are synthesised from, on the model's grid: the other knees', then the training pairs' (their range)."""
+    from ..io.images import read_mask
+
+    sources = [(path, bones, None) for path, bones in config.synthetic_maps]
+    if config.synthesize_training_labels:
+        sources += [(path, None, config.train_range_i) for path in config.labels]
+    label_maps = []
+    for path, bones, train_range_i in sources:
+        label_map = prepare_label_map(read_mask(path), bones, card.spacing_mm, train_range_i, name=path.name, soft_labels=config.soft_labels)
+        label_map.record["sha256"] = _sha256(path)
+        label_maps.append(label_map)
+    return label_maps
 
 
 def _check_output(config: TrainingConfig) -> None:
@@ -263,11 +284,13 @@ def _load_checkpoint(path: Path, network, signature: dict):
     return state, best_weights
 
 
-def _training_record(config: TrainingConfig, state: _State, data: list, started: datetime.datetime) -> dict:
+def _training_record(config: TrainingConfig, state: _State, data: list, started: datetime.datetime, synthesis_record: list) -> dict:
     """The card's ``training`` entry: enough to reproduce the run and to judge it."""
+    synthesis = {"fraction": config.synthetic_fraction, "label_maps": synthesis_record, "settings": asdict(config.synthesis)}
     return {
         "command": command_line(config),
         "data": data,
+        **({"synthesis": synthesis} if synthesis_record else {}),
         "initial_model": config.initial_model.name if config.initial_model else None,
         "sampling": {
             "patch_size": int(config.patch_size),

@@ -105,7 +105,7 @@ def score(name: str) -> dict:
     from heldout_table import measure_family, measure_validation
 
     from KneeBoneSegLib.io.images import read_volume
-    from KneeBoneSegLib.metrics import evaluate_labels
+    from KneeBoneSegLib.metrics import compare_masks, evaluate_labels
     from KneeBoneSegLib.network.models import load_model, read_card
     from KneeBoneSegLib.pipeline import SegmentOptions, segment
 
@@ -118,13 +118,17 @@ def score(name: str) -> dict:
         validation = measure_validation(folder, row.family, scan, truth, compared_only=True)["validation"]["default pipeline"]
         family = measure_family(folder, row.family, scan, truth, compared_only=True)
         figures = {"validation": validation, "probabilities_stitched": family["heldout"]["default pipeline"],
+                   "probabilities_stitched_no_closing": family["heldout"]["no closing, no hole filling (network and components only)"],
                    "segmentations_stitched": family["segmentations_stitched"], "verdicts": family["verdicts"]}
     else:
         names = [f"{row.family}.onnx"]
         result = segment(scan, load_model(folder / names[0]), SegmentOptions(surfaces=False))
         band = np.s_[..., VALIDATION_BAND[0] : VALIDATION_BAND[1]]
+        # The network's own bone (probability above a half, before anatomy names components): what the post-processing had to work with.
+        network_only = compare_masks(result.probability > 0.5, truth > 0, scan.geometry.spacing)
         figures = {"validation": evaluate_labels(result.labels[band], truth[band], scan.geometry.spacing),
-                   "whole_scan": evaluate_labels(result.labels, truth, scan.geometry.spacing), "verdicts": {names[0]: result.verdict}}
+                   "whole_scan": evaluate_labels(result.labels, truth, scan.geometry.spacing), "whole_scan_network_only": network_only,
+                   "verdicts": {names[0]: result.verdict}}
     cards = [read_card(folder / model) for model in names]
     figures["training"] = {model: {"seconds": card.training["seconds"], "steps": card.training["steps"], "command": card.training["command"],
                                    "machine": card.training["machine"]} for model, card in zip(names, cards)}
@@ -152,6 +156,10 @@ def table_row(result: dict) -> dict:
     for short, key in ways:
         row.update({f"{short}_{bone}": round(result[key][bone]["dice"], 4) for bone in BONES})
         row[f"{short}_hd95_mm"] = round(result[key]["all"]["hd95_mm"], 2)
+    if "whole_scan_network_only" in result:
+        row["whole_scan_network_only_all"] = round(result["whole_scan_network_only"]["dice"], 4)
+    if "probabilities_stitched_no_closing" in result:
+        row["prob_stitched_no_closing_all"] = round(result["probabilities_stitched_no_closing"]["all"]["dice"], 4)
     row["verdicts"] = "; ".join(f"{Path(model).stem}: {verdict['run']} ({', '.join(f'{k} {v}' for k, v in _bone_verdicts(verdict).items())})"
                                 for model, verdict in result["verdicts"].items())
     row["machine"] = result["scoring_machine"]

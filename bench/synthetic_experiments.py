@@ -56,7 +56,7 @@ class Row:
 
 
 ROWS = {
-    "baseline": Row("today's 2D recipe: real crops only (the shipped 2D folds, 24 min each)", models=ROOT / "Resources" / "Models"),
+    "baseline": Row("today's 2D recipe: real crops only (the shipped 2D folds: 4000 steps, 19 to 20 min each)", models=ROOT / "Resources" / "Models"),
     "mixed-50": Row("real crops and synthetic crops from the other knees' maps, 50/50", 0.5, other_knees=True),
     "mixed-25": Row("real crops and synthetic crops from the other knees' maps, 75/25", 0.25, other_knees=True),
     "synthetic-only": Row("synthetic crops alone from the three other knees' maps: no real image, no real label", 1.0, other_knees=True, folds=False),

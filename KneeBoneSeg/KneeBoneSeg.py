@@ -336,9 +336,9 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.updateButtons()
         parameters = self._parameterNode
-        if self._run is None and not self._installing and parameters and parameters.inputVolume:
-            if self.logic.reappliesPostprocessing(parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters)):
-                self.onSegmentButton()
+        # onSegmentButton starts nothing while a run or an install is under way.
+        if parameters and self.logic.reappliesPostprocessing(parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters)):
+            self.onSegmentButton()
 
     def onProgress(self, stage, fraction):
         self.ui.stageLabel.text = stage

@@ -89,6 +89,11 @@ def variants_of(card) -> list:
     return SLICE_VARIANTS if network_dimensions(card) == 2 else VARIANTS
 
 
+def chosen_variants(card, compared_only: bool) -> list:
+    """The family's rows (:func:`variants_of`), or only the :data:`COMPARED` ones."""
+    return [row for row in variants_of(card) if row[0] in COMPARED or not compared_only]
+
+
 def fold_names(family: str) -> tuple[str, str]:
     return f"{family}-fold-right.onnx", f"{family}-fold-left.onnx"
 
@@ -148,7 +153,7 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
     print(f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)")
     network_maps = fold_maps(folder, names[:1], [model], scan)
     rows = {}
-    for name, projections, fusion, radius_mm, fill, stride in [row for row in variants_of(model.card) if row[0] in COMPARED or not compared_only]:
+    for name, projections, fusion, radius_mm, fill, stride in chosen_variants(model.card, compared_only):
         projections = projections or model.card.projections
         (side_maps,) = network_maps(projections, stride)
         labels = row_labels(fused_on_scan(side_maps, fusion, model.card, truth.shape), scan, projections, fusion, radius_mm, fill)
@@ -217,7 +222,7 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     spacing = scan.geometry.spacing
     names = fold_names(family)
     models = [load_model(folder / name) for name in names]
-    variants = [row for row in variants_of(models[0].card) if row[0] in COMPARED or not compared_only]
+    variants = chosen_variants(models[0].card, compared_only)
     split, sides = split_of([model.card for model in models])
     print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")

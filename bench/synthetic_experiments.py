@@ -94,8 +94,9 @@ def train(name: str, minutes: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for fold in FOLDS if row.folds else (None,):
         output = folder / (f"{row.family}-{fold}.keras" if fold else f"{row.family}.keras")
-        print(" ".join(train_command(row, output, fold, minutes, sample_dir())), flush=True)
-        subprocess.run(train_command(row, output, fold, minutes, sample_dir()), check=True, env={**os.environ, "KERAS_BACKEND": "torch"})
+        command = train_command(row, output, fold, minutes, sample_dir())
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "KERAS_BACKEND": "torch"})
 
 
 def score(name: str) -> dict:

@@ -385,7 +385,7 @@ def content_digest(segmentation_node) -> str:
             continue
         hashed.append(data)
         for array in _representation_arrays(data):
-            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(array)).tobytes())
+            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(array)))  # hashed in place, no copy of the voxels
         if isinstance(data, vtk.vtkImageData):
             digest.update(repr(data.GetExtent()).encode())
             if isinstance(data, slicer.vtkOrientedImageData):

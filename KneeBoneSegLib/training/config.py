@@ -77,6 +77,10 @@ class TrainingConfig:
         self.synthetic_maps = [(Path(path), None if bones is None else tuple(int(v) for v in bones)) for path, bones in self.synthetic_maps]
         if len(self.images) != len(self.labels) or not (self.images or self.synthetic_fraction == 1.0):
             raise InputError("give one or more IMAGE LABELS pairs (an image, then its label map)")
+        if self.output.suffix != ".keras":
+            raise InputError(f"{self.output}: the model file must end in .keras")
+        if self.architecture not in ARCHITECTURES:
+            raise InputError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:
             raise InputError(f"the synthetic fraction must lie in [0, 1], not {self.synthetic_fraction}")
         synthesizing = bool(self.synthetic_maps) or self.synthesize_training_labels
@@ -84,10 +88,6 @@ class TrainingConfig:
             raise InputError("give label maps to synthesise from (--synthetic-map or --synthesize-training-labels) and a --synthetic-fraction above 0, both or neither")
         if synthesizing and ARCHITECTURES[self.architecture].dimensions != 2:
             raise InputError("images are synthesised for the 2D networks: use --architecture slices")
-        if self.output.suffix != ".keras":
-            raise InputError(f"{self.output}: the model file must end in .keras")
-        if self.architecture not in ARCHITECTURES:
-            raise InputError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
         fill_from_architecture(self)
         positive = {"epochs": self.epochs, "steps per epoch": self.steps_per_epoch, "batch size": self.batch_size,
                     "validation patches": self.validation_patches, "learning rate": self.learning_rate}

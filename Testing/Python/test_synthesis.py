@@ -162,6 +162,9 @@ def test_the_command_line_takes_label_maps_their_bones_and_the_ratio(tmp_path):
     assert "both or neither" in refused("--architecture", "slices", "--synthetic-map", "a.nrrd", "all", pairs=("i.nrrd", "l.nrrd"))
     assert "--architecture slices" in refused("--synthetic-map", "a.nrrd", "all", "--synthetic-fraction", "0.5", pairs=("i.nrrd", "l.nrrd"))
     assert "integers" in refused("--architecture", "slices", "--synthetic-map", "a.nrrd", "femur", "--synthetic-fraction", "1")
+    unknown = TrainingConfig(images=[], labels=[], output=tmp_path / "m.keras", architecture="unet9", synthetic_maps=[("a.nrrd", None)], synthetic_fraction=1.0)
+    with pytest.raises(InputError, match="architecture must be one of"):
+        unknown.validate()
     assert TrainingConfig(images=[], labels=[], output=tmp_path / "m.keras").synthetic_fraction == 0.0
 
 

@@ -40,6 +40,7 @@ OTHER_KNEES_ENV = "KNEEBONESEG_OTHER_KNEES"
 OTHER_KNEES = (("mskt_dess_a_labels.nrrd", "5,6,7"), ("mskt_dess_b_labels.nrrd", "5,6,7"), ("skm_pd_labels.nrrd", "1,2,3"))
 #: The 2D recipe's augmentation of real crops (mirroring and gamma only) and the folds' ranges along i.
 REAL_AUGMENTATION = '{"rotation_deg": 0, "scale": 0, "bias_field": 0, "contrast": 0, "noise": 0}'
+DECOYS = '{"marrow_like_tissue": 0.5, "tissue_lines": 0.5, "joint_darker": 0.5}'
 FOLDS = {"fold-right": (0, 172), "fold-left": (300, 512)}
 VALIDATION_BAND = (172, 236)
 
@@ -53,6 +54,8 @@ class Row:
     folds: bool = True  # False: one model, no real image, scored on the whole scan
     models: Path | None = None  # a folder of already trained folds (the shipped family), not trained here
     family: str = "kneeboneseg-slices"
+    synthesis: str = ""  # JSON overriding some of the generator's settings (``--synthesis``)
+    slice_mm: float = 0.0  # scored on the sample resampled to slices this thick along i (sagittal), as a clinical 2D sequence
 
 
 ROWS = {
@@ -62,6 +65,12 @@ ROWS = {
     "synthetic-only": Row("synthetic crops alone from the three other knees' maps: no real image, no real label", 1.0, other_knees=True, folds=False),
     "synthetic-and-real-labels": Row("synthetic crops alone from the other knees' maps and the sample's label map on the fold's side (never its image)",
                                      1.0, other_knees=True, real_labels=True),
+    "mixed-50-decoys": Row("mixed-50 with the generator's decoys in half the crops each: marrow-bright tissue, dark lines between tissues, "
+                           "cartilage and menisci darker than marrow", 0.5, other_knees=True, synthesis=DECOYS),
+    "baseline-compact": Row("the best recipe so far (real crops only) with the compact 3D network: the shipped compact folds",
+                            models=ROOT / "Resources" / "Models", family="kneeboneseg-compact"),
+    "baseline-3mm-sagittal": Row("the baseline's folds (best on validation) on the sample resampled to 3 mm sagittal slices (along i), "
+                                 "labels brought back to the annotated grid", models=ROOT / "Resources" / "Models", slice_mm=3.0),
 }
 
 
@@ -81,6 +90,8 @@ def train_command(row: Row, output: Path, fold: str | None, minutes: float, samp
         command += ["--synthesize-training-labels", "true"]
     if row.synthetic_fraction:
         command += ["--synthetic-fraction", str(row.synthetic_fraction)]
+    if row.synthesis:
+        command += ["--synthesis", row.synthesis]
     return command
 
 
@@ -114,15 +125,16 @@ def score(name: str) -> dict:
     folder = row.models or OUT / name
     scan = read_volume(sample_dir() / "knee_mri.nrrd")
     truth = read_volume(sample_dir() / "knee_bones_labels.nrrd").array
-    if row.folds:
-        names = [f"{row.family}-{fold}.onnx" for fold in FOLDS]
+    names = [f"{row.family}-{fold}.onnx" for fold in FOLDS] if row.folds else [f"{row.family}.onnx"]
+    if row.slice_mm:
+        figures = thick_slices_scores(folder, names, scan, truth, row.slice_mm)
+    elif row.folds:
         validation = measure_validation(folder, row.family, scan, truth, compared_only=True)["validation"]["default pipeline"]
         family = measure_family(folder, row.family, scan, truth, compared_only=True)
         figures = {"validation": validation, "probabilities_stitched": family["heldout"]["default pipeline"],
                    "probabilities_stitched_no_closing": family["heldout"]["no closing, no hole filling (network and components only)"],
                    "segmentations_stitched": family["segmentations_stitched"], "verdicts": family["verdicts"]}
     else:
-        names = [f"{row.family}.onnx"]
         result = segment(scan, load_model(folder / names[0]), SegmentOptions(surfaces=False))
         band = np.s_[..., VALIDATION_BAND[0] : VALIDATION_BAND[1]]
         # The network's own bone (probability above a half, before anatomy names components): what the post-processing had to work with.
@@ -134,6 +146,46 @@ def score(name: str) -> dict:
     figures["training"] = {model: {"seconds": card.training["seconds"], "steps": card.training["steps"], "command": card.training["command"],
                                    "machine": card.training["machine"]} for model, card in zip(names, cards)}
     return {"row": name, "description": row.description, "scored": datetime.date.today().isoformat(), "scoring_machine": machine(), **figures}
+
+
+def thick_slices(scan, slice_mm: float):
+    """``scan`` as a sequence of ``slice_mm`` slices along i would give it: the same box, each slice the
+    anti-aliased average of the voxels it covers (:func:`resample_to_shape`)."""
+    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
+    from KneeBoneSegLib.volume import Geometry, Volume
+
+    columns = scan.array.shape[2]
+    slices = max(1, round(columns * scan.geometry.spacing[0] / slice_mm))
+    step = columns / slices  # old voxels per new slice
+    array = resample_to_shape(scan.array, (*scan.array.shape[:2], slices), order=1)
+    spacing = (scan.geometry.spacing[0] * step, *scan.geometry.spacing[1:])
+    origin = scan.geometry.index_to_lps([[(step - 1) / 2, 0.0, 0.0]])[0]
+    return Volume(array, Geometry(spacing, tuple(origin), scan.geometry.direction))
+
+
+def thick_slices_scores(folder: Path, names, scan, truth, slice_mm: float) -> dict:
+    """Each fold segments the thick-slice scan; its labels, brought back to the annotated grid, are scored
+    on the validation band (fold-right) and held out, stitched at the split (segmentations stitched)."""
+    import numpy as np
+    from heldout_table import split_of, stitched
+
+    from KneeBoneSegLib.metrics import evaluate_labels
+    from KneeBoneSegLib.network.models import load_model
+    from KneeBoneSegLib.pipeline import SegmentOptions, segment
+    from KneeBoneSegLib.preprocess.resampling import labels_onto_grid
+    from KneeBoneSegLib.volume import Volume
+
+    thick = thick_slices(scan, slice_mm)
+    models = [load_model(folder / name) for name in names]
+    split, sides = split_of([model.card for model in models])
+    results = [segment(thick, model, SegmentOptions(surfaces=False)) for model in models]
+    labels = [labels_onto_grid(Volume(result.labels, thick.geometry), scan) for result in results]
+    spacing = scan.geometry.spacing
+    band = np.s_[..., VALIDATION_BAND[0] : VALIDATION_BAND[1]]
+    return {"slices": {"count": thick.array.shape[2], "spacing_mm": [round(s, 4) for s in thick.geometry.spacing]},
+            "validation": evaluate_labels(labels[0][band], truth[band], spacing),
+            "segmentations_stitched": evaluate_labels(stitched(labels[sides["low"]], labels[sides["high"]], split), truth, spacing),
+            "verdicts": {name: result.verdict for name, result in zip(names, results)}}
 
 
 def machine() -> str:
@@ -153,7 +205,8 @@ def table_row(result: dict) -> dict:
     row = {"row": result["row"], "description": result["description"],
            "train_minutes_per_model": round(max(t["seconds"] for t in result["training"].values()) / 60, 1)}
     row.update({f"validation_{bone}": round(result["validation"][bone]["dice"], 4) for bone in BONES})
-    ways = [("whole_scan", "whole_scan")] if "whole_scan" in result else [("prob_stitched", "probabilities_stitched"), ("seg_stitched", "segmentations_stitched")]
+    ways = [(short, key) for short, key in (("whole_scan", "whole_scan"), ("prob_stitched", "probabilities_stitched"),
+                                            ("seg_stitched", "segmentations_stitched")) if key in result]
     for short, key in ways:
         row.update({f"{short}_{bone}": round(result[key][bone]["dice"], 4) for bone in BONES})
         row[f"{short}_hd95_mm"] = round(result[key]["all"]["hd95_mm"], 2)

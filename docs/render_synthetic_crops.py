@@ -4,7 +4,9 @@
 
 The first row holds crops of the annotated low-field scan as the 2D recipe
 draws them; the others, crops synthesised from the three other knees' label
-maps (KneeBoneSegLib.training.synthesis), seeded.
+maps (KneeBoneSegLib.training.synthesis), seeded: two rows by the first
+rows' generator, two with every decoy in every crop (marrow-bright tissue,
+dark lines between tissues, cartilage and menisci darker than marrow).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(sample: Path, other_knees: Path, output: Path) -> None:
     rows = [("real (low-field sample)", SliceSampler([real], 64, 0.5, Augmentation.none(), seed=0).batch(COLUMNS))]
     synthetic = SyntheticSliceSampler(maps, 64, 0.5, Synthesis(), seed=0)
     rows += [("synthetic (other knees)", synthetic.batch(COLUMNS)) for _ in range(2)]
+    decoys = SyntheticSliceSampler(maps, 64, 0.5, Synthesis(marrow_like_tissue=1.0, tissue_lines=1.0, joint_darker=1.0), seed=0)
+    rows += [("synthetic with decoys", decoys.batch(COLUMNS)) for _ in range(2)]
     figure, axes = plt.subplots(len(rows), COLUMNS, figsize=(COLUMNS * 1.3, len(rows) * 1.45))
     for (title, (images, targets)), line in zip(rows, axes):
         line[0].set_title(title, fontsize=8, loc="left")

@@ -12,9 +12,10 @@ from ..errors import InputError
 from ..network.architectures import ARCHITECTURES, NORMALIZATIONS
 from .augmentation import Augmentation
 from .config import TrainingConfig, fill_from_architecture
+from .synthesis import Synthesis
 
 
-_NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_bar", "synthesis")
+_NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_bar")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the crops synthesised from label maps; 1: no real image at all (default: %(default)s)")
     parser.add_argument("--synthesize-training-labels", type=_boolean, default=default.synthesize_training_labels, metavar="true|false",
                         help="synthesise images from the training pairs' label maps too, on their training range (default: %(default)s)")
+    parser.add_argument("--synthesis", type=_synthesis, default=default.synthesis,
+                        help=f"how images are synthesised: JSON overriding some of {json.dumps(asdict(default.synthesis))}")
     parser.add_argument("--seed", type=int, default=default.seed, help="(default: %(default)s)")
     parser.add_argument("--initial-model", type=Path, default=None,
                         help="fine-tune this .keras model (its card sets patch size, normalisation and spacing)")
@@ -95,8 +98,9 @@ def command_line(config: TrainingConfig) -> str:
             for path, bones in value:
                 words += ["--synthetic-map", _portable(path), "all" if bones is None else ",".join(map(str, bones))]
         elif isinstance(value, Augmentation):
-            changed = {k: v for k, v in asdict(value).items() if v != getattr(default.augmentation, k)}
-            words += [flag, "none" if value == Augmentation.none() else json.dumps(changed)]
+            words += [flag, "none" if value == Augmentation.none() else json.dumps(_changes(value, default.augmentation))]
+        elif isinstance(value, Synthesis):
+            words += [flag, json.dumps(_changes(value, default.synthesis))]
         elif isinstance(value, dict):
             words += [flag, json.dumps(value)]
         elif isinstance(value, tuple):
@@ -140,6 +144,22 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"method\": \"percentile\"}'")
     return value
+
+
+def _changes(value, default) -> dict:
+    """The fields of the dataclass ``value`` that differ from ``default``'s, as the JSON options take them."""
+    defaults = asdict(default)
+    return {k: v for k, v in asdict(value).items() if v != defaults[k]}
+
+
+def _synthesis(text: str) -> Synthesis:
+    changes = _json_object(text)
+    unknown = set(changes) - {f.name for f in fields(Synthesis)}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown synthesis setting {', '.join(sorted(unknown))}")
+    if "augmentation" in changes:
+        changes["augmentation"] = replace(Synthesis().augmentation, **changes["augmentation"])
+    return replace(Synthesis(), **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
 
 def _augmentation(text: str) -> Augmentation:

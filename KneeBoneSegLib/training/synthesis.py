@@ -11,6 +11,12 @@ one scanner's contrast, only shapes and boundaries:
 - a background of a few pseudo-tissues, cut from a smooth random field, and
   air outside a body outline a random margin from the labelled structures, so
   that "bone" is never simply "not uniform";
+- decoys, each in a random share of the crops, so that neither a dark outline
+  nor a marrow-bright inside is by itself bone: one background tissue as
+  bright as a bone's marrow (fat is, in the low-field scan), the boundaries
+  between background tissues drawn as dark lines (fascia, tendons, vessel
+  walls), and cartilage and menisci darker than every marrow (as the real
+  joint space is);
 - elastic deformation on top of the sampler's flips, rotation and zoom; blur
   to a random resolution along each in-plane axis (thick slices either way);
   then the sampler's gamma, bias field, contrast and noise.
@@ -46,6 +52,11 @@ class Synthesis:
     air_intensity: tuple = (0.0, 0.1)
     elastic_mm: float = 3.0  # largest elastic displacement
     resolution_mm: tuple = (0.7, 4.0)  # blurred to this resolution (FWHM) along each in-plane axis, drawn apart
+    # Decoys: the share of crops that get each (0: never, the generator of the first rows).
+    marrow_like_tissue: float = 0.0  # one background tissue takes a bone's marrow intensity
+    tissue_lines: float = 0.0  # dark lines along the background tissues' boundaries
+    line_mm: tuple = (0.3, 1.0)  # half the width of those lines
+    joint_darker: float = 0.0  # the labelled structures that are not bone darker than every marrow
     # The sampler's own changes for synthetic crops, whatever the real crops get.
     augmentation: Augmentation = Augmentation(rotation_deg=15.0, scale=0.15, gamma=0.4, bias_field=0.5, contrast=0.2, noise=0.05)
 
@@ -162,6 +173,13 @@ def elastic_displacement(size: int, spacing_mm, settings: Synthesis, rng: np.ran
     return (field * scale[:, None, None]).reshape(2, -1)
 
 
+def _distance_to_cuts(field: np.ndarray, cuts: np.ndarray, spacing_mm) -> np.ndarray:
+    """About how far (mm) each pixel lies from the nearest level ``cuts`` of a smooth ``field``: the value gap over the slope."""
+    gradient = np.gradient(field, *np.asarray(spacing_mm, dtype=np.float32))
+    slope = np.sqrt(gradient[0] ** 2 + gradient[1] ** 2) + 1e-6
+    return np.abs(field[..., None] - cuts).min(axis=-1) / slope
+
+
 def synthesize_crop(labels, is_bone, bone_depth_mm, body_mm, spacing_mm, settings: Synthesis, rng: np.random.Generator) -> np.ndarray:
     """One crop's image from its sampled label map: structures, cortex, background tissues, air and blur.
 
@@ -191,10 +209,19 @@ def synthesize_crop(labels, is_bone, bone_depth_mm, body_mm, spacing_mm, setting
     cuts = np.sort(rng.uniform(field.min(), field.max(), size=classes - 1))
     tissue_means = rng.uniform(0.0, 1.0, size=classes).astype(np.float32)
     tissue_spreads = rng.uniform(0.0, settings.spread, size=classes).astype(np.float32)
+    marrows = means[is_bone]
+    if settings.joint_darker and rng.uniform() < settings.joint_darker:
+        others = ~is_bone & (np.arange(count) > 0)
+        means[others] = rng.uniform(0.0, marrows.min(), size=int(others.sum()))
+    if settings.marrow_like_tissue and rng.uniform() < settings.marrow_like_tissue:
+        tissue_means[rng.integers(classes)] = np.clip(rng.choice(marrows) + rng.normal(0.0, 0.03), 0.0, 1.0)
     tissue = np.searchsorted(cuts, field)
     image = np.where(labels > 0, means[labels], tissue_means[tissue])
     spread = np.where(labels > 0, spreads[labels], tissue_spreads[tissue])
     image = image + spread * rng.standard_normal(size, dtype=np.float32)
+    if settings.tissue_lines and classes > 1 and rng.uniform() < settings.tissue_lines:
+        lines = (labels == 0) & (_distance_to_cuts(field, cuts, spacing_mm) < rng.uniform(*settings.line_mm))
+        image[lines] = rng.uniform(*settings.cortex_intensity) + 0.02 * rng.standard_normal(int(lines.sum()), dtype=np.float32)
     # Cortex: a dark shell of random thickness inside every bone.
     in_bone = is_bone[labels]
     cortex = in_bone & (bone_depth_mm < rng.uniform(*settings.cortex_mm))

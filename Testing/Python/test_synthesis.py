@@ -73,15 +73,20 @@ def test_a_fold_synthesises_only_from_its_training_side():
     assert whole.record["bone_labels"] == [1, 5, 6, 7, 8], "without bone values every labelled structure is bone"
 
 
-def test_each_structure_gets_its_own_intensity_a_dark_cortex_and_air_beyond_the_body():
-    rng = np.random.default_rng(3)
+def _square_bone_and_cartilage():
+    """A 64^2 crop: a bone (structure 1) with cartilage (2) beside it, their depth and body distances."""
     labels = np.zeros((64, 64), np.uint8)
-    labels[16:48, 16:48] = 1  # a bone
-    labels[16:48, 48:52] = 2  # cartilage beside it
-    is_bone = np.array([False, True, False])
+    labels[16:48, 16:48] = 1
+    labels[16:48, 48:52] = 2
     yy, xx = np.mgrid[:64, :64]
     depth = np.where(labels == 1, np.minimum.reduce([yy - 16, 47 - yy, xx - 16, 47 - xx]) + 0.5, 0).astype(np.float32)
     body = np.maximum.reduce([16 - yy, yy - 47, 16 - xx, xx - 51, np.zeros_like(yy)]).astype(np.float32)
+    return labels, np.array([False, True, False]), depth, body
+
+
+def test_each_structure_gets_its_own_intensity_a_dark_cortex_and_air_beyond_the_body():
+    rng = np.random.default_rng(3)
+    labels, is_bone, depth, body = _square_bone_and_cartilage()
     image = synthesize_crop(labels, is_bone, depth, body, (1.0, 1.0), PLAIN, rng)
     marrow, cartilage = image[24:40, 24:40], image[20:44, 49:51]
     assert np.ptp(marrow) == 0 and np.ptp(cartilage) < 0.1, "no spread: one intensity per structure (cortex noise aside)"
@@ -94,6 +99,30 @@ def test_each_structure_gets_its_own_intensity_a_dark_cortex_and_air_beyond_the_
     other = synthesize_crop(labels, is_bone, depth, body, (1.0, 1.0), PLAIN, np.random.default_rng(4))
     np.testing.assert_array_equal(image, again)
     assert not np.allclose(image, other)
+
+
+def test_decoys_make_marrow_bright_tissue_dark_lines_and_a_dark_joint():
+    labels, is_bone, depth, body = _square_bone_and_cartilage()
+    # Wide margin: no air, so every background voxel is a pseudo-tissue.
+    plain = replace(PLAIN, body_margin_mm=(100.0, 100.0))
+    decoys = replace(plain, marrow_like_tissue=1.0, tissue_lines=1.0, joint_darker=1.0)
+    background = labels == 0
+    marrow_gaps, dark_shares, plain_dark_shares = [], [], []
+    for seed in range(40):
+        image = synthesize_crop(labels, is_bone, depth, body, (1.0, 1.0), decoys, np.random.default_rng(seed))
+        marrow, cartilage = image[32, 32], image[30, 50]
+        assert cartilage <= marrow + 1e-6, "with joint_darker the cartilage is never brighter than the marrow"
+        tissue = image[background & (image > PLAIN.cortex_intensity[1] + 0.1)]
+        marrow_gaps.append(np.abs(tissue - marrow).min() if tissue.size else 1.0)
+        dark_shares.append((image[background] < PLAIN.cortex_intensity[1] + 0.1).mean())
+        plain_image = synthesize_crop(labels, is_bone, depth, body, (1.0, 1.0), plain, np.random.default_rng(seed))
+        plain_dark_shares.append((plain_image[background] < PLAIN.cortex_intensity[1] + 0.1).mean())
+    # Some background tissue takes the marrow's intensity (to within its jitter) in most crops.
+    assert np.median(marrow_gaps) < 0.05
+    # Dark lines: far more dark background than the tissues alone give, yet lines, not the whole background.
+    assert np.mean(dark_shares) > np.mean(plain_dark_shares) + 0.03 and np.mean(dark_shares) < 0.6
+    # Off (the default), the generator draws exactly what it drew before the decoys were added.
+    assert Synthesis().marrow_like_tissue == Synthesis().tissue_lines == Synthesis().joint_darker == 0.0
 
 
 def test_smooth_fields_interpolate_their_coarse_grid():
@@ -151,6 +180,13 @@ def test_the_command_line_takes_label_maps_their_bones_and_the_ratio(tmp_path):
     assert config.images == [] and config.synthetic_maps == [(Path("a.nrrd"), (5, 6, 7)), (Path("b.nrrd"), None)]
     rebuilt = config_from_args(parser.parse_args(__import__("shlex").split(command_line(config))[2:]))
     assert rebuilt.synthetic_maps == config.synthetic_maps and rebuilt.synthetic_fraction == 1.0
+    # The generator's settings: some overridden as JSON, recorded in the command, read back the same.
+    decoys = config_from_args(parser.parse_args([*arguments, "--synthesis", '{"tissue_lines": 0.5, "line_mm": [0.2, 0.4], "augmentation": {"noise": 0.1}}']))
+    assert decoys.synthesis == replace(Synthesis(), tissue_lines=0.5, line_mm=(0.2, 0.4), augmentation=replace(Synthesis().augmentation, noise=0.1))
+    assert "--synthesis" in command_line(decoys) and "--synthesis" not in command_line(config)
+    assert config_from_args(parser.parse_args(__import__("shlex").split(command_line(decoys))[2:])).synthesis == decoys.synthesis
+    with pytest.raises(SystemExit):
+        parser.parse_args([*arguments, "--synthesis", '{"tissue_line": 0.5}'])
 
     def refused(*extra, pairs=()):
         with pytest.raises(InputError) as error:

@@ -152,21 +152,22 @@ def _changes(value, default) -> dict:
     return {k: v for k, v in asdict(value).items() if v != defaults[k]}
 
 
+def _overridden(base, changes: dict, what: str):
+    """The dataclass ``base`` with the fields in ``changes`` (JSON lists as tuples); an unknown field is refused."""
+    unknown = set(changes) - {f.name for f in fields(base)}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(sorted(unknown))}")
+    return replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+
 def _synthesis(text: str) -> Synthesis:
     changes = _json_object(text)
-    unknown = set(changes) - {f.name for f in fields(Synthesis)}
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown synthesis setting {', '.join(sorted(unknown))}")
-    if "augmentation" in changes:
-        changes["augmentation"] = replace(Synthesis().augmentation, **changes["augmentation"])
-    return replace(Synthesis(), **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+    if isinstance(changes.get("augmentation"), dict):
+        changes["augmentation"] = _overridden(Synthesis().augmentation, changes["augmentation"], "augmentation")
+    return _overridden(Synthesis(), changes, "synthesis setting")
 
 
 def _augmentation(text: str) -> Augmentation:
     if text.lower() == "none":
         return Augmentation.none()
-    changes = _json_object(text)
-    unknown = set(changes) - {f.name for f in fields(Augmentation)}
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown augmentation {', '.join(sorted(unknown))}")
-    return replace(Augmentation(), **changes)
+    return _overridden(Augmentation(), _json_object(text), "augmentation")

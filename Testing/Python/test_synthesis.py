@@ -121,7 +121,7 @@ def test_decoys_make_marrow_bright_tissue_dark_lines_and_a_dark_joint():
     assert np.median(marrow_gaps) < 0.05
     # Dark lines: far more dark background than the tissues alone give, yet lines, not the whole background.
     assert np.mean(dark_shares) > np.mean(plain_dark_shares) + 0.03 and np.mean(dark_shares) < 0.6
-    # Off (the default), the generator draws exactly what it drew before the decoys were added.
+    # Off by default: the earlier rows' generator.
     assert Synthesis().marrow_like_tissue == Synthesis().tissue_lines == Synthesis().joint_darker == 0.0
 
 
@@ -187,6 +187,8 @@ def test_the_command_line_takes_label_maps_their_bones_and_the_ratio(tmp_path):
     assert config_from_args(parser.parse_args(__import__("shlex").split(command_line(decoys))[2:])).synthesis == decoys.synthesis
     with pytest.raises(SystemExit):
         parser.parse_args([*arguments, "--synthesis", '{"tissue_line": 0.5}'])
+    with pytest.raises(SystemExit):
+        parser.parse_args([*arguments, "--synthesis", '{"augmentation": {"nois": 0.1}}'])
 
     def refused(*extra, pairs=()):
         with pytest.raises(InputError) as error:

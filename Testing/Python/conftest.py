@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 SAMPLE_ENV = "KNEEBONESEG_SAMPLE_DIR"
+DICOM_ENV = "KNEEBONESEG_SAMPLE_DICOM"
 
 
 def pytest_collection_modifyitems(items):
@@ -24,7 +25,9 @@ def sample_dir() -> Path:
     value = os.environ.get(SAMPLE_ENV)
     if not value:
         pytest.skip(f"{SAMPLE_ENV} is not set: the annotated sample scan is not available on this machine")
-    path = Path(value)
+    # Resolved here, as the README's relative ``sample/`` must keep meaning the same folder wherever a test links or
+    # changes directory.
+    path = Path(value).resolve()
     if not (path / "knee_mri.nrrd").is_file():
         pytest.skip(f"{SAMPLE_ENV}={path} does not hold knee_mri.nrrd")
     return path
@@ -32,10 +35,13 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_dicom(sample_dir) -> Path:
-    """The sample's 16 original DICOM slices, which a folder written by ``kneeboneseg sample`` lacks."""
-    folder = sample_dir / "dicom_subset"
+    """The sample's 16 original DICOM slices: KNEEBONESEG_SAMPLE_DICOM, else the sample folder's dicom_subset/.
+
+    A folder written by ``kneeboneseg sample`` has no DICOM; the project's sample folder has them in dicom_subset/.
+    """
+    folder = Path(os.environ.get(DICOM_ENV) or sample_dir / "dicom_subset").resolve()
     if not folder.is_dir():
-        pytest.skip(f"{SAMPLE_ENV}={sample_dir} has no dicom_subset/ (the project's sample folder has it; kneeboneseg sample does not write it)")
+        pytest.skip(f"{folder} is not a folder: set {DICOM_ENV} to the sample's dicom_subset/ to run the DICOM tests")
     return folder
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,15 @@ def test_readme_is_short_and_its_links_exist(readme):
     assert len(readme.splitlines()) <= 250, "the README's main page stays under about 250 lines: move detail to docs/"
     for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme):
         assert (ROOT / link).exists(), f"the README links to {link}, which does not exist"
+
+
+def test_ci_runs_the_readme_test_line_as_written(readme):
+    """.ci/run finds the README's test line the way it does in CI, and gets that line, relative sample/ and all."""
+    (first_block,) = re.findall(r"```bash\n(.*?)```", readme, re.S)[:1]
+    test_lines = [line for line in first_block.splitlines() if line.endswith("# run the tests")]
+    assert len(test_lines) == 1, "the README's first block has one line ending '# run the tests', which .ci/run runs"
+    assert "KNEEBONESEG_SAMPLE_DIR=sample/ " in test_lines[0], "the test line uses the sample/ the line above writes"
+    extraction = re.search(r'^TEST_LINE="\$\((.*)\)"$', (ROOT / ".ci" / "run").read_text(), re.M)
+    assert extraction, ".ci/run sets TEST_LINE from the README"
+    found = subprocess.run(["bash", "-c", extraction.group(1)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == test_lines[0].removesuffix("# run the tests").strip()

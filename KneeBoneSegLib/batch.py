@@ -10,7 +10,7 @@
 - **Resumable.** A case whose folder holds a complete run for the same input,
   model and options is not run again; a case that failed (an error, or no bone
   passed) is not run again either unless ``retry_failed``. Outputs appear
-  whole or not at all (:func:`~KneeBoneSegLib.io.atomic.output_directory`), so
+  whole or not at all (:func:`~KneeBoneSegLib.atomic.output_directory`), so
   after a crash or a kill nothing half-written is taken for done.
 - **Faults stay contained.** A case that cannot be read or segmented gets
   status ``error`` and its one-line reason; the others go on.
@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 
 from .anatomy import BONES
 from .errors import InputError, KneeBoneSegError
-from .io.atomic import atomic_file
+from .atomic import atomic_file
 from .options import SegmentOptions
 
 log = logging.getLogger(__name__)

@@ -161,7 +161,7 @@ def _options_from_args(args):
 
 
 def _run_segment(args, reporter: _Reporter) -> dict:
-    from .io.atomic import check_output_folder
+    from .atomic import check_output_folder
     from .io.images import read_volume
     from .network.models import load_model_for
     from .io.outputs import write_outputs
@@ -187,7 +187,7 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
     from .io.images import read_mask
-    from .io.atomic import check_output_folder
+    from .atomic import check_output_folder
     from .io.outputs import write_outputs
     from .pipeline import postprocess
 

@@ -158,7 +158,8 @@ def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stag
     """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed,
     on the model's grid (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`, also returned)."""
     from .network.engines import as_network
-    from .network.inference import air_level, predict_slices, predict_volume
+    from .network.inference import predict_slices, predict_volume
+    from .preprocess.normalization import air_level
     from .trust.inputcheck import compare_with_card
     from .preprocess.normalization import normalize_intensities
     from .network.projections import iter_projections

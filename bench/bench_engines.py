@@ -48,7 +48,7 @@ from bench_slicer_first_use import PLATFORMS, first_use_download, slicer_pythons
 
 from KneeBoneSegLib.network.engines import cpu_description
 from KneeBoneSegLib.errors import KneeBoneSegError
-from KneeBoneSegLib.network.inference import air_level
+from KneeBoneSegLib.preprocess.normalization import air_level
 from KneeBoneSegLib.io.images import read_volume
 from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities

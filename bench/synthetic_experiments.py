@@ -225,7 +225,7 @@ def _bone_verdicts(verdict: dict) -> dict:
 
 
 def write_table(rows: list[dict]) -> None:
-    from KneeBoneSegLib.io.atomic import atomic_file
+    from KneeBoneSegLib.atomic import atomic_file
 
     columns = []
     for row in rows:

@@ -31,7 +31,8 @@ from vtk.util import numpy_support
 
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.io.images import read_volume
-from KneeBoneSegLib.postprocess.surfaces import Surface, bone_surface, read_stl, to_vtk_polydata
+from KneeBoneSegLib.io.meshes import read_stl
+from KneeBoneSegLib.postprocess.surfaces import Surface, bone_surface, to_vtk_polydata
 
 log = logging.getLogger("render_surfaces")
 

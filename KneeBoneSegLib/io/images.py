@@ -213,7 +213,7 @@ def write_volume(volume: Volume, path) -> Path:
     """Write ``volume`` with its geometry, compressed; the format follows the suffix.
 
     Supports ``.nrrd``, ``.nii``, ``.nii.gz`` and ``.mha``. The file is written
-    in place: write into an :func:`~KneeBoneSegLib.io.atomic.output_directory`
+    in place: write into an :func:`~KneeBoneSegLib.atomic.output_directory`
     staging folder to get all-or-nothing outputs.
     """
     path = Path(path)

@@ -1,6 +1,6 @@
 """A run's results as files: the segmentation, the surfaces, the summary.
 
-Every file goes through :mod:`~KneeBoneSegLib.io.atomic`, so the outputs
+Every file goes through :mod:`~KneeBoneSegLib.atomic`, so the outputs
 appear whole or not at all. The segmentation is a Slicer ``.seg.nrrd``
 whose segments carry the names, colours and SNOMED CT codes of
 :data:`~KneeBoneSegLib.anatomy.BONES`.
@@ -19,7 +19,7 @@ import numpy as np
 from ..anatomy import ANATOMICAL_STRUCTURE, BONES
 from ..errors import InputError
 from ..volume import Geometry, Volume
-from .atomic import atomic_file, output_directory
+from ..atomic import atomic_file, output_directory
 
 # The terminology context that holds these codes: the extension's own list
 # (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since
@@ -174,7 +174,7 @@ def write_outputs(
         ``verdict``: the report's (:mod:`~KneeBoneSegLib.trust.verdicts`).
     """
     from .images import write_volume
-    from ..postprocess.surfaces import write_stl
+    from .meshes import write_stl
 
     outdir = Path(outdir).absolute()
     with output_directory(outdir, overwrite=overwrite, inputs=inputs) as staging:
@@ -237,7 +237,7 @@ def read_outputs(folder) -> WrittenResult:
         ``folder`` holds no ``summary.json`` (it is not a run's output folder).
     """
     from .images import read_volume
-    from ..postprocess.surfaces import read_stl
+    from .meshes import read_stl
 
     folder = Path(folder)
     if not (folder / SUMMARY_FILE).is_file():

@@ -30,7 +30,7 @@ import numpy as np
 from ..anatomy import BONE_BY_KEY
 from ..errors import InputError, KneeBoneSegError
 from ..volume import Volume
-from .atomic import output_directory
+from ..atomic import output_directory
 from .dataset import DATASET_URL, IMAGE_FILE, LABELS_FILE, PUBLISHED_DIGESTS
 from .images import image_to_volume, write_volume
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from ..io.atomic import atomic_file
+from ..atomic import atomic_file
 from .models import card_path, default_card, file_sha256, read_card, write_card
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ stride: what scikit-image's ``view_as_windows`` gives, of which the
 ``patchify`` package the paper used is a thin alias that pins numpy<2), so
 tiles are copied only one batch at a time. Tiles of pure air, about half
 of a knee scan's field of view, can be left out of the network altogether
-(:func:`air_level`).
+(:func:`~KneeBoneSegLib.preprocess.normalization.air_level`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..options import AGGREGATIONS
-from ..preprocess.normalization import sampled_percentiles
 
 log = logging.getLogger(__name__)
-
-
-# Air in MRI is dark noise. On the sample scan (at the shipped model's 0.7 mm)
-# every 32^3 tile that holds bone reaches half the bright-tissue level, and in
-# the 44 % of tiles that stay below a tenth of it the network's highest bone
-# probability is 0.01: a tenth leaves out only what would be predicted as air.
-AIR_FRACTION_OF_TISSUE = 0.1
-_TISSUE_PERCENTILE = 99.5
 
 
 def padded_shape(shape, patch_size: int, stride: int) -> tuple[int, ...]:
@@ -47,17 +38,6 @@ def tile_weights(patch_size: int) -> np.ndarray:
     profile = np.exp(-0.5 * (position / (patch_size / 4)) ** 2)
     weights = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
-
-
-def air_level(image: np.ndarray, within: np.ndarray | None = None) -> float:
-    """Intensity below which a whole tile is air: 10 % of the image's bright-tissue level.
-
-    The bright-tissue level is the 99.5th percentile (of a strided sample),
-    so the level follows whatever intensity scale the model's normalisation gives.
-    ``within`` (bool, the image's shape) limits it to the scanned voxels, so
-    that a grid's empty margin does not lower it.
-    """
-    return AIR_FRACTION_OF_TISSUE * float(sampled_percentiles(image, _TISSUE_PERCENTILE, within))
 
 
 def tile_corners(shape, patch_size: int, stride: int) -> np.ndarray:
@@ -96,7 +76,7 @@ def predict_volume(
         stops the prediction.
     skip_below : float, optional
         Tiles none of whose voxels reaches this intensity (air, see
-        :func:`air_level`) are not run through the network and count as
+        :func:`~KneeBoneSegLib.preprocess.normalization.air_level`) are not run through the network and count as
         background, probability 0, in the aggregation.
 
     Returns

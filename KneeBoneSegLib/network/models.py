@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
-from ..io.atomic import atomic_file
+from ..atomic import atomic_file
 from ..preprocess.normalization import DEFAULT_NORMALIZATION
 
 SHIPPED_MODEL = "kneeboneseg-compact.onnx"

@@ -1,4 +1,4 @@
-"""Smoothed, closed bone surfaces in patient millimetres, and binary STL files.
+"""Smoothed, closed bone surfaces in patient millimetres (their STL files: :mod:`..io.meshes`).
 
 A bone's surface is the 0.5 isosurface of its mask (VTK's flying edges, a
 marching-cubes variant that is several times faster than scikit-image's
@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from ..errors import InputError
-from ..io.atomic import atomic_file
 from ..threads import thread_count
 from ..volume import Geometry
 from .morphology import bone_boxes, bounding_box
@@ -262,36 +260,3 @@ def to_vtk_polydata(surface: Surface):
     polydata.SetPoints(points)
     polydata.SetPolys(cells)
     return polydata
-
-
-def write_stl(surface: Surface, path) -> None:
-    """Write ``surface`` as a binary STL in LPS millimetres (VTK's writer), whole or not at all.
-
-    The header says ``SPACE=LPS``, which 3D Slicer reads to place the model.
-    """
-    import vtk
-
-    writer = vtk.vtkSTLWriter()
-    writer.SetInputData(to_vtk_polydata(surface))
-    writer.SetFileTypeToBinary()
-    writer.SetHeader("KneeBoneSeg surface SPACE=LPS units=mm")
-    with atomic_file(path) as temporary:
-        writer.SetFileName(str(temporary))
-        if not writer.Write():
-            raise OSError(f"VTK could not write {temporary.name}")
-
-
-def read_stl(path) -> Surface:
-    """Read an STL file (VTK's reader, vertices merged by position)."""
-    import vtk
-    from vtk.util import numpy_support
-
-    reader = vtk.vtkSTLReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    polydata = reader.GetOutput()
-    if polydata.GetNumberOfPolys() == 0:
-        raise InputError(f"{path} holds no triangles; it is not an STL surface")
-    vertices = numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(np.float64)
-    faces = numpy_support.vtk_to_numpy(polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
-    return Surface(vertices, faces.astype(np.int64))

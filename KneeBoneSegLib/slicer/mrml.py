@@ -24,7 +24,7 @@ from vtk.util import numpy_support
 
 from ..anatomy import BONE_BY_LABEL, BONES
 from ..errors import InputError, OutputError
-from ..io.atomic import output_directory
+from ..atomic import output_directory
 from ..io.images import geometry_from_ijk_to_lps
 from ..io.outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
 from ..postprocess.surfaces import Surface, to_vtk_polydata

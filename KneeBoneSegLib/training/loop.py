@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Cancelled, InputError
-from ..io.atomic import atomic_file
+from ..atomic import atomic_file
 from ..network.architectures import ARCHITECTURES
 from ..network.models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .arguments import command_line

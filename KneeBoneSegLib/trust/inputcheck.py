@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..network.inference import air_level
+from ..preprocess.normalization import air_level
 
 #: Quantiles (per cent) of the normalised tissue intensities that describe the histogram's shape.
 QUANTILES = tuple(range(5, 100, 5))

@@ -23,7 +23,7 @@ from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.network.projections import iter_projections, view_orders
 from KneeBoneSegLib.preprocess.resampling import MAX_ALIGNED_DEGREES, grid_shape_for_spacing
-from KneeBoneSegLib.postprocess.surfaces import read_stl
+from KneeBoneSegLib.io.meshes import read_stl
 from KneeBoneSegLib.volume import Geometry, Volume
 
 MINMAX = {"method": "minmax"}

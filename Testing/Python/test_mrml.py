@@ -21,7 +21,8 @@ from KneeBoneSegLib.slicer.mrml import (  # noqa: E402
     volume_from_node,
     volume_to_node,
 )
-from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume, read_stl  # noqa: E402
+from KneeBoneSegLib.io.meshes import read_stl  # noqa: E402
+from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume  # noqa: E402
 from KneeBoneSegLib.errors import InputError  # noqa: E402
 from KneeBoneSegLib.volume import Geometry, Volume  # noqa: E402
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from KneeBoneSegLib.anatomy import ANATOMICAL_STRUCTURE, BONE_BY_LABEL, BONES
 from KneeBoneSegLib.errors import Cancelled, OutputError
-from KneeBoneSegLib.io.atomic import atomic_file, check_output_folder, output_directory
+from KneeBoneSegLib.atomic import atomic_file, check_output_folder, output_directory
 from KneeBoneSegLib.io.outputs import write_json, write_segmentation_nrrd
 from KneeBoneSegLib.volume import Geometry
 

@@ -7,6 +7,7 @@ import pytest
 from skimage.measure import marching_cubes
 
 from KneeBoneSegLib.errors import InputError
+from KneeBoneSegLib.io.meshes import read_stl, write_stl
 from KneeBoneSegLib.postprocess.surfaces import (
     Surface,
     bone_surface,
@@ -15,10 +16,8 @@ from KneeBoneSegLib.postprocess.surfaces import (
     extract_surface,
     is_watertight,
     mesh_edges,
-    read_stl,
     smooth_laplacian,
     surface_area,
-    write_stl,
 )
 from KneeBoneSegLib.volume import Geometry
 

@@ -19,7 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..errors import OutputError
+from .errors import OutputError
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@
 ``kneeboneseg segment`` writes, in ``OUTDIR/<case>/``, and keeps
 ``OUTDIR/cases.csv`` with a row per case, rewritten whole after each case.
 
-- **Cases** (:func:`find_cases`): image files, DICOM folders (every series in
-  the tree is a case, named from patient, study and series, so names stay the
-  same from run to run), or a CSV file with a case id and a path per row.
+- **Cases** (:func:`find_cases`): image files, folders (every image file and
+  every DICOM series in the tree is a case, a series named from patient, study
+  and series, so names stay the same from run to run), or a CSV file with a
+  case id and a path per row.
 - **Resumable.** A case whose folder holds a complete run for the same input,
   model and options is not run again; a case that failed (an error, or no bone
   passed) is not run again either unless ``retry_failed``. Outputs appear
@@ -35,6 +36,7 @@ from typing import Callable, Iterable
 from .anatomy import BONES
 from .errors import InputError, KneeBoneSegError
 from .atomic import atomic_file
+from .io.images import find_scans, image_name
 from .options import SegmentOptions
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 TABLE_FILE = "cases.csv"
 ERROR_FILE = "error.json"
 LOG_FOLDER = "logs"
-IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
 STATUSES = ("ok", "review", "failed", "error")
 COLUMNS = (
     ["id", "input", "status", "error"]
@@ -60,7 +61,8 @@ class Case:
 
 
 def find_cases(inputs: Iterable) -> list[Case]:
-    """The cases named by ``inputs``: image files, DICOM folders (one case per series in the tree) or CSV files.
+    """The cases named by ``inputs``: image files, folders (a case per image file and per DICOM series in the tree)
+    or CSV files.
 
     A CSV file has a header with ``id`` and ``path`` columns (relative paths
     are taken from the CSV's folder). Ids are made safe as folder names and
@@ -72,13 +74,13 @@ def find_cases(inputs: Iterable) -> list[Case]:
         if item.suffix.lower() == ".csv":
             cases += _cases_from_csv(item)
         elif item.is_dir():
-            cases += _dicom_cases(item)
+            cases += _folder_cases(item)
         elif item.is_file():
-            cases.append(Case(_image_id(item), item))
+            cases.append(Case(_safe(image_name(item)), item))
         else:
-            raise InputError(f"{item} does not exist; give image files, DICOM folders or a CSV of cases")
+            raise InputError(f"{item} does not exist; give image files, folders of image files or DICOM series, or a CSV of cases")
     if not cases:
-        raise InputError("no cases found in the inputs; give image files, DICOM folders or a CSV with id and path columns")
+        raise InputError("no cases found in the inputs; give image files, folders of image files or DICOM series, or a CSV with id and path columns")
     seen: dict = {}
     unique = []
     for case in cases:
@@ -89,14 +91,6 @@ def find_cases(inputs: Iterable) -> list[Case]:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "case"
-
-
-def _image_id(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return _safe(name[: -len(suffix)])
-    return _safe(path.stem)
 
 
 def _cases_from_csv(path: Path) -> list[Case]:
@@ -110,23 +104,14 @@ def _cases_from_csv(path: Path) -> list[Case]:
     return [Case(_safe(row["id"]), (path.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])) for row in rows]
 
 
-def _dicom_cases(folder: Path) -> list[Case]:
-    """One case per DICOM series in the tree under ``folder``, named ``<patient>_<study date>_<series number>``.
-
-    A case's input is its series' first file, from which the reader takes the whole series.
-    """
-    import SimpleITK as sitk
-
-    cases = []
-    for directory in sorted({folder, *(path for path in folder.rglob("*") if path.is_dir())}):
-        for series in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)):
-            first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series)[0]
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(first)
-            reader.ReadImageInformation()
-            tags = [reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else "" for key in ("0010|0020", "0008|0020", "0020|0011")]
-            name = "_".join(tag for tag in (tags[0] or "patient", tags[1], tags[2] or series[-8:]) if tag)
-            cases.append(Case(_safe(name), Path(first)))
+def _folder_cases(folder: Path) -> list[Case]:
+    """A case per image file in the tree under ``folder``, named after the file, and a case per DICOM series,
+    named ``<patient>_<study date>_<series number>`` so that names stay the same from run to run."""
+    images, series = find_scans(folder)
+    cases = [Case(_safe(image_name(path)), path) for path in images]
+    for first, tags in series:
+        parts = (tags["PatientID"] or "patient", tags["StudyDate"], tags["SeriesNumber"] or tags["SeriesInstanceUID"][-8:])
+        cases.append(Case(_safe("_".join(part for part in parts if part)), first))
     return cases
 
 

@@ -42,6 +42,8 @@ DICOM_TAGS = {
     "InversionTime": "0018|0082",
     "BodyPartExamined": "0018|0015",
 }
+#: DICOM tags that name a series (keyword: tag), for :func:`find_scans`.
+_SERIES_TAGS = {"PatientID": "0010|0020", "StudyDate": "0008|0020", "SeriesNumber": "0020|0011", "SeriesInstanceUID": "0020|000e"}
 # Largest ratio of voxel sizes the model handles without a warning: it was
 # trained on nearly isotropic scans (0.35 x 0.35 x 0.35 mm).
 ANISOTROPY_LIMIT = 2.0
@@ -92,6 +94,40 @@ def read_volume(path) -> Volume:
         " x ".join(f"{s:.4g}" for s in volume.geometry.spacing),
     )
     return volume
+
+
+def image_name(path) -> str:
+    """A file's name without its image suffix (``knee.nii.gz`` gives ``knee``), else without its last suffix."""
+    path = Path(path)
+    suffix = next((suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)), path.suffix)
+    return path.name[: len(path.name) - len(suffix)]
+
+
+def find_scans(folder) -> tuple[list[Path], list[tuple[Path, dict]]]:
+    """The scans in the tree under ``folder``: image files, and DICOM series.
+
+    Returns ``(image_files, series)``, sorted: every NRRD, NIfTI or MetaImage
+    file (segmentations left out), and for every DICOM series its first file,
+    from which :func:`read_volume` reads the whole series, with its
+    ``PatientID``, ``StudyDate``, ``SeriesNumber`` and ``SeriesInstanceUID``
+    (empty when absent). GDCM's warnings about folders without DICOM stay off
+    the terminal.
+    """
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    images = [path for path in files if _has_suffix(path, IMAGE_SUFFIXES) and not _has_suffix(path, SEGMENTATION_SUFFIX)]
+    others = {path.parent for path in files if not _has_suffix(path, IMAGE_SUFFIXES)}
+    series = []
+    for directory in sorted(others):
+        with _itk_warnings_off():
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+        for uid in uids:
+            first = Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), uid)[0])
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(first))
+            reader.ReadImageInformation()
+            tags = {name: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else "" for name, tag in _SERIES_TAGS.items()}
+            series.append((first, {**tags, "SeriesInstanceUID": tags["SeriesInstanceUID"] or uid}))
+    return images, series
 
 
 def read_mask(path) -> Volume:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,10 +61,33 @@ def test_cases_come_from_files_csv_rows_and_dicom_series(phantoms, tmp_path):
         find_cases([tmp_path / "bad.csv"])
 
 
-def test_each_dicom_series_is_a_case_named_from_its_tags(sample_dicom):
+def test_a_folder_is_a_case_per_image_file_in_its_tree_without_a_library_warning(phantoms, tmp_path, capfd):
+    scans = tmp_path / "scans"
+    (scans / "site b").mkdir(parents=True)
+    volume = read_volume(phantoms / "left.nrrd")
+    for name in ("knee01.nrrd", "knee02.mha", "site b/knee03.nii.gz", "site b/knee04.nii"):
+        write_volume(volume, scans / name)
+    (scans / "knee02.mha").rename(scans / "knee02.MHA")  # suffixes in any case
+    (scans / "notes.txt").write_text("not a scan")
+    (scans / "knee01.seg.nrrd").write_bytes((phantoms / "left.nrrd").read_bytes())  # a segmentation, not a scan
+    cases = find_cases([scans])
+    assert [(case.id, case.input.relative_to(scans).as_posix()) for case in cases] == [
+        ("knee01", "knee01.nrrd"), ("knee02", "knee02.MHA"), ("knee03", "site b/knee03.nii.gz"), ("knee04", "site b/knee04.nii")
+    ]
+    assert "GDCM" not in capfd.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no cases found"):
+        find_cases([tmp_path / "empty"])
+
+
+def test_each_dicom_series_is_a_case_named_from_its_tags(sample_dicom, phantoms, tmp_path):
     (case,) = find_cases([sample_dicom.parent / sample_dicom.name])
     assert case.input.parent == sample_dicom and "_" in case.id
     assert read_volume(case.input).array.shape[0] == 16  # the case's first file reads its whole series
+    tree = tmp_path / "tree"
+    shutil.copytree(sample_dicom, tree / "dicom")
+    shutil.copy(phantoms / "left.nrrd", tree / "left.nrrd")
+    assert [(found.id, found.input.parent.name) for found in find_cases([tree])] == [("left", "tree"), (case.id, "dicom")]
 
 
 def test_a_cohort_runs_once_resumes_and_contains_its_faults(phantoms, tmp_path):

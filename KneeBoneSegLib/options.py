@@ -29,7 +29,8 @@ FUSIONS = ("or", "vote", "mean")
 FUSION_CHOICES = ("model",) + FUSIONS
 AGGREGATIONS = ("or", "mean")
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-ENGINES = ("auto", "onnxruntime", "openvino")
+#: ``auto`` and the names of :data:`~KneeBoneSegLib.network.engines.ENGINE_REGISTRY`.
+ENGINES = ("auto", "onnxruntime", "openvino", "keras")
 #: Arithmetic the network may run in: float32 (the default, the same everywhere) or bfloat16.
 PRECISIONS = ("f32", "bf16")
 CLOSING_UNITS = ("mm", "voxels")
@@ -113,7 +114,7 @@ class SegmentOptions:
     smoothing_iterations: int = _option(20, "postprocess", "Laplacian smoothing iterations of the surfaces (default: 20)", minimum=0, maximum=200, commands=BOTH)
     surfaces: bool = _option(True, "postprocess", "skip the surfaces and STL files", flag="--no-surfaces", commands=BOTH)
     device: str = _option("auto", "run", "where the network runs (default: auto: a GPU when the engine has one)", choices=DEVICE_CHOICES)
-    engine: str = _option("auto", "run", "what runs a .onnx model (default: auto: OpenVINO on the CPU where it is installed, else ONNX Runtime)", choices=ENGINES)
+    engine: str = _option("auto", "run", "what runs the model (default: auto: for a .onnx model OpenVINO on the CPU where it is installed, else ONNX Runtime; Keras for .keras)", choices=ENGINES)
     threads: Optional[int] = _option(
         None, "run", "CPU threads every stage (the network too) may use (default: all cores this process may run on)", kind=int, minimum=1, commands=BOTH
     )

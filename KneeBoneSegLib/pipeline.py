@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -35,23 +35,22 @@ from . import __version__
 from .anatomy import BONES
 from .errors import Cancelled, InputError
 from .io.images import check_volume
-from .network.models import Model, network_dimensions
-from .options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
+from .network.models import Model
+from .network.projections import fuse_probabilities
+from .options import SegmentOptions
 from .postprocess.components import label_bones
+from .postprocess.morphology import close_bones, fill_bone_holes
+from .postprocess.surfaces import bone_surfaces
 from .threads import thread_count, using_threads
+from .trust.confidence import ProjectionRange, bone_confidence
+from .trust.inputcheck import compare_with_card
+from .trust.plausibility import FieldOfView
+from .trust.verdicts import judge
 from .volume import Geometry, Volume
-
-if TYPE_CHECKING:  # imported where it is used: the resampling module loads SciPy
-    from .preprocess.resampling import ModelGrid
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-
-def fusion_rule(fusion: str, card) -> str:
-    """The fusion a run applies: ``fusion`` itself, or for ``"model"`` the card's rule (OR where it names none)."""
-    return (card.fusion or "or") if fusion == "model" else fusion
-
 
 @dataclass
 class SegmentationResult:
@@ -101,28 +100,37 @@ def segment(
     options: SegmentOptions | None = None,
     progress: Progress | None = None,
 ) -> SegmentationResult:
-    """Segment femur, tibia and patella in a knee MRI ``volume`` with ``model``.
+    """Segment femur, tibia and patella in a knee MRI ``volume`` with an opened ``model``.
 
     Returns labels (0 background, 1 femur, 2 tibia, 3 patella) and the fused
     bone probability on the input's grid, the smoothed surfaces of the bones
     found and a JSON-able report whose ``verdict`` says, per bone and for the
     run, whether to trust them (``ok``, ``review``, ``failed``, with reasons).
+    The network runs as ``model`` was opened (:func:`~KneeBoneSegLib.network.models.load_model`):
+    options that name another engine, device, precision or threads are refused
+    in one line, and the report records what ran.
     ``progress(stage, fraction)`` is called as
     the run goes; an exception raised from it cancels the run (:class:`Cancelled`).
     """
-    from .trust.confidence import ProjectionRange, bone_confidence
-    from .trust.plausibility import FieldOfView
-    from .network.projections import fuse_probabilities
-    from .trust.verdicts import judge
-
-    options = (options or SegmentOptions()).validate()
+    # Options that contradict the model are refused first, before any work on the scan.
+    options = model.check_options((options or SegmentOptions()).validate())
     stages = _Stages(progress)
     with using_threads(options.threads):
-        maps, grid, report = _projection_maps(volume, model, options, stages)
+        warnings = check_volume(volume, min_shape=(model.card.patch_size,) * 3, model_spacing=model.card.spacing_mm)
+        engine = model.describe()
+        log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
+        model_input = model.model_input(volume, run=stages.run)
+        input_check = compare_with_card(model_input.image, volume.geometry.spacing, volume.tags, model.card)
+        for difference in input_check["differences"]:
+            warnings.append(f"the scan differs from the model's training data: {difference}")
+            log.warning("the scan differs from the model's training data: %s", difference)
         # Each projection's map is folded into the fused one as it comes (never all three held),
         # and into the running range that measures their disagreement.
+        maps = model.projection_maps(model_input, options, stages.report)
+        grid = model_input.grid
+        del model_input  # the iterator holds the image only as long as it needs it
         spread = ProjectionRange()
-        fusion = fusion_rule(options.fusion, model.card)
+        fusion = model.fusion_rule(options.fusion)
         probability = stages.run("network", fuse_probabilities, spread.watch(maps), fusion)
         disagreement = spread.disagreement()
         if grid.resamples:
@@ -131,88 +139,13 @@ def segment(
                 disagreement = stages.run("resample", grid.to_scan, disagreement)
 
         result = postprocess(Volume(probability, volume.geometry), options, progress=progress, field_of_view=FieldOfView(volume.array), _stages=stages)
-    result.report.update(report, fusion=fusion, warnings=report["warnings"] + result.report.get("warnings", []))
+    model_record = {"path": str(model.path) if model.path else None, "name": model.card.name, "card": model.card.to_dict()}
+    result.report.update(model=model_record, device=engine["device"], engine=engine, input_check=input_check, fusion=fusion)
+    result.report["warnings"] = warnings + result.report.get("warnings", [])
     result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
     result.report["verdict"] = judge(result.report, model.card.confidence)
     result.uncertainty = disagreement if options.keep_uncertainty else None
     return result
-
-
-def predict_projection_maps(
-    volume: Volume,
-    model: Model,
-    options: SegmentOptions | None = None,
-    progress: Progress | None = None,
-) -> list[np.ndarray]:
-    """The network's bone probability for each projection, on the model's grid, before fusion.
-
-    The first stages of :func:`segment`, for callers that compare fusions
-    (``projections.fuse_probabilities``) without running the network again.
-    """
-    options = (options or SegmentOptions()).validate()
-    with using_threads(options.threads):
-        return list(_projection_maps(volume, model, options, _Stages(progress))[0])
-
-
-def _projection_maps(volume: Volume, model: Model, options: SegmentOptions, stages: _Stages) -> tuple[Iterator[np.ndarray], "ModelGrid", dict]:
-    """Check, normalise and resample now; the projections' maps one by one as the iterator is consumed,
-    on the model's grid (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`, also returned)."""
-    from .network.engines import as_network
-    from .network.inference import predict_slices, predict_volume
-    from .preprocess.normalization import air_level
-    from .trust.inputcheck import compare_with_card
-    from .preprocess.normalization import normalize_intensities
-    from .network.projections import iter_projections
-    from .preprocess.resampling import ModelGrid, obliquity_degrees
-
-    card = model.card
-    slices = network_dimensions(card) == 2
-    # Options that contradict the model are refused first, before any work on the scan.
-    if slices and options.stride is not None:
-        raise InputError("this model predicts whole slices, not sub-volumes, so a stride means nothing to it; leave --stride out")
-    stride = options.stride or card.stride
-    if not slices and stride > card.patch_size:
-        raise InputError(f"stride {stride} is larger than the model's {card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {card.patch_size}")
-    projections = options.projections or card.projections
-    if options.keep_uncertainty and projections < 3:
-        raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
-    warnings = check_volume(volume, min_shape=(card.patch_size,) * 3, model_spacing=card.spacing_mm)
-    network = as_network(model.network, options.device, options.threads)
-    engine = network.describe()
-    log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
-
-    image = stages.run("normalise", normalize_intensities, volume.array, card.normalization)
-    grid = ModelGrid(volume.geometry, image.shape, card.spacing_mm)
-    if grid.reoriented:
-        log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
-    if grid.resamples:
-        image = stages.run("resample", grid.from_scan, image)
-    input_check = compare_with_card(image, volume.geometry.spacing, volume.tags, card)
-    warnings += [f"the scan differs from the model's training data: {difference}" for difference in input_check["differences"]]
-    for difference in input_check["differences"]:
-        log.warning("the scan differs from the model's training data: %s", difference)
-    skip_below = air_level(image, within=grid.scanned()) if options.skip_air_tiles else None
-
-    def predict_view(view: np.ndarray, name: str) -> np.ndarray:
-        def batches_done(done: int, total: int) -> None:
-            stages.report(f"network: {name}", done / max(total, 1))
-
-        if slices:  # each projection's first axis is its plane's: the axial view's slices are axial
-            return predict_slices(view, network, 2 ** card.architecture["depth"], options.batch_size or SLICES_PER_CALL, batches_done, skip_below)
-        return predict_volume(
-            view,
-            network,
-            patch_size=card.patch_size,
-            stride=stride,
-            batch_size=options.batch_size or SUBVOLUMES_PER_CALL,
-            aggregate=options.aggregate,
-            progress=batches_done,
-            skip_below=skip_below,
-        )
-
-    maps = iter_projections(image, predict_view, projections=projections, direction=grid.direction)
-    del image  # the iterator holds it only as long as it needs it
-    return maps, grid, {"model": _model_summary(model), "device": engine["device"], "engine": engine, "input_check": input_check, "warnings": warnings}
 
 
 def postprocess(
@@ -239,10 +172,6 @@ def postprocess(
 
 
 def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field_of_view=None) -> SegmentationResult:
-    from .postprocess.morphology import close_bones, fill_bone_holes
-    from .postprocess.surfaces import bone_surfaces
-    from .trust.verdicts import judge
-
     array = volume.array
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
@@ -298,10 +227,6 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
     }
     report["verdict"] = judge(report)
     return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report)
-
-
-def _model_summary(model: Model) -> dict:
-    return {"path": str(model.path) if model.path else None, "name": model.card.name, "card": model.card.to_dict()}
 
 
 @functools.cache

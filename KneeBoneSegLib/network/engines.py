@@ -9,7 +9,13 @@ tiling (:mod:`.inference`) never knows which one runs:
     ``(None, p, p, p, 1)``, as Keras reports it;
 ``describe()``
     a JSON-able record of what ran (engine, device, provider, threads) for
-    the log and ``summary.json``.
+    the log and ``summary.json``;
+``device``, ``threads``, ``precision``
+    what the network was opened with (``"auto"`` and ``None`` as asked).
+
+The engines are entries of :data:`ENGINE_REGISTRY`, one per engine with the
+files it runs, the package it needs and the precisions it offers;
+:func:`open_network` picks from it.
 
 Every engine computes in float32 unless asked otherwise (``precision``), so
 that a scan gives the same bones on every CPU: OpenVINO's CPU plugin would
@@ -32,7 +38,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import InputError, ModelError
 from ..options import ENGINES, PRECISIONS
@@ -69,12 +77,6 @@ class _OnnxFileNetwork:
     def _version(self) -> str:
         raise NotImplementedError
 
-    def placed(self, device: str, threads: int | None):
-        """This network on ``device`` with ``threads`` (itself when it already is)."""
-        if (device, threads) == (self.device, self.threads):
-            return self
-        return type(self)(self.path, device, threads, self.precision)
-
     def describe(self) -> dict:
         return {
             "engine": self.engine,
@@ -99,8 +101,6 @@ class OnnxRuntimeNetwork(_OnnxFileNetwork):
     def _open(self):
         import onnxruntime
 
-        if self.precision != "f32":
-            raise InputError(f"ONNX Runtime runs this network in float32 only; --precision {self.precision} needs OpenVINO (pip install kneeboneseg[openvino], --engine openvino)")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: ONNX Runtime's notes are not for clinicians
         if self.threads:
@@ -194,6 +194,9 @@ class KerasNetwork:
 
     engine = "keras"
 
+    threads = None  # Keras sets its own thread pools
+    precision = "f32"
+
     def __init__(self, network, device: str = "auto", path: str | os.PathLike | None = None):
         self.network = network
         self.device = device
@@ -207,10 +210,6 @@ class KerasNetwork:
 
         with keras.device(self.keras_device):
             return keras.ops.convert_to_numpy(self.network.predict_on_batch(batch))
-
-    def placed(self, device: str, threads: int | None) -> "KerasNetwork":
-        """This network on ``device`` (Keras sets its own thread pools; ``threads`` is not applied)."""
-        return self if device == self.device else type(self)(self.network, device, self.path)
 
     def describe(self) -> dict:
         import keras
@@ -227,20 +226,48 @@ class KerasNetwork:
         }
 
 
-def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None, precision: str = "f32"):
-    """Open the network file ``path`` on the engine that runs it.
+@dataclass(frozen=True)
+class Engine:
+    """An engine that runs network files: which files, with which package, in which precisions."""
 
-    ``.onnx`` files run on ONNX Runtime, or on OpenVINO when ``engine`` is
-    ``"openvino"``; ``engine="auto"`` takes OpenVINO only where it is
-    installed and the network runs on the CPU (it is the faster CPU engine),
-    else ONNX Runtime; ``precision="bf16"`` takes OpenVINO too, the engine
-    that offers it. ``.keras`` files run on Keras (float32) whatever
-    ``engine`` says.
+    name: str
+    title: str  #: as its makers write it, for messages
+    suffixes: tuple  #: the network files it runs
+    package: str  #: the module it needs
+    install: str  #: what to install where that module is missing
+    precisions: tuple
+    open: Callable  #: ``open(path, device, threads, precision)``, an engine network
+    chosen_by_auto: Callable = lambda device: True  #: whether ``engine="auto"`` takes it for ``device``
+
+
+def _open_keras(path: Path, device: str, threads, precision: str) -> "KerasNetwork":
+    return KerasNetwork(_load_keras(path), device, path)
+
+
+#: The engines, in the order ``engine="auto"`` tries them: OpenVINO first where it runs (the faster one on a CPU).
+ENGINE_REGISTRY = {
+    engine.name: engine
+    for engine in (
+        Engine("openvino", "OpenVINO", (".onnx",), "openvino", "pip install kneeboneseg[openvino]", ("f32", "bf16"), OpenVinoNetwork, lambda device: _runs_on_cpu(device)),
+        Engine("onnxruntime", "ONNX Runtime", (".onnx",), "onnxruntime", "pip install onnxruntime (or reinstall kneeboneseg)", ("f32",), OnnxRuntimeNetwork),
+        Engine("keras", "Keras", (".keras",), "keras", "pip install kneeboneseg[train]", ("f32",), _open_keras),
+    )
+}
+
+
+def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None, precision: str = "f32"):
+    """Open the network file ``path`` on the engine that runs it (an entry of :data:`ENGINE_REGISTRY`).
+
+    ``engine="auto"`` takes the first installed engine of the registry that
+    runs the file's type in ``precision`` and is chosen for ``device``:
+    OpenVINO on the CPU where it is installed, else ONNX Runtime, for
+    ``.onnx`` files; Keras for ``.keras`` files.
 
     Raises
     ------
     InputError
-        An unknown engine, or an engine or device that is not installed.
+        An unknown engine, an engine that does not run this file or precision,
+        or one that is not installed.
     ModelError
         A file the engine cannot load.
     """
@@ -248,19 +275,23 @@ def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "a
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     check_precision(precision)
     path = Path(path)
-    if path.suffix == ".keras":
-        if precision != "f32":
-            raise InputError(f"{path}: a .keras model runs in float32 only; use its .onnx file with --precision {precision}")
-        return KerasNetwork(_load_keras(path), device, path)
-    if engine == "openvino" and not _available("openvino"):
-        raise InputError("--engine openvino was asked for, but OpenVINO is not installed; pip install kneeboneseg[openvino], or use --engine onnxruntime")
-    if engine == "auto" and precision != "f32" and _available("openvino"):
-        engine = "openvino"
-    if engine == "openvino" or (engine == "auto" and _available("openvino") and _runs_on_cpu(device)):
-        return OpenVinoNetwork(path, device, threads, precision)
-    if not _available("onnxruntime"):
-        raise InputError("ONNX Runtime is not installed: pip install onnxruntime (or reinstall kneeboneseg)")
-    return OnnxRuntimeNetwork(path, device, threads, precision)
+    runs_file = [entry for entry in ENGINE_REGISTRY.values() if path.suffix in entry.suffixes]
+    if engine == "auto":
+        offered = [entry for entry in runs_file if precision in entry.precisions] or runs_file
+        installed = [entry for entry in offered if _available(entry.package)] or offered
+        chosen = next((entry for entry in installed if entry.chosen_by_auto(device)), installed[-1])
+    else:
+        chosen = ENGINE_REGISTRY[engine]
+        if path.suffix not in chosen.suffixes:
+            runners = ", ".join(entry.name for entry in runs_file)
+            raise InputError(f"{path}: engine {engine} runs {' and '.join(chosen.suffixes)} files, not {path.suffix}; use --engine auto or {runners}")
+    if precision not in chosen.precisions:
+        other = next((entry for entry in ENGINE_REGISTRY.values() if precision in entry.precisions), None)
+        needs = f"{other.title} ({other.install}, --engine {other.name}, a .onnx model)" if other else "another engine"
+        raise InputError(f"{chosen.title} runs this network in float32 only; --precision {precision} needs {needs}")
+    if not _available(chosen.package):
+        raise InputError(f"{path.name} needs {chosen.title} (--engine {chosen.name}), which is not installed; {chosen.install}, or use --engine auto")
+    return chosen.open(path, device, threads, precision)
 
 
 def check_precision(precision: str) -> str:
@@ -300,13 +331,6 @@ def cpu_description() -> dict:
             found += [flag.upper() for flag in _LINUX_CPU_FLAGS if flag in flags]
             break
     return {"name": name, "machine": platform.machine(), "instruction_sets": found}
-
-
-def as_network(network, device: str = "auto", threads: int | None = None):
-    """``network`` placed on ``device``: an engine network as is, a bare Keras model wrapped."""
-    if hasattr(network, "placed"):
-        return network.placed(device, threads)
-    return KerasNetwork(network, device)
 
 
 def _runs_on_cpu(device: str) -> bool:

@@ -32,15 +32,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
-from ..errors import ModelError
+import numpy as np
+
 from ..atomic import atomic_file
-from ..preprocess.normalization import DEFAULT_NORMALIZATION
+from ..errors import InputError, ModelError
+from ..options import SLICES_PER_CALL, SUBVOLUMES_PER_CALL, SegmentOptions
+from ..preprocess.normalization import DEFAULT_NORMALIZATION, air_level, normalize_intensities
+from ..preprocess.resampling import ModelGrid, obliquity_degrees
+from ..threads import effective_threads
+from ..volume import Volume
+from .engines import open_network
+from .inference import predict_slices, predict_volume
+from .projections import fuse_probabilities, iter_projections
+
+log = logging.getLogger(__name__)
 
 SHIPPED_MODEL = "kneeboneseg-compact.onnx"
 MODEL_SUFFIXES = (".onnx", ".keras")
@@ -75,17 +88,116 @@ class ModelCard:
         return asdict(self)
 
 
-@dataclass
-class Model:
-    """A loaded network with its card.
+@dataclass(frozen=True)
+class ModelInput:
+    """A scan as a model sees it: the normalised image on the model's grid, and that grid (the way back)."""
 
-    ``network`` is an engine network (:mod:`.engines`) or a bare Keras model;
-    either maps a batch (B, p, p, p, 1) to probabilities with ``predict_on_batch``.
+    image: np.ndarray
+    grid: ModelGrid
+
+
+@dataclass(frozen=True)
+class Model:
+    """An opened model: its network, on the engine, device, threads and precision it was opened with, and its card.
+
+    It is the one source of truth for how the network runs (:meth:`describe`);
+    a run's options may not say otherwise (:meth:`check_options`). Open one
+    with :func:`load_model`. ``network`` is an engine network (:mod:`.engines`).
     """
 
     network: object
     card: ModelCard
     path: Path | None = None
+
+    def describe(self) -> dict:
+        """What runs the network: engine, version, device, provider, threads, precision and CPU."""
+        return self.network.describe()
+
+    def opened_with(self) -> dict:
+        """The engine, device, precision and threads the network runs with, as a run's options name them."""
+        ran = self.describe()
+        return {"engine": ran["engine"], "device": ran["device"], "precision": self.network.precision, "threads": effective_threads(self.network.threads)}
+
+    def check_options(self, options: SegmentOptions) -> SegmentOptions:
+        """``options`` with the engine, device, precision and threads this model runs with, or a one-line refusal.
+
+        Options that name another engine, device or precision than the one the
+        model was opened with, or other threads than it was opened for, are
+        refused (``auto`` and ``None`` name none), as are those that do not fit
+        the model: a stride for a network of slices, a stride past its
+        sub-volumes, an uncertainty map from one projection.
+        """
+        opened = self.opened_with()
+        asked = {"engine": options.engine, "device": options.device, "precision": options.precision, "threads": options.threads}
+        for name, value in asked.items():
+            if value not in (None, "auto", opened[name]):
+                raise InputError(
+                    f"the options ask for {name} {value}, but the model was opened for {opened[name]}; "
+                    f"open it with load_model(..., {name}={value!r}) or leave {name} out of the options"
+                )
+        slices = network_dimensions(self.card) == 2
+        if slices and options.stride is not None:
+            raise InputError("this model predicts whole slices, not sub-volumes, so a stride means nothing to it; leave --stride out")
+        stride = options.stride or self.card.stride
+        if not slices and stride > self.card.patch_size:
+            raise InputError(f"stride {stride} is larger than the model's {self.card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {self.card.patch_size}")
+        if options.keep_uncertainty and (options.projections or self.card.projections) < 3:
+            raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
+        return replace(options, **opened)
+
+    def fusion_rule(self, fusion: str) -> str:
+        """The fusion a run applies: ``fusion`` itself, or for ``"model"`` the card's rule (OR where it names none)."""
+        return (self.card.fusion or "or") if fusion == "model" else fusion
+
+    def model_input(self, volume: Volume, run=None) -> ModelInput:
+        """``volume`` normalised as the card says, on the model's grid (:class:`ModelGrid`: the card's spacing,
+        reoriented upright where the scan is oblique). ``run(stage, function, *args)`` times the two stages."""
+        run = run or (lambda stage, function, *args: function(*args))
+        image = run("normalise", normalize_intensities, volume.array, self.card.normalization)
+        grid = ModelGrid(volume.geometry, image.shape, self.card.spacing_mm)
+        if grid.reoriented:
+            log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
+        if grid.resamples:
+            image = run("resample", grid.from_scan, image)
+        return ModelInput(image, grid)
+
+    def projection_maps(self, model_input: ModelInput, options: SegmentOptions | None = None, progress=None) -> Iterator[np.ndarray]:
+        """The network's bone probability on each projection of ``model_input``, on the model's grid, one at a time.
+
+        ``options``' network stage says how (projections, stride, aggregation,
+        batch, air tiles); ``progress(stage, fraction)`` follows the batches.
+        """
+        options = self.check_options((options or SegmentOptions()).validate())
+        card, image, grid = self.card, model_input.image, model_input.grid
+        skip_below = air_level(image, within=grid.scanned()) if options.skip_air_tiles else None
+
+        def predict_view(view: np.ndarray, name: str) -> np.ndarray:
+            def batches_done(done: int, total: int) -> None:
+                if progress is not None:
+                    progress(f"network: {name}", done / max(total, 1))
+
+            if network_dimensions(card) == 2:  # each projection's first axis is its plane's: the axial view's slices are axial
+                return predict_slices(view, self.network, 2 ** card.architecture["depth"], options.batch_size or SLICES_PER_CALL, batches_done, skip_below)
+            return predict_volume(
+                view,
+                self.network,
+                patch_size=card.patch_size,
+                stride=options.stride or card.stride,
+                batch_size=options.batch_size or SUBVOLUMES_PER_CALL,
+                aggregate=options.aggregate,
+                progress=batches_done,
+                skip_below=skip_below,
+            )
+
+        return iter_projections(image, predict_view, projections=options.projections or card.projections, direction=grid.direction)
+
+    def predict(self, volume: Volume, options: SegmentOptions | None = None, progress=None) -> np.ndarray:
+        """The fused bone probability of ``volume`` on its own grid (float32): :meth:`model_input`,
+        :meth:`projection_maps`, fused by ``options.fusion``, brought back to the scan's grid."""
+        options = (options or SegmentOptions()).validate()
+        model_input = self.model_input(volume)
+        probability = fuse_probabilities(self.projection_maps(model_input, options, progress), self.fusion_rule(options.fusion))
+        return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
 
 
 def card_path(model_path: str | os.PathLike) -> Path:
@@ -128,14 +240,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_model(model: Model, path: str | os.PathLike) -> Path:
-    """Write ``path`` (``.keras``) and its JSON card beside it."""
+def save_model(network, card: ModelCard, path: str | os.PathLike) -> Path:
+    """Write the Keras ``network`` to ``path`` (``.keras``) and ``card`` beside it."""
     path = Path(path)
     if path.suffix != ".keras":
         raise ModelError(f"{path}: model files must end in .keras")
     with atomic_file(path) as partial:
-        model.network.save(partial)
-    write_card(model.card, path)
+        network.save(partial)
+    write_card(card, path)
     return path
 
 
@@ -147,15 +259,14 @@ def load_model(
     threads: int | None = None,
     precision: str = "f32",
 ) -> Model:
-    """Load a ``.onnx`` (or ``.keras``) model and its card, and check it fits the pipeline.
+    """Open a ``.onnx`` (or ``.keras``) model and its card, and check it fits the pipeline.
 
     ``card`` overrides the card file (or stands in for a missing one).
     ``engine``, ``device``, ``threads`` and ``precision`` say where and how
-    the network runs (:func:`.engines.open_network`). Raises :class:`ModelError` with a
+    the network runs (:func:`.engines.open_network`); the :class:`Model`
+    keeps them for every run. Raises :class:`ModelError` with a
     one-line reason for a missing, corrupt or wrongly shaped model.
     """
-    from .engines import open_network
-
     path = Path(path)
     if path.suffix not in MODEL_SUFFIXES:
         raise ModelError(f"{path}: a model file ends in .onnx (to segment) or .keras (to train); pass --model with one")

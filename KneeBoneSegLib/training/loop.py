@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import Cancelled, InputError
 from ..atomic import atomic_file
 from ..network.architectures import ARCHITECTURES
-from ..network.models import Model, ModelCard, file_sha256, load_model, network_dimensions, save_model
+from ..network.models import ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .arguments import command_line
 from .config import TrainingConfig, TrainingResult
 from .data import heldout_range, prepare_volume, samplers
@@ -142,7 +142,7 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     if not config.checkpoint_path.is_file() or state.step % config.steps_per_epoch:
         _save_checkpoint(config.checkpoint_path, network, best_weights, state)
     card.training = _training_record(config, state, data, started, synthesis_record)
-    save_model(_export(network, best_weights, card), config.output)
+    save_model(_export(network, best_weights), card, config.output)
     card.export = {"onnx": export_onnx(config.output)}  # what segmenting runs, beside the .keras file
     return TrainingResult(config.output, card, state.history, network, state.step, round(state.seconds, 1))
 
@@ -165,7 +165,7 @@ def _end_epoch(config, card, network, state: _State, best_weights, validation, d
         state.best_loss, state.best_epoch = validation_loss, epoch
         best_weights = network.get_weights()
         card.training = _training_record(config, state, data, started, synthesis_record)
-        save_model(_export(network, best_weights, card), config.output)
+        save_model(_export(network, best_weights), card, config.output)
     _save_checkpoint(config.checkpoint_path, network, best_weights, state)
     write_loss_curves(state.history, config.curves_path)
     log.info(
@@ -242,11 +242,11 @@ def _initial_network(config: TrainingConfig):
     return network, card
 
 
-def _export(network, weights, card: ModelCard) -> Model:
+def _export(network, weights):
     """An uncompiled copy of ``network`` holding ``weights``: the shipped file carries no optimiser state."""
     copy = type(network).from_config(network.get_config())
     copy.set_weights(weights)
-    return Model(network=copy, card=card)
+    return copy
 
 
 def _signature(config: TrainingConfig) -> dict:

@@ -14,7 +14,8 @@ import pytest
 from conftest import knee_phantom, write_threshold_onnx
 
 from KneeBoneSegLib.network.devices import select_onnxruntime_providers, select_openvino_device
-from KneeBoneSegLib.network.engines import open_network
+from KneeBoneSegLib.network.engines import ENGINE_REGISTRY, open_network
+from KneeBoneSegLib.options import ENGINES
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io.images import write_volume
 from KneeBoneSegLib.metrics import dice
@@ -82,7 +83,7 @@ def test_other_precisions_are_refused_with_the_choices(tmp_path):
         open_network(path, engine="onnxruntime", precision="bf16")
     with pytest.raises(InputError, match="precision must be one of f32, bf16, not 'fp16'"):
         open_network(path, precision="fp16")
-    with pytest.raises(InputError, match="a .keras model runs in float32 only"):
+    with pytest.raises(InputError, match="Keras runs this network in float32 only; --precision bf16 needs OpenVINO"):
         open_network(MODELS / Path(SHIPPED_MODEL).with_suffix(".keras"), precision="bf16")
 
 
@@ -205,8 +206,11 @@ def test_an_unknown_engine_and_a_missing_openvino_are_clear_errors(tmp_path):
     path = write_threshold_onnx(tmp_path / "threshold.onnx")
     with pytest.raises(InputError, match="engine must be one of"):
         open_network(path, engine="tensorrt")
+    with pytest.raises(InputError, match="engine keras runs .keras files, not .onnx; use --engine auto or openvino, onnxruntime"):
+        open_network(path, engine="keras")
+    assert set(ENGINES) == {"auto", *ENGINE_REGISTRY}, "the options offer every engine of the registry"
     if not HAS_OPENVINO:
-        with pytest.raises(InputError, match=r"pip install kneeboneseg\[openvino\]"):
+        with pytest.raises(InputError, match=r"needs OpenVINO \(--engine openvino\), which is not installed; pip install kneeboneseg\[openvino\]"):
             open_network(path, engine="openvino")
 
 

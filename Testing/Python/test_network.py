@@ -12,7 +12,7 @@ keras = pytest.importorskip("keras", reason="building and saving networks needs 
 
 from KneeBoneSegLib.errors import ModelError
 from KneeBoneSegLib.network.export import export_onnx
-from KneeBoneSegLib.network.models import Model, ModelCard, card_path, load_model, save_model
+from KneeBoneSegLib.network.models import ModelCard, card_path, load_model, save_model
 from KneeBoneSegLib.network.unet import build_unet
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
@@ -62,7 +62,7 @@ def test_patch_size_must_fit_the_depth():
 def test_model_and_card_round_trip(tmp_path, rng):
     network = build_unet(patch_size=16, base_filters=2, depth=2)
     card = ModelCard(name="tiny", architecture={"base_filters": 2, "depth": 2}, patch_size=16, stride=8, spacing_mm=[0.7, 0.7, 0.7])
-    path = save_model(Model(network, card), tmp_path / "tiny.keras")
+    path = save_model(network, card, tmp_path / "tiny.keras")
     loaded = load_model(path)
     assert loaded.card == card
     assert json.loads(card_path(path).read_text())["stride"] == 8
@@ -129,7 +129,7 @@ def test_model_of_the_wrong_shape_is_refused(tmp_path):
 
 
 def test_card_that_disagrees_with_the_network_is_refused(tmp_path):
-    path = save_model(Model(build_unet(16, 2, 2), ModelCard(patch_size=16)), tmp_path / "m.keras")
+    path = save_model(build_unet(16, 2, 2), ModelCard(patch_size=16), tmp_path / "m.keras")
     with pytest.raises(ModelError, match="card says 32"):
         load_model(path, card=ModelCard(patch_size=32))
 

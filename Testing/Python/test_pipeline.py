@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 from conftest import knee_phantom, position_network, write_threshold_onnx
 
 from KneeBoneSegLib.errors import Cancelled, InputError
+from KneeBoneSegLib.io.outputs import write_outputs
+from KneeBoneSegLib.network.engines import KerasNetwork
 from KneeBoneSegLib.network.models import Model, ModelCard, load_model
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, predict_projection_maps, segment
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.volume import Volume
 
 MINMAX = {"method": "minmax"}
@@ -103,10 +106,10 @@ def test_projection_and_fusion_variants_give_their_own_maps(phantom):
     image, _, geometry = phantom
     # A network whose output depends on where a voxel lies in its sub-volume, differently along
     # each axis: each projection (the patient axes in another order) predicts its own map.
-    model = Model(position_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
+    model = Model(KerasNetwork(position_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
     options = SegmentOptions(closing_radius=0, fill_holes=False, surfaces=False)
     volume = Volume(image, geometry)
-    maps = predict_projection_maps(volume, model, options)
+    maps = list(model.projection_maps(model.model_input(volume), options))
     assert len(maps) == 3 and all(not np.allclose(a, b, atol=1e-3) for a, b in ((maps[0], maps[1]), (maps[0], maps[2]), (maps[1], maps[2])))
     expected = {
         "or": np.max(maps, axis=0),
@@ -130,9 +133,9 @@ def test_the_model_card_says_how_many_projections_a_run_predicts_unless_told(pha
     image, _, geometry = phantom
     volume = Volume(image, geometry)
     for card_projections in (1, 3):
-        model = Model(position_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, projections=card_projections))
-        assert len(predict_projection_maps(volume, model, SegmentOptions())) == card_projections
-        assert len(predict_projection_maps(volume, model, SegmentOptions(projections=4 - card_projections))) == 4 - card_projections
+        model = Model(KerasNetwork(position_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX, projections=card_projections))
+        assert len(list(model.projection_maps(model.model_input(volume)))) == card_projections
+        assert len(list(model.projection_maps(model.model_input(volume), SegmentOptions(projections=4 - card_projections)))) == 4 - card_projections
     old_card = ModelCard.from_dict({"name": "before the field", "patch_size": 16, "stride": 8})
     assert old_card.projections == 3  # cards written before the field keep the three projections they were measured with
 
@@ -148,7 +151,7 @@ def test_a_2d_model_predicts_the_slices_of_each_plane_and_segments_the_bones(pha
     card = ModelCard(name="threshold-slices", architecture={"depth": 2, "dimensions": 2}, patch_size=16, normalization=MINMAX)
     slices = load_model(write_threshold_onnx(tmp_path / "slices.onnx", card, dimensions=2))
     assert slices.network.input_shape == (None, None, None, 1)
-    maps = predict_projection_maps(Volume(image, geometry), slices, SegmentOptions(skip_air_tiles=False))
+    maps = list(slices.projection_maps(slices.model_input(Volume(image, geometry)), SegmentOptions(skip_air_tiles=False)))
     # The network is voxel-wise, so each plane's slices, predicted whole, give one map: the scan's, thresholded.
     minmax = (image - image.min()) / (image.max() - image.min())
     for plane in maps:
@@ -158,3 +161,22 @@ def test_a_2d_model_predicts_the_slices_of_each_plane_and_segments_the_bones(pha
         assert _dice(result.labels == label, truth == label) > 0.97
     with pytest.raises(InputError, match="whole slices"):
         segment(Volume(image, geometry), slices, SegmentOptions(stride=8))
+
+
+def test_the_report_cannot_name_another_engine_precision_or_device_than_the_one_that_ran(phantom, tmp_path):
+    """The opened model says how the network runs; options that say otherwise are refused, and the summary records what ran."""
+    image, _, geometry = phantom
+    card = ModelCard(name="threshold", patch_size=16, stride=8, normalization=MINMAX)
+    model = load_model(write_threshold_onnx(tmp_path / "threshold.onnx", card), engine="onnxruntime", device="cpu", threads=1)
+    volume = Volume(image, geometry)
+    for contradiction, opened in ((dict(precision="bf16"), "f32"), (dict(device="gpu"), "cpu"), (dict(engine="openvino"), "onnxruntime"), (dict(threads=2), "1")):
+        with pytest.raises(InputError, match=f"but the model was opened for {opened}; open it with load_model") as refused:
+            segment(volume, model, SegmentOptions(projections=1, surfaces=False, **contradiction))
+        assert "\n" not in str(refused.value)
+    for agreeing in (SegmentOptions(projections=1, surfaces=False), SegmentOptions(projections=1, surfaces=False, engine="onnxruntime", device="cpu", threads=1)):
+        result = segment(volume, model, agreeing)
+        write_outputs(result, tmp_path / "out", overwrite=True)
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        ran, recorded = summary["engine"], summary["options"]
+        assert (ran["engine"], ran["device"], ran["precision"], ran["threads"]) == ("onnxruntime", "cpu", "f32", 1)
+        assert {name: recorded[name] for name in ("engine", "device", "precision", "threads")} == {"engine": "onnxruntime", "device": "cpu", "precision": "f32", "threads": 1}

@@ -54,9 +54,7 @@ MARGIN = 64
 
 @pytest.mark.slow
 def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
-    from KneeBoneSegLib.pipeline import postprocess, predict_projection_maps
-    from KneeBoneSegLib.network.projections import fuse_probabilities
-    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
+    from KneeBoneSegLib.pipeline import postprocess
 
     image, truth = sample_scan
     card = load_model(MODELS / SHIPPED_MODEL).card.quality["heldout"]
@@ -67,8 +65,7 @@ def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     probability = np.empty(image.array.shape, np.float32)
     for model, side, box in ((left, slice(0, split), slice(0, split + MARGIN)), (right, slice(split, None), slice(split - MARGIN, None))):
         crop = Volume(image.array[..., box], image.geometry.cropped((0, 0, box.start)))
-        fused = fuse_probabilities(predict_projection_maps(crop, model, SegmentOptions(projections=3)), "or")
-        fused = resample_to_shape(fused, crop.array.shape, order=1)
+        fused = model.predict(crop, SegmentOptions(projections=3, fusion="or"))
         probability[..., side] = fused[..., side.start - box.start : (side.stop or image.array.shape[2]) - box.start]
     result = postprocess(Volume(probability, image.geometry), SegmentOptions(surfaces=False))
     assert result.report["missing"] == []
@@ -86,16 +83,11 @@ def test_the_2d_familys_fold_model_finds_the_bone_where_it_never_trained(sample_
     thresholded, against the ground truth's bone: the network alone, before
     components and naming, on a part of the knee it never saw.
     """
-    from KneeBoneSegLib.pipeline import fusion_rule, predict_projection_maps
-    from KneeBoneSegLib.network.projections import fuse_probabilities
-    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
-
     image, truth = sample_scan
     model = load_model(MODELS / "kneeboneseg-slices-fold-right.onnx")
     assert model.card.heldout == {"axis": "i", "from": 172, "to": 512} and model.card.fusion == "vote"
     corner = (40, 100, 236)  # k, j, i: femur and tibia of the side the fold never trained on
     box = tuple(slice(c, c + n) for c, n in zip(corner, (200, 300, 160)))
     crop = Volume(image.array[box], image.geometry.cropped(corner))
-    fused = fuse_probabilities(predict_projection_maps(crop, model, SegmentOptions()), fusion_rule("model", model.card))
-    bone = resample_to_shape(fused, crop.array.shape, order=1) >= 0.5
+    bone = model.predict(crop) >= 0.5  # fused by the card's rule, on the crop's grid
     assert dice(bone, truth.array[box] > 0) > 0.95

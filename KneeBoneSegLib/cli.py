@@ -273,15 +273,15 @@ def _run_evaluate(args) -> None:
 def _run_info(args) -> None:
     from . import __version__
     from .network.devices import describe_devices
-    from .network.models import default_model_path, load_model
+    from .network.models import default_model_path, load_model, read_card
     from .pipeline import _versions
 
     info = {"kneeboneseg": __version__, "versions": _versions(), "devices": describe_devices()}
     model_path = default_model_path()
-    card_file = model_path.with_suffix(".json")
-    info["default_model"] = {"path": str(model_path), "card": json.loads(card_file.read_text(encoding="utf-8")) if card_file.is_file() else None}
-    # What a default `segment` runs on here, read back from the opened network: engine, device, precision, CPU.
-    info["engine"] = load_model(model_path).network.describe() if model_path.is_file() else None
+    card = read_card(model_path)
+    info["default_model"] = {"path": str(model_path), "card": card.to_dict() if card else None}
+    # What a default `segment` runs on here, read back from the opened model: engine, device, precision, CPU.
+    info["engine"] = load_model(model_path).describe() if model_path.is_file() else None
     print(json.dumps(info, indent=2) if args.json else info_summary(info))
 
 

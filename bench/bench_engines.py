@@ -46,14 +46,11 @@ from _sample import sample_dir
 from bench_pipeline import run as run_segment
 from bench_slicer_first_use import PLATFORMS, first_use_download, slicer_pythons
 
-from KneeBoneSegLib.network.engines import cpu_description
 from KneeBoneSegLib.errors import KneeBoneSegError
-from KneeBoneSegLib.preprocess.normalization import air_level
 from KneeBoneSegLib.io.images import read_volume
+from KneeBoneSegLib.network.engines import cpu_description
 from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model
-from KneeBoneSegLib.preprocess.normalization import normalize_intensities
-from KneeBoneSegLib.pipeline import SegmentOptions, predict_projection_maps
-from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.preprocess.normalization import air_level
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "Resources" / "Models"
@@ -134,11 +131,10 @@ def open_choices() -> dict:
     return models
 
 
-def tissue_batches(scan, card, count: int, size: int = 32) -> list[np.ndarray]:
+def tissue_batches(scan, model, count: int, size: int = 32) -> list[np.ndarray]:
     """``count`` batches of ``size`` sub-volumes of the scan on the model's grid, each holding tissue."""
-    image = normalize_intensities(scan.array, card.normalization)
-    image = resample_to_shape(image, grid_shape_for_spacing(image.shape, scan.geometry.spacing, card.spacing_mm), order=1)
-    level, p = air_level(image), card.patch_size
+    image = model.model_input(scan).image
+    level, p = air_level(image), model.card.patch_size
     rng = np.random.default_rng(0)
     tiles = []
     while len(tiles) < count * size:
@@ -200,7 +196,7 @@ def print_speeds(parts: set, rounds: int) -> None:
     card = models[REFERENCE].card
     print(f"model: {card.name} ({card.patch_size}^3 sub-volumes at {card.spacing_mm[0]} mm); scan: {scan_path.name} {' x '.join(map(str, scan.array.shape[::-1]))}")
     for name, model in models.items():
-        ran = model.network.describe()
+        ran = model.describe()
         print(f"  {name:34} {ran['engine']} {ran['version']} ({ran['provider']}, threads {ran['threads']}, precision read back: {ran['precision']})")
 
     if 1 in parts:
@@ -211,7 +207,7 @@ def print_speeds(parts: set, rounds: int) -> None:
             "onnxruntime f32, no spinning threads": OnnxRuntimeVariant(path, config={"session.intra_op.allow_spinning": "0"}),
             "onnxruntime f32, basic graph optimisation": OnnxRuntimeVariant(path, basic_optimisation=True),
         })  # fmt: skip
-        batches = tissue_batches(scan, card, 4)
+        batches = tissue_batches(scan, models[REFERENCE], 4)
         print(f"\n1. milliseconds per sub-volume, batches of 32 tissue sub-volumes, median of {rounds} interleaved rounds")
         print(f"  {'':44} {'ms':>7}  largest difference from {REFERENCE}")
         per_tile = per_subvolume_ms(networks, batches, rounds)
@@ -230,7 +226,7 @@ def print_network_stage(scan, models: dict) -> None:
     maps, seconds = {}, {}
     for name, model in models.items():
         start = time.perf_counter()
-        maps[name] = predict_projection_maps(scan, model, SegmentOptions(device="cpu"))
+        maps[name] = list(model.projection_maps(model.model_input(scan)))
         seconds[name] = time.perf_counter() - start
     for name in models:
         difference = max(float(np.abs(a - b).max()) for a, b in zip(maps[name], maps[REFERENCE]))

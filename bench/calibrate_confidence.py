@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +40,13 @@ from KneeBoneSegLib.anatomy import BONE_BY_KEY
 from KneeBoneSegLib.trust.confidence import bone_confidence
 from KneeBoneSegLib.trust.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
 from KneeBoneSegLib.io.images import read_volume
-from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path, load_model
-from KneeBoneSegLib.preprocess.normalization import normalize_intensities
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model, write_card
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
-from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 from KneeBoneSegLib.training.augmentation import Augmentation
 
 FAILED_SURE_SHARE = 0.5
 #: Least share of a bone's voxels on a fold's held-out side for that bone to count in the calibration.
 MIN_HELD_OUT_PART = 0.25
-
-
-def model_grid_image(volume, card) -> np.ndarray:
-    """The scan as the network sees it: normalised as the card says, on the card's grid."""
-    image = normalize_intensities(volume.array, card.normalization)
-    if card.spacing_mm:
-        image = resample_to_shape(image, grid_shape_for_spacing(image.shape, volume.geometry.spacing, card.spacing_mm), order=1)
-    return image
 
 
 def augmented_quantiles(image: np.ndarray, augmentation: Augmentation) -> list[np.ndarray]:
@@ -69,8 +60,8 @@ def augmented_quantiles(image: np.ndarray, augmentation: Augmentation) -> list[n
     return found
 
 
-def training_record(volume, dicom_tags: dict, card) -> dict:
-    image = model_grid_image(volume, card)
+def training_record(volume, dicom_tags: dict, model) -> dict:
+    image = model.model_input(volume).image  # the scan as the network sees it
     reference = tissue_quantiles(image)
     tolerance = max(histogram_distance(q, reference) for q in augmented_quantiles(image, Augmentation()))
     return {
@@ -124,9 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     data = sample_dir()
     volume = read_volume(data / "knee_mri.nrrd")
-    shipped_card_file = card_path(args.models / SHIPPED_MODEL)
-    card = load_model(args.models / SHIPPED_MODEL).card
-    record = training_record(volume, read_volume(data / "dicom_subset").tags, card)
+    shipped = load_model(args.models / SHIPPED_MODEL)
+    record = training_record(volume, read_volume(data / "dicom_subset").tags, shipped)
     print(f"training record: {json.dumps(record)}", flush=True)
     rows = heldout_confidence(volume, args.models)
     used = [row for row in rows if row["held_out_part"] >= MIN_HELD_OUT_PART]
@@ -140,10 +130,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"trained_on": record, "heldout": rows, "confidence": thresholds}, indent=2) + "\n", encoding="utf-8")
     if args.write_card:
-        stored = json.loads(shipped_card_file.read_text(encoding="utf-8"))
-        stored.update(trained_on=record, confidence=thresholds)
-        shipped_card_file.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {shipped_card_file}")
+        print(f"wrote {write_card(replace(shipped.card, trained_on=record, confidence=thresholds), shipped.path)}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,16 @@ reported held out on i >= 236. (The first rows, in
 of the bone, and every row failed.) A recipe is a set of ``kneeboneseg
 train`` settings (architecture ``coarse`` unless it says otherwise) plus how
 the model is run; ``gated`` rows train nothing: they gate a fine model's
-probabilities by a coarse model's dilated bone region; the ``slices`` row is
-the 2.5D arm, trained here (a 2D U-Net on slices of the three planes).
+probabilities by a coarse model's dilated bone region; the ``slices`` rows
+are the 2.5D arm, the library's 2D architecture (``kneeboneseg train
+--architecture slices``, a 2D U-Net on slices of the three planes), run
+through the library's model input and ``predict_slices``.
 Each run appends one row to ``bench/results/coarse_experiments.csv``
 (recipe, split, steps, minutes, machine, validation and held-out Dice per
 bone and all bone, held-out HD95 of all bone, the network alone's all-bone
 Dice before components and naming, and the network's time on the whole
-scan). A 3D row's training resumes from its checkpoint when a run is
-started again with the same recipe; the 2.5D arm trains in one piece.
+scan). A row's training resumes from its checkpoint when a run is
+started again with the same recipe.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from _sample import sample_dir
+from scipy import ndimage
 
 if "KERAS_BACKEND" not in os.environ:  # training steps are about three times cheaper on torch (bench/results/training_backends.txt)
     import importlib.util
@@ -47,8 +50,10 @@ from KneeBoneSegLib.network.engines import cpu_description  # noqa: E402
 from KneeBoneSegLib.errors import ModelError  # noqa: E402
 from KneeBoneSegLib.io.images import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
+from KneeBoneSegLib.network.inference import predict_slices, predict_whole_volume  # noqa: E402
 from KneeBoneSegLib.network.models import load_model  # noqa: E402
-from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, predict_projection_maps, postprocess  # noqa: E402
+from KneeBoneSegLib.options import SLICES_PER_CALL  # noqa: E402
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess  # noqa: E402
 from KneeBoneSegLib.training.augmentation import Augmentation  # noqa: E402
 from KneeBoneSegLib.training.config import TrainingConfig  # noqa: E402
 from KneeBoneSegLib.training.loop import train  # noqa: E402
@@ -61,6 +66,8 @@ VALIDATION_I = (172, 236)  # between fold-right's training side and its held-out
 HELD_OUT_I = (236, 512)
 LIGHT = replace(Augmentation.none(), flips=True, gamma=0.3)
 STRONG = replace(Augmentation(), projections=False, rotation_deg=30.0, scale=0.15)
+#: The 2.5D arm: the shipped 2D models' recipe (``kneeboneseg train --architecture slices``), on the experiments' columns.
+SLICES = {"architecture": "slices", "spacing_mm": 0.7, "crops_past_range": True, "augmentation": replace(LIGHT, projections=True), "epochs": 40, "steps_per_epoch": 100}
 #: name: (what it changes, training settings, run settings). Each row adds one change to the first.
 RECIPES = {
     "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma; run in 32^3 tiles", {}, {"tiles": True}),
@@ -72,18 +79,16 @@ RECIPES = {
     "batchnorm-1.4mm-w16": ("batch normalisation instead of instance normalisation", {"norm_layer": "batch"}, {}),
     "crops-past-range": ("crops may reach half their edge past the training side (labels there not trained on)", {"crops_past_range": True}, {}),
     "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model: the mean over the scan and its mirror image along each axis", "light-1.4mm-w16", {"mirror": True}),
-    "slices-0.7mm-w16": ("the 2.5D arm: a 2D U-Net (16-32-64-128, bridge 256, batch norm) on 64^2 crops of slices of all three planes at 0.7 mm, the planes averaged", {"slices": True}, {}),
-    "slices-0.7mm-w16-seed1": ("the 2.5D arm trained again with another seed: how far chance moves a row", {"slices": True, "seed": 1}, {}),
+    "slices-0.7mm-w16": ("the 2.5D arm: kneeboneseg train --architecture slices (a 2D U-Net, 16-32-64-128, bridge 256, batch norm, on 64^2 crops of slices of all three planes at 0.7 mm), the planes averaged", SLICES, {"fusion": "mean"}),
+    "slices-0.7mm-w16-seed1": ("the 2.5D arm trained again with another seed: how far chance moves a row", {**SLICES, "seed": 1}, {"fusion": "mean"}),
     "slices-0.7mm-w16-axial": ("the 2.5D arm's axial slices alone", "slices-0.7mm-w16", {"planes": (0,)}),
     "slices-0.7mm-w16-coronal": ("the 2.5D arm's coronal slices alone", "slices-0.7mm-w16", {"planes": (1,)}),
     "slices-0.7mm-w16-sagittal": ("the 2.5D arm's sagittal slices alone", "slices-0.7mm-w16", {"planes": (2,)}),
-    "slices-0.7mm-w16-mirrored": ("test-time mirroring of the 2.5D arm: the mean over each slice and its mirror image along each of its axes", "slices-0.7mm-w16", {"mirror": True}),
+    "slices-0.7mm-w16-mirrored": ("test-time mirroring of the 2.5D arm: the mean over each slice and its mirror image along each of its axes", "slices-0.7mm-w16", {"planes": (0, 1, 2), "mirror": True}),
     "gated-compact": ("the compact fold-right model's probabilities inside the whole-scan row's bone region grown 4 mm", "light-1.4mm-w16", {"gate": True}),
 }
 BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
 GATE_MARGIN_MM = 4.0
-#: The 2.5D arm: slices at the compact models' spacing, crops of SLICE_EDGE^2 that may reach half their edge past the training side.
-SLICE_SPACING_MM, SLICE_EDGE, SLICE_BATCH, SLICE_DEPTH = 0.7, 64, 16, 4
 FIELDS = ["recipe", "change", "train_i", "validation_i", "steps", "train_minutes", "backend", "machine", "date"]
 FIELDS += [f"{side}_{bone}" for side in ("validation", "heldout") for bone in ("femur", "tibia", "patella", "all")]
 FIELDS += ["heldout_hd95_mm", "validation_network_all", "heldout_network_all", "network_s"]
@@ -126,12 +131,6 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     change, settings, how = RECIPES[name]
     scan, truth = read_volume(sample_dir() / "knee_mri.nrrd"), read_volume(sample_dir() / "knee_bones_labels.nrrd")
     source = settings if isinstance(settings, str) else name  # the recipe whose model is run
-    if RECIPES[source][1].get("slices"):  # the 2.5D arm, trained here or (re)scored
-        keras_path, record = trained_slices(source, minutes, models, score_only or source != name, scan, truth)
-        start = time.perf_counter()
-        probability = slices_probability(scan, keras_path, how.get("planes", (0, 1, 2)), how.get("mirror", False))
-        probability = onto_scan(probability, scan, [SLICE_SPACING_MM] * 3)
-        return scored(name, change, record, scan, truth, probability, time.perf_counter() - start)
     if isinstance(settings, str) or score_only:  # a trained model, (re)scored: nothing is trained
         model = trained_file(models, source)
         record = {key: model.card.training[key] for key in ("steps", "seconds")}
@@ -139,12 +138,13 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
         onnx_path, record = trained_model(name, minutes, models)
         model = load_model(onnx_path)
     start = time.perf_counter()
-    if how.get("tiles"):
-        (probability,) = predict_projection_maps(scan, model, SegmentOptions(surfaces=False))
+    if how.get("tiles") or "fusion" in how:  # the pipeline's own network stage
+        probability = model.predict(scan, SegmentOptions(fusion=how.get("fusion", "model")))
+    elif "planes" in how:
+        probability = slices_probability(scan, model, how["planes"], how.get("mirror", False))
     else:
-        probability = whole_volume_probability(scan, model.card, models / f"coarse-{source}.keras", mirror=how.get("mirror", False))
+        probability = whole_volume_probability(scan, models / f"coarse-{source}.keras", mirror=how.get("mirror", False))
     network_s = time.perf_counter() - start
-    probability = onto_scan(probability, scan, model.card.spacing_mm)
     if how.get("gate"):
         probability = gated_fine(scan, probability, SegmentOptions(surfaces=False))
     return scored(name, change, record, scan, truth, probability, network_s)
@@ -172,131 +172,37 @@ def scored(name: str, change: str, record: dict, scan: Volume, truth: Volume, pr
     return row
 
 
-def whole_volume_probability(scan: Volume, card, keras_path: Path, mirror: bool = False) -> np.ndarray:
-    """The trained network, rebuilt fully convolutional, run once on the whole scan on the model's grid.
-
-    The scan is padded by repeating its last voxels to sides that the
-    network's poolings divide; the padding is cut off the prediction. With
-    ``mirror``, the mean over the scan and its mirror image along each axis.
-    """
-    from KneeBoneSegLib.network.unet import build_unet
-
-    image = normalized_on_grid(scan, card.spacing_mm, card.normalization)
-    architecture = card.architecture
-    network = build_unet(None, architecture["base_filters"], architecture["depth"], architecture.get("normalization", "batch"))
-    network.set_weights(load_model(keras_path).network.network.get_weights())
-    padded = padded_for_pooling(image, architecture["depth"], axes=(0, 1, 2))
+def whole_volume_probability(scan: Volume, keras_path: Path, mirror: bool = False) -> np.ndarray:
+    """The trained network run once on the whole coarse scan (:func:`~KneeBoneSegLib.network.inference.predict_whole_volume`),
+    on the scan's grid. With ``mirror``, the mean over the scan and its mirror image along each axis."""
+    model = load_model(keras_path)
+    model_input, network = model.model_input(scan), model.network.with_free_sides()
     flips = [(), (0,), (1,), (2,)] if mirror else [()]
-    probability = sum(np.flip(network.predict_on_batch(np.flip(padded, axes)[None, ..., None])[0, ..., 0], axes) for axes in flips) / len(flips)
-    return np.ascontiguousarray(probability[tuple(slice(0, side) for side in image.shape)], dtype=np.float32)
+    multiple = 2 ** model.card.architecture["depth"]
+    probability = sum(np.flip(predict_whole_volume(np.flip(model_input.image, axes), network, multiple), axes) for axes in flips) / len(flips)
+    return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
 
 
-def normalized_on_grid(scan: Volume, spacing_mm, normalization: dict) -> np.ndarray:
-    """The scan's normalised intensities on the model's grid, as the pipeline gives them to the network."""
-    from KneeBoneSegLib.preprocess.normalization import normalize_intensities
-    from KneeBoneSegLib.preprocess.resampling import ModelGrid
-
-    grid = ModelGrid(scan.geometry, scan.array.shape, spacing_mm)
-    image = normalize_intensities(scan.array, normalization)
-    return grid.from_scan(image) if grid.resamples else image
-
-
-def padded_for_pooling(array: np.ndarray, depth: int, axes) -> np.ndarray:
-    """``array`` grown after its last voxels along ``axes``, repeating them, to sides that ``depth`` poolings divide."""
-    return np.pad(array, [(0, -side % 2**depth if axis in axes else 0) for axis, side in enumerate(array.shape)], mode="edge")
-
-
-def onto_scan(probability: np.ndarray, scan: Volume, spacing_mm) -> np.ndarray:
-    """A model-grid map on the scan's grid, brought back as the pipeline does (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`)."""
-    from KneeBoneSegLib.preprocess.resampling import ModelGrid
-
-    grid = ModelGrid(scan.geometry, scan.array.shape, spacing_mm)
-    return grid.to_scan(probability) if grid.resamples else probability
-
-
-def trained_slices(name: str, minutes: float, models: Path, score_only: bool, scan: Volume, truth: Volume) -> tuple[Path, dict]:
-    """Train the 2.5D arm on ``scan`` and its labels ``truth`` for ``minutes`` (no checkpoint: it is short) or, with ``score_only``, read its record."""
-    import json
-
-    import keras
-    from KneeBoneSegLib.network.unet import build_unet
-    from KneeBoneSegLib.preprocess.normalization import DEFAULT_NORMALIZATION
-    from KneeBoneSegLib.training.data import prepare_volume
-    from KneeBoneSegLib.training.loop import bone_loss
-
-    output, record_path = models / f"{name}.keras", models / f"{name}.json"
-    if score_only:
-        return output, json.loads(record_path.read_text())
-    seed = RECIPES[name][1].get("seed", 0)
-    keras.utils.set_random_seed(seed)
-    volume = prepare_volume(scan, truth, SLICE_SPACING_MM, DEFAULT_NORMALIZATION, TRAIN_I, soft_labels=True, context_mm=SLICE_EDGE / 2 * SLICE_SPACING_MM)
-    network = build_unet(None, base_filters=16, depth=SLICE_DEPTH, normalization="batch", dimensions=2)
-    network.compile(optimizer=keras.optimizers.Adam(1e-3), loss=bone_loss(dice_weight=1.0))
-    rng, steps, start = np.random.default_rng(seed), 0, time.perf_counter()
-    while time.perf_counter() - start < 60 * minutes:
-        network.train_on_batch(*slice_batch(volume, rng))
-        steps += 1
-    record = {"steps": steps, "seconds": round(time.perf_counter() - start, 1)}
-    network.save(output)
-    record_path.write_text(json.dumps(record))
-    return output, record
-
-
-def slice_batch(volume, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """SLICE_BATCH crops of slices through trained voxels (half of them on the bone's boundary), each plane alike,
-    mirrored at random and with a random gamma; targets as :meth:`~KneeBoneSegLib.training.data.PatchSampler.batch` gives them."""
-    trained = np.flatnonzero(volume.trained)
-    images, targets = [], []
-    for _ in range(SLICE_BATCH):
-        pool = volume.boundary if rng.random() < 0.5 else trained
-        voxel = np.asarray(np.unravel_index(pool[rng.integers(pool.size)], volume.image.shape))
-        axis = rng.integers(3)
-        arrays = [np.moveaxis(array, axis, 0)[voxel[axis]] for array in (volume.image, volume.bone, volume.trained)]
-        plane_shape = np.asarray(arrays[0].shape)
-        centre = np.delete(voxel, axis) + rng.integers(-SLICE_EDGE // 4, SLICE_EDGE // 4 + 1, size=2)
-        corner = np.clip(centre - SLICE_EDGE // 2, 0, plane_shape - SLICE_EDGE)
-        crop = [array[corner[0] : corner[0] + SLICE_EDGE, corner[1] : corner[1] + SLICE_EDGE] for array in arrays]
-        for flip_axis in (0, 1):
-            if rng.random() < 0.5:
-                crop = [np.flip(array, flip_axis) for array in crop]
-        images.append(np.clip(crop[0], 0.0, None) ** np.float32(np.exp(rng.uniform(-0.3, 0.3))))
-        targets.append(np.stack(crop[1:], axis=-1))
-    return np.stack(images)[..., None].astype(np.float32), np.stack(targets).astype(np.float32)
-
-
-def slices_probability(scan: Volume, keras_path: Path, planes=(0, 1, 2), mirror: bool = False) -> np.ndarray:
-    """The 2.5D arm's bone probability on its grid: every slice of each plane predicted whole, the planes averaged.
-
-    ``planes`` are the axes (k axial, j coronal, i sagittal) whose slices are
-    predicted; with ``mirror``, each slice's prediction is the mean over it and
-    its mirror image along each of its axes.
-    """
-    import keras
-    from KneeBoneSegLib.preprocess.normalization import DEFAULT_NORMALIZATION
-
-    network = keras.saving.load_model(keras_path, compile=False)
-    image = normalized_on_grid(scan, [SLICE_SPACING_MM] * 3, DEFAULT_NORMALIZATION)
+def slices_probability(scan: Volume, model, planes, mirror: bool = False) -> np.ndarray:
+    """A 2D model's bone probability on the scan's grid from the slices of ``planes`` alone (axes of the model grid:
+    k axial, j coronal, i sagittal), each plane's slices predicted whole (:func:`~KneeBoneSegLib.network.inference.predict_slices`),
+    the planes averaged. With ``mirror``, each slice's prediction is the mean over it and its mirror image along each of its axes."""
+    model_input = model.model_input(scan)
     flips = [(), (1,), (2,)] if mirror else [()]
-    total = np.zeros(image.shape, np.float32)
+    multiple = 2 ** model.card.architecture["depth"]
+    total = np.zeros(model_input.image.shape, np.float32)
     for axis in planes:
-        stack = np.moveaxis(image, axis, 0)
-        padded = padded_for_pooling(stack, SLICE_DEPTH, axes=(1, 2))
-        predicted = sum(
-            np.flip(np.concatenate([network.predict_on_batch(np.flip(padded, axes)[n : n + 8, ..., None]) for n in range(0, len(padded), 8)])[..., 0], axes)
-            for axes in flips
-        ) / len(flips)
-        total += np.moveaxis(predicted[:, : stack.shape[1], : stack.shape[2]], 0, axis)
-    return total / len(planes)
+        stack = np.moveaxis(model_input.image, axis, 0)
+        predicted = sum(np.flip(predict_slices(np.flip(stack, axes), model.network, multiple, SLICES_PER_CALL), axes) for axes in flips) / len(flips)
+        total += np.moveaxis(predicted, 0, axis)
+    probability = total / len(planes)
+    return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
 
 
 def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:
     """The compact fold-right model's fused probabilities, zero outside the coarse model's bone grown by GATE_MARGIN_MM."""
-    from KneeBoneSegLib.network.projections import fuse_probabilities
-    from scipy import ndimage
-
     fine = load_model(ROOT / "Resources" / "Models" / "kneeboneseg-compact-fold-right.onnx")
-    maps = predict_projection_maps(scan, fine, options)
-    fused = onto_scan(fuse_probabilities(iter(maps), fusion_rule(options.fusion, fine.card)), scan, fine.card.spacing_mm)
+    fused = fine.predict(scan, options)
     sampling = np.asarray(scan.geometry.spacing)[::-1]
     region = ndimage.distance_transform_edt(coarse < options.threshold, sampling=sampling) <= GATE_MARGIN_MM
     return np.where(region, fused, 0.0).astype(np.float32)

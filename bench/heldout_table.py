@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,11 @@ from _sample import sample_dir
 
 from KneeBoneSegLib.io.images import read_volume, write_volume
 from KneeBoneSegLib.metrics import evaluate_labels, format_metrics_table
-from KneeBoneSegLib.network.models import SHIPPED_MODEL, card_path, load_model, network_dimensions, read_card
-from KneeBoneSegLib.preprocess.normalization import normalize_intensities
-from KneeBoneSegLib.options import CLOSING_RADIUS_MM
-from KneeBoneSegLib.pipeline import SegmentOptions, fusion_rule, postprocess, predict_projection_maps, segment
+from KneeBoneSegLib.network.inference import predict_whole_volume
+from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model, network_dimensions, read_card, write_card
 from KneeBoneSegLib.network.projections import fuse_probabilities
-from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
+from KneeBoneSegLib.options import CLOSING_RADIUS_MM
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.volume import Volume
 
 FAMILY = Path(SHIPPED_MODEL).stem  # the shipped family
@@ -120,26 +120,9 @@ def stitched(low: np.ndarray, high: np.ndarray, split: int) -> np.ndarray:
 
 
 def whole_volume_map(scan: Volume, keras_path: Path) -> np.ndarray:
-    """The network's probability on the model grid, the whole volume in one call (its ``.keras`` file on Keras).
-
-    The sub-volume network is fully convolutional, so the same weights run on
-    the whole volume, zero-padded to a multiple of 2**depth as tiles are at the border.
-    """
-    import keras
-
-    trained = keras.saving.load_model(keras_path, compile=False)
-    config = trained.get_config()
-    config["layers"][0]["config"]["batch_shape"] = (None, None, None, None, 1)
-    network = keras.Model.from_config(config)
-    network.set_weights(trained.get_weights())
-    card = read_card(keras_path)
-    image = normalize_intensities(scan.array, card.normalization)
-    image = resample_to_shape(image, grid_shape_for_spacing(image.shape, scan.geometry.spacing, card.spacing_mm), order=1)
-    step = 2 ** card.architecture["depth"]
-    padded = np.zeros([-(-n // step) * step for n in image.shape], np.float32)
-    padded[tuple(slice(0, n) for n in image.shape)] = image
-    probability = keras.ops.convert_to_numpy(network.predict_on_batch(padded[None, ..., None]))[0, ..., 0]
-    return probability[tuple(slice(0, n) for n in image.shape)]
+    """The network's probability on the model grid, the whole volume in one call (its ``.keras`` file on Keras)."""
+    model = load_model(keras_path)
+    return predict_whole_volume(model.model_input(scan).image, model.network.with_free_sides(), 2 ** model.card.architecture["depth"])
 
 
 def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarray, compared_only: bool = False) -> dict:
@@ -156,7 +139,7 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
     for name, projections, fusion, radius_mm, fill, stride in chosen_variants(model.card, compared_only):
         projections = projections or model.card.projections
         (side_maps,) = network_maps(projections, stride)
-        labels = row_labels(fused_on_scan(side_maps, fusion, model.card, truth.shape), scan, projections, fusion, radius_mm, fill)
+        labels = row_labels(fused_on_scan(side_maps, fusion, model, scan), scan, projections, fusion, radius_mm, fill)
         rows[name] = evaluate_labels(labels[band], truth[band], scan.geometry.spacing)
         print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  patella {rows[name]['patella']['dice']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
     return {"fold": names[0], "band_i": [cards[0].heldout["from"], split], "validation": rows}
@@ -180,7 +163,7 @@ def fold_maps(folder: Path, names, models, scan: Volume):
             if stride == WHOLE_VOLUME:
                 maps_by_setting[key] = [[whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names]
             else:
-                maps_by_setting[key] = [predict_projection_maps(scan, model, SegmentOptions(projections=projections, stride=stride)) for model in models]
+                maps_by_setting[key] = [list(model.projection_maps(model.model_input(scan), SegmentOptions(projections=projections, stride=stride))) for model in models]
             what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
             what = "whole slices" if slices else what
             print(f"network, {len(models)} fold(s), {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -189,9 +172,9 @@ def fold_maps(folder: Path, names, models, scan: Volume):
     return network_maps
 
 
-def fused_on_scan(side_maps, fusion: str, card, shape) -> np.ndarray:
-    """One model's projection maps fused by ``fusion`` (``"model"``: the card's rule) and brought to the scan's ``shape``."""
-    return resample_to_shape(fuse_probabilities(side_maps, fusion_rule(fusion, card)), shape, order=1)
+def fused_on_scan(side_maps, fusion: str, model, scan: Volume) -> np.ndarray:
+    """One model's projection maps fused by ``fusion`` (``"model"``: the card's rule) and brought to the scan's grid."""
+    return model.grid_for(scan).to_scan(fuse_probabilities(side_maps, model.fusion_rule(fusion)))
 
 
 def row_labels(probability: np.ndarray, scan: Volume, projections: int, fusion: str, radius_mm: float, fill: bool) -> np.ndarray:
@@ -230,7 +213,7 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     rows = {}
     for name, projections, fusion, radius_mm, fill, stride in variants:
         projections = projections or models[0].card.projections
-        fused = [fused_on_scan(side_maps, fusion, models[0].card, truth.shape) for side_maps in network_maps(projections, stride)]
+        fused = [fused_on_scan(side_maps, fusion, model, scan) for model, side_maps in zip(models, network_maps(projections, stride))]
         probability = stitched(fused[sides["low"]], fused[sides["high"]], split)
         del fused
         labels = row_labels(probability, scan, projections, fusion, radius_mm, fill)
@@ -308,10 +291,8 @@ def rounded(metrics: dict) -> dict:
 
 def write_quality(model_path: Path, results: dict) -> None:
     """Record the held-out and training figures in the card beside ``model_path``."""
-    card_file = card_path(model_path)
-    card = json.loads(card_file.read_text(encoding="utf-8"))
     ours = results
-    card["quality"] = {
+    quality = {
         "heldout": {
             "protocol": (
                 f"2-fold spatial split of the annotated sample scan along image axis i at {ours['split_i']}: "
@@ -324,11 +305,11 @@ def write_quality(model_path: Path, results: dict) -> None:
         },
     }
     if "training_figure" in results:
-        card["quality"]["training_figure"] = {
+        quality["training_figure"] = {
             "note": "this model on the scan it was trained on: not a measure of quality",
             "metrics": rounded(results["training_figure"]),
         }
-    card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    card_file = write_card(replace(read_card(model_path), quality=quality), model_path)
     print(f"wrote the figures into {card_file.name}")
 
 

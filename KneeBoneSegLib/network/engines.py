@@ -205,6 +205,16 @@ class KerasNetwork:
         self.input_shape = tuple(network.input_shape)
         self.output_shape = tuple(network.output_shape)
 
+    def with_free_sides(self) -> "KerasNetwork":
+        """The same network and weights taking inputs of any size (a fully convolutional U-Net runs on a whole volume)."""
+        import keras
+
+        config = self.network.get_config()
+        config["layers"][0]["config"]["batch_shape"] = (None,) * (len(self.input_shape) - 1) + (self.input_shape[-1],)
+        free = keras.Model.from_config(config)
+        free.set_weights(self.network.get_weights())
+        return type(self)(free, self.device, self.path)
+
     def predict_on_batch(self, batch):
         import keras
 

@@ -172,3 +172,18 @@ def predict_slices(
         if progress is not None:
             progress(done, len(batches))
     return probability
+
+
+def predict_whole_volume(image: np.ndarray, network, multiple: int) -> np.ndarray:
+    """A fully convolutional 3D network run once on the whole ``image``, not in sub-volumes.
+
+    ``network`` takes a batch (1, k, j, i, 1) of free sides
+    (:meth:`~KneeBoneSegLib.network.engines.KerasNetwork.with_free_sides`);
+    ``image`` is grown after its last voxels along each axis, repeating them
+    (as :func:`predict_slices` grows slices), to sides that ``multiple``
+    (``2**depth``, what its poolings need) divides, and the growth is cut
+    off the prediction. Float32, the shape of ``image``.
+    """
+    padded = np.pad(image, [(0, -side % multiple) for side in image.shape], mode="edge")
+    predicted = np.asarray(network.predict_on_batch(padded[None, ..., None]), dtype=np.float32)[0, ..., 0]
+    return np.ascontiguousarray(predicted[tuple(slice(0, side) for side in image.shape)])

@@ -149,12 +149,16 @@ class Model:
         """The fusion a run applies: ``fusion`` itself, or for ``"model"`` the card's rule (OR where it names none)."""
         return (self.card.fusion or "or") if fusion == "model" else fusion
 
+    def grid_for(self, volume: Volume) -> ModelGrid:
+        """The grid this model sees ``volume`` on, and the way there and back."""
+        return ModelGrid(volume.geometry, volume.array.shape, self.card.spacing_mm)
+
     def model_input(self, volume: Volume, run=None) -> ModelInput:
         """``volume`` normalised as the card says, on the model's grid (:class:`ModelGrid`: the card's spacing,
         reoriented upright where the scan is oblique). ``run(stage, function, *args)`` times the two stages."""
         run = run or (lambda stage, function, *args: function(*args))
         image = run("normalise", normalize_intensities, volume.array, self.card.normalization)
-        grid = ModelGrid(volume.geometry, image.shape, self.card.spacing_mm)
+        grid = self.grid_for(volume)
         if grid.reoriented:
             log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
         if grid.resamples:

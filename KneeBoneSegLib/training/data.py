@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..preprocess.normalization import normalize_intensities
-from ..preprocess.resampling import grid_shape_for_spacing, resample_to_shape
+from ..preprocess.resampling import ModelGrid
 from .augmentation import Augmentation, augment_intensities, spatial_matrix
 from .config import TrainingConfig
 from .synthesis import Synthesis, elastic_displacement, synthesize_crop
@@ -32,7 +32,9 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     The image is normalised over the whole scan (as at inference), both are
     cut to ``train_range_i`` (input voxels ``from <= i < to``) before any
     resampling, so no voxel outside the range reaches training, then
-    resampled to ``spacing_mm`` (a number or one per axis; linear for the
+    brought to the model's grid as inference brings a scan there
+    (:class:`~KneeBoneSegLib.preprocess.resampling.ModelGrid`: upright where
+    the scan is oblique, at ``spacing_mm``, a number or one per axis; linear for the
     image, the labels as the share of bone in each voxel, kept from a half,
     or with ``soft_labels`` kept as that share: a coarse grid then loses
     almost nothing of the bone's outline).
@@ -59,17 +61,17 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     inside = np.zeros(bone.shape, bool)
     inside[:, :, start:stop] = True
     normalized, bone, inside = normalized[:, :, first:last], bone[:, :, first:last], inside[:, :, first:last]
-    if spacing_mm:
-        spacing_ijk = image.geometry.spacing
-        shape = grid_shape_for_spacing(normalized.shape, spacing_ijk, spacing_mm)
-        normalized = resample_to_shape(normalized, shape, order=1)
-        # The share of each coarse voxel that is bone, kept where it is at least half: nearest-neighbour
+    # The model's grid as inference builds it (ModelGrid: the card's spacing, upright where the scan is oblique).
+    grid = ModelGrid(image.geometry.cropped((0, 0, first)), normalized.shape, spacing_mm)
+    if grid.resamples:
+        normalized = grid.from_scan(normalized)
+        # The share of each model-grid voxel that is bone, kept where it is at least half: nearest-neighbour
         # sampling would take one of two fine voxels on every tie (halving the spacing gives only ties)
         # and shift the labels half a fine voxel off the image.
-        bone = resample_to_shape(bone.astype(np.float32), shape, order=1)
+        bone = grid.from_scan(bone.astype(np.float32))
         bone = np.clip(bone, 0.0, 1.0) if soft_labels else bone >= 0.5
-        # A coarse voxel counts only if smoothing and interpolation drew (almost) nothing from past the range.
-        inside = resample_to_shape(inside.astype(np.float32), shape, order=1) >= 0.999
+        # A model-grid voxel counts only if smoothing and interpolation drew (almost) nothing from past the range.
+        inside = grid.from_scan(inside.astype(np.float32)) >= 0.999
     bone = np.ascontiguousarray(np.where(inside, bone, 0), dtype=np.float32 if soft_labels else np.uint8)
     if not bone.any():
         raise InputError(f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i")

@@ -18,6 +18,7 @@ from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io.images import read_mask, write_volume
 from KneeBoneSegLib.metrics import dice, evaluate_labels
+from KneeBoneSegLib.network.engines import KerasNetwork
 from KneeBoneSegLib.network.models import Model, ModelCard
 from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
@@ -62,7 +63,7 @@ def test_one_projection_is_axial_whatever_plane_the_scan_was_stored_in():
     sagittal = Geometry((axial.spacing[1], axial.spacing[2], axial.spacing[0]), axial.origin, np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float).ravel())
     stored = np.ascontiguousarray(image.transpose(2, 0, 1))
     np.testing.assert_allclose(sagittal.index_to_lps([[3, 5, 7]]), axial.index_to_lps([[7, 3, 5]]))
-    model = Model(position_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
+    model = Model(KerasNetwork(position_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
     options = SegmentOptions(projections=1, closing_radius=0, fill_holes=False, surfaces=False)
     from_axial = segment(Volume(image, axial), model, options).probability
     from_sagittal = segment(Volume(stored, sagittal), model, options).probability
@@ -75,7 +76,7 @@ def test_the_models_grid_follows_each_axis_spacing():
     geometry = sagittal_geometry(tilt_deg=MAX_ALIGNED_DEGREES - 1)
     image, labels = patient_phantom(THICK_SHAPE, geometry)
     assert grid_shape_for_spacing(THICK_SHAPE, geometry.spacing, 2.0) == (60, 90, 60)
-    model = Model(threshold_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]))
+    model = Model(KerasNetwork(threshold_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]))
     totals = []
     options = SegmentOptions(projections=1, skip_air_tiles=False, batch_size=1, closing_radius=0, surfaces=False)
     result = segment(Volume(image, geometry), model, options, progress=lambda s, f: totals.append(f) if s == "network: axial" else None)
@@ -121,7 +122,7 @@ def test_outputs_keep_a_thick_oblique_sagittal_grid(thick, tmp_path):
 
 def test_an_input_smaller_than_a_sub_volume_on_the_models_grid_is_refused():
     image, _, _ = knee_phantom(shape=(24, 24, 24))
-    model = Model(threshold_network(16), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]))
+    model = Model(KerasNetwork(threshold_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]))
     # 24 voxels of 0.5 mm are 12 of the model's 1 mm voxels: less than one 16-voxel sub-volume.
     with pytest.raises(InputError, match="12 x 12 x 12 voxels on the model's 1 x 1 x 1 mm grid, smaller than the model's 16 x 16 x 16"):
         segment(Volume(image, Geometry((0.5, 0.5, 0.5), (0, 0, 0))), model, SegmentOptions())

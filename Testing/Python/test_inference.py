@@ -168,3 +168,19 @@ def test_a_2d_unet_takes_slices_whose_sides_its_poolings_do_not_divide(rng):
     image = rng.random((3, 13, 18), dtype=np.float32)
     predicted = predict_slices(image, network, multiple=8)
     assert predicted.shape == image.shape and np.all((predicted > 0) & (predicted < 1))
+
+
+def test_a_whole_volume_runs_in_one_call_on_the_same_weights(rng):
+    needs_keras()
+    from KneeBoneSegLib.network.engines import KerasNetwork
+    from KneeBoneSegLib.network.inference import predict_whole_volume
+    from KneeBoneSegLib.network.unet import build_unet
+
+    network = KerasNetwork(build_unet(16, base_filters=2, depth=2))
+    free = network.with_free_sides()
+    cube = rng.random((16, 16, 16), dtype=np.float32)
+    # On a sub-volume's own size the free network is the tiled one, weights and all.
+    np.testing.assert_allclose(predict_whole_volume(cube, free, 4), network.predict_on_batch(cube[None, ..., None])[0, ..., 0], atol=1e-5)
+    odd = rng.random((18, 21, 30), dtype=np.float32)  # sides the poolings do not divide: grown, then cut back
+    whole = predict_whole_volume(odd, free, 4)
+    assert whole.shape == odd.shape and whole.dtype == np.float32 and np.all((whole >= 0) & (whole <= 1))

@@ -138,7 +138,7 @@ def segment_case(case: Case, outdir, options: SegmentOptions, model=None) -> dic
         result = segment(read_volume(case.input), model, options)
         result.report["input"] = str(case.input)
         result.report["batch"] = _signature(case, options, model)
-        write_outputs(result, folder, inputs=[case.input, model.path], uncertainty=options.keep_uncertainty)
+        write_outputs(result, folder, inputs=[case.input, model.path])
         return _row(case, result.report, time.perf_counter() - started)
     except (KneeBoneSegError, OSError, ValueError, RuntimeError, MemoryError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

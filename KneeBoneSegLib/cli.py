@@ -74,13 +74,10 @@ def _add_options_file_argument(parser: argparse.ArgumentParser) -> None:
                         help="the run's options as a JSON object (SegmentOptions' names); flags given as well win over it")
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, probability: bool) -> None:
-    """The options file, and what a run writes and shows besides the options of the run itself."""
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options file, and how a run writes and shows its outputs (which files: the run's options)."""
     _add_options_file_argument(parser)
     group = parser.add_argument_group("outputs")
-    if probability:
-        group.add_argument("--save-probability", action="store_true", help="also write the fused probability map (probability.nrrd)")
-    group.add_argument("--nifti", action="store_true", help="also write the label map as labels.nii.gz")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs in an existing, non-empty OUTDIR")
     group.add_argument("--progress", choices=("text", "json", "none"), default="text", help="progress display (json: one object per line on stdout)")
 
@@ -96,16 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
     add_arguments(seg, "segment")
-    _add_output_arguments(seg, probability=True)
+    _add_output_arguments(seg)
 
     post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
     post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
     post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_arguments(post, "postprocess")
-    _add_output_arguments(post, probability=False)
+    _add_output_arguments(post)
 
     batch = commands.add_parser("batch", help="segment a cohort: each case into OUTDIR/<case>/, one table OUTDIR/cases.csv; run again to resume")
-    batch.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files, DICOM folders (each series in the tree a case) or CSV files with id and path columns")
+    batch.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files, folders (each image file and DICOM series in the tree a case) or CSV files with id and path columns")
     batch.add_argument("-o", "--output", type=Path, required=True, help="the cohort's folder (created or resumed)")
     add_arguments(batch, "segment")
     _add_options_file_argument(batch)
@@ -174,15 +171,7 @@ def _run_segment(args, reporter: _Reporter) -> dict:
     volume = read_volume(args.input)
     result = segment(volume, model, options, progress=reporter)
     result.report["input"] = str(args.input)
-    return write_outputs(
-        result,
-        args.output,
-        overwrite=args.overwrite,
-        inputs=[args.input, model.path],
-        nifti=args.nifti,
-        probability=args.save_probability,
-        uncertainty=options.keep_uncertainty,
-    )
+    return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.input, model.path])
 
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
@@ -195,7 +184,7 @@ def _run_postprocess(args, reporter: _Reporter) -> dict:
     check_output_folder(args.output, args.overwrite)
     result = postprocess(read_mask(args.mask), options, progress=reporter)
     result.report["input"] = str(args.mask)
-    return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask], nifti=args.nifti)
+    return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask])
 
 
 def _run_batch(args) -> int:

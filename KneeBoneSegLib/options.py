@@ -9,6 +9,12 @@ Every front end derives its settings from :class:`SegmentOptions`:
 - the key under which the Slicer module keeps a network output for re-use
   (:meth:`SegmentOptions.network_key`).
 
+What a run writes is part of its options too, so that every front end writes
+the same files for the same options: ``segmentation.seg.nrrd`` and
+``summary.json`` always, the STL files unless ``surfaces`` is off, and on
+request ``labels.nii.gz`` (``nifti``), ``probability.nrrd``
+(``keep_probability``) and ``uncertainty.nrrd`` (``keep_uncertainty``).
+
 Each option belongs to one stage. A ``network`` option changes what the
 network outputs, so changing it runs the network again; a ``postprocess``
 option changes only what comes after the network; a ``run`` option changes
@@ -126,6 +132,10 @@ class SegmentOptions:
         False, "run", "also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look; needs --projections 3",
         flag="--save-uncertainty",
     )  # fmt: skip
+    keep_probability: bool = _option(
+        False, "run", "also write the fused bone probability (probability.nrrd), from which postprocess runs again without the network", flag="--save-probability"
+    )
+    nifti: bool = _option(False, "run", "also write the label map as labels.nii.gz", flag="--nifti", commands=BOTH)
 
     def validate(self) -> "SegmentOptions":
         """These options, or a one-line :class:`InputError` naming the first that is wrong."""

@@ -62,7 +62,7 @@ class SegmentationResult:
     surfaces: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     uncertainty: np.ndarray | None = None  # disagreement between projections, on request
-
+    options: SegmentOptions = field(default_factory=SegmentOptions)  # the run's, which also say what to write
     @property
     def verdict(self) -> dict:
         """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.trust.verdicts`)."""
@@ -226,7 +226,7 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
         "versions": _versions(),
     }
     report["verdict"] = judge(report)
-    return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report)
+    return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report, options=options)
 
 
 @functools.cache

@@ -155,13 +155,12 @@ PROBABILITY_FILE = "probability.nrrd"
 UNCERTAINTY_FILE = "uncertainty.nrrd"
 
 
-def write_outputs(
-    result, outdir, overwrite: bool = False, inputs=(), nifti: bool = False, probability: bool = False, uncertainty: bool = False
-) -> dict:
+def write_outputs(result, outdir, overwrite: bool = False, inputs=()) -> dict:
     """Write a :class:`~KneeBoneSegLib.pipeline.SegmentationResult` into ``outdir``, whole or not at all.
 
     Writes ``segmentation.seg.nrrd``, one ``<bone>.stl`` per surface,
-    ``summary.json`` (the run's report), and on request ``labels.nii.gz``,
+    ``summary.json`` (the run's report), and as the result's options ask
+    (:class:`~KneeBoneSegLib.options.SegmentOptions`) ``labels.nii.gz``,
     the fused ``probability.nrrd`` and the projections' disagreement
     ``uncertainty.nrrd``. A bone whose verdict is ``failed`` is written as
     ``<bone>.failed.stl`` and named so in the segmentation, so that it is
@@ -184,10 +183,11 @@ def write_outputs(
         for key, surface in result.surfaces.items():
             names.append(surface_file(key, verdicts.get(key)))
             write_stl(surface, staging / names[-1])
+        asked = result.options
         volumes = {
-            LABELS_NIFTI_FILE: result.labels if nifti else None,
-            PROBABILITY_FILE: result.probability.astype(np.float32, copy=False) if probability and result.probability is not None else None,
-            UNCERTAINTY_FILE: result.uncertainty if uncertainty else None,
+            LABELS_NIFTI_FILE: result.labels if asked.nifti else None,
+            PROBABILITY_FILE: result.probability.astype(np.float32, copy=False) if asked.keep_probability and result.probability is not None else None,
+            UNCERTAINTY_FILE: result.uncertainty if asked.keep_uncertainty else None,
         }
         for name, array in volumes.items():
             if array is not None:

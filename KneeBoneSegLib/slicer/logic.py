@@ -169,9 +169,11 @@ class SegmentationRuns:
             if reuse:
                 return ["postprocess", str(self._kept.work_folder / OUTPUT_FOLDER / PROBABILITY_FILE), "-o", output]
             write_volume(volume_from_node(volume_node), work_folder / "input.nrrd")
-            return ["segment", str(work_folder / "input.nrrd"), "-o", output, "--save-probability"]
+            return ["segment", str(work_folder / "input.nrrd"), "-o", output]
 
-        worker = self._start_worker("KneeBoneSeg-", arguments, options, on_progress)
+        # A network run keeps its probability, from which a change of the post-processing runs again without the network.
+        request = options if reuse else options.with_values(keep_probability=True)
+        worker = self._start_worker("KneeBoneSeg-", arguments, request, on_progress)
         run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker, options)
         self._running.append(run)
         return run

@@ -143,6 +143,19 @@ def test_the_command_line_counts_failures_in_its_exit_status(phantoms, tmp_path)
     assert main(["batch", str(tmp_path / "absent.nrrd"), "-o", str(tmp_path / "other"), "--progress", "none"]) == 2
 
 
+def test_batch_writes_for_each_case_what_segment_writes_for_the_same_options(phantoms, tmp_path):
+    from KneeBoneSegLib.cli import main
+
+    flags = ["--model", str(phantoms / "threshold.onnx"), "--closing-radius", "2", "--device", "cpu", "--progress", "none",
+             "--nifti", "--save-probability", "--save-uncertainty"]  # fmt: skip
+    assert main(["segment", str(phantoms / "left.nrrd"), "-o", str(tmp_path / "alone"), *flags]) == 0
+    assert main(["batch", str(phantoms / "left.nrrd"), "-o", str(tmp_path / "cohort"), *flags]) == 0
+    written = sorted(path.name for path in (tmp_path / "alone").iterdir())
+    assert {"labels.nii.gz", "probability.nrrd", "uncertainty.nrrd"} <= set(written)
+    assert sorted(path.name for path in (tmp_path / "cohort" / "left").iterdir()) == written
+    assert read_volume(tmp_path / "cohort" / "left" / "labels.nii.gz").array.tolist() == read_volume(tmp_path / "alone" / "labels.nii.gz").array.tolist()
+
+
 @pytest.fixture(scope="module")
 def sample_cohort(sample_dir, tmp_path_factory):
     """Two crops of the sample scan and the whole scan, a corrupt file and a volume with no knee in it."""

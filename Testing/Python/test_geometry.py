@@ -105,8 +105,8 @@ def test_the_default_closing_is_the_papers_sphere_in_millimetres_on_thick_slices
 
 def test_outputs_keep_a_thick_oblique_sagittal_grid(thick, tmp_path):
     _, labels, geometry = thick
-    result = postprocess(Volume(labels, geometry), SegmentOptions(closing_radius=0, smoothing_iterations=0))
-    write_outputs(result, tmp_path / "out", nifti=True)
+    result = postprocess(Volume(labels, geometry), SegmentOptions(closing_radius=0, smoothing_iterations=0, nifti=True))
+    write_outputs(result, tmp_path / "out")
     for name in (SEGMENTATION_FILE, "labels.nii.gz"):
         written = read_mask(tmp_path / "out" / name)
         np.testing.assert_array_equal(written.array, result.labels, err_msg=name)

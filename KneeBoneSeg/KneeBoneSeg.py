@@ -11,7 +11,6 @@ timer that follows a run.
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -101,25 +100,15 @@ def loadSampleScan(source=None):
     without. The assembly (``kneeboneseg sample``: download, checked against
     the published voxels) runs in the background, and Slicer stays responsive.
     """
-    import shutil
-    import tempfile
-
     from KneeBoneSegLib.slicer.sampledata import IMAGE_FILE, SAMPLE_NAME, assembled_folder
-    from KneeBoneSegLib.slicer.worker import WorkerProcess, worker_environment
 
     folder = sampleDataFolder()
     if folder is None:
         folder = assembled_folder(slicer.app.cachePath)
-        workFolder = tempfile.mkdtemp(prefix="KneeBoneSeg-sample-", dir=slicer.app.temporaryPath)
-        command = [pythonSlicerExecutable(), "-m", "KneeBoneSegLib", "sample", "-o", str(folder), "--progress", "json"]
-        try:
-            with slicer.util.WaitCursor():
-                worker = WorkerProcess(command, workFolder, worker_environment(os.environ, libraryParentFolder()))
-                worker.wait(on_idle=slicer.app.processEvents)
-        finally:
-            shutil.rmtree(workFolder, ignore_errors=True)
-        if worker.error:
-            slicer.util.errorDisplay(f"The sample scan could not be made: {worker.error}", windowTitle="KneeBoneSeg")
+        with slicer.util.WaitCursor():
+            error = backgroundRuns().assemble_sample(folder, on_idle=slicer.app.processEvents)
+        if error:
+            slicer.util.errorDisplay(f"The sample scan could not be made: {error}", windowTitle="KneeBoneSeg")
             return None
     return slicer.util.loadVolume(str(folder / IMAGE_FILE), {"name": SAMPLE_NAME})
 
@@ -465,15 +454,12 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()
 
 
-def pythonSlicerExecutable():
-    """Slicer's own Python interpreter launcher, which sets up Slicer's libraries."""
-    import shutil
+def backgroundRuns():
+    """A :class:`KneeBoneSegLib.slicer.logic.SegmentationRuns`: the library's commands in Slicer's Python, in the background."""
+    from KneeBoneSegLib.slicer.environment import python_slicer_executable
+    from KneeBoneSegLib.slicer.logic import SegmentationRuns
 
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    found = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
-    if not os.path.isfile(found):
-        raise RuntimeError(f"{name} was not found beside Slicer ({found}); reinstall Slicer")
-    return found
+    return SegmentationRuns([python_slicer_executable()], libraryParentFolder(), slicer.app.temporaryPath)
 
 
 def libraryParentFolder():
@@ -512,26 +498,16 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     def runs(self):
         """The session's :class:`KneeBoneSegLib.slicer.logic.SegmentationRuns` (made once the packages are there)."""
         if self._runs is None:
-            from KneeBoneSegLib.slicer.logic import SegmentationRuns
-
-            self._runs = SegmentationRuns([pythonSlicerExecutable()], libraryParentFolder(), slicer.app.temporaryPath)
+            self._runs = backgroundRuns()
         return self._runs
 
     @staticmethod
     def installRequirements(pins):
-        """``pip install`` ``pins`` into Slicer's Python, holding Slicer's own packages where they are.
+        """``pip install`` ``pins`` into Slicer's Python, holding Slicer's own packages where they are."""
+        from KneeBoneSegLib.slicer.environment import constrained_install
 
-        A constraints file pins numpy, scipy, SimpleITK and VTK to the
-        installed versions, so pip fails with a message rather than replace them.
-        """
-        import tempfile
-
-        from KneeBoneSegLib.slicer.environment import slicer_owned_constraints
-
-        with tempfile.TemporaryDirectory() as folder:
-            constraints = Path(folder, "slicer-constraints.txt")
-            constraints.write_text("\n".join(slicer_owned_constraints()) + "\n")
-            slicer.util.pip_install(list(pins) + ["--constraint", str(constraints)])
+        with constrained_install(pins) as arguments:
+            slicer.util.pip_install(arguments)
 
     def canReusePrediction(self, volumeNode, options):
         """True when the kept network output belongs to this volume, as it is placed now, and these options' network part."""

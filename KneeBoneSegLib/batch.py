@@ -24,20 +24,27 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import logging
+import multiprocessing
 import re
 import shutil
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .anatomy import BONES
-from .errors import InputError, KneeBoneSegError
 from .atomic import atomic_file
-from .io.images import find_scans, image_name
+from .errors import InputError, KneeBoneSegError
+from .io.images import find_scans, image_name, read_volume
+from .io.outputs import write_json, write_outputs
+from .network.models import file_sha256, load_model_for
 from .options import SegmentOptions
+from .pipeline import segment
+from .threads import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +130,6 @@ def segment_case(case: Case, outdir, options: SegmentOptions, model=None) -> dic
     segmented gets status ``error`` with the one-line reason, written to
     ``<case.id>/error.json`` so that a later run knows it failed.
     """
-    from .io.images import read_volume
-    from .io.outputs import write_json, write_outputs
-    from .network.models import load_model_for
-    from .pipeline import segment
-
     outdir = Path(outdir)
     folder = outdir / case.id
     started = time.perf_counter()
@@ -182,8 +184,6 @@ def _model_sha256(path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
-    from .network.models import file_sha256
-
     return file_sha256(path)
 
 
@@ -213,8 +213,6 @@ def _error_row(case: Case, message: str, seconds: float, signature: dict) -> dic
 
 def done_row(case: Case, outdir, options: SegmentOptions, model) -> dict | None:
     """The table row of a case already run for this input, model and options, or None to run it."""
-    import json
-
     folder = Path(outdir) / case.id
     signature = _signature(case, options, model)
     for name in ("summary.json", ERROR_FILE):
@@ -248,8 +246,6 @@ _PROCESS_MODELS: dict = {}
 
 def _process_model(options: SegmentOptions):
     """The model ``options`` open, opened once per process (a pool's or a Dask cluster's worker) and kept."""
-    from .network.models import load_model_for
-
     key = (options.model, options.engine, options.device, options.threads, options.precision)
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS[key] = load_model_for(options)
@@ -287,9 +283,6 @@ def segment_many(
     another (Dask reschedules it), and what the lost worker half wrote is
     removed. ``progress(done, total, row)`` after every case.
     """
-    from .network.models import load_model_for
-    from .threads import available_cores
-
     options = (options or SegmentOptions()).validate()
     cases = list(cases)
     outdir = Path(outdir).absolute()
@@ -328,8 +321,6 @@ def segment_many(
 
 
 def _run_in_processes(workers: int, cases: list, outdir: Path, options: SegmentOptions, finished) -> None:
-    import multiprocessing
-
     context = multiprocessing.get_context("spawn")  # no forked copies of a runtime's threads
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(_run_in_worker, case, str(outdir), options) for case in cases]
@@ -346,8 +337,6 @@ def _run_in_processes(workers: int, cases: list, outdir: Path, options: SegmentO
 
 def _run_on_cluster(client, cases: list, outdir: Path, options: SegmentOptions, finished) -> None:
     """The cases as tasks of a Dask cluster; a task whose worker dies is rescheduled by Dask."""
-    import uuid
-
     from distributed import as_completed as completed
 
     run = uuid.uuid4().hex[:8]

@@ -19,7 +19,23 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
+from .atomic import check_output_folder
+from .batch import TABLE_FILE, failures, find_cases, segment_many
 from .errors import InputError, KneeBoneSegError
+from .io.images import read_mask, read_volume
+from .io.outputs import write_outputs
+from .io.sample import copy_sample, download_sample
+from .metrics import evaluate_labels, format_metrics_table
+from .network.devices import describe_devices
+from .network.export import export_onnx
+from .network.models import default_model_path, load_model, load_model_for, read_card
+from .options import add_arguments, options_from_arguments, options_from_mapping
+from .pipeline import _versions, postprocess, segment
+from .preprocess.resampling import labels_onto_grid, same_grid
+from .training.arguments import add_arguments as add_training_arguments
+from .training.arguments import config_from_args
+from .training.loop import train
 
 log = logging.getLogger("kneeboneseg")
 
@@ -83,8 +99,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .options import add_arguments
-
     parser = argparse.ArgumentParser(prog="kneeboneseg", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all")
 
     train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
-    from .training.arguments import add_arguments as add_training_arguments
-
     add_training_arguments(train)
 
     export = commands.add_parser("export", help="write a trained .keras model as .onnx (beside it) and record the export in its card")
@@ -143,8 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options_from_args(args):
     """The run's options: the ``--options`` file's, then the flags given."""
-    from .options import options_from_arguments, options_from_mapping
-
     base = None
     if args.options is not None:
         try:
@@ -158,12 +168,6 @@ def _options_from_args(args):
 
 
 def _run_segment(args, reporter: _Reporter) -> dict:
-    from .atomic import check_output_folder
-    from .io.images import read_volume
-    from .network.models import load_model_for
-    from .io.outputs import write_outputs
-    from .pipeline import segment
-
     # Every refusal that needs no scan comes first, in a second: options, the output folder, the model and its engine.
     options = _options_from_args(args)
     check_output_folder(args.output, args.overwrite)
@@ -175,11 +179,6 @@ def _run_segment(args, reporter: _Reporter) -> dict:
 
 
 def _run_postprocess(args, reporter: _Reporter) -> dict:
-    from .io.images import read_mask
-    from .atomic import check_output_folder
-    from .io.outputs import write_outputs
-    from .pipeline import postprocess
-
     options = _options_from_args(args)
     check_output_folder(args.output, args.overwrite)
     result = postprocess(read_mask(args.mask), options, progress=reporter)
@@ -187,10 +186,8 @@ def _run_postprocess(args, reporter: _Reporter) -> dict:
     return write_outputs(result, args.output, overwrite=args.overwrite, inputs=[args.mask])
 
 
-def _run_batch(args) -> int:
+def _run_batch(args, reporter: _Reporter) -> int:
     """``kneeboneseg batch``: the exit status is the number of failed cases (at most 100)."""
-    from .batch import TABLE_FILE, find_cases, failures, segment_many
-
     options = _options_from_args(args)
     if args.workers < 1:
         raise InputError(f"workers must be at least 1, not {args.workers}")
@@ -201,8 +198,6 @@ def _run_batch(args) -> int:
 
         bar = tqdm(total=len(cases), unit="case", file=sys.stderr)
     done = {"count": 0}
-
-    reporter = _Reporter(args.progress)
 
     def progress(count: int, total: int, row: dict) -> None:
         if args.progress == "json":
@@ -244,11 +239,7 @@ def _dask_client(address: str):
         raise InputError(f"no Dask scheduler answers at {address} ({error}); start one (dask scheduler) or check the address") from None
 
 
-def _run_evaluate(args) -> None:
-    from .io.images import read_volume
-    from .metrics import evaluate_labels, format_metrics_table
-    from .preprocess.resampling import labels_onto_grid, same_grid
-
+def _run_evaluate(args, reporter: _Reporter) -> int:
     prediction, reference = read_volume(args.prediction), read_volume(args.reference)
     predicted = prediction.array
     if not same_grid(prediction, reference):
@@ -257,14 +248,34 @@ def _run_evaluate(args) -> None:
         print(f"kneeboneseg: note: {args.prediction} lies on another grid than {args.reference}; resampled onto it (nearest neighbour)", file=sys.stderr)
     metrics = evaluate_labels(predicted, reference.array, reference.geometry.spacing)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
+    return 0
 
 
-def _run_info(args) -> None:
-    from . import __version__
-    from .network.devices import describe_devices
-    from .network.models import default_model_path, load_model, read_card
-    from .pipeline import _versions
+def _run_export(args, reporter: _Reporter) -> int:
+    record = export_onnx(args.model, args.output)
+    print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
+    return 0
 
+
+def _run_sample(args, reporter: _Reporter) -> int:
+    check_output_folder(args.output, overwrite=False)  # before a download of 140 MB
+    if args.from_folder:
+        written = copy_sample(args.from_folder, args.output)
+    else:
+        written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
+    if reporter.mode == "json":
+        reporter.finish({"outputs": [str(path) for path in written]})
+    else:
+        print("\n".join(str(path) for path in written))
+    return 0
+
+
+def _run_train(args, reporter: _Reporter) -> int:
+    train(config_from_args(args))
+    return 0
+
+
+def _run_info(args, reporter: _Reporter) -> int:
     info = {"kneeboneseg": __version__, "versions": _versions(), "devices": describe_devices()}
     model_path = default_model_path()
     card = read_card(model_path)
@@ -272,6 +283,7 @@ def _run_info(args) -> None:
     # What a default `segment` runs on here, read back from the opened model: engine, device, precision, CPU.
     info["engine"] = load_model(model_path).describe() if model_path.is_file() else None
     print(json.dumps(info, indent=2) if args.json else info_summary(info))
+    return 0
 
 
 def info_summary(info: dict) -> str:
@@ -289,6 +301,19 @@ def info_summary(info: dict) -> str:
     return "\n".join(lines)
 
 
+#: What each sub-command runs: an exit status, or for segment and postprocess what they wrote (see :func:`main`).
+COMMANDS = {
+    "segment": _run_segment,
+    "postprocess": _run_postprocess,
+    "evaluate": _run_evaluate,
+    "batch": _run_batch,
+    "export": _run_export,
+    "sample": _run_sample,
+    "train": _run_train,
+    "info": _run_info,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -297,52 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     reporter = _Reporter(getattr(args, "progress", "none"))
     start = time.perf_counter()
     try:
-        if args.command == "segment":
-            written = _run_segment(args, reporter)
-        elif args.command == "postprocess":
-            written = _run_postprocess(args, reporter)
-        elif args.command == "evaluate":
-            _run_evaluate(args)
-            return 0
-        elif args.command == "batch":
-            return _run_batch(args)
-        elif args.command == "export":
-            from .network.export import export_onnx
-
-            record = export_onnx(args.model, args.output)
-            print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
-            return 0
-        elif args.command == "sample":
-            from .io.sample import copy_sample, download_sample
-
-            if args.from_folder:
-                written = copy_sample(args.from_folder, args.output)
-            else:
-                written = download_sample(args.output, **({"url": args.url} if args.url else {}), progress=reporter)
-            if reporter.mode == "json":
-                reporter.finish({"outputs": [str(path) for path in written]})
-            else:
-                print("\n".join(str(path) for path in written))
-            return 0
-        elif args.command == "train":
-            from .training.arguments import config_from_args
-            from .training.loop import train
-
-            train(config_from_args(args))
-            return 0
-        else:
-            _run_info(args)
-            return 0
+        outcome = COMMANDS[args.command](args, reporter)
+        if isinstance(outcome, int):
+            return outcome
     except KneeBoneSegError as error:
         reporter.error(str(error))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         reporter.error("interrupted; nothing was written")
         return 130
-    reporter.finish({"outputs": written["files"], "seconds": round(time.perf_counter() - start, 1), "verdict": written["verdict"]})
+    # segment and postprocess: what they wrote, and its verdict.
+    reporter.finish({"outputs": outcome["files"], "seconds": round(time.perf_counter() - start, 1), "verdict": outcome["verdict"]})
     if reporter.mode != "json":
-        print(written["summary_line"])
-    return EXIT_NO_BONE if written["verdict"]["run"] == "failed" else 0
+        print(outcome["summary_line"])
+    return EXIT_NO_BONE if outcome["verdict"]["run"] == "failed" else 0
 
 
 if __name__ == "__main__":

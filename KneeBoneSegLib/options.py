@@ -25,6 +25,7 @@ package is installed.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -200,8 +201,6 @@ def add_arguments(parser, command: str) -> None:
     Their defaults are left out of the parsed arguments (``argparse.SUPPRESS``),
     so :func:`options_from_arguments` sees only what was given.
     """
-    import argparse
-
     titles = {"network": "network", "postprocess": "post-processing", "run": "how the run goes"}
     for stage in STAGES:
         offered = [option for option in option_fields(stage) if command in option.metadata["commands"]]

@@ -27,6 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
 import numpy as np
@@ -231,8 +232,6 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
 
 @functools.cache
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for package in ("numpy", "scipy", "scikit-image", "SimpleITK", "vtk", "onnxruntime", "openvino", "keras"):
         try:

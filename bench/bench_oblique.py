@@ -21,7 +21,10 @@ from pathlib import Path
 from _sample import sample_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing" / "Python"))
-from conftest import rotation, turned  # noqa: E402  (the tests' definition of a turned scan, so both measure the same thing)
+from conftest import (  # noqa: E402  (the tests' definition of a turned scan, so both measure the same thing)
+    rotation,
+    turned,
+)
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
 from KneeBoneSegLib.io.images import read_volume  # noqa: E402

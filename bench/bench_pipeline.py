@@ -49,8 +49,8 @@ from scipy.spatial import cKDTree
 
 from KneeBoneSegLib.anatomy import BONES
 from KneeBoneSegLib.io.images import read_mask, read_volume
-from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE
+from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.threads import thread_count, using_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,9 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
     """Before/after seconds and agreement of each post-network stage; the inputs the alternatives use."""
     from KneeBoneSegLib.postprocess.components import label_bones
     from KneeBoneSegLib.postprocess.morphology import close_bones, fill_bone_holes
+    from KneeBoneSegLib.postprocess.surfaces import bone_surfaces
     from KneeBoneSegLib.preprocess.normalization import normalize_intensities
     from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
-    from KneeBoneSegLib.postprocess.surfaces import bone_surfaces
 
     old = {name: baseline_module(name) for name in ("normalization", "resampling", "components", "morphology", "surfaces")}
     geometry = scan.geometry
@@ -161,8 +161,8 @@ def alternative_rows(data: dict) -> list:
     import cc3d
     from scipy import ndimage
 
-    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
     from KneeBoneSegLib.postprocess.surfaces import extract_surface
+    from KneeBoneSegLib.preprocess.resampling import resample_to_shape
 
     rows = []
     library_s, ours = best_of(ALTERNATIVE_ROUNDS, resample_to_shape, data["coarse"], data["image"].shape)

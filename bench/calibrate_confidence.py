@@ -37,12 +37,12 @@ from _sample import sample_dir
 from heldout_table import FAMILY, fold_names, split_of
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
-from KneeBoneSegLib.trust.confidence import bone_confidence
-from KneeBoneSegLib.trust.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
 from KneeBoneSegLib.io.images import read_volume
 from KneeBoneSegLib.network.models import SHIPPED_MODEL, load_model, write_card
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.training.augmentation import Augmentation
+from KneeBoneSegLib.trust.confidence import bone_confidence
+from KneeBoneSegLib.trust.inputcheck import histogram_distance, is_fat_suppressed, tissue_quantiles
 
 FAILED_SURE_SHARE = 0.5
 #: Least share of a bone's voxels on a fold's held-out side for that bone to count in the calibration.

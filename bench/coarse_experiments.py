@@ -46,10 +46,10 @@ if "KERAS_BACKEND" not in os.environ:  # training steps are about three times ch
     os.environ["KERAS_BACKEND"] = "torch" if importlib.util.find_spec("torch") else "tensorflow"
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
-from KneeBoneSegLib.network.engines import cpu_description  # noqa: E402
 from KneeBoneSegLib.errors import ModelError  # noqa: E402
 from KneeBoneSegLib.io.images import read_volume  # noqa: E402
 from KneeBoneSegLib.metrics import dice, hausdorff_95  # noqa: E402
+from KneeBoneSegLib.network.engines import cpu_description  # noqa: E402
 from KneeBoneSegLib.network.inference import predict_slices, predict_whole_volume  # noqa: E402
 from KneeBoneSegLib.network.models import load_model  # noqa: E402
 from KneeBoneSegLib.options import SLICES_PER_CALL  # noqa: E402

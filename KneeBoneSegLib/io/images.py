@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
+from ..preprocess.resampling import grid_shape_for_spacing
 from ..volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,6 @@ def check_volume(volume: Volume, path=None, min_shape=None, model_spacing=None) 
 
 
 def _require_min_shape(volume: Volume, name: str, min_shape, model_spacing) -> None:
-    from ..preprocess.resampling import grid_shape_for_spacing
-
     min_ijk = tuple(int(n) for n in min_shape[::-1])
     if model_spacing:
         shape_ijk = grid_shape_for_spacing(volume.array.shape, volume.geometry.spacing, model_spacing)[::-1]

@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..anatomy import ANATOMICAL_STRUCTURE, BONES
-from ..errors import InputError
-from ..volume import Geometry, Volume
 from ..atomic import atomic_file, output_directory
+from ..errors import InputError
+from ..trust.verdicts import verdict_line
+from ..volume import Geometry, Volume
+from .images import read_volume, write_volume
+from .meshes import read_stl, write_stl
 
 # The terminology context that holds these codes: the extension's own list
 # (KneeBoneSeg/Resources/Terminologies), which the Slicer module loads, since
@@ -172,9 +175,6 @@ def write_outputs(result, outdir, overwrite: bool = False, inputs=()) -> dict:
         ``files``: the written paths; ``summary_line``: one line for a person;
         ``verdict``: the report's (:mod:`~KneeBoneSegLib.trust.verdicts`).
     """
-    from .images import write_volume
-    from .meshes import write_stl
-
     outdir = Path(outdir).absolute()
     with output_directory(outdir, overwrite=overwrite, inputs=inputs) as staging:
         verdicts = bone_verdicts(result.report.get("verdict"))
@@ -236,9 +236,6 @@ def read_outputs(folder) -> WrittenResult:
     InputError
         ``folder`` holds no ``summary.json`` (it is not a run's output folder).
     """
-    from .images import read_volume
-    from .meshes import read_stl
-
     folder = Path(folder)
     if not (folder / SUMMARY_FILE).is_file():
         raise InputError(f"{folder} holds no {SUMMARY_FILE}; it is not an output folder of kneeboneseg segment or postprocess")
@@ -260,8 +257,6 @@ def summary_line(report: dict, outdir=None, seconds: float | None = None) -> str
     ``seconds``: the run's wall time where the caller measured it (default:
     the sum of the report's stage times).
     """
-    from ..trust.verdicts import verdict_line
-
     bones = ", ".join(f"{key} {bone['volume_mm3'] / 1000:.1f} cm3" for key, bone in report.get("bones", {}).items()) or "no bones"
     seconds = sum(report.get("timings_s", {}).values()) if seconds is None else seconds
     verdict = f"{verdict_line(report['verdict'])} | " if "verdict" in report else ""

@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
 
 from ..anatomy import BONE_BY_KEY
+from ..atomic import output_directory
 from ..errors import InputError, KneeBoneSegError
 from ..volume import Volume
-from ..atomic import output_directory
 from .dataset import DATASET_URL, IMAGE_FILE, LABELS_FILE, PUBLISHED_DIGESTS
-from .images import image_to_volume, write_volume
+from .images import image_to_volume, read_volume, write_volume
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ def copy_sample(source, output, expected: dict | None = None) -> list[Path]:
     Its voxels must be the published ones (``expected``, as in
     :func:`download_sample`); ``output`` gets both files or neither.
     """
-    from .images import read_volume
-
     source = Path(source)
     if (source / IMAGE_FILE).is_file() and (source / LABELS_FILE).is_file():
         # Another sample folder: its files are copied as they are, once their voxels are checked.
@@ -141,8 +141,6 @@ def assemble_dataset(folder) -> tuple[Volume, Volume]:
     one is the femur and the inferior one the tibia (a slab of the scan with
     fewer bones is named by the same rule).
     """
-    import SimpleITK as sitk
-
     folder = Path(folder)
     data, masks = folder / "Data", folder / "GT-Masks"
     if not data.is_dir() or not masks.is_dir():
@@ -166,8 +164,6 @@ def assemble_dataset(folder) -> tuple[Volume, Volume]:
 
 def _name_components(bone: np.ndarray, image: Volume) -> np.ndarray:
     """Name the mask's regions: the patella is the small one (about a tenth of the femur), the femur lies above the tibia."""
-    from scipy import ndimage
-
     components, count = ndimage.label(bone)  # 6-connected, as the masks were drawn
     if not 1 <= count <= 3:
         raise InputError(f"the ground-truth masks hold {count} separate regions, not the dataset's three bones")
@@ -188,8 +184,6 @@ def _height_mm(component: np.ndarray, image: Volume) -> float:
 
 
 def _instance_number(file: str) -> int:
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()

@@ -9,6 +9,7 @@ its plugins ``CPU`` and ``GPU``; Keras asks its backend.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 from ..errors import InputError
@@ -90,8 +91,6 @@ def keras_gpus() -> tuple[str, ...]:
 
 def describe_devices() -> dict:
     """The engines installed and the devices they offer, for ``kneeboneseg info`` and logs."""
-    import importlib.util
-
     info = {"onnxruntime_providers": list(onnxruntime_providers())}
     if importlib.util.find_spec("openvino") is not None:
         import openvino

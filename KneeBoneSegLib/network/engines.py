@@ -36,16 +36,20 @@ unless a ``.keras`` model is run.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..errors import InputError, ModelError
 from ..options import ENGINES, PRECISIONS
 from ..threads import effective_threads
-from .devices import select_onnxruntime_providers, select_openvino_device
+from .devices import keras_gpus, select_onnxruntime_providers, select_openvino_device
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ _PRECISION_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def _available(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
@@ -130,8 +132,6 @@ class OnnxRuntimeNetwork(_OnnxFileNetwork):
         return onnxruntime.__version__
 
     def predict_on_batch(self, batch):
-        import numpy as np
-
         return self._session.run(None, {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
@@ -179,8 +179,6 @@ class OpenVinoNetwork(_OnnxFileNetwork):
         return "+".join(sorted(ran)) or self.precision
 
     def predict_on_batch(self, batch):
-        import numpy as np
-
         return self._compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
 
@@ -311,6 +309,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+try:
+    from numpy._core._multiarray_umath import __cpu_features__ as _NUMPY_CPU_FEATURES
+except ImportError:  # numpy 1.x
+    from numpy.core._multiarray_umath import __cpu_features__ as _NUMPY_CPU_FEATURES
+
 #: Instruction sets that decide how fast, and in what arithmetic, an engine runs on a CPU.
 _CPU_FEATURES = ("SSE42", "AVX", "AVX2", "FMA3", "AVX512F", "AVX512_CPX", "AVX512_SPR", "ASIMD", "ASIMDHP", "SVE")
 #: Linux's names for the bfloat16 and AMX units that numpy does not report.
@@ -320,13 +323,7 @@ _LINUX_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 @functools.lru_cache(maxsize=None)
 def cpu_description() -> dict:
     """The CPU's name and the instruction sets it offers that matter to the engines, for ``summary.json``."""
-    import platform
-
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy 1.x
-        from numpy.core._multiarray_umath import __cpu_features__ as features
-    found = [name for name in _CPU_FEATURES if features.get(name)]
+    found = [name for name in _CPU_FEATURES if _NUMPY_CPU_FEATURES.get(name)]
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
@@ -359,8 +356,6 @@ def _load_keras(path: Path):
 
 
 def _keras_device(device: str) -> str:
-    from .devices import keras_gpus
-
     gpus = keras_gpus() if device != "cpu" else ()
     if device == "gpu" and not gpus:
         raise InputError("--device gpu was asked for, but no GPU is visible to Keras; use --device cpu or auto")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
 from ..atomic import atomic_file
+from ..errors import ModelError
 from .models import card_path, default_card, file_sha256, read_card, write_card
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
+import vtk
 from scipy import sparse
+from vtk.util import numpy_support
+from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+from vtkmodules.vtkCommonCore import vtkSMPTools
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
 
 from ..threads import thread_count
 from ..volume import Geometry
@@ -65,10 +71,6 @@ def _isosurface(crop: np.ndarray, origin_ijk) -> tuple[np.ndarray, np.ndarray]:
     On a binary mask every vertex is the midpoint of a voxel edge, as with
     ``skimage.measure.marching_cubes``; VTK's filter runs on the run's threads.
     """
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-    from vtkmodules.vtkCommonCore import vtkSMPTools
-    from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
-
     if vtkSMPTools.GetBackend() == "Sequential":  # the PyPI wheels' default; they ship the thread-pool backend too
         vtkSMPTools.SetBackend("STDThread")
     vtkSMPTools.Initialize(thread_count())
@@ -87,9 +89,6 @@ def _isosurface(crop: np.ndarray, origin_ijk) -> tuple[np.ndarray, np.ndarray]:
 
 def to_vtk_image(array: np.ndarray, origin_ijk=(0.0, 0.0, 0.0)):
     """A 3D ``array`` (k, j, i) as a ``vtkImageData`` of unit spacing whose first voxel is at ``origin_ijk``."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk
-    from vtkmodules.vtkCommonDataModel import vtkImageData
-
     image = vtkImageData()
     image.SetDimensions(*array.shape[::-1])
     image.SetOrigin(*(float(n) for n in origin_ijk))
@@ -245,9 +244,6 @@ def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: 
 
 def to_vtk_polydata(surface: Surface):
     """The surface as a ``vtkPolyData`` of triangles, in the surface's own coordinates."""
-    import vtk
-    from vtk.util import numpy_support
-
     points = vtk.vtkPoints()
     points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(surface.vertices, dtype=np.float64), deep=True))
     faces = np.asarray(surface.faces, dtype=np.int64)

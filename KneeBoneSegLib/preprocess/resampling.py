@@ -22,9 +22,12 @@ intensities in [0, 1]; exactly, for ``order=0``).
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
-from ..threads import in_slabs
+from ..errors import InputError
+from ..threads import in_slabs, thread_count
+from ..volume import Geometry
 
 
 def grid_shape_for_spacing(shape_kji, spacing_ijk, target_spacing_ijk) -> tuple[int, int, int]:
@@ -151,8 +154,6 @@ def labels_onto_grid(labels, reference, names=("the label map", "the reference i
     InputError
         The two grids do not overlap in patient space.
     """
-    from ..errors import InputError
-
     # Reference (i, j, k, 1) -> LPS -> label map (i, j, k, 1); then in the arrays' (k, j, i) order.
     ijk_map = np.linalg.inv(labels.geometry.ijk_to_lps) @ reference.geometry.ijk_to_lps
     corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in reference.shape_ijk], indexing="ij")).reshape(3, -1)
@@ -192,10 +193,6 @@ def resample_onto(array: np.ndarray, geometry, target, shape, order: int = 1, fi
     half voxels lie beyond the outer centres). No anti-aliasing: smooth first
     when going to coarser voxels (:func:`smooth_for_spacing`).
     """
-    import SimpleITK as sitk
-
-    from ..threads import thread_count
-
     source = np.asarray(array, dtype=np.float32) if order == 1 else np.ascontiguousarray(array)
     image = sitk.GetImageFromArray(np.ascontiguousarray(source))
     image.SetSpacing(geometry.spacing)
@@ -242,8 +239,6 @@ class ModelGrid:
     """
 
     def __init__(self, geometry, scan_shape, spacing_mm=None):
-        from ..volume import Geometry
-
         self.scan_geometry, self.scan_shape = geometry, tuple(int(n) for n in scan_shape)
         self.reoriented = obliquity_degrees(geometry.direction) > MAX_ALIGNED_DEGREES
         if not self.reoriented:

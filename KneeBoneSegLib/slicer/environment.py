@@ -20,12 +20,16 @@ standard library, so it runs in any Slicer before anything is installed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,31 @@ def slicer_owned_constraints(path: Optional[List[str]] = None) -> List[str]:
         if found is not None:
             constraints.append(f"{distribution}=={found}")
     return constraints
+
+
+def python_slicer_executable(interpreter: str = sys.executable) -> str:
+    """Slicer's own Python launcher (``PythonSlicer``, which sets up Slicer's libraries) on the PATH or beside
+    ``interpreter``; a one-line ``RuntimeError`` where there is none."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    found = shutil.which(name) or os.path.join(os.path.dirname(interpreter), name)
+    if not os.path.isfile(found):
+        raise RuntimeError(f"{name} was not found beside Slicer ({found}); reinstall Slicer")
+    return found
+
+
+@contextlib.contextmanager
+def constrained_install(pins: Sequence[str], path: Optional[List[str]] = None) -> Iterator[List[str]]:
+    """``pip install`` arguments for ``pins`` that hold Slicer's own packages where they are.
+
+    A constraints file (valid inside the ``with`` block) pins numpy, scipy,
+    SimpleITK and VTK to the installed versions (:func:`slicer_owned_constraints`),
+    so pip fails with a message rather than replace them.
+    """
+    with tempfile.TemporaryDirectory(prefix="kneeboneseg-install-") as folder:
+        constraints = os.path.join(folder, "slicer-constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as stream:
+            stream.write("\n".join(slicer_owned_constraints(path)) + "\n")
+        yield [*pins, "--constraint", constraints]
 
 
 def _normalised(name: str) -> str:

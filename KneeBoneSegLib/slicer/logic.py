@@ -23,6 +23,7 @@ worker processes:
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import tempfile
@@ -30,9 +31,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+import vtk
+
 from ..errors import InputError
-from ..options import SegmentOptions, option_fields
+from ..io.images import read_volume, write_volume
+from ..io.outputs import PROBABILITY_FILE, read_outputs, summary_line, write_json
+from ..options import SegmentOptions, option_fields, options_from_mapping
 from .worker import WorkerProcess, worker_environment
+
+# The MRML conversions (.mrml) are imported where they are used: they need Slicer's MRML classes, which the
+# worker's Python and the Slicer stand-ins of CI, where this module's logic is tested too, lack.
 
 #: A run's outputs go to this folder inside its work folder.
 OUTPUT_FOLDER = "output"
@@ -76,8 +84,6 @@ class SegmentationRun:
 
     def summary_line(self) -> str:
         """One line for the panel's status: verdicts, bone volumes and the run's wall time."""
-        from ..io.outputs import summary_line
-
         return summary_line(self.report, seconds=self.worker.seconds)
 
 
@@ -118,7 +124,7 @@ class SegmentationRuns:
     @staticmethod
     def reuse_key(volume_node, options: SegmentOptions) -> tuple:
         """The volume, placed as it is now, and the options the network output depends on (no others)."""
-        from .mrml import volume_placement
+        from .mrml import volume_placement  # noqa: PLC0415
 
         return (volume_placement(volume_node), options.network_key())
 
@@ -156,9 +162,7 @@ class SegmentationRuns:
         kept network output fits (:meth:`can_reuse`), only the post-processing
         runs again, from it.
         """
-        from ..io.images import write_volume
-        from ..io.outputs import PROBABILITY_FILE
-        from .mrml import volume_from_node
+        from .mrml import volume_from_node  # noqa: PLC0415
 
         options.validate()
         reuse = self.can_reuse(volume_node, options)
@@ -192,8 +196,7 @@ class SegmentationRuns:
             With the run's message when it was cancelled or failed, or when
             its volume has been removed from the scene.
         """
-        from ..io.outputs import read_outputs
-        from .mrml import bones_to_segmentation_node
+        from .mrml import bones_to_segmentation_node  # noqa: PLC0415
 
         worker = run.worker
         if worker.poll():
@@ -228,17 +231,28 @@ class SegmentationRuns:
         options.validate()
         return self._start_worker("KneeBoneSeg-batch-", lambda work_folder: ["batch", *map(str, inputs), "-o", str(outdir)], options, on_progress)
 
-    def _start_worker(self, prefix: str, arguments: Callable[[Path], List[str]], options: SegmentOptions, on_progress) -> WorkerProcess:
-        """``python -m KneeBoneSegLib`` with ``arguments(work_folder)`` in a new work folder, ``options`` as its request file.
+    def assemble_sample(self, folder: Path, on_idle: Optional[Callable[[], None]] = None) -> Optional[str]:
+        """Assemble the public sample scan into ``folder`` (``kneeboneseg sample``) in the background and wait,
+        calling ``on_idle`` meanwhile; the worker's one-line error, or None once the files are there."""
+        worker = self._start_worker("KneeBoneSeg-sample-", lambda work_folder: ["sample", "-o", str(folder)], None, None)
+        try:
+            worker.wait(on_idle=on_idle)
+        finally:
+            shutil.rmtree(worker.work_folder, ignore_errors=True)
+        return worker.error
+
+    def _start_worker(
+        self, prefix: str, arguments: Callable[[Path], List[str]], options: Optional[SegmentOptions], on_progress
+    ) -> WorkerProcess:
+        """``python -m KneeBoneSegLib`` with ``arguments(work_folder)`` in a new work folder, ``options`` (if any) as
+        its request file.
 
         The work folder is removed again when the worker cannot start.
         """
-        from ..io.outputs import write_json
-
         work_folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.temporary_folder))
         try:
-            request = write_json(options.to_request(), work_folder / "options.json")
-            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments(work_folder), "--options", str(request), "--progress", "json"]
+            request = [] if options is None else ["--options", str(write_json(options.to_request(), work_folder / "options.json"))]
+            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments(work_folder), *request, "--progress", "json"]
             return WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
         except BaseException:
             shutil.rmtree(work_folder, ignore_errors=True)
@@ -396,8 +410,6 @@ def panel_parameters() -> List[PanelParameter]:
 
 def panel_options(parameters) -> SegmentOptions:
     """The run's options from the panel's parameter node (or any object with the fields of :func:`panel_parameters`)."""
-    from ..options import options_from_mapping
-
     values = {parameter.name: getattr(parameters, parameter.name) for parameter in panel_parameters()}
     values["projections"] = 3 if values.pop("three_projections") else 1
     return options_from_mapping(values)
@@ -427,10 +439,6 @@ def finish_batch(worker: WorkerProcess, scene):
 
 def cases_table_node(scene, table_path: Path, name: str = "KneeBoneSeg cases"):
     """A table node holding ``cases.csv`` (a text column per field), marked with its batch folder."""
-    import csv
-
-    import vtk
-
     with open(table_path, newline="", encoding="utf-8") as stream:
         header, *rows = list(csv.reader(stream))
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -459,9 +467,10 @@ def load_case(scene, table_node, row: int):
     Raises :class:`~KneeBoneSegLib.errors.InputError` for a case without
     outputs (status ``error``), naming its reason.
     """
-    from ..io.images import read_volume
-    from ..io.outputs import read_outputs
-    from .mrml import bones_to_segmentation_node, volume_to_node
+    from .mrml import (  # noqa: PLC0415
+        bones_to_segmentation_node,
+        volume_to_node,
+    )
 
     table = table_node.GetTable()
     cells = {table.GetColumnName(column): table.GetValue(row, column).ToString() for column in range(table.GetNumberOfColumns())}

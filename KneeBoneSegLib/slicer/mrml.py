@@ -23,8 +23,8 @@ import vtk
 from vtk.util import numpy_support
 
 from ..anatomy import BONE_BY_LABEL, BONES
-from ..errors import InputError, OutputError
 from ..atomic import output_directory
+from ..errors import InputError, OutputError
 from ..io.images import geometry_from_ijk_to_lps
 from ..io.outputs import VERDICT_TAG, bone_verdicts, shown_verdict, slicer_segment_metadata
 from ..postprocess.surfaces import Surface, to_vtk_polydata

@@ -14,7 +14,6 @@ from .augmentation import Augmentation
 from .config import TrainingConfig, fill_from_architecture
 from .synthesis import Synthesis
 
-
 _NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_bar")
 
 

@@ -14,15 +14,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
 from ..atomic import atomic_file
+from ..errors import Cancelled, InputError
+from ..io.images import read_mask, read_volume
 from ..network.architectures import ARCHITECTURES
+from ..network.export import export_onnx
 from ..network.models import ModelCard, file_sha256, load_model, network_dimensions, save_model
 from .arguments import command_line
 from .config import TrainingConfig, TrainingResult
 from .data import heldout_range, prepare_volume, samplers
-from .synthesis import prepare_label_map
 from .plot import write_loss_curves
+from .synthesis import prepare_label_map
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,6 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     import keras
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from ..io.images import read_mask, read_volume
-    from ..network.export import export_onnx
 
     config = config.validate()
     _check_output(config)
@@ -177,8 +176,6 @@ def _end_epoch(config, card, network, state: _State, best_weights, validation, d
 
 def _label_maps(config: TrainingConfig, card: ModelCard) -> list:
     """The label maps crops are synthesised from, on the model's grid: the other knees', then the training pairs' (their range)."""
-    from ..io.images import read_mask
-
     sources = [(path, bones, None) for path, bones in config.synthetic_maps]
     if config.synthesize_training_labels:
         sources += [(path, None, config.train_range_i) for path in config.labels]
@@ -216,14 +213,14 @@ def _initial_network(config: TrainingConfig):
         )
         log.info("Fine-tuning %s: patch size, normalisation and spacing come from its card", config.initial_model)
         return start.network.network, card  # the Keras model inside the engine wrapper
-    from ..network.unet import build_unet
-
     architecture = {"base_filters": int(config.base_filters), "depth": int(config.depth)}
     if config.norm_layer != "batch":  # the shipped cards predate the choice and mean batch norm
         architecture["normalization"] = config.norm_layer
     dimensions = ARCHITECTURES[config.architecture].dimensions
     if dimensions == 2:  # cards without the entry mean 3D sub-volumes
         architecture["dimensions"] = dimensions
+    from ..network.unet import build_unet  # noqa: PLC0415  (Keras: 7.5 s, only when a network is built)
+
     try:
         # A 2D network takes slices of any size: it predicts whole slices, trained on crops of them.
         network = build_unet(patch_size=config.patch_size if dimensions == 3 else None, **architecture)

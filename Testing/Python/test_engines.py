@@ -13,13 +13,21 @@ import numpy as np
 import pytest
 from conftest import knee_phantom, write_threshold_onnx
 
-from KneeBoneSegLib.network.devices import select_onnxruntime_providers, select_openvino_device
-from KneeBoneSegLib.network.engines import ENGINE_REGISTRY, open_network
-from KneeBoneSegLib.options import ENGINES
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io.images import write_volume
 from KneeBoneSegLib.metrics import dice
-from KneeBoneSegLib.network.models import MODEL_SUFFIXES, SHIPPED_MODEL, ModelCard, file_sha256, load_model, network_dimensions, read_card
+from KneeBoneSegLib.network.devices import select_onnxruntime_providers, select_openvino_device
+from KneeBoneSegLib.network.engines import ENGINE_REGISTRY, open_network
+from KneeBoneSegLib.network.models import (
+    MODEL_SUFFIXES,
+    SHIPPED_MODEL,
+    ModelCard,
+    file_sha256,
+    load_model,
+    network_dimensions,
+    read_card,
+)
+from KneeBoneSegLib.options import ENGINES
 from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 

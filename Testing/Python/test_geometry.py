@@ -17,14 +17,14 @@ from conftest import knee_phantom, patient_phantom, position_network, sagittal_g
 from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.io.images import read_mask, write_volume
+from KneeBoneSegLib.io.meshes import read_stl
+from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs
 from KneeBoneSegLib.metrics import dice, evaluate_labels
 from KneeBoneSegLib.network.engines import KerasNetwork
 from KneeBoneSegLib.network.models import Model, ModelCard
-from KneeBoneSegLib.io.outputs import SEGMENTATION_FILE, write_outputs
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.network.projections import iter_projections, view_orders
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.preprocess.resampling import MAX_ALIGNED_DEGREES, grid_shape_for_spacing
-from KneeBoneSegLib.io.meshes import read_stl
 from KneeBoneSegLib.volume import Geometry, Volume
 
 MINMAX = {"method": "minmax"}

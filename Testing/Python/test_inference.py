@@ -7,9 +7,9 @@ import pytest
 from conftest import needs_keras, position_network, position_network_tile
 
 from KneeBoneSegLib.network.inference import padded_shape, predict_slices, predict_volume, tile_corners, tile_weights
+from KneeBoneSegLib.network.projections import fuse_probabilities, iter_projections, view_orders
 from KneeBoneSegLib.options import AGGREGATIONS
 from KneeBoneSegLib.preprocess.normalization import air_level
-from KneeBoneSegLib.network.projections import fuse_probabilities, iter_projections, view_orders
 
 
 def identity_network(patch_size: int):

@@ -13,7 +13,10 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML classes (install slicer-core)", allow_module_level=True)
 
 from KneeBoneSegLib.anatomy import BONES  # noqa: E402
+from KneeBoneSegLib.errors import InputError  # noqa: E402
 from KneeBoneSegLib.io.images import volume_to_image  # noqa: E402
+from KneeBoneSegLib.io.meshes import read_stl  # noqa: E402
+from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume  # noqa: E402
 from KneeBoneSegLib.slicer.mrml import (  # noqa: E402
     CLOSED_SURFACE,
     export_segments_to_stl,
@@ -21,9 +24,6 @@ from KneeBoneSegLib.slicer.mrml import (  # noqa: E402
     volume_from_node,
     volume_to_node,
 )
-from KneeBoneSegLib.io.meshes import read_stl  # noqa: E402
-from KneeBoneSegLib.postprocess.surfaces import bone_surface, enclosed_volume  # noqa: E402
-from KneeBoneSegLib.errors import InputError  # noqa: E402
 from KneeBoneSegLib.volume import Geometry, Volume  # noqa: E402
 
 # SNOMED CT codes of the three bones, as published (not read from the code under test).

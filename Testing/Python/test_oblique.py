@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from conftest import measure_components, patient_phantom, rotation, turned, write_threshold_onnx
 
-from KneeBoneSegLib.postprocess.components import label_bones, name_components
 from KneeBoneSegLib.io.images import read_volume
 from KneeBoneSegLib.metrics import dice
 from KneeBoneSegLib.network.models import ModelCard, default_model_path, load_model
 from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
-from KneeBoneSegLib.trust.plausibility import FieldOfView
+from KneeBoneSegLib.postprocess.components import label_bones, name_components
 from KneeBoneSegLib.preprocess.resampling import MAX_ALIGNED_DEGREES, ModelGrid, obliquity_degrees
+from KneeBoneSegLib.trust.plausibility import FieldOfView
 from KneeBoneSegLib.trust.verdicts import FAILED, OK, REVIEW, judge
 from KneeBoneSegLib.volume import Geometry, Volume
 

@@ -8,15 +8,14 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from KneeBoneSegLib.anatomy import ANATOMICAL_STRUCTURE, BONE_BY_LABEL, BONES
-from KneeBoneSegLib.errors import Cancelled, OutputError
-from KneeBoneSegLib.atomic import atomic_file, check_output_folder, output_directory
-from KneeBoneSegLib.io.outputs import write_json, write_segmentation_nrrd
-from KneeBoneSegLib.volume import Geometry
-
 from conftest import knee_phantom
 from test_io import oblique_geometry
+
+from KneeBoneSegLib.anatomy import ANATOMICAL_STRUCTURE, BONE_BY_LABEL, BONES
+from KneeBoneSegLib.atomic import atomic_file, check_output_folder, output_directory
+from KneeBoneSegLib.errors import Cancelled, OutputError
+from KneeBoneSegLib.io.outputs import write_json, write_segmentation_nrrd
+from KneeBoneSegLib.volume import Geometry
 
 
 @pytest.fixture

@@ -16,9 +16,16 @@ import SimpleITK as sitk
 
 from KneeBoneSegLib.cli import main
 from KneeBoneSegLib.errors import InputError, KneeBoneSegError, OutputError
-from KneeBoneSegLib.io.images import read_volume
-from KneeBoneSegLib.io.images import write_volume
-from KneeBoneSegLib.io.sample import DATASET_URL, IMAGE_FILE, LABELS_FILE, PUBLISHED_DIGESTS, array_digest, copy_sample, download_sample
+from KneeBoneSegLib.io.images import read_volume, write_volume
+from KneeBoneSegLib.io.sample import (
+    DATASET_URL,
+    IMAGE_FILE,
+    LABELS_FILE,
+    PUBLISHED_DIGESTS,
+    array_digest,
+    copy_sample,
+    download_sample,
+)
 
 
 def _instance(path) -> int:

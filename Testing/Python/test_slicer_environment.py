@@ -180,3 +180,46 @@ def test_minimum_versions_are_the_packages_dependencies():
     dependencies = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)",?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M))
     for requirement in FIRST_USE:
         assert dependencies[requirement.distribution] == requirement.minimum, requirement.distribution
+
+
+def test_the_module_files_import_before_the_first_use_install():
+    """The Slicer module loads its library files at Slicer's start, before the first use installs its packages,
+    and Sample Data's button runs the command line (``kneeboneseg sample``) then too."""
+    import subprocess
+
+    from KneeBoneSegLib.slicer.environment import FIRST_USE
+
+    absent = [requirement.import_name for requirement in FIRST_USE]
+    modules = ["cli", "slicer.logic", "slicer.environment", "slicer.gui", "slicer.sampledata", "slicer.worker"] + (["slicer.mrml"] if _has_mrml() else [])
+    code = f"import sys\nfor name in {absent!r}: sys.modules[name] = None\n" + "".join(f"import KneeBoneSegLib.{name}\n" for name in modules)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr.strip().splitlines()[-1]
+
+
+def _has_mrml() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("slicer") is not None
+
+
+def test_slicers_python_launcher_is_found_beside_its_interpreter_or_refused_in_one_line(tmp_path, monkeypatch):
+    from KneeBoneSegLib.slicer.environment import python_slicer_executable
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    launcher = tmp_path / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    launcher.write_text("")
+    assert python_slicer_executable(str(tmp_path / "python-real")) == str(launcher)
+    with pytest.raises(RuntimeError, match="was not found beside Slicer .*; reinstall Slicer"):
+        python_slicer_executable(str(tmp_path / "other" / "python-real"))
+
+
+def test_the_first_use_install_holds_slicers_own_packages_where_they_are():
+    from pathlib import Path
+
+    from KneeBoneSegLib.slicer.environment import constrained_install, slicer_owned_constraints
+
+    with constrained_install(["edt==3.1.2"]) as arguments:
+        assert arguments[:2] == ["edt==3.1.2", "--constraint"]
+        held = Path(arguments[2]).read_text(encoding="utf-8").split()
+        assert held == slicer_owned_constraints() and any(line.startswith("numpy==") for line in held)
+    assert not Path(arguments[2]).exists(), "the constraints file goes with the install"

@@ -239,7 +239,7 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
     wiring = {
         (widget, "setup"): {"ParameterGuiBinding", "parameter_widgets"},
         (widget, "setParameterNode"): {"self._guiBinding.bind"},
-        (widget, "cleanup"): {"self._guiBinding.unbind"},
+        (widget, "cleanup"): {"self._guiBinding.unbind", "self.logic.close"},
         (widget, "updateButtons"): {"panel_state", "device_description"},
         (widget, "onSegmentButton"): {"self.confirmReplacingEdits"},
         (widget, "confirmReplacingEdits"): {"edited_since_written", "slicer.util.confirmOkCancelDisplay"},
@@ -247,7 +247,6 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
         (widget, "ensureRequirements"): {"ensure_requirements"},
         (widget, "onCancelButton"): {"self.logic.cancelRun"},
         (widget, "onPollRun"): {"self._run.worker.poll", "self.logic.finishRun"},
-        (widget, "cleanup"): {"self.logic.close"},
         (widget, "onSceneStartClose"): {"self.logic.discardKeptOutput"},
         (widget, "onBatchRunButton"): {"self.logic.startBatch", "panel_options"},
         (widget, "onPollBatch"): {"finish_batch", "self.ui.batchTableView.setMRMLTableNode"},
@@ -255,7 +254,7 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
         (widget, "onBatchCancelButton"): {"self._batch.cancel"},
         (logic, "startBatch"): {"batch_folders", "self.runs.start_batch"},
         (logic, "reappliesPostprocessing"): {"self._runs.reapplies"},
-        (logic, "runs"): {"SegmentationRuns"},
+        (logic, "runs"): {"backgroundRuns"},
         (logic, "segment"): {"requirement_problems"},
     }
     for (cls, name), calls in wiring.items():
@@ -320,13 +319,7 @@ def test_extensions_index_reads_literal_urls_and_a_matching_licence():
 
 
 def test_sample_data_assembles_the_public_dataset_with_the_library_command(module_tree):
-    from KneeBoneSegLib.cli import build_parser
-
     register = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData")
     assert "sample_data_source" in _calls(register) and "customDownloader=loadSampleScan" in ast.unparse(register)
     load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadSampleScan")
-    (command,) = [node.value for node in ast.walk(load) if isinstance(node, ast.Assign) and _dotted(node.targets[0]) == "command"]
-    arguments = [element.value if isinstance(element, ast.Constant) else "X" for element in command.elts][3:]
-    assert arguments[0] == "sample" and "WorkerProcess" in _calls(load)
-    parsed = build_parser().parse_args(arguments)
-    assert (parsed.command, parsed.progress) == ("sample", "json")
+    assert "backgroundRuns().assemble_sample" in _calls(load)  # the library's worker helper, tested in test_slicer_logic

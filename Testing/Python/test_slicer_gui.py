@@ -23,7 +23,12 @@ if not hasattr(slicer, "vtkMRMLScriptedModuleNode"):
 from PyQt5.QtCore import Qt  # noqa: E402
 from PyQt5.QtTest import QTest  # noqa: E402
 
-from KneeBoneSegLib.slicer.gui import PARAMETER_NAME_PROPERTY, REAPPLY_SIGNALS, ParameterGuiBinding, parameter_widgets  # noqa: E402
+from KneeBoneSegLib.slicer.gui import (  # noqa: E402
+    PARAMETER_NAME_PROPERTY,
+    REAPPLY_SIGNALS,
+    ParameterGuiBinding,
+    parameter_widgets,
+)
 from KneeBoneSegLib.slicer.logic import panel_parameters  # noqa: E402
 
 CHOICES = {parameter.name: [str(choice) for choice in parameter.choices] for parameter in panel_parameters() if parameter.choices}

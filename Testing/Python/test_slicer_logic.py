@@ -21,9 +21,9 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import vtk  # noqa: E402
 
-from KneeBoneSegLib.slicer.mrml import volume_from_node, volume_to_node  # noqa: E402
 from KneeBoneSegLib.options import SegmentOptions  # noqa: E402
 from KneeBoneSegLib.slicer.logic import SegmentationRuns, export_folder  # noqa: E402
+from KneeBoneSegLib.slicer.mrml import volume_from_node, volume_to_node  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
 
 LIBRARY_FOLDER = str(Path(__file__).resolve().parents[2])

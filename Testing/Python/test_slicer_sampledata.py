@@ -19,7 +19,13 @@ from conftest import knee_phantom
 
 from KneeBoneSegLib.io.dataset import DATASET_URL
 from KneeBoneSegLib.io.images import read_volume, write_volume
-from KneeBoneSegLib.slicer.sampledata import SAMPLE_DIR_ENV, SAMPLE_FILES, assembled_folder, sample_data_source, sample_folder
+from KneeBoneSegLib.slicer.sampledata import (
+    SAMPLE_DIR_ENV,
+    SAMPLE_FILES,
+    assembled_folder,
+    sample_data_source,
+    sample_folder,
+)
 from KneeBoneSegLib.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,13 +19,13 @@ pytest.importorskip("keras", reason="training needs Keras: pip install kneebones
 from KneeBoneSegLib.errors import Cancelled, InputError
 from KneeBoneSegLib.io.images import read_mask, read_volume, write_volume
 from KneeBoneSegLib.network.models import file_sha256, load_model
+from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.training.arguments import add_arguments, command_line, config_from_args
 from KneeBoneSegLib.training.augmentation import Augmentation
 from KneeBoneSegLib.training.config import TrainingConfig
 from KneeBoneSegLib.training.data import PatchSampler, SliceSampler, TrainingVolume, heldout_range, prepare_volume
 from KneeBoneSegLib.training.loop import bone_loss, train
 from KneeBoneSegLib.training.plot import TRAINING_COLOUR, VALIDATION_COLOUR
-from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing
 from KneeBoneSegLib.volume import Geometry, Volume
 
 CROP = 64  # voxels of the sample scan around the patella: bone, cartilage, soft tissue and femur

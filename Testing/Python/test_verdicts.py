@@ -20,13 +20,13 @@ from scipy import ndimage
 
 from KneeBoneSegLib.anatomy import BONE_BY_KEY
 from KneeBoneSegLib.cli import EXIT_NO_BONE, main
+from KneeBoneSegLib.errors import InputError
+from KneeBoneSegLib.io.images import read_volume, write_volume
+from KneeBoneSegLib.io.outputs import PROBABILITY_FILE, SEGMENTATION_FILE, read_outputs, write_outputs
+from KneeBoneSegLib.network.models import ModelCard, default_model_path, load_model
+from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.postprocess.components import label_bones
 from KneeBoneSegLib.trust.inputcheck import compare_with_card
-from KneeBoneSegLib.io.images import read_volume, write_volume
-from KneeBoneSegLib.network.models import ModelCard, default_model_path, load_model
-from KneeBoneSegLib.errors import InputError
-from KneeBoneSegLib.io.outputs import PROBABILITY_FILE, SEGMENTATION_FILE, read_outputs, write_outputs
-from KneeBoneSegLib.pipeline import SegmentOptions, postprocess, segment
 from KneeBoneSegLib.trust.plausibility import assignment_reasons
 from KneeBoneSegLib.trust.verdicts import judge
 from KneeBoneSegLib.volume import Geometry, Volume
@@ -192,8 +192,9 @@ def test_failed_bones_are_marked_in_segment_names_and_files(tmp_path):
 def test_slicer_segments_show_the_verdict(tmp_path):
     slicer = pytest.importorskip("slicer", reason="needs the PyPI package slicer-core")
     import vtk
-    from KneeBoneSegLib.slicer.mrml import labels_to_segmentation_node, mark_verdicts
+
     from KneeBoneSegLib.io.outputs import VERDICT_TAG
+    from KneeBoneSegLib.slicer.mrml import labels_to_segmentation_node, mark_verdicts
 
     _, truth, geometry = knee_phantom()
     result = postprocess(Volume(truth, geometry), SegmentOptions(closing_radius=0, surfaces=False))

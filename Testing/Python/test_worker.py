@@ -231,3 +231,17 @@ def test_the_sample_command_reports_through_the_runner(tmp_path):
     worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(poll_interval=0.05)
     assert worker.outputs is None and worker.error.startswith("could not download the sample scan from"), worker.error
     assert not (tmp_path / "sample").exists()
+
+
+def test_the_sample_is_assembled_by_a_worker_whose_error_comes_back_in_one_line(tmp_path):
+    """What Sample Data's button runs: ``kneeboneseg sample`` in the background; here into a folder that is not empty."""
+    from KneeBoneSegLib.slicer.logic import SegmentationRuns
+
+    (tmp_path / "temp").mkdir()
+    taken = tmp_path / "KneeBones3Dify"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's")
+    idle = []
+    error = SegmentationRuns([sys.executable], str(Path(__file__).resolve().parents[2]), str(tmp_path / "temp")).assemble_sample(taken, on_idle=lambda: idle.append(1))
+    assert error and "\n" not in error and str(taken) in error
+    assert (taken / "notes.txt").read_text() == "the user's" and not list((tmp_path / "temp").iterdir())

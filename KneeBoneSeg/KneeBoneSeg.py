@@ -28,7 +28,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 #: The extension's terminology list: the bones' SNOMED CT codes, which Slicer's own lists lack.
-TERMINOLOGY_FILE = Path(__file__).resolve().parent / "Resources" / "Terminologies" / "SegmentationCategoryType-KneeBoneSeg.term.json"
+TERMINOLOGY_FILE = (
+    Path(__file__).resolve().parent / "Resources" / "Terminologies" / "SegmentationCategoryType-KneeBoneSeg.term.json"
+)
 #: Where the last STL folder is remembered (Slicer's application settings).
 EXPORT_FOLDER_SETTING = "KneeBoneSeg/ExportFolder"
 
@@ -121,8 +123,8 @@ def loadSampleScan(source=None):
 def parameterNodeClass():
     """The module's parameter node (saved with the scene): the input volume, the output segmentation, and
     one field per option the panel shows, with its type, default, choices and range taken from the library
-    (KneeBoneSegLib.slicer.logic.panel_parameters), so the panel offers what the library accepts."""
-    from KneeBoneSegLib.slicer.logic import panel_parameters
+    (KneeBoneSegLib.slicer.panel.panel_parameters), so the panel offers what the library accepts."""
+    from KneeBoneSegLib.slicer.panel import panel_parameters
 
     annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "outputSegmentation": vtkMRMLSegmentationNode}
     defaults = {}
@@ -192,7 +194,9 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         for name, signal in REAPPLY_SIGNALS.items():
             getattr(self.ui, name).connect(signal, self.onPostprocessingSettingChanged)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
+        self.ui.outputSegmentationSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode
+        )
         self.ui.exportDirectoryButton.directory = str(self.logic.defaultExportFolder())
         self.ui.progressBar.hide()
         self.ui.stageLabel.hide()
@@ -261,7 +265,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self, caller=None, event=None):
         """Show what can be used now (the library's panel_state decides)."""
-        from KneeBoneSegLib.slicer.logic import device_description, panel_options, panel_state
+        from KneeBoneSegLib.slicer.panel import device_description, panel_options, panel_state
 
         parameters = self._parameterNode
         hasInput = bool(parameters and parameters.inputVolume)
@@ -281,18 +285,28 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.enabled = state.show_3d_enabled
         if hasInput:
             self.ui.outputSegmentationSelector.baseName = parameters.inputVolume.GetName() + " bones"
-        self.ui.deviceLabel.text = device_description(parameters.device if parameters else "auto", self.logic.lastDevice)
+        self.ui.deviceLabel.text = device_description(
+            parameters.device if parameters else "auto", self.logic.lastDevice
+        )
 
     def onSegmentButton(self):
-        from KneeBoneSegLib.slicer.logic import panel_options
+        from KneeBoneSegLib.slicer.panel import panel_options
 
-        if self._run is not None or self._installing or not self.ensureRequirements() or not self.confirmReplacingEdits():
+        if (
+            self._run is not None
+            or self._installing
+            or not self.ensureRequirements()
+            or not self.confirmReplacingEdits()
+        ):
             return
         parameters = self._parameterNode
         self.ui.statusLabel.text = ""
         with slicer.util.tryWithErrorDisplay("KneeBoneSeg could not start.", waitCursor=True):
             self._run = self.logic.startSegmentation(
-                parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters), onProgress=self.onProgress
+                parameters.inputVolume,
+                parameters.outputSegmentation,
+                panel_options(parameters),
+                onProgress=self.onProgress,
             )
         if self._run is None:
             return
@@ -321,12 +335,14 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReapplyPostprocessing(self):
         """Redo closing and smoothing from the kept network output when the user changed them (asking first if the bones were edited)."""
-        from KneeBoneSegLib.slicer.logic import panel_options
+        from KneeBoneSegLib.slicer.panel import panel_options
 
         self.updateButtons()
         parameters = self._parameterNode
         # onSegmentButton starts nothing while a run or an install is under way.
-        if parameters and self.logic.reappliesPostprocessing(parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters)):
+        if parameters and self.logic.reappliesPostprocessing(
+            parameters.inputVolume, parameters.outputSegmentation, panel_options(parameters)
+        ):
             self.onSegmentButton()
 
     def onProgress(self, stage, fraction):
@@ -349,7 +365,11 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 with slicer.util.tryWithErrorDisplay("KneeBoneSeg could not load its results.", waitCursor=True):
                     node = self.logic.finishRun(run)
-                    if self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputVolume.GetID() == run.volume_node_id:
+                    if (
+                        self._parameterNode
+                        and self._parameterNode.inputVolume
+                        and self._parameterNode.inputVolume.GetID() == run.volume_node_id
+                    ):
                         self._parameterNode.outputSegmentation = node
                     self.ui.statusLabel.text = run.summary_line()
         finally:
@@ -369,7 +389,7 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onBatchRunButton(self):
         """Segment every scan of the chosen folder into the results folder, in the background."""
-        from KneeBoneSegLib.slicer.logic import panel_options
+        from KneeBoneSegLib.slicer.panel import panel_options
 
         if self._batch is not None or self._installing or not self.ensureRequirements():
             return
@@ -409,7 +429,9 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.batchStatusLabel.text = str(error)
             return
         self.ui.batchTableView.setMRMLTableNode(self._batchTable)
-        self.ui.batchStatusLabel.text = f"{self._batchTable.GetNumberOfRows()} cases in {self._batchTable.GetName()}; click one to load it."
+        self.ui.batchStatusLabel.text = (
+            f"{self._batchTable.GetNumberOfRows()} cases in {self._batchTable.GetName()}; click one to load it."
+        )
 
     def onBatchCancelButton(self):
         if self._batch is not None:
@@ -435,7 +457,9 @@ class KneeBoneSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.installRequirements(pins)
 
         outcome = ensure_requirements(
-            confirm=lambda question: slicer.util.confirmOkCancelDisplay(question, windowTitle="KneeBoneSeg: install packages"),
+            confirm=lambda question: slicer.util.confirmOkCancelDisplay(
+                question, windowTitle="KneeBoneSeg: install packages"
+            ),
             install=install,
             installing=self.setInstalling,
         )
@@ -520,10 +544,12 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultExportFolder():
         """The last STL folder, else the scene's folder, else the user's documents."""
-        from KneeBoneSegLib.slicer.logic import export_folder
+        from KneeBoneSegLib.slicer.panel import export_folder
 
         documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
-        return export_folder(str(qt.QSettings().value(EXPORT_FOLDER_SETTING, "") or ""), slicer.mrmlScene.GetRootDirectory(), documents)
+        return export_folder(
+            str(qt.QSettings().value(EXPORT_FOLDER_SETTING, "") or ""), slicer.mrmlScene.GetRootDirectory(), documents
+        )
 
     def startSegmentation(self, volumeNode, segmentationNode, options, onProgress=None):
         """Start segmenting ``volumeNode`` into ``segmentationNode`` (None: a new one) in the background.
@@ -543,7 +569,7 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         cases table as a table node. Running again into the same folder goes
         on where the last batch stopped.
         """
-        from KneeBoneSegLib.slicer.logic import batch_folders
+        from KneeBoneSegLib.slicer.panel import batch_folders
 
         scans, results = batch_folders(inputFolder, outputFolder)
         return self.runs.start_batch([str(scans)], str(results), options, onProgress)
@@ -606,7 +632,9 @@ class KneeBoneSegLogic(ScriptedLoadableModuleLogic):
         problems = requirement_problems()
         if problems:
             wrong = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
-            raise RuntimeError(f"Python packages are missing or too old ({wrong}): press Segment in the module panel once to install them")
+            raise RuntimeError(
+                f"Python packages are missing or too old ({wrong}): press Segment in the module panel once to install them"
+            )
         run = self.startSegmentation(volumeNode, segmentationNode, options_from_mapping(options))
         run.worker.wait(on_idle=slicer.app.processEvents)
         return self.finishRun(run)

@@ -38,7 +38,9 @@ def atomic_file(path):
         yield temporary
         os.replace(temporary, path)
     except OSError as error:
-        raise OutputError(f"{path} cannot be written ({error.strerror or error}); check the folder and free disk space") from None
+        raise OutputError(
+            f"{path} cannot be written ({error.strerror or error}); check the folder and free disk space"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
@@ -118,7 +120,9 @@ def check_output_folder(outdir, overwrite: bool = False) -> None:
 
 
 def _occupied(outdir: Path) -> OutputError:
-    return OutputError(f"{outdir} already holds files; choose a new or empty folder, or pass --overwrite to replace this run's outputs in it (overwrite=True in Python)")
+    return OutputError(
+        f"{outdir} already holds files; choose a new or empty folder, or pass --overwrite to replace this run's outputs in it (overwrite=True in Python)"
+    )
 
 
 def _staging_prefix(outdir: Path) -> str:
@@ -135,7 +139,9 @@ def _make_staging_folder(outdir: Path) -> Path:
         # mkdir, not tempfile.mkdtemp: the folder may become outdir and must get the umask's mode, not 0o700
         staging.mkdir()
     except OSError as error:
-        raise OutputError(f"cannot write in {home} ({error.strerror}); choose an output folder you can write to") from None
+        raise OutputError(
+            f"cannot write in {home} ({error.strerror}); choose an output folder you can write to"
+        ) from None
     return staging
 
 

@@ -85,9 +85,13 @@ def find_cases(inputs: Iterable) -> list[Case]:
         elif item.is_file():
             cases.append(Case(_safe(image_name(item)), item))
         else:
-            raise InputError(f"{item} does not exist; give image files, folders of image files or DICOM series, or a CSV of cases")
+            raise InputError(
+                f"{item} does not exist; give image files, folders of image files or DICOM series, or a CSV of cases"
+            )
     if not cases:
-        raise InputError("no cases found in the inputs; give image files, folders of image files or DICOM series, or a CSV with id and path columns")
+        raise InputError(
+            "no cases found in the inputs; give image files, folders of image files or DICOM series, or a CSV with id and path columns"
+        )
     seen: dict = {}
     unique = []
     for case in cases:
@@ -108,7 +112,13 @@ def _cases_from_csv(path: Path) -> list[Case]:
         raise InputError(f"{path} cannot be read ({error.strerror}); give a CSV with id and path columns") from None
     if not rows or not {"id", "path"} <= set(rows[0]):
         raise InputError(f"{path} has no id and path columns; its header must name both")
-    return [Case(_safe(row["id"]), (path.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])) for row in rows]
+    return [
+        Case(
+            _safe(row["id"]),
+            (path.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"]),
+        )
+        for row in rows
+    ]
 
 
 def _folder_cases(folder: Path) -> list[Case]:
@@ -117,7 +127,11 @@ def _folder_cases(folder: Path) -> list[Case]:
     images, series = find_scans(folder)
     cases = [Case(_safe(image_name(path)), path) for path in images]
     for first, tags in series:
-        parts = (tags["PatientID"] or "patient", tags["StudyDate"], tags["SeriesNumber"] or tags["SeriesInstanceUID"][-8:])
+        parts = (
+            tags["PatientID"] or "patient",
+            tags["StudyDate"],
+            tags["SeriesNumber"] or tags["SeriesInstanceUID"][-8:],
+        )
         cases.append(Case(_safe("_".join(part for part in parts if part)), first))
     return cases
 
@@ -172,7 +186,11 @@ def _signature(case: Case, options: SegmentOptions, model) -> dict:
     return {
         "input": str(case.input),
         "model_sha256": _model_sha256(model.path) if model.path else None,
-        "options": {name: value for name, value in options.to_request().items() if name not in ("device", "engine", "threads", "batch_size")},
+        "options": {
+            name: value
+            for name, value in options.to_request().items()
+            if name not in ("device", "engine", "threads", "batch_size")
+        },
     }
 
 
@@ -191,7 +209,9 @@ def _row(case: Case, report: dict, seconds: float) -> dict:
     verdicts = report.get("verdict", {})
     row = {"id": case.id, "input": str(case.input), "status": verdicts.get("run", "failed"), "error": ""}
     for bone in BONES:
-        row[f"{bone.key}_volume_mm3"] = f"{report['bones'][bone.key]['volume_mm3']:.0f}" if bone.key in report.get("bones", {}) else ""
+        row[f"{bone.key}_volume_mm3"] = (
+            f"{report['bones'][bone.key]['volume_mm3']:.0f}" if bone.key in report.get("bones", {}) else ""
+        )
         row[f"{bone.key}_verdict"] = verdicts.get("bones", {}).get(bone.key, {}).get("verdict", "missing")
     engine = report.get("engine", {})
     model = report.get("model", {})
@@ -207,7 +227,14 @@ def _row(case: Case, report: dict, seconds: float) -> dict:
 
 def _error_row(case: Case, message: str, seconds: float, signature: dict) -> dict:
     row = dict.fromkeys(COLUMNS, "")
-    row.update(id=case.id, input=str(case.input), status="error", error=message, seconds=f"{seconds:.1f}", model_sha256=signature.get("model_sha256") or "")
+    row.update(
+        id=case.id,
+        input=str(case.input),
+        status="error",
+        error=message,
+        seconds=f"{seconds:.1f}",
+        model_sha256=signature.get("model_sha256") or "",
+    )
     return row
 
 
@@ -340,7 +367,10 @@ def _run_on_cluster(client, cases: list, outdir: Path, options: SegmentOptions, 
     from distributed import as_completed as completed
 
     run = uuid.uuid4().hex[:8]
-    futures = [client.submit(_run_in_worker, case, str(outdir), options, key=f"kneeboneseg-{run}-{case.id}", pure=False) for case in cases]
+    futures = [
+        client.submit(_run_in_worker, case, str(outdir), options, key=f"kneeboneseg-{run}-{case.id}", pure=False)
+        for case in cases
+    ]
     try:
         for future in completed(futures):
             finished(future.result())

@@ -62,7 +62,9 @@ class _Reporter:
             self.close()
             from tqdm import tqdm
 
-            self._bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr, bar_format="{desc:<20} {bar} {n_fmt}%")
+            self._bar = tqdm(
+                total=100, desc=stage, unit="%", leave=False, file=sys.stderr, bar_format="{desc:<20} {bar} {n_fmt}%"
+            )
             self._stage = stage
         self._bar.n = int(round(100 * fraction))
         self._bar.refresh()
@@ -86,8 +88,13 @@ class _Reporter:
 
 
 def _add_options_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--options", type=Path, default=None, metavar="FILE",
-                        help="the run's options as a JSON object (SegmentOptions' names); flags given as well win over it")
+    parser.add_argument(
+        "--options",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the run's options as a JSON object (SegmentOptions' names); flags given as well win over it",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +102,12 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     _add_options_file_argument(parser)
     group = parser.add_argument_group("outputs")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs in an existing, non-empty OUTDIR")
-    group.add_argument("--progress", choices=("text", "json", "none"), default="text", help="progress display (json: one object per line on stdout)")
+    group.add_argument(
+        "--progress",
+        choices=("text", "json", "none"),
+        default="text",
+        help="progress display (json: one object per line on stdout)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,51 +117,119 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", help="segment femur, tibia and patella in a knee MRI")
     seg.add_argument("input", type=Path, help="image file (NRRD, NIfTI, MetaImage) or DICOM series folder")
-    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
+    seg.add_argument(
+        "-o", "--output", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)"
+    )
     add_arguments(seg, "segment")
     _add_output_arguments(seg)
 
-    post = commands.add_parser("postprocess", help="name, close and surface the bones of an existing mask, label map or probability map")
-    post.add_argument("mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]")
+    post = commands.add_parser(
+        "postprocess", help="name, close and surface the bones of an existing mask, label map or probability map"
+    )
+    post.add_argument(
+        "mask", type=Path, help="binary mask, label map (.nrrd, .seg.nrrd, .nii.gz, ...) or probability map in [0, 1]"
+    )
     post.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_arguments(post, "postprocess")
     _add_output_arguments(post)
 
-    batch = commands.add_parser("batch", help="segment a cohort: each case into OUTDIR/<case>/, one table OUTDIR/cases.csv; run again to resume")
-    batch.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files, folders (each image file and DICOM series in the tree a case) or CSV files with id and path columns")
+    batch = commands.add_parser(
+        "batch", help="segment a cohort: each case into OUTDIR/<case>/, one table OUTDIR/cases.csv; run again to resume"
+    )
+    batch.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="image files, folders (each image file and DICOM series in the tree a case) or CSV files with id and path columns",
+    )
     batch.add_argument("-o", "--output", type=Path, required=True, help="the cohort's folder (created or resumed)")
     add_arguments(batch, "segment")
     _add_options_file_argument(batch)
-    batch.add_argument("--workers", type=int, default=1, help="processes, each with the model opened once and the cores shared (default: 1, faster on 2 cores than 2 workers, bench/bench_batch.py)")
-    batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="send the cases to this Dask distributed scheduler (tcp://host:8786; the [cluster] extra); inputs and OUTDIR on storage its workers share")
-    batch.add_argument("--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before")
-    batch.add_argument("--progress", choices=("text", "json", "none"), default="text",
-                       help="a bar over the cases with the time left (default: text; json: one object per case on stdout, for the Slicer module)")
+    batch.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes, each with the model opened once and the cores shared (default: 1, faster on 2 cores than 2 workers, bench/bench_batch.py)",
+    )
+    batch.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="send the cases to this Dask distributed scheduler (tcp://host:8786; the [cluster] extra); inputs and OUTDIR on storage its workers share",
+    )
+    batch.add_argument(
+        "--retry-failed", action="store_true", help="run again the cases that failed (error, or no bone passed) before"
+    )
+    batch.add_argument(
+        "--progress",
+        choices=("text", "json", "none"),
+        default="text",
+        help="a bar over the cases with the time left (default: text; json: one object per case on stdout, for the Slicer module)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and distances of a label map against the ground truth")
-    evaluate.add_argument("prediction", type=Path, metavar="PRED",
-                          help="the label map to score (0 background, 1 femur, 2 tibia, 3 patella), on any grid that overlaps REFERENCE")
-    evaluate.add_argument("reference", type=Path, metavar="REFERENCE", help="the ground truth it is scored against, a label map with the same values")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all")
+    evaluate.add_argument(
+        "prediction",
+        type=Path,
+        metavar="PRED",
+        help="the label map to score (0 background, 1 femur, 2 tibia, 3 patella), on any grid that overlaps REFERENCE",
+    )
+    evaluate.add_argument(
+        "reference",
+        type=Path,
+        metavar="REFERENCE",
+        help="the ground truth it is scored against, a label map with the same values",
+    )
+    evaluate.add_argument(
+        "--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all"
+    )
 
     train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
     add_training_arguments(train)
 
-    export = commands.add_parser("export", help="write a trained .keras model as .onnx (beside it) and record the export in its card")
+    export = commands.add_parser(
+        "export", help="write a trained .keras model as .onnx (beside it) and record the export in its card"
+    )
     export.add_argument("model", type=Path, help="the .keras model")
-    export.add_argument("-o", "--output", type=Path, default=None, help="the .onnx file to write (default: beside the model)")
+    export.add_argument(
+        "-o", "--output", type=Path, default=None, help="the .onnx file to write (default: beside the model)"
+    )
 
-    sample = commands.add_parser("sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD")
-    sample.add_argument("-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd")
+    sample = commands.add_parser(
+        "sample", help="download the public annotated low-field knee scan (KneeBones3Dify) and assemble it as NRRD"
+    )
+    sample.add_argument(
+        "-o", "--output", type=Path, required=True, help="folder for knee_mri.nrrd and knee_bones_labels.nrrd"
+    )
     source = sample.add_mutually_exclusive_group()
-    source.add_argument("--url", default=None, help="where to download the dataset's archive from (default: its public repository at a pinned commit)")
-    source.add_argument("--from", dest="from_folder", type=Path, default=None, metavar="DIR",
-                        help="no download: a local copy, either the unpacked dataset (Data/ and GT-Masks/) or a folder with knee_mri.nrrd and knee_bones_labels.nrrd")
-    sample.add_argument("--progress", choices=("text", "json", "none"), default="none", help="progress display (json: one object per line on stdout, for the Slicer module)")
+    source.add_argument(
+        "--url",
+        default=None,
+        help="where to download the dataset's archive from (default: its public repository at a pinned commit)",
+    )
+    source.add_argument(
+        "--from",
+        dest="from_folder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="no download: a local copy, either the unpacked dataset (Data/ and GT-Masks/) or a folder with knee_mri.nrrd and knee_bones_labels.nrrd",
+    )
+    sample.add_argument(
+        "--progress",
+        choices=("text", "json", "none"),
+        default="none",
+        help="progress display (json: one object per line on stdout, for the Slicer module)",
+    )
 
-    info = commands.add_parser("info", help="versions, the engine and device a segmentation runs on, and the default model with its held-out figures")
-    info.add_argument("--json", action="store_true", help="everything as one JSON object, the default model's whole card included")
+    info = commands.add_parser(
+        "info",
+        help="versions, the engine and device a segmentation runs on, and the default model with its held-out figures",
+    )
+    info.add_argument(
+        "--json", action="store_true", help="everything as one JSON object, the default model's whole card included"
+    )
     return parser
 
 
@@ -210,9 +290,20 @@ def _run_batch(args, reporter: _Reporter) -> int:
 
     client = _dask_client(args.scheduler) if args.scheduler else None
     try:
-        rows = segment_many(cases, args.output, options, workers=args.workers, retry_failed=args.retry_failed, progress=progress, client=client)
+        rows = segment_many(
+            cases,
+            args.output,
+            options,
+            workers=args.workers,
+            retry_failed=args.retry_failed,
+            progress=progress,
+            client=client,
+        )
     except KeyboardInterrupt:
-        print(f"kneeboneseg: interrupted with {done['count']} of {len(cases)} cases in {args.output / TABLE_FILE}; run the same command to go on", file=sys.stderr)
+        print(
+            f"kneeboneseg: interrupted with {done['count']} of {len(cases)} cases in {args.output / TABLE_FILE}; run the same command to go on",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if bar is not None:
@@ -223,7 +314,11 @@ def _run_batch(args, reporter: _Reporter) -> int:
     if args.progress == "json":
         reporter.finish({"outputs": [str(Path(args.output).absolute() / TABLE_FILE)], "cases": counts})
         return min(failures(rows), 100)
-    print(f"{len(rows)} cases: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {args.output / TABLE_FILE}")
+    print(
+        f"{len(rows)} cases: "
+        + ", ".join(f"{n} {status}" for status, n in counts.items())
+        + f" -> {args.output / TABLE_FILE}"
+    )
     return min(failures(rows), 100)
 
 
@@ -236,7 +331,9 @@ def _dask_client(address: str):
     try:
         return Client(address, timeout="30s")
     except (OSError, TimeoutError) as error:
-        raise InputError(f"no Dask scheduler answers at {address} ({error}); start one (dask scheduler) or check the address") from None
+        raise InputError(
+            f"no Dask scheduler answers at {address} ({error}); start one (dask scheduler) or check the address"
+        ) from None
 
 
 def _run_evaluate(args, reporter: _Reporter) -> int:
@@ -245,7 +342,10 @@ def _run_evaluate(args, reporter: _Reporter) -> int:
     if not same_grid(prediction, reference):
         # Scored where the reference's voxels are, whatever grid the prediction was saved on.
         predicted = labels_onto_grid(prediction, reference, names=(args.prediction, args.reference))
-        print(f"kneeboneseg: note: {args.prediction} lies on another grid than {args.reference}; resampled onto it (nearest neighbour)", file=sys.stderr)
+        print(
+            f"kneeboneseg: note: {args.prediction} lies on another grid than {args.reference}; resampled onto it (nearest neighbour)",
+            file=sys.stderr,
+        )
     metrics = evaluate_labels(predicted, reference.array, reference.geometry.spacing)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
     return 0
@@ -253,7 +353,9 @@ def _run_evaluate(args, reporter: _Reporter) -> int:
 
 def _run_export(args, reporter: _Reporter) -> int:
     record = export_onnx(args.model, args.output)
-    print(f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})")
+    print(
+        f"wrote {args.output or args.model.with_suffix('.onnx')} (largest difference from Keras {record['max_abs_difference']:.1e})"
+    )
     return 0
 
 
@@ -289,14 +391,23 @@ def _run_info(args, reporter: _Reporter) -> int:
 def info_summary(info: dict) -> str:
     """A few lines of ``kneeboneseg info``'s object for a person: versions, engine, default model and its held-out figures."""
     engine, card = info["engine"], info["default_model"]["card"]
-    lines = [f"kneeboneseg {info['kneeboneseg']}, Python {sys.version.split()[0]}, " + ", ".join(f"{name} {version}" for name, version in info["versions"].items())]
+    lines = [
+        f"kneeboneseg {info['kneeboneseg']}, Python {sys.version.split()[0]}, "
+        + ", ".join(f"{name} {version}" for name, version in info["versions"].items())
+    ]
     if engine:
-        lines.append(f"runs on: {engine['engine']} {engine['version']}, {engine['device']} ({engine['cpu']['name']}), {engine['precision']}, {engine['threads']} threads")
+        lines.append(
+            f"runs on: {engine['engine']} {engine['version']}, {engine['device']} ({engine['cpu']['name']}), {engine['precision']}, {engine['threads']} threads"
+        )
     lines.append(f"default model: {info['default_model']['path']}" + ("" if card else " (no card)"))
     heldout = (card or {}).get("quality", {}).get("heldout")
     if heldout:
         dice = {bone: figures["dice"] for bone, figures in heldout["metrics"].items()}
-        lines.append("  held out, all-bone Dice {all:.4f} (femur {femur:.4f}, tibia {tibia:.4f}, patella {patella:.4f})".format(**dice))
+        lines.append(
+            "  held out, all-bone Dice {all:.4f} (femur {femur:.4f}, tibia {tibia:.4f}, patella {patella:.4f})".format(
+                **dice
+            )
+        )
     lines.append("more: kneeboneseg info --json")
     return "\n".join(lines)
 
@@ -316,7 +427,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for handler in logging.getLogger().handlers:  # the console; a batch's per-case logs take the library's INFO lines
         handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     reporter = _Reporter(getattr(args, "progress", "none"))
@@ -332,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         reporter.error("interrupted; nothing was written")
         return 130
     # segment and postprocess: what they wrote, and its verdict.
-    reporter.finish({"outputs": outcome["files"], "seconds": round(time.perf_counter() - start, 1), "verdict": outcome["verdict"]})
+    reporter.finish(
+        {"outputs": outcome["files"], "seconds": round(time.perf_counter() - start, 1), "verdict": outcome["verdict"]}
+    )
     if reporter.mode != "json":
         print(outcome["summary_line"])
     return EXIT_NO_BONE if outcome["verdict"]["run"] == "failed" else 0

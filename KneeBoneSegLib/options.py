@@ -5,7 +5,7 @@ Every front end derives its settings from :class:`SegmentOptions`:
 - the command line's flags (:func:`add_arguments`, :func:`options_from_arguments`);
 - the request file the Slicer module hands its background process
   (``--options FILE``: :meth:`SegmentOptions.to_request`, :func:`options_from_mapping`);
-- the Slicer module's parameter node and console API (``slicer_logic.panel_parameters``);
+- the Slicer module's parameter node and console API (``slicer.panel.panel_parameters``);
 - the key under which the Slicer module keeps a network output for re-use
   (:meth:`SegmentOptions.network_key`).
 
@@ -62,7 +62,18 @@ def closing_radius_default(units: str) -> float:
     return PAPER_CLOSING_RADIUS_VOXELS if units == "voxels" else CLOSING_RADIUS_MM
 
 
-def _option(default, stage: str, help: str, *, kind: type = None, choices: Tuple = None, flag: str = None, minimum=None, maximum=None, commands=("segment",)):
+def _option(
+    default,
+    stage: str,
+    help: str,
+    *,
+    kind: type = None,
+    choices: Tuple = None,
+    flag: str = None,
+    minimum=None,
+    maximum=None,
+    commands=("segment",),
+):
     """A field of :class:`SegmentOptions` with what every front end needs to offer it.
 
     ``kind``: the value's type where the default (None) does not tell it.
@@ -71,9 +82,15 @@ def _option(default, stage: str, help: str, *, kind: type = None, choices: Tuple
     ``commands``: the ``kneeboneseg`` sub-commands that offer it.
     """
     metadata = {
-        "stage": stage, "help": help, "kind": kind or type(default), "choices": choices,
-        "flag": flag, "minimum": minimum, "maximum": maximum, "commands": commands,
-    }  # fmt: skip
+        "stage": stage,
+        "help": help,
+        "kind": kind or type(default),
+        "choices": choices,
+        "flag": flag,
+        "minimum": minimum,
+        "maximum": maximum,
+        "commands": commands,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -88,53 +105,117 @@ class SegmentOptions:
     the same text); :func:`option_fields` lists them with their stage.
     """
 
-    model: str = _option("", "network", "trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)")
+    model: str = _option(
+        "",
+        "network",
+        "trained .onnx (or, with the [train] extra, .keras) model with its .json card (default: the shipped model)",
+    )
     projections: Optional[int] = _option(
-        None, "network", "predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 3 for the shipped model)",
-        kind=int, choices=(1, 3),
-    )  # fmt: skip
+        None,
+        "network",
+        "predict on 1 projection (the scan's own axes) or 3 (default: the model card's; 3 for the shipped model)",
+        kind=int,
+        choices=(1, 3),
+    )
     fusion: str = _option(
-        "model", "network", "how projections are fused (or: the paper's; default: model, the model card's rule: or for the compact model, vote for the 2D one)",
+        "model",
+        "network",
+        "how projections are fused (or: the paper's; default: model, the model card's rule: or for the compact model, vote for the 2D one)",
         choices=FUSION_CHOICES,
-    )  # fmt: skip
-    aggregate: str = _option("mean", "network", "how overlapping sub-volumes are merged (or: the paper's; default: mean, Gaussian-weighted)", choices=AGGREGATIONS)
+    )
+    aggregate: str = _option(
+        "mean",
+        "network",
+        "how overlapping sub-volumes are merged (or: the paper's; default: mean, Gaussian-weighted)",
+        choices=AGGREGATIONS,
+    )
     stride: Optional[int] = _option(
-        None, "network", "step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)",
-        kind=int, minimum=1,
-    )  # fmt: skip
+        None,
+        "network",
+        "step between sub-volumes in the model's voxels (default: the model card's; half the sub-volume is more accurate and slower)",
+        kind=int,
+        minimum=1,
+    )
     skip_air_tiles: bool = _option(
-        True, "network", "run the network on sub-volumes of pure air too (left out by default; they come out as background either way)", flag="--all-tiles"
+        True,
+        "network",
+        "run the network on sub-volumes of pure air too (left out by default; they come out as background either way)",
+        flag="--all-tiles",
     )
     precision: str = _option(
-        "f32", "network", "arithmetic of the network (default: f32, the same bones on every CPU; bf16: faster on CPUs with bfloat16 units, OpenVINO only)",
+        "f32",
+        "network",
+        "arithmetic of the network (default: f32, the same bones on every CPU; bf16: faster on CPUs with bfloat16 units, OpenVINO only)",
         choices=PRECISIONS,
-    )  # fmt: skip
-    threshold: float = _option(0.5, "postprocess", "probability above which a voxel is bone (default: 0.5; between 0 and 1)", commands=BOTH)
+    )
+    threshold: float = _option(
+        0.5, "postprocess", "probability above which a voxel is bone (default: 0.5; between 0 and 1)", commands=BOTH
+    )
     closing_radius: float = _option(
-        CLOSING_RADIUS_MM, "postprocess",
+        CLOSING_RADIUS_MM,
+        "postprocess",
         f"sphere radius of the closing, 0 to skip (default: {CLOSING_RADIUS_MM:g} mm, the paper's 9 voxels of its 0.352 mm scan; "
         f"with --closing-units voxels, {PAPER_CLOSING_RADIUS_VOXELS:g}, the paper's exact rule)",
-        minimum=0.0, maximum=30.0, commands=BOTH,
-    )  # fmt: skip
-    closing_units: str = _option("mm", "postprocess", "units of --closing-radius (default: mm)", choices=CLOSING_UNITS, commands=BOTH)
-    fill_holes: bool = _option(True, "postprocess", "keep holes enclosed in 3D or in a slice (filled by default)", flag="--no-fill-holes", commands=BOTH)
-    smoothing_iterations: int = _option(20, "postprocess", "Laplacian smoothing iterations of the surfaces (default: 20)", minimum=0, maximum=200, commands=BOTH)
-    surfaces: bool = _option(True, "postprocess", "skip the surfaces and STL files", flag="--no-surfaces", commands=BOTH)
-    device: str = _option("auto", "run", "where the network runs (default: auto: a GPU when the engine has one)", choices=DEVICE_CHOICES)
-    engine: str = _option("auto", "run", "what runs the model (default: auto: for a .onnx model OpenVINO on the CPU where it is installed, else ONNX Runtime; Keras for .keras)", choices=ENGINES)
+        minimum=0.0,
+        maximum=30.0,
+        commands=BOTH,
+    )
+    closing_units: str = _option(
+        "mm", "postprocess", "units of --closing-radius (default: mm)", choices=CLOSING_UNITS, commands=BOTH
+    )
+    fill_holes: bool = _option(
+        True,
+        "postprocess",
+        "keep holes enclosed in 3D or in a slice (filled by default)",
+        flag="--no-fill-holes",
+        commands=BOTH,
+    )
+    smoothing_iterations: int = _option(
+        20,
+        "postprocess",
+        "Laplacian smoothing iterations of the surfaces (default: 20)",
+        minimum=0,
+        maximum=200,
+        commands=BOTH,
+    )
+    surfaces: bool = _option(
+        True, "postprocess", "skip the surfaces and STL files", flag="--no-surfaces", commands=BOTH
+    )
+    device: str = _option(
+        "auto", "run", "where the network runs (default: auto: a GPU when the engine has one)", choices=DEVICE_CHOICES
+    )
+    engine: str = _option(
+        "auto",
+        "run",
+        "what runs the model (default: auto: for a .onnx model OpenVINO on the CPU where it is installed, else ONNX Runtime; Keras for .keras)",
+        choices=ENGINES,
+    )
     threads: Optional[int] = _option(
-        None, "run", "CPU threads every stage (the network too) may use (default: all cores this process may run on)", kind=int, minimum=1, commands=BOTH
+        None,
+        "run",
+        "CPU threads every stage (the network too) may use (default: all cores this process may run on)",
+        kind=int,
+        minimum=1,
+        commands=BOTH,
     )
     batch_size: Optional[int] = _option(
-        None, "run", f"sub-volumes (or slices, for a 2D model) per network call (default: {SUBVOLUMES_PER_CALL} sub-volumes or {SLICES_PER_CALL} slices)",
-        kind=int, minimum=1,
-    )  # fmt: skip
+        None,
+        "run",
+        f"sub-volumes (or slices, for a 2D model) per network call (default: {SUBVOLUMES_PER_CALL} sub-volumes or {SLICES_PER_CALL} slices)",
+        kind=int,
+        minimum=1,
+    )
     keep_uncertainty: bool = _option(
-        False, "run", "also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look; needs --projections 3",
+        False,
+        "run",
+        "also write where the three projections disagree (uncertainty.nrrd, 0 agree to 1 opposite), to see where to look; needs --projections 3",
         flag="--save-uncertainty",
-    )  # fmt: skip
+    )
     keep_probability: bool = _option(
-        False, "run", "also write the fused bone probability (probability.nrrd), from which postprocess runs again without the network", flag="--save-probability"
+        False,
+        "run",
+        "also write the fused bone probability (probability.nrrd), from which postprocess runs again without the network",
+        flag="--save-probability",
     )
     nifti: bool = _option(False, "run", "also write the label map as labels.nii.gz", flag="--nifti", commands=BOTH)
 
@@ -211,12 +292,30 @@ def add_arguments(parser, command: str) -> None:
             meta = option.metadata
             flag = meta["flag"] or "--" + option.name.replace("_", "-")
             if meta["kind"] is bool:
-                group.add_argument(flag, dest=option.name, action="store_const", const=not option.default, default=argparse.SUPPRESS, help=meta["help"])
+                group.add_argument(
+                    flag,
+                    dest=option.name,
+                    action="store_const",
+                    const=not option.default,
+                    default=argparse.SUPPRESS,
+                    help=meta["help"],
+                )
             else:
-                group.add_argument(flag, dest=option.name, type=meta["kind"], choices=meta["choices"], default=argparse.SUPPRESS, help=meta["help"])
+                group.add_argument(
+                    flag,
+                    dest=option.name,
+                    type=meta["kind"],
+                    choices=meta["choices"],
+                    default=argparse.SUPPRESS,
+                    help=meta["help"],
+                )
 
 
 def options_from_arguments(arguments, base: Optional[SegmentOptions] = None) -> SegmentOptions:
     """The options given on a command line (parsed by a parser :func:`add_arguments` filled), over ``base``."""
-    given = {option.name: getattr(arguments, option.name) for option in fields(SegmentOptions) if hasattr(arguments, option.name)}
+    given = {
+        option.name: getattr(arguments, option.name)
+        for option in fields(SegmentOptions)
+        if hasattr(arguments, option.name)
+    }
     return options_from_mapping(given, base)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 
+
 @dataclass
 class SegmentationResult:
     """Everything a run produces, on the input's grid."""
@@ -64,6 +65,7 @@ class SegmentationResult:
     report: dict = field(default_factory=dict)
     uncertainty: np.ndarray | None = None  # disagreement between projections, on request
     options: SegmentOptions = field(default_factory=SegmentOptions)  # the run's, which also say what to write
+
     @property
     def verdict(self) -> dict:
         """``{"run": "ok" | "review" | "failed", "reasons": [...], "bones": {...}}`` (see :mod:`~KneeBoneSegLib.trust.verdicts`)."""
@@ -119,7 +121,13 @@ def segment(
     with using_threads(options.threads):
         warnings = check_volume(volume, min_shape=(model.card.patch_size,) * 3, model_spacing=model.card.spacing_mm)
         engine = model.describe()
-        log.info("Running the network with %s on %s (%s, %s threads)", engine["engine"], engine["device"], engine["provider"], engine["threads"])
+        log.info(
+            "Running the network with %s on %s (%s, %s threads)",
+            engine["engine"],
+            engine["device"],
+            engine["provider"],
+            engine["threads"],
+        )
         model_input = model.model_input(volume, run=stages.run)
         input_check = compare_with_card(model_input.image, volume.geometry.spacing, volume.tags, model.card)
         for difference in input_check["differences"]:
@@ -139,11 +147,25 @@ def segment(
             if disagreement is not None:
                 disagreement = stages.run("resample", grid.to_scan, disagreement)
 
-        result = postprocess(Volume(probability, volume.geometry), options, progress=progress, field_of_view=FieldOfView(volume.array), _stages=stages)
-    model_record = {"path": str(model.path) if model.path else None, "name": model.card.name, "card": model.card.to_dict()}
-    result.report.update(model=model_record, device=engine["device"], engine=engine, input_check=input_check, fusion=fusion)
+        result = postprocess(
+            Volume(probability, volume.geometry),
+            options,
+            progress=progress,
+            field_of_view=FieldOfView(volume.array),
+            _stages=stages,
+        )
+    model_record = {
+        "path": str(model.path) if model.path else None,
+        "name": model.card.name,
+        "card": model.card.to_dict(),
+    }
+    result.report.update(
+        model=model_record, device=engine["device"], engine=engine, input_check=input_check, fusion=fusion
+    )
     result.report["warnings"] = warnings + result.report.get("warnings", [])
-    result.report["confidence"] = stages.run("confidence", bone_confidence, result.labels, probability, disagreement, options.threshold)
+    result.report["confidence"] = stages.run(
+        "confidence", bone_confidence, result.labels, probability, disagreement, options.threshold
+    )
     result.report["verdict"] = judge(result.report, model.card.confidence)
     result.uncertainty = disagreement if options.keep_uncertainty else None
     return result
@@ -200,7 +222,15 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
 
     voxel_mm3 = float(np.prod(volume.geometry.spacing))
     counts = np.bincount(labels.ravel(), minlength=len(BONES) + 1)
-    bones = {bone.key: {"label": bone.label, "voxels": int(counts[bone.label]), "volume_mm3": round(counts[bone.label] * voxel_mm3, 1)} for bone in BONES if counts[bone.label]}
+    bones = {
+        bone.key: {
+            "label": bone.label,
+            "voxels": int(counts[bone.label]),
+            "volume_mm3": round(counts[bone.label] * voxel_mm3, 1),
+        }
+        for bone in BONES
+        if counts[bone.label]
+    }
 
     surfaces = {}
     if options.surfaces and bones:
@@ -210,7 +240,9 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
             finished.append(label)
             stages.report("surfaces", len(finished) / len(bones))
 
-        made = stages.run("surfaces", bone_surfaces, labels, volume.geometry, options.smoothing_iterations, done=bone_done)
+        made = stages.run(
+            "surfaces", bone_surfaces, labels, volume.geometry, options.smoothing_iterations, done=bone_done
+        )
         for bone in BONES:
             if bone.label in made:
                 surfaces[bone.key], bones[bone.key]["surface"] = made[bone.label]
@@ -227,7 +259,14 @@ def _postprocess(volume: Volume, options: SegmentOptions, stages: _Stages, field
         "versions": _versions(),
     }
     report["verdict"] = judge(report)
-    return SegmentationResult(labels=labels, geometry=volume.geometry, probability=probability, surfaces=surfaces, report=report, options=options)
+    return SegmentationResult(
+        labels=labels,
+        geometry=volume.geometry,
+        probability=probability,
+        surfaces=surfaces,
+        report=report,
+        options=options,
+    )
 
 
 @functools.cache

@@ -28,7 +28,10 @@ BASELINE_PACKAGE = "kneeboneseg_before"
 @functools.cache
 def baseline_tree() -> Path:
     """A folder holding ``KneeBoneSegLib`` and the shipped Keras model as they were at :data:`BASELINE_COMMIT`."""
-    return _from_git(BASELINE_COMMIT, ["KneeBoneSegLib", "Resources/Models/kneeboneseg-compact.keras", "Resources/Models/kneeboneseg-compact.json"])
+    return _from_git(
+        BASELINE_COMMIT,
+        ["KneeBoneSegLib", "Resources/Models/kneeboneseg-compact.keras", "Resources/Models/kneeboneseg-compact.json"],
+    )
 
 
 def _from_git(commit: str, paths: list[str]) -> Path:
@@ -36,7 +39,9 @@ def _from_git(commit: str, paths: list[str]) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="kneeboneseg-before-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, *paths], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", commit, *paths], check=True, capture_output=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         sys.exit(f"cannot take {paths[0]} from git commit {commit[:10]} (a clone with its history is needed): {error}")
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
@@ -47,7 +52,9 @@ def baseline_module(name: str):
     """``KneeBoneSegLib.<name>`` as it was at :data:`BASELINE_COMMIT`, imported as ``kneeboneseg_before.<name>``."""
     if BASELINE_PACKAGE not in sys.modules:
         package = baseline_tree() / "KneeBoneSegLib"
-        spec = importlib.util.spec_from_file_location(BASELINE_PACKAGE, package / "__init__.py", submodule_search_locations=[str(package)])
+        spec = importlib.util.spec_from_file_location(
+            BASELINE_PACKAGE, package / "__init__.py", submodule_search_locations=[str(package)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[BASELINE_PACKAGE] = module
         spec.loader.exec_module(module)

@@ -46,7 +46,18 @@ def crops(folder: Path, count: int) -> list[Path]:
 
 
 def run_batch(inputs: list[Path], outdir: Path, arguments: list[str]) -> float:
-    command = [sys.executable, "-m", "KneeBoneSegLib", "batch", *map(str, inputs), "-o", str(outdir), *arguments, "--progress", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "batch",
+        *map(str, inputs),
+        "-o",
+        str(outdir),
+        *arguments,
+        "--progress",
+        "none",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -62,14 +73,24 @@ def main() -> None:
     parser.add_argument("--no-cluster", action="store_true", help="leave the Dask LocalCluster out")
     args = parser.parse_args()
     cores = available_cores()
-    configurations = {f"1 worker x {cores} threads": ["--workers", "1"], f"{cores} workers x 1 thread": ["--workers", str(cores)]}
+    configurations = {
+        f"1 worker x {cores} threads": ["--workers", "1"],
+        f"{cores} workers x 1 thread": ["--workers", str(cores)],
+    }
     with contextlib.ExitStack() as stack:
         if not args.no_cluster:
             from distributed import Client, LocalCluster
 
-            cluster = stack.enter_context(LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=None))
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=None)
+            )
             client = stack.enter_context(Client(cluster))
-            configurations[f"Dask LocalCluster, {cores} x 1"] = ["--scheduler", cluster.scheduler_address, "--threads", "1"]
+            configurations[f"Dask LocalCluster, {cores} x 1"] = [
+                "--scheduler",
+                cluster.scheduler_address,
+                "--threads",
+                "1",
+            ]
         scratch = stack.enter_context(tempfile.TemporaryDirectory())
         inputs = crops(Path(scratch), args.cases)
         seconds = {name: [] for name in configurations}
@@ -78,8 +99,10 @@ def main() -> None:
                 if "--scheduler" in arguments:
                     client.restart()  # fresh worker processes: each opens the model again, as the other runs do
                 seconds[name].append(run_batch(inputs, Path(scratch) / f"out-{number}-{round_}", arguments))
-    print(f"# python bench/bench_batch.py --cases {args.cases} --rounds {args.rounds} ({datetime.date.today().isoformat()}; {cores} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at the end; default settings, crops of the sample scan of {CROP[2]} x {CROP[1]} x {CROP[0]} voxels)")
+    print(
+        f"# python bench/bench_batch.py --cases {args.cases} --rounds {args.rounds} ({datetime.date.today().isoformat()}; {cores} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; default settings, crops of the sample scan of {CROP[2]} x {CROP[1]} x {CROP[0]} voxels)"
+    )
     print(f"{'configuration':32}{'best s':>9}{'cases/hour':>12}   all rounds, s")
     for name, rounds in seconds.items():
         best = min(rounds)

@@ -74,11 +74,15 @@ class OnnxRuntimeVariant:
     entries; ``basic_optimisation`` stops graph optimisation at the basic level.
     """
 
-    def __init__(self, path: Path, channels_first: bool = False, config: dict | None = None, basic_optimisation: bool = False):
+    def __init__(
+        self, path: Path, channels_first: bool = False, config: dict | None = None, basic_optimisation: bool = False
+    ):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        options.intra_op_num_threads = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
         options.log_severity_level = 3
         for key, value in (config or {}).items():
             options.add_session_config_entry(key, value)
@@ -104,7 +108,9 @@ def channels_first_graph(path: Path) -> bytes:
     model = onnx.load(path)
     graph = model.graph
     first, last = graph.node[0], graph.node[-1]
-    assert (first.op_type, last.op_type) == ("Reshape", "Reshape") and not any(node.op_type == "Transpose" for node in graph.node)
+    assert (first.op_type, last.op_type) == ("Reshape", "Reshape") and not any(
+        node.op_type == "Transpose" for node in graph.node
+    )
     size = graph.input[0].type.tensor_type.shape.dim[1].dim_value
     for node in graph.node:
         node.input[:] = [graph.input[0].name if name == first.output[0] else name for name in node.input]
@@ -163,7 +169,11 @@ def venv_size_mib(requirement: str) -> float:
     """MiB of a fresh virtual environment after ``pip install requirement`` (pip's own files included)."""
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, "-m", "venv", folder], check=True)
-        subprocess.run([f"{folder}/bin/python", "-m", "pip", "install", "--quiet", "--no-cache-dir", requirement], check=True, cwd=ROOT)
+        subprocess.run(
+            [f"{folder}/bin/python", "-m", "pip", "install", "--quiet", "--no-cache-dir", requirement],
+            check=True,
+            cwd=ROOT,
+        )
         return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
 
 
@@ -171,12 +181,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the per-sub-volume timing")
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run")
-    parser.add_argument("--venv-sizes", action="store_true", help="part 4 also measures fresh virtual environments (downloads TensorFlow)")
+    parser.add_argument(
+        "--venv-sizes",
+        action="store_true",
+        help="part 4 also measures fresh virtual environments (downloads TensorFlow)",
+    )
     args = parser.parse_args()
     parts = {int(part) for part in args.parts.split(",")}
     cpu = cpu_description()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {cpu['name']} ({cpu['machine']}), {cpus} CPU cores, {platform.python_implementation()} {platform.python_version()}, no GPU used")
+    print(
+        f"machine: {cpu['name']} ({cpu['machine']}), {cpus} CPU cores, {platform.python_implementation()} {platform.python_version()}, no GPU used"
+    )
     print(f"instruction sets: {' '.join(cpu['instruction_sets'])}")
     if 4 in parts:
         print_first_use_downloads(args.venv_sizes)
@@ -194,26 +210,39 @@ def print_speeds(parts: set, rounds: int) -> None:
     print("\nchoices, as each reports itself once opened:")
     models = open_choices()
     card = models[REFERENCE].card
-    print(f"model: {card.name} ({card.patch_size}^3 sub-volumes at {card.spacing_mm[0]} mm); scan: {scan_path.name} {' x '.join(map(str, scan.array.shape[::-1]))}")
+    print(
+        f"model: {card.name} ({card.patch_size}^3 sub-volumes at {card.spacing_mm[0]} mm); scan: {scan_path.name} {' x '.join(map(str, scan.array.shape[::-1]))}"
+    )
     for name, model in models.items():
         ran = model.describe()
-        print(f"  {name:34} {ran['engine']} {ran['version']} ({ran['provider']}, threads {ran['threads']}, precision read back: {ran['precision']})")
+        print(
+            f"  {name:34} {ran['engine']} {ran['version']} ({ran['provider']}, threads {ran['threads']}, precision read back: {ran['precision']})"
+        )
 
     if 1 in parts:
         path = MODELS / SHIPPED_MODEL
         networks = {name: model.network for name, model in models.items()}
-        networks.update({
-            "onnxruntime f32, channels-first graph": OnnxRuntimeVariant(path, channels_first=True),
-            "onnxruntime f32, no spinning threads": OnnxRuntimeVariant(path, config={"session.intra_op.allow_spinning": "0"}),
-            "onnxruntime f32, basic graph optimisation": OnnxRuntimeVariant(path, basic_optimisation=True),
-        })  # fmt: skip
+        networks.update(
+            {
+                "onnxruntime f32, channels-first graph": OnnxRuntimeVariant(path, channels_first=True),
+                "onnxruntime f32, no spinning threads": OnnxRuntimeVariant(
+                    path, config={"session.intra_op.allow_spinning": "0"}
+                ),
+                "onnxruntime f32, basic graph optimisation": OnnxRuntimeVariant(path, basic_optimisation=True),
+            }
+        )
         batches = tissue_batches(scan, models[REFERENCE], 4)
-        print(f"\n1. milliseconds per sub-volume, batches of 32 tissue sub-volumes, median of {rounds} interleaved rounds")
+        print(
+            f"\n1. milliseconds per sub-volume, batches of 32 tissue sub-volumes, median of {rounds} interleaved rounds"
+        )
         print(f"  {'':44} {'ms':>7}  largest difference from {REFERENCE}")
         per_tile = per_subvolume_ms(networks, batches, rounds)
         reference = [networks[REFERENCE].predict_on_batch(batch) for batch in batches]
         for name, ms in per_tile.items():
-            difference = max(float(np.abs(networks[name].predict_on_batch(batch) - expected).max()) for batch, expected in zip(batches, reference))
+            difference = max(
+                float(np.abs(networks[name].predict_on_batch(batch) - expected).max())
+                for batch, expected in zip(batches, reference)
+            )
             print(f"  {name:44} {ms:7.1f}  {difference:.1e}")
     if 2 in parts:
         print_network_stage(scan, models)
@@ -239,12 +268,18 @@ def print_whole_runs(scan_path: Path) -> None:
     print(f"  {'':34} {'wall s':>8} {'network s':>10} {'peak GiB':>9}  precision")
     for name, (file, engine, precision) in CHOICES.items():
         try:
-            load_model(MODELS / file, engine=engine, device="cpu", precision=precision)  # a choice this CPU lacks is skipped
+            load_model(
+                MODELS / file, engine=engine, device="cpu", precision=precision
+            )  # a choice this CPU lacks is skipped
         except KneeBoneSegError as error:
             print(f"  {name:34} not run here: {error}")
             continue
-        seconds, peak_gib, summary, _ = run_segment(scan_path, ["--engine", engine, "--precision", precision], str(MODELS / file))
-        print(f"  {name:34} {seconds:8.1f} {summary['timings_s']['network']:10.1f} {peak_gib:9.2f}  {summary['engine']['precision']}")
+        seconds, peak_gib, summary, _ = run_segment(
+            scan_path, ["--engine", engine, "--precision", precision], str(MODELS / file)
+        )
+        print(
+            f"  {name:34} {seconds:8.1f} {summary['timings_s']['network']:10.1f} {peak_gib:9.2f}  {summary['engine']['precision']}"
+        )
 
 
 def print_first_use_downloads(venv_sizes: bool) -> None:
@@ -259,7 +294,11 @@ def print_first_use_downloads(venv_sizes: bool) -> None:
                 totals.append(sum(wheels.values()) / 1e6)
                 if "openvino" in wheels:
                     openvino = f"{wheels['openvino'] / 1e6:.1f}"
-            print(f"  Python {python} {platform_name:<23}" + "".join(f"{total:26.1f}" for total in totals) + f"   {openvino:>14}")
+            print(
+                f"  Python {python} {platform_name:<23}"
+                + "".join(f"{total:26.1f}" for total in totals)
+                + f"   {openvino:>14}"
+            )
     if venv_sizes:
         for requirement in (".", ".[train]"):
             print(f"  fresh venv + pip install {requirement:9} {venv_size_mib(requirement):8.0f} MiB")

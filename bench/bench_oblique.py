@@ -47,14 +47,22 @@ def main() -> None:
     options = SegmentOptions(projections=args.projections, surfaces=False)
     engine = model.network.describe()
     print(f"# python bench/bench_oblique.py{' --projections %d' % args.projections if args.projections else ''}")
-    print(f"model: {model.card.name} (its training scan); engine {engine['engine']} {engine['precision']}; projections {args.projections or model.card.projections}; surfaces off")
-    print(f"{'turned about':28} {'off axes':>8} {'all bone':>9} {'femur':>7} {'tibia':>7} {'patella':>8}  verdicts (femur, tibia, patella)   seconds")
+    print(
+        f"model: {model.card.name} (its training scan); engine {engine['engine']} {engine['precision']}; projections {args.projections or model.card.projections}; surfaces off"
+    )
+    print(
+        f"{'turned about':28} {'off axes':>8} {'all bone':>9} {'femur':>7} {'tibia':>7} {'patella':>8}  verdicts (femur, tibia, patella)   seconds"
+    )
     for axis, degrees in TURNS:
         if axis is None:
             moved_scan, moved_truth, name = scan, truth, "none (the scan as acquired)"
         else:
             turn = rotation(axis, degrees)
-            moved_scan, moved_truth, name = turned(scan, turn), turned(truth, turn, order=0), f"{AXES[axis]}, {degrees} deg"
+            moved_scan, moved_truth, name = (
+                turned(scan, turn),
+                turned(truth, turn, order=0),
+                f"{AXES[axis]}, {degrees} deg",
+            )
         start = time.perf_counter()
         result = segment(moved_scan, model, options)
         seconds = time.perf_counter() - start

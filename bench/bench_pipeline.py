@@ -101,7 +101,9 @@ def largest_difference(before: np.ndarray, after: np.ndarray) -> str:
 
 def mesh_distance_mm(before, after) -> float:
     """Largest distance from a vertex of one mesh to the nearest vertex of the other (mm)."""
-    return max(cKDTree(after.vertices).query(before.vertices)[0].max(), cKDTree(before.vertices).query(after.vertices)[0].max())
+    return max(
+        cKDTree(after.vertices).query(before.vertices)[0].max(), cKDTree(before.vertices).query(after.vertices)[0].max()
+    )
 
 
 def stage_rows(scan, truth) -> tuple[list, dict]:
@@ -112,7 +114,9 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
     from KneeBoneSegLib.preprocess.normalization import normalize_intensities
     from KneeBoneSegLib.preprocess.resampling import grid_shape_for_spacing, resample_to_shape
 
-    old = {name: baseline_module(name) for name in ("normalization", "resampling", "components", "morphology", "surfaces")}
+    old = {
+        name: baseline_module(name) for name in ("normalization", "resampling", "components", "morphology", "surfaces")
+    }
     geometry = scan.geometry
     rows = []
 
@@ -122,11 +126,23 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
         rows.append((stage, before_s, after_s, agreement(before, after)))
         return after
 
-    image = compare("normalise", lambda: timed(old["normalization"].normalize_intensities, scan.array), lambda: timed(normalize_intensities, scan.array))
+    image = compare(
+        "normalise",
+        lambda: timed(old["normalization"].normalize_intensities, scan.array),
+        lambda: timed(normalize_intensities, scan.array),
+    )
     model_shape = grid_shape_for_spacing(image.shape, geometry.spacing, MODEL_SPACING_MM)
-    compare("resample to the model grid", lambda: timed(old["resampling"].resample_to_shape, image, model_shape), lambda: timed(resample_to_shape, image, model_shape))
+    compare(
+        "resample to the model grid",
+        lambda: timed(old["resampling"].resample_to_shape, image, model_shape),
+        lambda: timed(resample_to_shape, image, model_shape),
+    )
     coarse = resample_to_shape((truth.array > 0).astype(np.float32), model_shape)
-    probability = compare("resample back", lambda: timed(old["resampling"].resample_to_shape, coarse, image.shape), lambda: timed(resample_to_shape, coarse, image.shape))
+    probability = compare(
+        "resample back",
+        lambda: timed(old["resampling"].resample_to_shape, coarse, image.shape),
+        lambda: timed(resample_to_shape, coarse, image.shape),
+    )
     bone = probability >= 0.5
     labels = compare(
         "components",
@@ -138,7 +154,9 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
         lambda: timed(old["morphology"].close_bones, labels, CLOSING_RADIUS, spacing=geometry.spacing, units="voxels"),
         lambda: timed(close_bones, labels, CLOSING_RADIUS, spacing=geometry.spacing, units="voxels"),
     )
-    filled = compare("fill holes", lambda: timed(old["morphology"].fill_bone_holes, closed), lambda: timed(fill_bone_holes, closed))
+    filled = compare(
+        "fill holes", lambda: timed(old["morphology"].fill_bone_holes, closed), lambda: timed(fill_bone_holes, closed)
+    )
 
     def agreement(before: list, after: dict) -> str:
         return "; ".join(
@@ -149,11 +167,20 @@ def stage_rows(scan, truth) -> tuple[list, dict]:
 
     compare(
         "surfaces, three bones",
-        lambda: timed(lambda: [old["surfaces"].bone_surface(filled == bone_info.label, geometry) for bone_info in BONES]),
+        lambda: timed(
+            lambda: [old["surfaces"].bone_surface(filled == bone_info.label, geometry) for bone_info in BONES]
+        ),
         lambda: timed(bone_surfaces, filled, geometry),
         agreement,
     )
-    return rows, {"image": image, "coarse": coarse, "probability": probability, "bone": bone, "femur": filled == 1, "geometry": geometry}
+    return rows, {
+        "image": image,
+        "coarse": coarse,
+        "probability": probability,
+        "bone": bone,
+        "femur": filled == 1,
+        "geometry": geometry,
+    }
 
 
 def alternative_rows(data: dict) -> list:
@@ -167,13 +194,31 @@ def alternative_rows(data: dict) -> list:
     rows = []
     library_s, ours = best_of(ALTERNATIVE_ROUNDS, resample_to_shape, data["coarse"], data["image"].shape)
     sitk_s, theirs = best_of(ALTERNATIVE_ROUNDS, sitk_resample, data["coarse"], data["image"].shape)
-    rows.append(("resample back: SimpleITK ResampleImageFilter (linear)", sitk_s, library_s, largest_difference(theirs, ours)))
+    rows.append(
+        ("resample back: SimpleITK ResampleImageFilter (linear)", sitk_s, library_s, largest_difference(theirs, ours))
+    )
     scipy_s, (_, found) = best_of(ALTERNATIVE_ROUNDS, ndimage.label, data["bone"])
-    library_s, (_, found_cc3d) = best_of(ALTERNATIVE_ROUNDS, cc3d.connected_components, data["bone"], connectivity=6, return_N=True)
-    rows.append(("components: scipy.ndimage.label (cc3d in the library)", scipy_s, library_s, f"{found} / {found_cc3d} components"))
+    library_s, (_, found_cc3d) = best_of(
+        ALTERNATIVE_ROUNDS, cc3d.connected_components, data["bone"], connectivity=6, return_N=True
+    )
+    rows.append(
+        (
+            "components: scipy.ndimage.label (cc3d in the library)",
+            scipy_s,
+            library_s,
+            f"{found} / {found_cc3d} components",
+        )
+    )
     library_s, ours = best_of(ALTERNATIVE_ROUNDS, extract_surface, data["femur"], data["geometry"])
     nets_s, (vertices, faces) = best_of(ALTERNATIVE_ROUNDS, surface_nets, data["femur"])
-    rows.append(("femur isosurface: vtkSurfaceNets3D", nets_s, library_s, f"{len(vertices)} / {len(ours.vertices)} vertices, {len(faces)} / {len(ours.faces)} triangles"))
+    rows.append(
+        (
+            "femur isosurface: vtkSurfaceNets3D",
+            nets_s,
+            library_s,
+            f"{len(vertices)} / {len(ours.vertices)} vertices, {len(faces)} / {len(ours.faces)} triangles",
+        )
+    )
     return rows
 
 
@@ -206,17 +251,32 @@ def surface_nets(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nets.SetOutputMeshTypeToTriangles()
     nets.Update()
     output = nets.GetOutput()
-    return vtk_to_numpy(output.GetPoints().GetData()), vtk_to_numpy(output.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    return vtk_to_numpy(output.GetPoints().GetData()), vtk_to_numpy(output.GetPolys().GetConnectivityArray()).reshape(
+        -1, 3
+    )
 
 
-def run(scan: Path, extra: list[str], model: str | None, library: Path | None = None) -> tuple[float, float, dict, np.ndarray]:
+def run(
+    scan: Path, extra: list[str], model: str | None, library: Path | None = None
+) -> tuple[float, float, dict, np.ndarray]:
     """Wall seconds, peak memory (GiB), summary and label map of one segmentation in a child process.
 
     ``library``: a folder holding another ``KneeBoneSegLib`` to run instead of this one.
     """
     environment = dict(os.environ, **({"PYTHONPATH": str(library)} if library else {}))
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "KneeBoneSegLib", "segment", str(scan), "-o", f"{folder}/out", "--progress", "none", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "KneeBoneSegLib",
+            "segment",
+            str(scan),
+            "-o",
+            f"{folder}/out",
+            "--progress",
+            "none",
+            *extra,
+        ]
         if model:
             command += ["--model", model]
         start = time.perf_counter()
@@ -250,7 +310,9 @@ def print_table(title: str, header: tuple[str, str], rows: list) -> None:
     columns = [f"{name} {kind}" for kind in ("wall", "CPU") for name in header]
     print(f"  {'':54}" + "".join(f"{column:>13}" for column in columns) + f"{'CPU ratio':>11}  agreement")
     for stage, before, after, agreement in rows:
-        print(f"  {stage:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x  {agreement}")
+        print(
+            f"  {stage:54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x  {agreement}"
+        )
 
 
 # --- the 512^3 case (issue 12): peak memory of the default run on a 512 x 512 x 512 scan ---------------
@@ -274,7 +336,9 @@ def native_grid_model(folder: Path) -> Path:
 
     from KneeBoneSegLib.network.models import ModelCard
 
-    card = ModelCard(name="native-grid stand-in (threshold network)", patch_size=64, stride=32, projections=3, spacing_mm=None)
+    card = ModelCard(
+        name="native-grid stand-in (threshold network)", patch_size=64, stride=32, projections=3, spacing_mm=None
+    )
     return write_threshold_onnx(folder / "native_grid.onnx", card, patch_size=64)
 
 
@@ -306,11 +370,16 @@ def cube512(model: str | None, baseline: Path | None, native_grid: bool = False)
         if baseline:
             runs[f"baseline {baseline.name}"] = (run(scan, [], model, library=baseline.resolve()), CUBE512_TARGET_GIB)
         if native_grid:
-            runs["native grid (paper's tiling)"] = (run(scan, [], str(native_grid_model(Path(folder)))), CUBE512_NATIVE_TARGET_GIB)
+            runs["native grid (paper's tiling)"] = (
+                run(scan, [], str(native_grid_model(Path(folder)))),
+                CUBE512_NATIVE_TARGET_GIB,
+            )
     print("default segmentation of a 512 x 512 x 512 scan (the sample scan's 286 slices mirrored to 512)")
     for name, ((seconds, peak_gib, summary, _), target) in runs.items():
         verdict = "within" if peak_gib <= target else "OVER"
-        print(f"  {name:30} {summary['model']['name'][:42]:42} {seconds:7.1f} s   peak memory {peak_gib:5.2f} GiB ({verdict} the {target:g} GiB target)")
+        print(
+            f"  {name:30} {summary['model']['name'][:42]:42} {seconds:7.1f} s   peak memory {peak_gib:5.2f} GiB ({verdict} the {target:g} GiB target)"
+        )
 
 
 # --- end of the 512^3 case -------------------------------------------------------------------------
@@ -320,14 +389,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="threads for the stages (default: all cores)")
     parser.add_argument("--stages-only", action="store_true", help="skip the whole segmentations")
-    parser.add_argument("--configuration", action="append", choices=CONFIGURATIONS, help="whole-segmentation settings to compare (default: default; repeatable)")
-    parser.add_argument("--cube512", action="store_true", help="only the 512 x 512 x 512 case: default run, peak memory against its target")
-    parser.add_argument("--baseline", type=Path, default=None, help="with --cube512: also run the library of this checkout (e.g. main's)")
+    parser.add_argument(
+        "--configuration",
+        action="append",
+        choices=CONFIGURATIONS,
+        help="whole-segmentation settings to compare (default: default; repeatable)",
+    )
+    parser.add_argument(
+        "--cube512",
+        action="store_true",
+        help="only the 512 x 512 x 512 case: default run, peak memory against its target",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="with --cube512: also run the library of this checkout (e.g. main's)",
+    )
     parser.add_argument("--model", default=None, help="with --cube512: model file (default: the shipped model)")
-    parser.add_argument("--also-model", type=Path, default=None, help="whole segmentations: also this checkout with this model, in another column")
-    parser.add_argument("--segmentations-only", action="store_true", help="only the whole segmentations, not the stages")
-    parser.add_argument("--native-grid", action="store_true", help="with --cube512: also a model on the scan's own grid (the paper's tiling)")
-    parser.add_argument("--json", type=Path, default=None, help="whole segmentations: also write their figures to this JSON file")
+    parser.add_argument(
+        "--also-model",
+        type=Path,
+        default=None,
+        help="whole segmentations: also this checkout with this model, in another column",
+    )
+    parser.add_argument(
+        "--segmentations-only", action="store_true", help="only the whole segmentations, not the stages"
+    )
+    parser.add_argument(
+        "--native-grid",
+        action="store_true",
+        help="with --cube512: also a model on the scan's own grid (the paper's tiling)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="whole segmentations: also write their figures to this JSON file"
+    )
     args = parser.parse_args()
     if args.cube512:
         cube512(args.model, args.baseline, args.native_grid)
@@ -344,18 +440,34 @@ def main() -> None:
             results = {"before": run(scan_path, extra, None, baseline_tree()), "after": run(scan_path, extra, None)}
             if args.also_model:
                 results["other model"] = run(scan_path, extra, str(args.also_model))
-            print(f"whole segmentation, {name} settings, seconds: before = git {BASELINE_COMMIT[:10]} and its model; after = this checkout with "
-                  f"{results['after'][2]['model']['name']} (engine {results['after'][2].get('engine', {}).get('engine')})"
-                  + (f"; other model = this checkout with {results['other model'][2]['model']['name']}" if args.also_model else ""))
+            print(
+                f"whole segmentation, {name} settings, seconds: before = git {BASELINE_COMMIT[:10]} and its model; after = this checkout with "
+                f"{results['after'][2]['model']['name']} (engine {results['after'][2].get('engine', {}).get('engine')})"
+                + (
+                    f"; other model = this checkout with {results['other model'][2]['model']['name']}"
+                    if args.also_model
+                    else ""
+                )
+            )
             print(f"  {'':22}" + "".join(f"{column:>16}" for column in results))
             for stage in STAGES:
-                print(f"  {stage:22}" + "".join(f"{result[2]['timings_s'].get(stage, 0.0):16.1f}" for result in results.values()))
+                print(
+                    f"  {stage:22}"
+                    + "".join(f"{result[2]['timings_s'].get(stage, 0.0):16.1f}" for result in results.values())
+                )
             print(f"  {'wall (with start-up)':22}" + "".join(f"{result[0]:16.1f}" for result in results.values()))
             print(f"  {'peak memory GiB':22}" + "".join(f"{result[1]:16.2f}" for result in results.values()))
             truth = read_mask(folder / "knee_bones_labels.nrrd").array
             for bone in BONES:
-                print(f"  {'Dice ' + bone.key:22}" + "".join(f"{dice(result[3] == bone.label, truth == bone.label):16.4f}" for result in results.values()))
-            print("  (Dice with the ground truth of the scan the shipped model was trained on: a training figure, not a measure of quality)")
+                print(
+                    f"  {'Dice ' + bone.key:22}"
+                    + "".join(
+                        f"{dice(result[3] == bone.label, truth == bone.label):16.4f}" for result in results.values()
+                    )
+                )
+            print(
+                "  (Dice with the ground truth of the scan the shipped model was trained on: a training figure, not a measure of quality)"
+            )
             recorded[name] = {column: segmentation_record(*result, truth) for column, result in results.items()}
         if args.json:
             args.json.write_text(json.dumps(recorded, indent=1) + "\n")
@@ -363,12 +475,24 @@ def main() -> None:
         return
     scan, truth = read_volume(folder / "knee_mri.nrrd"), read_volume(folder / "knee_bones_labels.nrrd")
     with using_threads(args.threads) as threads:
-        print(f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout")
+        print(
+            f"sample scan {scan.shape_ijk}, {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; before = git {BASELINE_COMMIT[:10]}, after = this checkout"
+        )
         rows, data = stage_rows(scan, truth)
-        print_table(f"stages after the network, median seconds of {STAGE_ROUNDS} rounds (the probability map: the ground truth's bone mask taken to the model's grid)", ("before", "after"), rows)
+        print_table(
+            f"stages after the network, median seconds of {STAGE_ROUNDS} rounds (the probability map: the ground truth's bone mask taken to the model's grid)",
+            ("before", "after"),
+            rows,
+        )
         before, after = [np.sum([row[side] for row in rows], axis=0) for side in (1, 2)]
-        print(f"  {'all of them':54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x")
-        print_table(f"alternatives measured on the same data, least seconds of {ALTERNATIVE_ROUNDS} rounds", ("them", "library"), alternative_rows(data))
+        print(
+            f"  {'all of them':54}{before[0]:13.2f}{after[0]:13.2f}{before[1]:13.2f}{after[1]:13.2f}{before[1] / after[1]:10.1f}x"
+        )
+        print_table(
+            f"alternatives measured on the same data, least seconds of {ALTERNATIVE_ROUNDS} rounds",
+            ("them", "library"),
+            alternative_rows(data),
+        )
 
 
 if __name__ == "__main__":

@@ -26,12 +26,30 @@ from KneeBoneSegLib.slicer.environment import SLICER_RELEASES, first_use_require
 #: pip's --platform tags for each platform (pip does not widen a tag it is given to older ones).
 PLATFORMS = {
     "Windows x86-64": ["win_amd64"],
-    "macOS arm64": [f"macosx_{major}_0_{arch}" for major in (14, 13, 12, 11) for arch in ("arm64", "universal2")] + ["macosx_10_9_universal2"],
-    "macOS x86-64": [f"macosx_{major}_{minor}_{arch}" for major, minor in ((13, 0), (12, 0), (11, 0), (10, 15), (10, 9)) for arch in ("x86_64", "universal2")],
+    "macOS arm64": [f"macosx_{major}_0_{arch}" for major in (14, 13, 12, 11) for arch in ("arm64", "universal2")]
+    + ["macosx_10_9_universal2"],
+    "macOS x86-64": [
+        f"macosx_{major}_{minor}_{arch}"
+        for major, minor in ((13, 0), (12, 0), (11, 0), (10, 15), (10, 9))
+        for arch in ("x86_64", "universal2")
+    ],
     "Linux x86-64": [f"manylinux_2_{minor}_x86_64" for minor in (28, 27, 17)] + ["manylinux2014_x86_64"],
 }
 #: Packages in Slicer's Python already (its SuperBuild's python-* requirement files), by normalised name.
-SLICER_SHIPS = {"numpy", "scipy", "simpleitk", "pillow", "packaging", "pyparsing", "six", "requests", "urllib3", "certifi", "idna", "charset-normalizer"}
+SLICER_SHIPS = {
+    "numpy",
+    "scipy",
+    "simpleitk",
+    "pillow",
+    "packaging",
+    "pyparsing",
+    "six",
+    "requests",
+    "urllib3",
+    "certifi",
+    "idna",
+    "charset-normalizer",
+}
 
 
 def distribution_of(wheel: Path) -> str:
@@ -56,18 +74,40 @@ def first_use_download(python: str, shipped: dict, tags: list, extra: tuple = ()
     requirements = first_use_requirements(version_tuple(python)[:2]) + list(extra)
     anchors = [f"{name}=={version}" for name, version in shipped.items() if name in ("numpy", "scipy")]
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-cache-dir", "--only-binary=:all:",
-                   "--python-version", python, *(f"--platform={tag}" for tag in tags), "-d", folder, *requirements, *anchors]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-cache-dir",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            *(f"--platform={tag}" for tag in tags),
+            "-d",
+            folder,
+            *requirements,
+            *anchors,
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr.strip().splitlines()[-1])
-        return [(distribution_of(wheel), wheel.stat().st_size) for wheel in Path(folder).glob("*.whl") if distribution_of(wheel) not in SLICER_SHIPS]
+        return [
+            (distribution_of(wheel), wheel.stat().st_size)
+            for wheel in Path(folder).glob("*.whl")
+            if distribution_of(wheel) not in SLICER_SHIPS
+        ]
 
 
 def main() -> None:
-    print(f"# python bench/bench_slicer_first_use.py ({datetime.date.today().isoformat()}; pip download of the first-use install, wheels Slicer does not ship; MB = 10^6 bytes)")
+    print(
+        f"# python bench/bench_slicer_first_use.py ({datetime.date.today().isoformat()}; pip download of the first-use install, wheels Slicer does not ship; MB = 10^6 bytes)"
+    )
     for python, (slicer, shipped) in slicer_pythons().items():
-        print(f"\nPython {python} (Slicer {', '.join(v for v, r in SLICER_RELEASES.items() if r['python'] == python)}): {' '.join(first_use_requirements(version_tuple(python)[:2]))}")
+        print(
+            f"\nPython {python} (Slicer {', '.join(v for v, r in SLICER_RELEASES.items() if r['python'] == python)}): {' '.join(first_use_requirements(version_tuple(python)[:2]))}"
+        )
         for platform, tags in PLATFORMS.items():
             try:
                 wheels = first_use_download(python, shipped, tags)
@@ -75,7 +115,9 @@ def main() -> None:
                 print(f"  {platform:<24} pip download failed: {error}")
                 continue
             total = sum(size for _, size in wheels) / 1e6
-            listed = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sorted(wheels, key=lambda wheel: -wheel[1])[:3])
+            listed = ", ".join(
+                f"{name} {size / 1e6:.1f}" for name, size in sorted(wheels, key=lambda wheel: -wheel[1])[:3]
+            )
             print(f"  {platform:<24} {total:5.1f} MB in {len(wheels)} wheels (largest: {listed})")
 
 

@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--architecture", nargs="+", default=["compact", "slices"])
     args = parser.parse_args()
-    print(f"{args.steps} timed steps after 2 warm-up steps, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.steps} timed steps after 2 warm-up steps, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     for architecture, backend in ((a, b) for a in args.architecture for b in BACKENDS):
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, architecture, str(args.steps)],

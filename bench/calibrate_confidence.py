@@ -87,11 +87,21 @@ def heldout_confidence(volume, models_dir: Path) -> list[dict]:
         model = models[sides[side]]
         options = SegmentOptions(surfaces=False, keep_uncertainty=model.card.projections == 3)
         result = segment(volume, model, options)
-        measured = bone_confidence(result.labels, result.probability, result.uncertainty, options.threshold, counted_i=counted)
+        measured = bone_confidence(
+            result.labels, result.probability, result.uncertainty, options.threshold, counted_i=counted
+        )
         for bone, entry in measured.items():
             label = BONE_BY_KEY[bone].label
             part = np.count_nonzero(result.labels[..., counted] == label) / np.count_nonzero(result.labels == label)
-            rows.append({"model": model.card.name, "i_range": [counted.start, counted.stop], "bone": bone, "held_out_part": round(part, 3), **entry})
+            rows.append(
+                {
+                    "model": model.card.name,
+                    "i_range": [counted.start, counted.stop],
+                    "bone": bone,
+                    "held_out_part": round(part, 3),
+                    **entry,
+                }
+            )
             print(
                 f"{model.card.name:34s} i {counted.start:3d}-{counted.stop:3d} {bone:8s} {100 * part:3.0f} % of it held out: "
                 f"sure {entry['sure_share']:.4f}  surface disagreement {entry['surface_disagreement']}"
@@ -111,7 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parent.parent / "Resources" / "Models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--write-card", action="store_true", help="record thresholds and training record in the shipped model's card")
+    parser.add_argument(
+        "--write-card", action="store_true", help="record thresholds and training record in the shipped model's card"
+    )
     args = parser.parse_args()
     data = sample_dir()
     volume = read_volume(data / "knee_mri.nrrd")
@@ -128,7 +140,10 @@ def main() -> None:
     }
     print(f"thresholds: {json.dumps(thresholds)}")
     if args.json:
-        args.json.write_text(json.dumps({"trained_on": record, "heldout": rows, "confidence": thresholds}, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(
+            json.dumps({"trained_on": record, "heldout": rows, "confidence": thresholds}, indent=2) + "\n",
+            encoding="utf-8",
+        )
     if args.write_card:
         print(f"wrote {write_card(replace(shipped.card, trained_on=record, confidence=thresholds), shipped.path)}")
 

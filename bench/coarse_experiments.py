@@ -40,7 +40,9 @@ import numpy as np
 from _sample import sample_dir
 from scipy import ndimage
 
-if "KERAS_BACKEND" not in os.environ:  # training steps are about three times cheaper on torch (bench/results/training_backends.txt)
+if (
+    "KERAS_BACKEND" not in os.environ
+):  # training steps are about three times cheaper on torch (bench/results/training_backends.txt)
     import importlib.util
 
     os.environ["KERAS_BACKEND"] = "torch" if importlib.util.find_spec("torch") else "tensorflow"
@@ -67,27 +69,82 @@ HELD_OUT_I = (236, 512)
 LIGHT = replace(Augmentation.none(), flips=True, gamma=0.3)
 STRONG = replace(Augmentation(), projections=False, rotation_deg=30.0, scale=0.15)
 #: The 2.5D arm: the shipped 2D models' recipe (``kneeboneseg train --architecture slices``), on the experiments' columns.
-SLICES = {"architecture": "slices", "spacing_mm": 0.7, "crops_past_range": True, "augmentation": replace(LIGHT, projections=True), "epochs": 40, "steps_per_epoch": 100}
+SLICES = {
+    "architecture": "slices",
+    "spacing_mm": 0.7,
+    "crops_past_range": True,
+    "augmentation": replace(LIGHT, projections=True),
+    "epochs": 40,
+    "steps_per_epoch": 100,
+}
 #: name: (what it changes, training settings, run settings). Each row adds one change to the first.
 RECIPES = {
-    "light-1.4mm-w16": ("the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma; run in 32^3 tiles", {}, {"tiles": True}),
-    "light-1.4mm-w16-whole": ("the first row's model run on the whole coarse scan at once (as every later row) instead of in tiles", "light-1.4mm-w16", {}),
+    "light-1.4mm-w16": (
+        "the light recipe: 1.4 mm, 16-32-64-128, instance norm, soft targets, mirror + gamma; run in 32^3 tiles",
+        {},
+        {"tiles": True},
+    ),
+    "light-1.4mm-w16-whole": (
+        "the first row's model run on the whole coarse scan at once (as every later row) instead of in tiles",
+        "light-1.4mm-w16",
+        {},
+    ),
     "light-1.05mm-w16": ("1.05 mm instead of 1.4 mm", {"spacing_mm": 1.05}, {}),
     "light-1.4mm-w8": ("8 filters wide instead of 16", {"base_filters": 8}, {}),
-    "light-perm-1.4mm-w16": ("axis permutations added to the light recipe", {"augmentation": replace(LIGHT, projections=True)}, {}),
-    "strong-1.4mm-w16": ("strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise", {"augmentation": STRONG}, {}),
+    "light-perm-1.4mm-w16": (
+        "axis permutations added to the light recipe",
+        {"augmentation": replace(LIGHT, projections=True)},
+        {},
+    ),
+    "strong-1.4mm-w16": (
+        "strong augmentation: rotations to 30 deg, scaling, contrast, bias field, noise",
+        {"augmentation": STRONG},
+        {},
+    ),
     "batchnorm-1.4mm-w16": ("batch normalisation instead of instance normalisation", {"norm_layer": "batch"}, {}),
-    "crops-past-range": ("crops may reach half their edge past the training side (labels there not trained on)", {"crops_past_range": True}, {}),
-    "light-1.4mm-w16-mirrored": ("test-time mirroring of the first row's model: the mean over the scan and its mirror image along each axis", "light-1.4mm-w16", {"mirror": True}),
-    "slices-0.7mm-w16": ("the 2.5D arm: kneeboneseg train --architecture slices (a 2D U-Net, 16-32-64-128, bridge 256, batch norm, on 64^2 crops of slices of all three planes at 0.7 mm), the planes averaged", SLICES, {"fusion": "mean"}),
-    "slices-0.7mm-w16-seed1": ("the 2.5D arm trained again with another seed: how far chance moves a row", {**SLICES, "seed": 1}, {"fusion": "mean"}),
+    "crops-past-range": (
+        "crops may reach half their edge past the training side (labels there not trained on)",
+        {"crops_past_range": True},
+        {},
+    ),
+    "light-1.4mm-w16-mirrored": (
+        "test-time mirroring of the first row's model: the mean over the scan and its mirror image along each axis",
+        "light-1.4mm-w16",
+        {"mirror": True},
+    ),
+    "slices-0.7mm-w16": (
+        "the 2.5D arm: kneeboneseg train --architecture slices (a 2D U-Net, 16-32-64-128, bridge 256, batch norm, on 64^2 crops of slices of all three planes at 0.7 mm), the planes averaged",
+        SLICES,
+        {"fusion": "mean"},
+    ),
+    "slices-0.7mm-w16-seed1": (
+        "the 2.5D arm trained again with another seed: how far chance moves a row",
+        {**SLICES, "seed": 1},
+        {"fusion": "mean"},
+    ),
     "slices-0.7mm-w16-axial": ("the 2.5D arm's axial slices alone", "slices-0.7mm-w16", {"planes": (0,)}),
     "slices-0.7mm-w16-coronal": ("the 2.5D arm's coronal slices alone", "slices-0.7mm-w16", {"planes": (1,)}),
     "slices-0.7mm-w16-sagittal": ("the 2.5D arm's sagittal slices alone", "slices-0.7mm-w16", {"planes": (2,)}),
-    "slices-0.7mm-w16-mirrored": ("test-time mirroring of the 2.5D arm: the mean over each slice and its mirror image along each of its axes", "slices-0.7mm-w16", {"planes": (0, 1, 2), "mirror": True}),
-    "gated-compact": ("the compact fold-right model's probabilities inside the whole-scan row's bone region grown 4 mm", "light-1.4mm-w16", {"gate": True}),
+    "slices-0.7mm-w16-mirrored": (
+        "test-time mirroring of the 2.5D arm: the mean over each slice and its mirror image along each of its axes",
+        "slices-0.7mm-w16",
+        {"planes": (0, 1, 2), "mirror": True},
+    ),
+    "gated-compact": (
+        "the compact fold-right model's probabilities inside the whole-scan row's bone region grown 4 mm",
+        "light-1.4mm-w16",
+        {"gate": True},
+    ),
 }
-BASE = {"architecture": "coarse", "spacing_mm": 1.4, "augmentation": LIGHT, "epochs": 100, "steps_per_epoch": 50, "dice_weight": 1.0, "seed": 0}
+BASE = {
+    "architecture": "coarse",
+    "spacing_mm": 1.4,
+    "augmentation": LIGHT,
+    "epochs": 100,
+    "steps_per_epoch": 50,
+    "dice_weight": 1.0,
+    "seed": 0,
+}
 GATE_MARGIN_MM = 4.0
 FIELDS = ["recipe", "change", "train_i", "validation_i", "steps", "train_minutes", "backend", "machine", "date"]
 FIELDS += [f"{side}_{bone}" for side in ("validation", "heldout") for bone in ("femur", "tibia", "patella", "all")]
@@ -100,9 +157,16 @@ def trained_model(name: str, minutes: float, models: Path) -> tuple[Path, dict]:
     data = sample_dir()
     output = models / f"coarse-{name}.keras"
     config = TrainingConfig(
-        images=[data / "knee_mri.nrrd"], labels=[data / "knee_bones_labels.nrrd"], output=output, train_range_i=TRAIN_I,
-        max_minutes=minutes, progress_bar=False, resume=output.with_suffix(".checkpoint.npz").is_file(), overwrite=True, **{**BASE, **settings},
-    )  # fmt: skip
+        images=[data / "knee_mri.nrrd"],
+        labels=[data / "knee_bones_labels.nrrd"],
+        output=output,
+        train_range_i=TRAIN_I,
+        max_minutes=minutes,
+        progress_bar=False,
+        resume=output.with_suffix(".checkpoint.npz").is_file(),
+        overwrite=True,
+        **{**BASE, **settings},
+    )
     try:
         result = train(config)
     except ModelError as error:
@@ -150,22 +214,35 @@ def run(name: str, minutes: float, models: Path, score_only: bool = False) -> di
     return scored(name, change, record, scan, truth, probability, network_s)
 
 
-def scored(name: str, change: str, record: dict, scan: Volume, truth: Volume, probability: np.ndarray, network_s: float) -> dict:
+def scored(
+    name: str, change: str, record: dict, scan: Volume, truth: Volume, probability: np.ndarray, network_s: float
+) -> dict:
     """The row of a network's bone probability on the scan's grid: components and naming as ``segment`` runs them, then Dice."""
     options = SegmentOptions(surfaces=False)
     # The network alone (bone where its probability reaches the threshold), before components and naming.
-    network_only = {side: dice((probability >= options.threshold)[:, :, lo:hi], truth.array[:, :, lo:hi] > 0) for side, (lo, hi) in (("validation", VALIDATION_I), ("heldout", HELD_OUT_I))}
+    network_only = {
+        side: dice((probability >= options.threshold)[:, :, lo:hi], truth.array[:, :, lo:hi] > 0)
+        for side, (lo, hi) in (("validation", VALIDATION_I), ("heldout", HELD_OUT_I))
+    }
     labels = postprocess(Volume(probability, scan.geometry), options).labels
     validation = scores(labels, truth.array, VALIDATION_I)
     held_out = scores(labels, truth.array, HELD_OUT_I)
     part = np.s_[:, :, HELD_OUT_I[0] : HELD_OUT_I[1]]
     row = {
-        "recipe": name, "change": change, "train_i": "%d-%d" % TRAIN_I, "validation_i": "%d-%d" % VALIDATION_I, "steps": record["steps"], "train_minutes": round(record["seconds"] / 60, 1),
-        "backend": os.environ["KERAS_BACKEND"], "machine": f"{cpu_description()['name']}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}",
-        "date": datetime.date.today().isoformat(), "heldout_hd95_mm": round(hausdorff_95(labels[part] > 0, truth.array[part] > 0, scan.geometry.spacing), 2),
+        "recipe": name,
+        "change": change,
+        "train_i": "%d-%d" % TRAIN_I,
+        "validation_i": "%d-%d" % VALIDATION_I,
+        "steps": record["steps"],
+        "train_minutes": round(record["seconds"] / 60, 1),
+        "backend": os.environ["KERAS_BACKEND"],
+        "machine": f"{cpu_description()['name']}, {len(os.sched_getaffinity(0))} cores, {platform.machine()}",
+        "date": datetime.date.today().isoformat(),
+        "heldout_hd95_mm": round(hausdorff_95(labels[part] > 0, truth.array[part] > 0, scan.geometry.spacing), 2),
         "validation_network_all": round(network_only["validation"], 4),
-        "heldout_network_all": round(network_only["heldout"], 4), "network_s": round(network_s, 1),
-    }  # fmt: skip
+        "heldout_network_all": round(network_only["heldout"], 4),
+        "network_s": round(network_s, 1),
+    }
     for side, found in (("validation", validation), ("heldout", held_out)):
         for bone in ("femur", "tibia", "patella", "all"):
             row[f"{side}_{bone}"] = round(found[bone], 4)
@@ -179,7 +256,9 @@ def whole_volume_probability(scan: Volume, keras_path: Path, mirror: bool = Fals
     model_input, network = model.model_input(scan), model.network.with_free_sides()
     flips = [(), (0,), (1,), (2,)] if mirror else [()]
     multiple = 2 ** model.card.architecture["depth"]
-    probability = sum(np.flip(predict_whole_volume(np.flip(model_input.image, axes), network, multiple), axes) for axes in flips) / len(flips)
+    probability = sum(
+        np.flip(predict_whole_volume(np.flip(model_input.image, axes), network, multiple), axes) for axes in flips
+    ) / len(flips)
     return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
 
 
@@ -193,7 +272,10 @@ def slices_probability(scan: Volume, model, planes, mirror: bool = False) -> np.
     total = np.zeros(model_input.image.shape, np.float32)
     for axis in planes:
         stack = np.moveaxis(model_input.image, axis, 0)
-        predicted = sum(np.flip(predict_slices(np.flip(stack, axes), model.network, multiple, SLICES_PER_CALL), axes) for axes in flips) / len(flips)
+        predicted = sum(
+            np.flip(predict_slices(np.flip(stack, axes), model.network, multiple, SLICES_PER_CALL), axes)
+            for axes in flips
+        ) / len(flips)
         total += np.moveaxis(predicted, 0, axis)
     probability = total / len(planes)
     return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
@@ -211,9 +293,15 @@ def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("recipe", nargs="?", choices=RECIPES)
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget (at most 20: each experiment fits one sitting)")
-    parser.add_argument("--models", type=Path, default=ROOT / "out" / "coarse", help="where the experiments' models and checkpoints go")
-    parser.add_argument("--score-only", action="store_true", help="score the recipe's trained model again without training it further")
+    parser.add_argument(
+        "--minutes", type=float, default=15.0, help="training budget (at most 20: each experiment fits one sitting)"
+    )
+    parser.add_argument(
+        "--models", type=Path, default=ROOT / "out" / "coarse", help="where the experiments' models and checkpoints go"
+    )
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the recipe's trained model again without training it further"
+    )
     parser.add_argument("--list", action="store_true", help="print the recipes")
     args = parser.parse_args()
     if args.list or not args.recipe:

@@ -103,7 +103,9 @@ def split_of(cards) -> tuple[int, dict]:
     ranges = [(card.heldout["from"], card.heldout["to"]) for card in cards]
     overlap = (max(r[0] for r in ranges), min(r[1] for r in ranges))
     if overlap[0] >= overlap[1]:
-        raise SystemExit(f"the folds' held-out ranges {ranges} do not overlap: no stitched held-out prediction is possible")
+        raise SystemExit(
+            f"the folds' held-out ranges {ranges} do not overlap: no stitched held-out prediction is possible"
+        )
     split = (overlap[0] + overlap[1]) // 2
     low_side = [n for n, r in enumerate(ranges) if r[0] == 0]
     if len(low_side) != 1:
@@ -122,7 +124,9 @@ def stitched(low: np.ndarray, high: np.ndarray, split: int) -> np.ndarray:
 def whole_volume_map(scan: Volume, keras_path: Path) -> np.ndarray:
     """The network's probability on the model grid, the whole volume in one call (its ``.keras`` file on Keras)."""
     model = load_model(keras_path)
-    return predict_whole_volume(model.model_input(scan).image, model.network.with_free_sides(), 2 ** model.card.architecture["depth"])
+    return predict_whole_volume(
+        model.model_input(scan).image, model.network.with_free_sides(), 2 ** model.card.architecture["depth"]
+    )
 
 
 def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarray, compared_only: bool = False) -> dict:
@@ -133,7 +137,9 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
     split, _ = split_of(cards if cards[1] else [read_card(folder / name) for name in fold_names(FAMILY)])
     band = np.s_[..., cards[0].heldout["from"] : split]
     model = load_model(folder / names[0])
-    print(f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)")
+    print(
+        f"\n== {family}: {names[0]} on its validation band {cards[0].heldout['from']} <= i < {split} (trained on i < {cards[0].heldout['from']}; not a held-out figure)"
+    )
     network_maps = fold_maps(folder, names[:1], [model], scan)
     rows = {}
     for name, projections, fusion, radius_mm, fill, stride in chosen_variants(model.card, compared_only):
@@ -141,7 +147,10 @@ def measure_validation(folder: Path, family: str, scan: Volume, truth: np.ndarra
         (side_maps,) = network_maps(projections, stride)
         labels = row_labels(fused_on_scan(side_maps, fusion, model, scan), scan, projections, fusion, radius_mm, fill)
         rows[name] = evaluate_labels(labels[band], truth[band], scan.geometry.spacing)
-        print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  patella {rows[name]['patella']['dice']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
+        print(
+            f"{name:60} Dice {rows[name]['all']['dice']:.4f}  patella {rows[name]['patella']['dice']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm",
+            flush=True,
+        )
     return {"fold": names[0], "band_i": [cards[0].heldout["from"], split], "validation": rows}
 
 
@@ -161,12 +170,28 @@ def fold_maps(folder: Path, names, models, scan: Volume):
             maps_by_setting.clear()
             start = time.perf_counter()
             if stride == WHOLE_VOLUME:
-                maps_by_setting[key] = [[whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names]
+                maps_by_setting[key] = [
+                    [whole_volume_map(scan, (folder / name).with_suffix(".keras"))] for name in names
+                ]
             else:
-                maps_by_setting[key] = [list(model.projection_maps(model.model_input(scan), SegmentOptions(projections=projections, stride=stride))) for model in models]
-            what = "the whole volume in one pass" if stride == WHOLE_VOLUME else f"stride {stride or models[0].card.stride}"
+                maps_by_setting[key] = [
+                    list(
+                        model.projection_maps(
+                            model.model_input(scan), SegmentOptions(projections=projections, stride=stride)
+                        )
+                    )
+                    for model in models
+                ]
+            what = (
+                "the whole volume in one pass"
+                if stride == WHOLE_VOLUME
+                else f"stride {stride or models[0].card.stride}"
+            )
             what = "whole slices" if slices else what
-            print(f"network, {len(models)} fold(s), {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"network, {len(models)} fold(s), {projections} projection(s), {what}: {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
         return maps_by_setting[key]
 
     return network_maps
@@ -177,9 +202,13 @@ def fused_on_scan(side_maps, fusion: str, model, scan: Volume) -> np.ndarray:
     return model.grid_for(scan).to_scan(fuse_probabilities(side_maps, model.fusion_rule(fusion)))
 
 
-def row_labels(probability: np.ndarray, scan: Volume, projections: int, fusion: str, radius_mm: float, fill: bool) -> np.ndarray:
+def row_labels(
+    probability: np.ndarray, scan: Volume, projections: int, fusion: str, radius_mm: float, fill: bool
+) -> np.ndarray:
     """A row's label map: ``probability`` on the scan's grid post-processed with the row's settings."""
-    options = SegmentOptions(projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False)
+    options = SegmentOptions(
+        projections=projections, fusion=fusion, closing_radius=radius_mm, fill_holes=fill, surfaces=False
+    )
     return postprocess(Volume(probability, scan.geometry), options).labels
 
 
@@ -191,7 +220,13 @@ def side_by_side(ours: dict, theirs: dict) -> str:
     for way, figures in ways:
         lines.append(way)
         for bone in ("femur", "tibia", "patella", "all"):
-            for metric, form in (("dice", "{:.4f}"), ("iou", "{:.4f}"), ("ahd_voxels", "{:.4f}"), ("ahd_mm", "{:.4f}"), ("hd95_mm", "{:.2f}")):
+            for metric, form in (
+                ("dice", "{:.4f}"),
+                ("iou", "{:.4f}"),
+                ("ahd_voxels", "{:.4f}"),
+                ("ahd_mm", "{:.4f}"),
+                ("hd95_mm", "{:.2f}"),
+            ):
                 if metric != "dice" and bone != "all":
                     continue
                 values = [form.format(figures(results)[bone][metric]) for results in (ours, theirs)]
@@ -199,7 +234,14 @@ def side_by_side(ours: dict, theirs: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, labels_out: Path | None = None, compared_only: bool = False) -> dict:
+def measure_family(
+    folder: Path,
+    family: str,
+    scan: Volume,
+    truth: np.ndarray,
+    labels_out: Path | None = None,
+    compared_only: bool = False,
+) -> dict:
     """Both ways of stitching the folds of ``family`` in ``folder``, and its variants' rows (or only the
     :data:`COMPARED` ones); prints as it goes."""
     spacing = scan.geometry.spacing
@@ -207,26 +249,36 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     models = [load_model(folder / name) for name in names]
     variants = chosen_variants(models[0].card, compared_only)
     split, sides = split_of([model.card for model in models])
-    print(f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}")
+    print(
+        f"\n== {family}: held-out split along i at {split}: {names[sides['low']]} predicts i < {split}, {names[sides['high']]} i >= {split}"
+    )
     print(f"held-out (never trained on) ranges of i: {dict(zip(names, sides['ranges']))}")
     network_maps = fold_maps(folder, names, models, scan)
     rows = {}
     for name, projections, fusion, radius_mm, fill, stride in variants:
         projections = projections or models[0].card.projections
-        fused = [fused_on_scan(side_maps, fusion, model, scan) for model, side_maps in zip(models, network_maps(projections, stride))]
+        fused = [
+            fused_on_scan(side_maps, fusion, model, scan)
+            for model, side_maps in zip(models, network_maps(projections, stride))
+        ]
         probability = stitched(fused[sides["low"]], fused[sides["high"]], split)
         del fused
         labels = row_labels(probability, scan, projections, fusion, radius_mm, fill)
         rows[name] = evaluate_labels(labels, truth, spacing)
         if name == variants[0][0] and labels_out:
             write_volume(Volume(labels, scan.geometry), labels_out)
-        print(f"{name:60} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm", flush=True)
+        print(
+            f"{name:60} Dice {rows[name]['all']['dice']:.4f}  IoU {rows[name]['all']['iou']:.4f}  HD95 {rows[name]['all']['hd95_mm']:.2f} mm",
+            flush=True,
+        )
     del network_maps  # its maps, before the folds segment the whole scan
 
     start = time.perf_counter()
     segmented = [segment(scan, model, SegmentOptions(surfaces=False)) for model in models]
     print(f"each fold's own segment of the whole scan, default settings: {time.perf_counter() - start:.0f} s")
-    each_fold = evaluate_labels(stitched(segmented[sides["low"]].labels, segmented[sides["high"]].labels, split), truth, spacing)
+    each_fold = evaluate_labels(
+        stitched(segmented[sides["low"]].labels, segmented[sides["high"]].labels, split), truth, spacing
+    )
 
     default = variants[0][0]
     print(f"\n{family}, held out, probabilities stitched, then the default pipeline:")
@@ -234,23 +286,52 @@ def measure_family(folder: Path, family: str, scan: Volume, truth: np.ndarray, l
     print(f"\n{family}, held out, each fold's own segmentation (default settings) stitched:")
     print(format_metrics_table(each_fold))
     verdicts = {name: result.verdict for name, result in zip(names, segmented)}  # each fold's own run on the whole scan
-    return {"folds": names, "split_i": split, "heldout_ranges_i": sides["ranges"], "heldout": rows, "segmentations_stitched": each_fold,
-            "verdicts": verdicts, "variants": variants}
+    return {
+        "folds": names,
+        "split_i": split,
+        "heldout_ranges_i": sides["ranges"],
+        "heldout": rows,
+        "segmentations_stitched": each_fold,
+        "verdicts": verdicts,
+        "variants": variants,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parent.parent / "Resources" / "Models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--labels-out", type=Path, default=None, help="write the stitched held-out label map of the default row here")
-    parser.add_argument("--family", default=FAMILY, help="the models FAMILY.onnx, FAMILY-fold-right.onnx and FAMILY-fold-left.onnx in --models (default: %(default)s)")
-    parser.add_argument("--no-training-figure", action="store_true", help="skip the shipped model on its own training scan")
-    parser.add_argument("--write-card", action="store_true", help="record the figures in the shipped model's card (its 'quality')")
-    parser.add_argument("--held-out-from", type=Path, default=None,
-                        help="take the held-out figures from this --json output of an earlier run (the fold models unchanged) and add the training figure")
-    parser.add_argument("--validation", action="store_true", help="score fold-right alone on its validation band (to choose a setting), nothing else")
-    parser.add_argument("--beside", type=Path, default=None, help="print the figures beside another family's, from its --json output")
-    parser.add_argument("--compared-only", action="store_true", help="only the rows the side-by-side table compares (no ablations)")
+    parser.add_argument(
+        "--labels-out", type=Path, default=None, help="write the stitched held-out label map of the default row here"
+    )
+    parser.add_argument(
+        "--family",
+        default=FAMILY,
+        help="the models FAMILY.onnx, FAMILY-fold-right.onnx and FAMILY-fold-left.onnx in --models (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-training-figure", action="store_true", help="skip the shipped model on its own training scan"
+    )
+    parser.add_argument(
+        "--write-card", action="store_true", help="record the figures in the shipped model's card (its 'quality')"
+    )
+    parser.add_argument(
+        "--held-out-from",
+        type=Path,
+        default=None,
+        help="take the held-out figures from this --json output of an earlier run (the fold models unchanged) and add the training figure",
+    )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="score fold-right alone on its validation band (to choose a setting), nothing else",
+    )
+    parser.add_argument(
+        "--beside", type=Path, default=None, help="print the figures beside another family's, from its --json output"
+    )
+    parser.add_argument(
+        "--compared-only", action="store_true", help="only the rows the side-by-side table compares (no ablations)"
+    )
     args = parser.parse_args()
     data = sample_dir()
     scan = read_volume(data / "knee_mri.nrrd")
@@ -265,7 +346,10 @@ def main() -> None:
         results = json.loads(args.held_out_from.read_text())
         print(f"held-out figures read from {args.held_out_from}")
     else:
-        results = {"family": args.family, **measure_family(args.models, args.family, scan, truth, args.labels_out, args.compared_only)}
+        results = {
+            "family": args.family,
+            **measure_family(args.models, args.family, scan, truth, args.labels_out, args.compared_only),
+        }
         print("\npaper (trained on another patient, this scan as test): DSC 0.9838, IoU 0.9682, AHD 0.0223")
     if args.beside:
         print("\nheld out, side by side:")

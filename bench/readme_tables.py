@@ -62,7 +62,12 @@ def quality_table(results: Path = RESULTS) -> str:
     for way, scores_of in ways:
         scores = [scores_of(heldout[family]) for family, _, _ in FAMILIES]
         rows.append([f"{way}: all-bone Dice (femur, tibia, patella)", *(_dice(score) for score in scores)])
-        rows.append([f"{way}: all-bone IoU, HD95", *(f"{score['all']['iou']:.4f}, {score['all']['hd95_mm']:.2f} mm" for score in scores)])
+        rows.append(
+            [
+                f"{way}: all-bone IoU, HD95",
+                *(f"{score['all']['iou']:.4f}, {score['all']['hd95_mm']:.2f} mm" for score in scores),
+            ]
+        )
     return _table(["held out", *(title for _, title, _ in FAMILIES)], rows)
 
 
@@ -115,7 +120,9 @@ def updated(readme: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--check", type=Path, metavar="README", help="exit 1 when this README's tables differ from the results")
+    action.add_argument(
+        "--check", type=Path, metavar="README", help="exit 1 when this README's tables differ from the results"
+    )
     action.add_argument("--update", type=Path, metavar="README", help="rewrite this README's tables from the results")
     args = parser.parse_args()
     if args.update:
@@ -125,7 +132,9 @@ def main() -> None:
         standing = readme_tables(args.check.read_text(encoding="utf-8"))
         differing = [name for name, table in TABLES.items() if standing.get(name) != table()]
         if differing:
-            sys.exit(f"{args.check}: table {', '.join(differing)} differs from bench/results (run bench/readme_tables.py --update {args.check})")
+            sys.exit(
+                f"{args.check}: table {', '.join(differing)} differs from bench/results (run bench/readme_tables.py --update {args.check})"
+            )
     else:
         for name, table in TABLES.items():
             print(f"{name}:\n{table()}\n")

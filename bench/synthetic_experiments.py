@@ -37,7 +37,11 @@ RESULTS = ROOT / "bench" / "results"
 TABLE = RESULTS / "synthetic_experiments.csv"
 OTHER_KNEES_ENV = "KNEEBONESEG_OTHER_KNEES"
 #: The other knees' label maps and their bone values (their README, ../shared/data/other_knees).
-OTHER_KNEES = (("mskt_dess_a_labels.nrrd", "5,6,7"), ("mskt_dess_b_labels.nrrd", "5,6,7"), ("skm_pd_labels.nrrd", "1,2,3"))
+OTHER_KNEES = (
+    ("mskt_dess_a_labels.nrrd", "5,6,7"),
+    ("mskt_dess_b_labels.nrrd", "5,6,7"),
+    ("skm_pd_labels.nrrd", "1,2,3"),
+)
 #: The 2D recipe's augmentation of real crops (mirroring and gamma only) and the folds' ranges along i.
 REAL_AUGMENTATION = '{"rotation_deg": 0, "scale": 0, "bias_field": 0, "contrast": 0, "noise": 0}'
 DECOYS = '{"marrow_like_tissue": 0.5, "tissue_lines": 0.5, "joint_darker": 0.5}'
@@ -55,33 +59,79 @@ class Row:
     models: Path | None = None  # a folder of already trained folds (the shipped family), not trained here
     family: str = "kneeboneseg-slices"
     synthesis: str = ""  # JSON overriding some of the generator's settings (``--synthesis``)
-    slice_mm: float = 0.0  # scored on the sample resampled to slices this thick along i (sagittal), as a clinical 2D sequence
+    slice_mm: float = (
+        0.0  # scored on the sample resampled to slices this thick along i (sagittal), as a clinical 2D sequence
+    )
 
 
 ROWS = {
-    "baseline": Row("today's 2D recipe: real crops only (the shipped 2D folds: 4000 steps, 19 to 20 min each)", models=ROOT / "Resources" / "Models"),
+    "baseline": Row(
+        "today's 2D recipe: real crops only (the shipped 2D folds: 4000 steps, 19 to 20 min each)",
+        models=ROOT / "Resources" / "Models",
+    ),
     "mixed-50": Row("real crops and synthetic crops from the other knees' maps, 50/50", 0.5, other_knees=True),
     "mixed-25": Row("real crops and synthetic crops from the other knees' maps, 75/25", 0.25, other_knees=True),
-    "synthetic-only": Row("synthetic crops alone from the three other knees' maps: no real image, no real label", 1.0, other_knees=True, folds=False),
-    "synthetic-and-real-labels": Row("synthetic crops alone from the other knees' maps and the sample's label map on the fold's side (never its image)",
-                                     1.0, other_knees=True, real_labels=True),
-    "mixed-50-decoys": Row("mixed-50 with the generator's decoys in half the crops each: marrow-bright tissue, dark lines between tissues, "
-                           "cartilage and menisci darker than marrow", 0.5, other_knees=True, synthesis=DECOYS),
-    "baseline-compact": Row("the best recipe so far (real crops only) with the compact 3D network: the shipped compact folds",
-                            models=ROOT / "Resources" / "Models", family="kneeboneseg-compact"),
-    "baseline-3mm-sagittal": Row("the baseline's folds (best on validation) on the sample resampled to 3 mm sagittal slices (along i), "
-                                 "labels brought back to the annotated grid", models=ROOT / "Resources" / "Models", slice_mm=3.0),
+    "synthetic-only": Row(
+        "synthetic crops alone from the three other knees' maps: no real image, no real label",
+        1.0,
+        other_knees=True,
+        folds=False,
+    ),
+    "synthetic-and-real-labels": Row(
+        "synthetic crops alone from the other knees' maps and the sample's label map on the fold's side (never its image)",
+        1.0,
+        other_knees=True,
+        real_labels=True,
+    ),
+    "mixed-50-decoys": Row(
+        "mixed-50 with the generator's decoys in half the crops each: marrow-bright tissue, dark lines between tissues, "
+        "cartilage and menisci darker than marrow",
+        0.5,
+        other_knees=True,
+        synthesis=DECOYS,
+    ),
+    "baseline-compact": Row(
+        "the best recipe so far (real crops only) with the compact 3D network: the shipped compact folds",
+        models=ROOT / "Resources" / "Models",
+        family="kneeboneseg-compact",
+    ),
+    "baseline-3mm-sagittal": Row(
+        "the baseline's folds (best on validation) on the sample resampled to 3 mm sagittal slices (along i), "
+        "labels brought back to the annotated grid",
+        models=ROOT / "Resources" / "Models",
+        slice_mm=3.0,
+    ),
 }
 
 
 def train_command(row: Row, output: Path, fold: str | None, minutes: float, sample: Path) -> list[str]:
     """``kneeboneseg train`` for one model of ``row``; resumes where a checkpoint is beside ``output``."""
-    command = [sys.executable, "-m", "KneeBoneSegLib", "-v", "train", "-o", str(output), "--architecture", "slices", "--no-progress-bar",
-               "--augmentation", REAL_AUGMENTATION, "--max-minutes", str(minutes)]
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "-v",
+        "train",
+        "-o",
+        str(output),
+        "--architecture",
+        "slices",
+        "--no-progress-bar",
+        "--augmentation",
+        REAL_AUGMENTATION,
+        "--max-minutes",
+        str(minutes),
+    ]
     command += ["--resume"] if output.with_suffix(".checkpoint.npz").is_file() else ["--overwrite"]
     if row.folds:
-        command += [str(sample / "knee_mri.nrrd"), str(sample / "knee_bones_labels.nrrd"), "--crops-past-range", "true",
-                    "--train-range-i", *map(str, FOLDS[fold])]
+        command += [
+            str(sample / "knee_mri.nrrd"),
+            str(sample / "knee_bones_labels.nrrd"),
+            "--crops-past-range",
+            "true",
+            "--train-range-i",
+            *map(str, FOLDS[fold]),
+        ]
     if row.other_knees:
         folder = Path(os.environ.get(OTHER_KNEES_ENV) or ROOT.parent / "shared" / "data" / "other_knees")
         for name, bones in OTHER_KNEES:
@@ -129,23 +179,47 @@ def score(name: str) -> dict:
     if row.slice_mm:
         figures = thick_slices_scores(folder, names, scan, truth, row.slice_mm)
     elif row.folds:
-        validation = measure_validation(folder, row.family, scan, truth, compared_only=True)["validation"]["default pipeline"]
+        validation = measure_validation(folder, row.family, scan, truth, compared_only=True)["validation"][
+            "default pipeline"
+        ]
         family = measure_family(folder, row.family, scan, truth, compared_only=True)
-        figures = {"validation": validation, "probabilities_stitched": family["heldout"]["default pipeline"],
-                   "probabilities_stitched_no_closing": family["heldout"]["no closing, no hole filling (network and components only)"],
-                   "segmentations_stitched": family["segmentations_stitched"], "verdicts": family["verdicts"]}
+        figures = {
+            "validation": validation,
+            "probabilities_stitched": family["heldout"]["default pipeline"],
+            "probabilities_stitched_no_closing": family["heldout"][
+                "no closing, no hole filling (network and components only)"
+            ],
+            "segmentations_stitched": family["segmentations_stitched"],
+            "verdicts": family["verdicts"],
+        }
     else:
         result = segment(scan, load_model(folder / names[0]), SegmentOptions(surfaces=False))
         band = np.s_[..., VALIDATION_BAND[0] : VALIDATION_BAND[1]]
         # The network's own bone (probability above a half, before anatomy names components): what the post-processing had to work with.
         network_only = compare_masks(result.probability > 0.5, truth > 0, scan.geometry.spacing)
-        figures = {"validation": evaluate_labels(result.labels[band], truth[band], scan.geometry.spacing),
-                   "whole_scan": evaluate_labels(result.labels, truth, scan.geometry.spacing), "whole_scan_network_only": network_only,
-                   "verdicts": {names[0]: result.verdict}}
+        figures = {
+            "validation": evaluate_labels(result.labels[band], truth[band], scan.geometry.spacing),
+            "whole_scan": evaluate_labels(result.labels, truth, scan.geometry.spacing),
+            "whole_scan_network_only": network_only,
+            "verdicts": {names[0]: result.verdict},
+        }
     cards = [read_card(folder / model) for model in names]
-    figures["training"] = {model: {"seconds": card.training["seconds"], "steps": card.training["steps"], "command": card.training["command"],
-                                   "machine": card.training["machine"]} for model, card in zip(names, cards)}
-    return {"row": name, "description": row.description, "scored": datetime.date.today().isoformat(), "scoring_machine": machine(), **figures}
+    figures["training"] = {
+        model: {
+            "seconds": card.training["seconds"],
+            "steps": card.training["steps"],
+            "command": card.training["command"],
+            "machine": card.training["machine"],
+        }
+        for model, card in zip(names, cards)
+    }
+    return {
+        "row": name,
+        "description": row.description,
+        "scored": datetime.date.today().isoformat(),
+        "scoring_machine": machine(),
+        **figures,
+    }
 
 
 def thick_slices(scan, slice_mm: float):
@@ -182,10 +256,14 @@ def thick_slices_scores(folder: Path, names, scan, truth, slice_mm: float) -> di
     labels = [labels_onto_grid(Volume(result.labels, thick.geometry), scan) for result in results]
     spacing = scan.geometry.spacing
     band = np.s_[..., VALIDATION_BAND[0] : VALIDATION_BAND[1]]
-    return {"slices": {"count": thick.array.shape[2], "spacing_mm": [round(s, 4) for s in thick.geometry.spacing]},
-            "validation": evaluate_labels(labels[0][band], truth[band], spacing),
-            "segmentations_stitched": evaluate_labels(stitched(labels[sides["low"]], labels[sides["high"]], split), truth, spacing),
-            "verdicts": {name: result.verdict for name, result in zip(names, results)}}
+    return {
+        "slices": {"count": thick.array.shape[2], "spacing_mm": [round(s, 4) for s in thick.geometry.spacing]},
+        "validation": evaluate_labels(labels[0][band], truth[band], spacing),
+        "segmentations_stitched": evaluate_labels(
+            stitched(labels[sides["low"]], labels[sides["high"]], split), truth, spacing
+        ),
+        "verdicts": {name: result.verdict for name, result in zip(names, results)},
+    }
 
 
 def machine() -> str:
@@ -193,7 +271,14 @@ def machine() -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), model)
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            model,
+        )
     return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
 
 
@@ -202,11 +287,21 @@ BONES = ("all", "femur", "tibia", "patella")
 
 def table_row(result: dict) -> dict:
     """One CSV row: the figures a reader compares, the rest in the row's JSON."""
-    row = {"row": result["row"], "description": result["description"],
-           "train_minutes_per_model": round(max(t["seconds"] for t in result["training"].values()) / 60, 1)}
+    row = {
+        "row": result["row"],
+        "description": result["description"],
+        "train_minutes_per_model": round(max(t["seconds"] for t in result["training"].values()) / 60, 1),
+    }
     row.update({f"validation_{bone}": round(result["validation"][bone]["dice"], 4) for bone in BONES})
-    ways = [(short, key) for short, key in (("whole_scan", "whole_scan"), ("prob_stitched", "probabilities_stitched"),
-                                            ("seg_stitched", "segmentations_stitched")) if key in result]
+    ways = [
+        (short, key)
+        for short, key in (
+            ("whole_scan", "whole_scan"),
+            ("prob_stitched", "probabilities_stitched"),
+            ("seg_stitched", "segmentations_stitched"),
+        )
+        if key in result
+    ]
     for short, key in ways:
         row.update({f"{short}_{bone}": round(result[key][bone]["dice"], 4) for bone in BONES})
         row[f"{short}_hd95_mm"] = round(result[key]["all"]["hd95_mm"], 2)
@@ -214,8 +309,10 @@ def table_row(result: dict) -> dict:
         row["whole_scan_network_only_all"] = round(result["whole_scan_network_only"]["dice"], 4)
     if "probabilities_stitched_no_closing" in result:
         row["prob_stitched_no_closing_all"] = round(result["probabilities_stitched_no_closing"]["all"]["dice"], 4)
-    row["verdicts"] = "; ".join(f"{Path(model).stem}: {verdict['run']} ({', '.join(f'{k} {v}' for k, v in _bone_verdicts(verdict).items())})"
-                                for model, verdict in result["verdicts"].items())
+    row["verdicts"] = "; ".join(
+        f"{Path(model).stem}: {verdict['run']} ({', '.join(f'{k} {v}' for k, v in _bone_verdicts(verdict).items())})"
+        for model, verdict in result["verdicts"].items()
+    )
     row["machine"] = result["scoring_machine"]
     return row
 
@@ -242,7 +339,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("train", "score"))
     parser.add_argument("row", choices=ROWS)
-    parser.add_argument("--minutes", type=float, default=19.0, help="training budget of each model (default: %(default)s)")
+    parser.add_argument(
+        "--minutes", type=float, default=19.0, help="training budget of each model (default: %(default)s)"
+    )
     args = parser.parse_args()
     if args.action == "train":
         train(args.row, args.minutes)

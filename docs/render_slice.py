@@ -24,7 +24,9 @@ from KneeBoneSegLib.io.images import read_mask, read_volume
 from KneeBoneSegLib.preprocess.normalization import normalize_intensities
 
 
-def outlined_slice(image: np.ndarray, labels: np.ndarray, i: int, zoom: int = 2, uncertainty: np.ndarray | None = None) -> np.ndarray:
+def outlined_slice(
+    image: np.ndarray, labels: np.ndarray, i: int, zoom: int = 2, uncertainty: np.ndarray | None = None
+) -> np.ndarray:
     """RGB uint8 picture of sagittal slice ``i`` of ``image`` (k, j, i) with the outline of each bone.
 
     ``uncertainty`` (same grid, 0 to 1) is blended in red under the outlines.
@@ -48,7 +50,9 @@ def main() -> None:
     parser.add_argument("labels", type=Path, help="label map or .seg.nrrd: 1 femur, 2 tibia, 3 patella")
     parser.add_argument("output", type=Path, help="PNG file to write")
     parser.add_argument("--i", type=int, default=None, help="sagittal slice index (default: through the patella)")
-    parser.add_argument("--uncertainty", type=Path, default=None, help="disagreement map (uncertainty.nrrd) to lay over the scan in red")
+    parser.add_argument(
+        "--uncertainty", type=Path, default=None, help="disagreement map (uncertainty.nrrd) to lay over the scan in red"
+    )
     args = parser.parse_args()
     image, labels = read_volume(args.image).array, read_mask(args.labels).array
     uncertainty = read_volume(args.uncertainty).array if args.uncertainty else None

@@ -99,22 +99,38 @@ def label_surfaces(labels, smoothing_iterations: int) -> dict:
         mask = labels.array == bone.label
         if mask.any():
             surfaces[bone.key], report = bone_surface(mask, labels.geometry, smoothing_iterations=smoothing_iterations)
-            log.info("%s: %d triangles, %.1f cm3, watertight %s", bone.name, report["faces"], report["volume_mm3"] / 1000, report["watertight"])
+            log.info(
+                "%s: %d triangles, %.1f cm3, watertight %s",
+                bone.name,
+                report["faces"],
+                report["volume_mm3"] / 1000,
+                report["watertight"],
+            )
     return surfaces
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("labels", type=Path, help="label map (1 femur, 2 tibia, 3 patella), or a folder with femur.stl, tibia.stl, patella.stl")
+    parser.add_argument(
+        "labels",
+        type=Path,
+        help="label map (1 femur, 2 tibia, 3 patella), or a folder with femur.stl, tibia.stl, patella.stl",
+    )
     parser.add_argument("output", type=Path, help="PNG file to write")
     parser.add_argument("--size", type=int, default=800, help="width and height in pixels (default: 800)")
-    parser.add_argument("--background", default="white", help="a VTK colour name, or 'none' for transparent (default: white)")
+    parser.add_argument(
+        "--background", default="white", help="a VTK colour name, or 'none' for transparent (default: white)"
+    )
     parser.add_argument("--smoothing-iterations", type=int, default=20, help="Laplacian smoothing steps (default: 20)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.labels.is_dir():
-        surfaces = {bone.key: read_stl(args.labels / f"{bone.key}.stl") for bone in BONES if (args.labels / f"{bone.key}.stl").is_file()}
+        surfaces = {
+            bone.key: read_stl(args.labels / f"{bone.key}.stl")
+            for bone in BONES
+            if (args.labels / f"{bone.key}.stl").is_file()
+        }
         log.info("Read %s from %s", ", ".join(f"{key}.stl" for key in surfaces), args.labels)
     else:
         surfaces = label_surfaces(read_volume(args.labels), args.smoothing_iterations)

@@ -24,17 +24,25 @@ from KneeBoneSegLib.training.augmentation import Augmentation  # noqa: E402
 from KneeBoneSegLib.training.data import SliceSampler, SyntheticSliceSampler, prepare_volume  # noqa: E402
 from KneeBoneSegLib.training.synthesis import Synthesis, prepare_label_map  # noqa: E402
 
-MAPS = (("mskt_dess_a_labels.nrrd", (5, 6, 7)), ("mskt_dess_b_labels.nrrd", (5, 6, 7)), ("skm_pd_labels.nrrd", (1, 2, 3)))
+MAPS = (
+    ("mskt_dess_a_labels.nrrd", (5, 6, 7)),
+    ("mskt_dess_b_labels.nrrd", (5, 6, 7)),
+    ("skm_pd_labels.nrrd", (1, 2, 3)),
+)
 COLUMNS = 10
 
 
 def main(sample: Path, other_knees: Path, output: Path) -> None:
-    real = prepare_volume(read_volume(sample / "knee_mri.nrrd"), read_mask(sample / "knee_bones_labels.nrrd"), 0.7, soft_labels=True)
+    real = prepare_volume(
+        read_volume(sample / "knee_mri.nrrd"), read_mask(sample / "knee_bones_labels.nrrd"), 0.7, soft_labels=True
+    )
     maps = [prepare_label_map(read_mask(other_knees / name), bones, 0.7, name=name) for name, bones in MAPS]
     rows = [("real (low-field sample)", SliceSampler([real], 64, 0.5, Augmentation.none(), seed=0).batch(COLUMNS))]
     synthetic = SyntheticSliceSampler(maps, 64, 0.5, Synthesis(), seed=0)
     rows += [("synthetic (other knees)", synthetic.batch(COLUMNS)) for _ in range(2)]
-    decoys = SyntheticSliceSampler(maps, 64, 0.5, Synthesis(marrow_like_tissue=1.0, tissue_lines=1.0, joint_darker=1.0), seed=0)
+    decoys = SyntheticSliceSampler(
+        maps, 64, 0.5, Synthesis(marrow_like_tissue=1.0, tissue_lines=1.0, joint_darker=1.0), seed=0
+    )
     rows += [("synthetic with decoys", decoys.batch(COLUMNS)) for _ in range(2)]
     figure, axes = plt.subplots(len(rows), COLUMNS, figsize=(COLUMNS * 1.3, len(rows) * 1.45))
     for (title, (images, targets)), line in zip(rows, axes):

@@ -44,7 +44,12 @@ DICOM_TAGS = {
     "BodyPartExamined": "0018|0015",
 }
 #: DICOM tags that name a series (keyword: tag), for :func:`find_scans`.
-_SERIES_TAGS = {"PatientID": "0010|0020", "StudyDate": "0008|0020", "SeriesNumber": "0020|0011", "SeriesInstanceUID": "0020|000e"}
+_SERIES_TAGS = {
+    "PatientID": "0010|0020",
+    "StudyDate": "0008|0020",
+    "SeriesNumber": "0020|0011",
+    "SeriesInstanceUID": "0020|000e",
+}
 # Largest ratio of voxel sizes the model handles without a warning: it was
 # trained on nearly isotropic scans (0.35 x 0.35 x 0.35 mm).
 ANISOTROPY_LIMIT = 2.0
@@ -115,7 +120,9 @@ def find_scans(folder) -> tuple[list[Path], list[tuple[Path, dict]]]:
     the terminal.
     """
     files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
-    images = [path for path in files if _has_suffix(path, IMAGE_SUFFIXES) and not _has_suffix(path, SEGMENTATION_SUFFIX)]
+    images = [
+        path for path in files if _has_suffix(path, IMAGE_SUFFIXES) and not _has_suffix(path, SEGMENTATION_SUFFIX)
+    ]
     others = {path.parent for path in files if not _has_suffix(path, IMAGE_SUFFIXES)}
     series = []
     for directory in sorted(others):
@@ -126,7 +133,10 @@ def find_scans(folder) -> tuple[list[Path], list[tuple[Path, dict]]]:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(first))
             reader.ReadImageInformation()
-            tags = {name: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else "" for name, tag in _SERIES_TAGS.items()}
+            tags = {
+                name: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+                for name, tag in _SERIES_TAGS.items()
+            }
             series.append((first, {**tags, "SeriesInstanceUID": tags["SeriesInstanceUID"] or uid}))
     return images, series
 
@@ -171,7 +181,9 @@ def read_mask(path) -> Volume:
                 f"{path} holds fractional values outside 0..1; give a binary mask, a label map or a bone probability map"
             )
     elif not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"{path} holds {array.dtype} voxels; give a binary mask, a label map or a bone probability map")
+        raise InputError(
+            f"{path} holds {array.dtype} voxels; give a binary mask, a label map or a bone probability map"
+        )
     if not np.any(array):
         raise InputError(f"{path} marks no voxels (every voxel is 0); give a mask or label map that contains the bones")
     return Volume(array, volume.geometry)
@@ -212,7 +224,9 @@ def check_volume(volume: Volume, path=None, min_shape=None, model_spacing=None) 
     _require_finite(array, name)
     low, high = array.min(), array.max()
     if low == high:
-        raise InputError(f"{name} is constant (every voxel is {low}); it holds no image, check that it is the right scan")
+        raise InputError(
+            f"{name} is constant (every voxel is {low}); it holds no image, check that it is the right scan"
+        )
     if min_shape is not None:
         _require_min_shape(volume, name, min_shape, model_spacing)
     warnings = []
@@ -257,14 +271,18 @@ def write_volume(volume: Volume, path) -> Path:
     try:
         sitk.WriteImage(volume_to_image(volume), str(path), useCompression=True)
     except RuntimeError as error:
-        raise OutputError(f"{path} cannot be written ({_first_line(error)}); check the folder and free disk space") from None
+        raise OutputError(
+            f"{path} cannot be written ({_first_line(error)}); check the folder and free disk space"
+        ) from None
     return path
 
 
 def image_to_volume(image: sitk.Image) -> Volume:
     """A SimpleITK image as a :class:`Volume` (array[k, j, i], geometry unchanged, :data:`DICOM_TAGS` it carries)."""
     tags = {keyword: image.GetMetaData(tag).strip() for keyword, tag in DICOM_TAGS.items() if image.HasMetaDataKey(tag)}
-    return Volume(sitk.GetArrayFromImage(image), Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection()), tags)
+    return Volume(
+        sitk.GetArrayFromImage(image), Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection()), tags
+    )
 
 
 def volume_to_image(volume: Volume) -> sitk.Image:
@@ -378,7 +396,9 @@ def _series_uid(path: Path) -> str:
         reader.ReadImageInformation()
         return reader.GetMetaData("0020|000e").strip()
     except RuntimeError as error:
-        raise InputError(f"{path} is not a readable DICOM slice ({_first_line(error)}); give the series folder") from None
+        raise InputError(
+            f"{path} is not a readable DICOM slice ({_first_line(error)}); give the series folder"
+        ) from None
 
 
 def _read_slicer_segmentation(path: Path) -> Volume:
@@ -400,7 +420,9 @@ def _read_slicer_segmentation(path: Path) -> Volume:
             labels_ijk[slicerio.segment_mask(segmentation, segment)] = number
     log.info("Read %s: segments %s", path, ", ".join(segment.get("name", "?") for segment in segments))
     # slicerio keeps NRRD's (i, j, k) order; a Volume is (k, j, i)
-    return Volume(np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)), geometry_from_ijk_to_lps(segmentation["ijkToLPS"]))
+    return Volume(
+        np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)), geometry_from_ijk_to_lps(segmentation["ijkToLPS"])
+    )
 
 
 def _require_3d_scalar(size, components: int, path: Path) -> None:
@@ -408,7 +430,9 @@ def _require_3d_scalar(size, components: int, path: Path) -> None:
     if len(size) == 2 or (len(size) == 3 and min(size) == 1):
         raise InputError(f"{path} is a 2D image ({shape} voxels); give a 3D scan (the whole series, not one slice)")
     if len(size) > 3:
-        raise InputError(f"{path} is a {len(size)}D image ({shape} voxels); give a single 3D volume (one time point or echo)")
+        raise InputError(
+            f"{path} is a {len(size)}D image ({shape} voxels); give a single 3D volume (one time point or echo)"
+        )
     if components > 1:
         raise InputError(
             f"{path} has {components} values per voxel (a vector or colour image); give a single-channel (grayscale) 3D scan"

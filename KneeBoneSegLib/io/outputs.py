@@ -73,7 +73,9 @@ def write_segmentation_nrrd(labels: np.ndarray, geometry: Geometry, path, verdic
         "ijkToLPS": geometry.ijk_to_lps,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
-        "segments": [slicer_segment_metadata(bone, (verdicts or {}).get(bone.key)) for bone in BONES if counts[bone.label]],
+        "segments": [
+            slicer_segment_metadata(bone, (verdicts or {}).get(bone.key)) for bone in BONES if counts[bone.label]
+        ],
     }
     with atomic_file(path) as temporary:
         slicerio.write_segmentation(str(temporary), segmentation, compression_level=6)
@@ -186,7 +188,9 @@ def write_outputs(result, outdir, overwrite: bool = False, inputs=()) -> dict:
         asked = result.options
         volumes = {
             LABELS_NIFTI_FILE: result.labels if asked.nifti else None,
-            PROBABILITY_FILE: result.probability.astype(np.float32, copy=False) if asked.keep_probability and result.probability is not None else None,
+            PROBABILITY_FILE: result.probability.astype(np.float32, copy=False)
+            if asked.keep_probability and result.probability is not None
+            else None,
             UNCERTAINTY_FILE: result.uncertainty if asked.keep_uncertainty else None,
         }
         for name, array in volumes.items():
@@ -195,7 +199,11 @@ def write_outputs(result, outdir, overwrite: bool = False, inputs=()) -> dict:
                 names.append(name)
         names.append(SUMMARY_FILE)
         write_json({**result.report, "outputs": names}, staging / SUMMARY_FILE)
-    return {"files": [str(outdir / name) for name in names], "summary_line": summary_line(result.report, outdir), "verdict": result.report.get("verdict")}
+    return {
+        "files": [str(outdir / name) for name in names],
+        "summary_line": summary_line(result.report, outdir),
+        "verdict": result.report.get("verdict"),
+    }
 
 
 @dataclass
@@ -238,7 +246,9 @@ def read_outputs(folder) -> WrittenResult:
     """
     folder = Path(folder)
     if not (folder / SUMMARY_FILE).is_file():
-        raise InputError(f"{folder} holds no {SUMMARY_FILE}; it is not an output folder of kneeboneseg segment or postprocess")
+        raise InputError(
+            f"{folder} holds no {SUMMARY_FILE}; it is not an output folder of kneeboneseg segment or postprocess"
+        )
     report = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
     verdicts = bone_verdicts(report.get("verdict"))
     stl_files = {bone.key: surface_file(bone.key, verdicts.get(bone.key)) for bone in BONES}
@@ -257,7 +267,10 @@ def summary_line(report: dict, outdir=None, seconds: float | None = None) -> str
     ``seconds``: the run's wall time where the caller measured it (default:
     the sum of the report's stage times).
     """
-    bones = ", ".join(f"{key} {bone['volume_mm3'] / 1000:.1f} cm3" for key, bone in report.get("bones", {}).items()) or "no bones"
+    bones = (
+        ", ".join(f"{key} {bone['volume_mm3'] / 1000:.1f} cm3" for key, bone in report.get("bones", {}).items())
+        or "no bones"
+    )
     seconds = sum(report.get("timings_s", {}).values()) if seconds is None else seconds
     verdict = f"{verdict_line(report['verdict'])} | " if "verdict" in report else ""
     return f"{verdict}{bones} in {seconds:.0f} s" + (f" -> {outdir}" if outdir else "")

@@ -155,7 +155,9 @@ def assemble_dataset(folder) -> tuple[Volume, Volume]:
     for k, file in enumerate(files):
         instance = _instance_number(file)
         if instance not in mask_by_instance:
-            raise InputError(f"{masks} has no Mask_{instance:03d}.png for DICOM instance {instance} ({Path(file).name})")
+            raise InputError(
+                f"{masks} has no Mask_{instance:03d}.png for DICOM instance {instance} ({Path(file).name})"
+            )
         slice_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_by_instance[instance])))
         bone[k] = (slice_mask.reshape(*slice_mask.shape[:2], -1) > 0).any(axis=-1)
     scan = Volume(image.array.astype(np.uint16), image.geometry)
@@ -202,7 +204,9 @@ def _download(url: str, target: Path, progress) -> Path:
                     progress("download", done / total)
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise KneeBoneSegError(f"could not download the sample scan from {url} ({reason}); check the network connection or pass --url a mirror") from None
+        raise KneeBoneSegError(
+            f"could not download the sample scan from {url} ({reason}); check the network connection or pass --url a mirror"
+        ) from None
     log.info("Downloaded %s (%.0f MB)", url, target.stat().st_size / 2**20)
     return target
 
@@ -228,4 +232,6 @@ def _dataset_folder(root: Path) -> Path | None:
     (a home folder) must not be searched whole.
     """
     candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))] if root.is_dir() else []
-    return next((folder for folder in candidates if (folder / "Data").is_dir() and (folder / "GT-Masks").is_dir()), None)
+    return next(
+        (folder for folder in candidates if (folder / "Data").is_dir() and (folder / "GT-Masks").is_dir()), None
+    )

@@ -52,8 +52,29 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "slices": Architecture(base_filters=16, depth=4, patch_size=64, stride=64, batch_size=16, epochs=40, projections=3, soft_labels=True, dimensions=2, fusion="vote"),
-    "coarse": Architecture(base_filters=16, depth=4, patch_size=32, stride=16, batch_size=4, epochs=10, projections=1, norm_layer="instance", soft_labels=True),
+    "slices": Architecture(
+        base_filters=16,
+        depth=4,
+        patch_size=64,
+        stride=64,
+        batch_size=16,
+        epochs=40,
+        projections=3,
+        soft_labels=True,
+        dimensions=2,
+        fusion="vote",
+    ),
+    "coarse": Architecture(
+        base_filters=16,
+        depth=4,
+        patch_size=32,
+        stride=16,
+        batch_size=4,
+        epochs=10,
+        projections=1,
+        norm_layer="instance",
+        soft_labels=True,
+    ),
     "compact": Architecture(base_filters=16, depth=3, patch_size=32, stride=24, batch_size=8, epochs=25, projections=3),
     "paper": Architecture(base_filters=64, depth=4, patch_size=64, stride=32, batch_size=2, epochs=25, projections=3),
 }

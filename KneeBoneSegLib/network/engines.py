@@ -65,7 +65,9 @@ class _OnnxFileNetwork:
 
     engine = ""
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None, precision: str = "f32"):
+    def __init__(
+        self, path: str | os.PathLike, device: str = "auto", threads: int | None = None, precision: str = "f32"
+    ):
         self.path = Path(path)
         self.device = device
         self.threads = threads
@@ -119,7 +121,9 @@ class OnnxRuntimeNetwork(_OnnxFileNetwork):
             raise ModelError(f"{self.path}: ONNX Runtime could not load the model ({_first_line(error)})") from None
         provider = self._session.get_providers()[0]
         if self.device == "gpu" and provider == "CPUExecutionProvider":
-            raise InputError("--device gpu was asked for, but ONNX Runtime could not start its GPU provider; use --device cpu or auto")
+            raise InputError(
+                "--device gpu was asked for, but ONNX Runtime could not start its GPU provider; use --device cpu or auto"
+            )
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
@@ -149,7 +153,9 @@ class OpenVinoNetwork(_OnnxFileNetwork):
         # Said explicitly: left alone, the CPU plugin computes in bfloat16 on CPUs with bfloat16 units.
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
         if self.precision == "bf16" and "BF16" not in core.get_property(plugin, "OPTIMIZATION_CAPABILITIES"):
-            raise InputError(f"--precision bf16 was asked for, but OpenVINO's {plugin} plugin has no bfloat16 arithmetic on this machine; use --precision f32")
+            raise InputError(
+                f"--precision bf16 was asked for, but OpenVINO's {plugin} plugin has no bfloat16 arithmetic on this machine; use --precision f32"
+            )
         if self.threads and plugin == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
@@ -161,7 +167,10 @@ class OpenVinoNetwork(_OnnxFileNetwork):
             raise ModelError(f"{self.path}: OpenVINO could not load the model ({_first_line(error)})") from None
         if len(self._compiled.inputs) != 1 or len(self._compiled.outputs) != 1:
             raise ModelError(f"{self.path}: expected one input and one output")
-        shapes = [port.get_partial_shape().to_string().strip("[]").split(",") for port in (self._compiled.inputs[0], self._compiled.outputs[0])]
+        shapes = [
+            port.get_partial_shape().to_string().strip("[]").split(",")
+            for port in (self._compiled.inputs[0], self._compiled.outputs[0])
+        ]
         return plugin, _keras_shape(shapes[0]), _keras_shape(shapes[1])
 
     def _version(self) -> str:
@@ -229,7 +238,9 @@ class KerasNetwork:
             "device": self.keras_device.split(":")[0],
             "provider": self.keras_device,
             "threads": None,
-            "precision": _PRECISION_NAMES.get(self.network.dtype_policy.compute_dtype, self.network.dtype_policy.compute_dtype),
+            "precision": _PRECISION_NAMES.get(
+                self.network.dtype_policy.compute_dtype, self.network.dtype_policy.compute_dtype
+            ),
             "cpu": cpu_description(),
         }
 
@@ -256,14 +267,37 @@ def _open_keras(path: Path, device: str, threads, precision: str) -> "KerasNetwo
 ENGINE_REGISTRY = {
     engine.name: engine
     for engine in (
-        Engine("openvino", "OpenVINO", (".onnx",), "openvino", "pip install kneeboneseg[openvino]", ("f32", "bf16"), OpenVinoNetwork, lambda device: _runs_on_cpu(device)),
-        Engine("onnxruntime", "ONNX Runtime", (".onnx",), "onnxruntime", "pip install onnxruntime (or reinstall kneeboneseg)", ("f32",), OnnxRuntimeNetwork),
+        Engine(
+            "openvino",
+            "OpenVINO",
+            (".onnx",),
+            "openvino",
+            "pip install kneeboneseg[openvino]",
+            ("f32", "bf16"),
+            OpenVinoNetwork,
+            lambda device: _runs_on_cpu(device),
+        ),
+        Engine(
+            "onnxruntime",
+            "ONNX Runtime",
+            (".onnx",),
+            "onnxruntime",
+            "pip install onnxruntime (or reinstall kneeboneseg)",
+            ("f32",),
+            OnnxRuntimeNetwork,
+        ),
         Engine("keras", "Keras", (".keras",), "keras", "pip install kneeboneseg[train]", ("f32",), _open_keras),
     )
 }
 
 
-def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "auto", threads: int | None = None, precision: str = "f32"):
+def open_network(
+    path: str | os.PathLike,
+    engine: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    precision: str = "f32",
+):
     """Open the network file ``path`` on the engine that runs it (an entry of :data:`ENGINE_REGISTRY`).
 
     ``engine="auto"`` takes the first installed engine of the registry that
@@ -292,13 +326,17 @@ def open_network(path: str | os.PathLike, engine: str = "auto", device: str = "a
         chosen = ENGINE_REGISTRY[engine]
         if path.suffix not in chosen.suffixes:
             runners = ", ".join(entry.name for entry in runs_file)
-            raise InputError(f"{path}: engine {engine} runs {' and '.join(chosen.suffixes)} files, not {path.suffix}; use --engine auto or {runners}")
+            raise InputError(
+                f"{path}: engine {engine} runs {' and '.join(chosen.suffixes)} files, not {path.suffix}; use --engine auto or {runners}"
+            )
     if precision not in chosen.precisions:
         other = next((entry for entry in ENGINE_REGISTRY.values() if precision in entry.precisions), None)
         needs = f"{other.title} ({other.install}, --engine {other.name}, a .onnx model)" if other else "another engine"
         raise InputError(f"{chosen.title} runs this network in float32 only; --precision {precision} needs {needs}")
     if not _available(chosen.package):
-        raise InputError(f"{path.name} needs {chosen.title} (--engine {chosen.name}), which is not installed; {chosen.install}, or use --engine auto")
+        raise InputError(
+            f"{path.name} needs {chosen.title} (--engine {chosen.name}), which is not installed; {chosen.install}, or use --engine auto"
+        )
     return chosen.open(path, device, threads, precision)
 
 
@@ -348,7 +386,9 @@ def _load_keras(path: Path):
     try:
         import keras
     except ImportError:
-        raise InputError(f"{path}: running a .keras model needs Keras: pip install kneeboneseg[train], or use the model's .onnx file") from None
+        raise InputError(
+            f"{path}: running a .keras model needs Keras: pip install kneeboneseg[train], or use the model's .onnx file"
+        ) from None
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many kinds for a damaged file

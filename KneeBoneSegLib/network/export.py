@@ -36,7 +36,9 @@ OUTPUT_NAME = "bone_probability"
 TOLERANCE = 1e-4
 
 
-def export_onnx(keras_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, check_batch: int = 4) -> dict:
+def export_onnx(
+    keras_path: str | os.PathLike, onnx_path: str | os.PathLike | None = None, check_batch: int = 4
+) -> dict:
     """Write ``keras_path`` as ONNX (default: beside it, ``.onnx``) and record the export in its card.
 
     The exported network is run on ``check_batch`` random sub-volumes (or slices) by
@@ -73,7 +75,9 @@ def export_onnx(keras_path: str | os.PathLike, onnx_path: str | os.PathLike | No
         session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
         difference = float(np.abs(session.run(None, {INPUT_NAME: batch})[0] - expected).max())
         if difference > TOLERANCE:
-            raise ModelError(f"{keras_path}: the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE:g}); not written")
+            raise ModelError(
+                f"{keras_path}: the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE:g}); not written"
+            )
 
     record = {
         "file": onnx_path.name,

@@ -116,7 +116,12 @@ class Model:
     def opened_with(self) -> dict:
         """The engine, device, precision and threads the network runs with, as a run's options name them."""
         ran = self.describe()
-        return {"engine": ran["engine"], "device": ran["device"], "precision": self.network.precision, "threads": effective_threads(self.network.threads)}
+        return {
+            "engine": ran["engine"],
+            "device": ran["device"],
+            "precision": self.network.precision,
+            "threads": effective_threads(self.network.threads),
+        }
 
     def check_options(self, options: SegmentOptions) -> SegmentOptions:
         """``options`` with the engine, device, precision and threads this model runs with, or a one-line refusal.
@@ -128,7 +133,12 @@ class Model:
         sub-volumes, an uncertainty map from one projection.
         """
         opened = self.opened_with()
-        asked = {"engine": options.engine, "device": options.device, "precision": options.precision, "threads": options.threads}
+        asked = {
+            "engine": options.engine,
+            "device": options.device,
+            "precision": options.precision,
+            "threads": options.threads,
+        }
         for name, value in asked.items():
             if value not in (None, "auto", opened[name]):
                 raise InputError(
@@ -137,12 +147,18 @@ class Model:
                 )
         slices = network_dimensions(self.card) == 2
         if slices and options.stride is not None:
-            raise InputError("this model predicts whole slices, not sub-volumes, so a stride means nothing to it; leave --stride out")
+            raise InputError(
+                "this model predicts whole slices, not sub-volumes, so a stride means nothing to it; leave --stride out"
+            )
         stride = options.stride or self.card.stride
         if not slices and stride > self.card.patch_size:
-            raise InputError(f"stride {stride} is larger than the model's {self.card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {self.card.patch_size}")
+            raise InputError(
+                f"stride {stride} is larger than the model's {self.card.patch_size}-voxel sub-volumes and would leave voxels unseen; use at most {self.card.patch_size}"
+            )
         if options.keep_uncertainty and (options.projections or self.card.projections) < 3:
-            raise InputError("the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)")
+            raise InputError(
+                "the uncertainty map is where the three projections disagree, and this run predicts one; ask for three projections (--projections 3)"
+            )
         return replace(options, **opened)
 
     def fusion_rule(self, fusion: str) -> str:
@@ -160,12 +176,17 @@ class Model:
         image = run("normalise", normalize_intensities, volume.array, self.card.normalization)
         grid = self.grid_for(volume)
         if grid.reoriented:
-            log.info("The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient", obliquity_degrees(volume.geometry.direction))
+            log.info(
+                "The scan's axes are %.0f degrees off the patient's: the network sees it on a grid aligned with the patient",
+                obliquity_degrees(volume.geometry.direction),
+            )
         if grid.resamples:
             image = run("resample", grid.from_scan, image)
         return ModelInput(image, grid)
 
-    def projection_maps(self, model_input: ModelInput, options: SegmentOptions | None = None, progress=None) -> Iterator[np.ndarray]:
+    def projection_maps(
+        self, model_input: ModelInput, options: SegmentOptions | None = None, progress=None
+    ) -> Iterator[np.ndarray]:
         """The network's bone probability on each projection of ``model_input``, on the model's grid, one at a time.
 
         ``options``' network stage says how (projections, stride, aggregation,
@@ -180,8 +201,17 @@ class Model:
                 if progress is not None:
                     progress(f"network: {name}", done / max(total, 1))
 
-            if network_dimensions(card) == 2:  # each projection's first axis is its plane's: the axial view's slices are axial
-                return predict_slices(view, self.network, 2 ** card.architecture["depth"], options.batch_size or SLICES_PER_CALL, batches_done, skip_below)
+            if (
+                network_dimensions(card) == 2
+            ):  # each projection's first axis is its plane's: the axial view's slices are axial
+                return predict_slices(
+                    view,
+                    self.network,
+                    2 ** card.architecture["depth"],
+                    options.batch_size or SLICES_PER_CALL,
+                    batches_done,
+                    skip_below,
+                )
             return predict_volume(
                 view,
                 self.network,
@@ -193,14 +223,18 @@ class Model:
                 skip_below=skip_below,
             )
 
-        return iter_projections(image, predict_view, projections=options.projections or card.projections, direction=grid.direction)
+        return iter_projections(
+            image, predict_view, projections=options.projections or card.projections, direction=grid.direction
+        )
 
     def predict(self, volume: Volume, options: SegmentOptions | None = None, progress=None) -> np.ndarray:
         """The fused bone probability of ``volume`` on its own grid (float32): :meth:`model_input`,
         :meth:`projection_maps`, fused by ``options.fusion``, brought back to the scan's grid."""
         options = (options or SegmentOptions()).validate()
         model_input = self.model_input(volume)
-        probability = fuse_probabilities(self.projection_maps(model_input, options, progress), self.fusion_rule(options.fusion))
+        probability = fuse_probabilities(
+            self.projection_maps(model_input, options, progress), self.fusion_rule(options.fusion)
+        )
         return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
 
 
@@ -293,7 +327,11 @@ def load_model_for(options) -> Model:
     """The model a run's :class:`~KneeBoneSegLib.options.SegmentOptions` name (the shipped one where they name none),
     opened on their engine, device, threads and precision."""
     return load_model(
-        options.model or default_model_path(), engine=options.engine, device=options.device, threads=options.threads, precision=options.precision
+        options.model or default_model_path(),
+        engine=options.engine,
+        device=options.device,
+        threads=options.threads,
+        precision=options.precision,
     )
 
 

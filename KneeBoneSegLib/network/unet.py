@@ -28,7 +28,13 @@ def _conv_block(x, filters: int, name: str, normalization: str = "batch", dimens
     return x
 
 
-def build_unet(patch_size: int | None = 64, base_filters: int = 64, depth: int = 4, normalization: str = "batch", dimensions: int = 3) -> keras.Model:
+def build_unet(
+    patch_size: int | None = 64,
+    base_filters: int = 64,
+    depth: int = 4,
+    normalization: str = "batch",
+    dimensions: int = 3,
+) -> keras.Model:
     """Build the U-Net for cubic ``patch_size`` sub-volumes (or square slices) with one channel.
 
     ``depth`` is the number of 2x pooling steps; level ``n`` has
@@ -47,7 +53,11 @@ def build_unet(patch_size: int | None = 64, base_filters: int = 64, depth: int =
     if patch_size is not None and patch_size % (2**depth):
         raise ValueError(f"patch_size {patch_size} is not divisible by 2**depth = {2**depth}")
     inputs = keras.Input((patch_size,) * dimensions + (1,), name="image")
-    pooling, transpose, output = (layers.MaxPooling3D, layers.Conv3DTranspose, layers.Conv3D) if dimensions == 3 else (layers.MaxPooling2D, layers.Conv2DTranspose, layers.Conv2D)
+    pooling, transpose, output = (
+        (layers.MaxPooling3D, layers.Conv3DTranspose, layers.Conv3D)
+        if dimensions == 3
+        else (layers.MaxPooling2D, layers.Conv2DTranspose, layers.Conv2D)
+    )
     x = inputs
     skips = []
     for level in range(depth):

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 MIN_BONE_FRACTION = 0.01
 
 
-def largest_in_box(mask: np.ndarray, count: int | None = 3, min_fraction: float = 0.0) -> tuple[tuple[slice, ...] | None, np.ndarray | None, list[int]]:
+def largest_in_box(
+    mask: np.ndarray, count: int | None = 3, min_fraction: float = 0.0
+) -> tuple[tuple[slice, ...] | None, np.ndarray | None, list[int]]:
     """Label the face-connected components of ``mask`` in its bounding box and keep the ``count`` largest (all if None).
 
     Components smaller than ``min_fraction`` of the largest are dropped.
@@ -59,7 +61,7 @@ def largest_in_box(mask: np.ndarray, count: int | None = 3, min_fraction: float 
     labelled, found = cc3d.connected_components(mask[box], connectivity=6, return_N=True)
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
-    order = np.argsort(sizes)[::-1][:found if count is None else count]
+    order = np.argsort(sizes)[::-1][: found if count is None else count]
     order = [int(n) for n in order if sizes[n] >= min_fraction * sizes[order[0]]]
     relabel = np.zeros(found + 1, np.int32)
     relabel[order] = np.arange(1, len(order) + 1)
@@ -119,7 +121,11 @@ def name_components(
         and sizes[patella] < min(sizes[femur], sizes[tibia])
         and fits({"femur": femur, "tibia": tibia, "patella": patella})
     ]
-    pairs = [(femur, tibia) for femur, tibia in permutations(top, 2) if superior[femur] > superior[tibia] and fits({"femur": femur, "tibia": tibia})]
+    pairs = [
+        (femur, tibia)
+        for femur, tibia in permutations(top, 2)
+        if superior[femur] > superior[tibia] and fits({"femur": femur, "tibia": tibia})
+    ]
     singles = [(n, _lone_bone_name(n, widest_at)) for n in top]
     singles = [(n, name) for n, name in singles if fits({name: n})]
     if triples:
@@ -127,12 +133,16 @@ def name_components(
     elif pairs:
         chosen = max(pairs, key=lambda pair: sizes[list(pair)].sum())
         if len(sizes) > 2:
-            warnings.append("no component lies where the patella should (anterior to the femur, above the tibia); none is called patella")
+            warnings.append(
+                "no component lies where the patella should (anterior to the femur, above the tibia); none is called patella"
+            )
     elif singles:
         index, name = singles[0]
         names[index] = name
         widening = "lower" if name == "femur" else "upper"
-        warnings.append(f"only one component fits a bone (it may be several bones joined); it widens at its {widening} end, so it is called {name}")
+        warnings.append(
+            f"only one component fits a bone (it may be several bones joined); it widens at its {widening} end, so it is called {name}"
+        )
         return names, warnings
     else:
         chosen = ()
@@ -146,7 +156,12 @@ def _lone_bone_name(n: int, widest_at) -> str:
     return "tibia" if widest_at is not None and widest_at[n] > 0.5 else "femur"
 
 
-def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_BONE_FRACTION, field_of_view: FieldOfView | None = None) -> tuple[np.ndarray, dict]:
+def label_bones(
+    mask: np.ndarray,
+    geometry: Geometry,
+    min_fraction: float = MIN_BONE_FRACTION,
+    field_of_view: FieldOfView | None = None,
+) -> tuple[np.ndarray, dict]:
     """Keep the femur, tibia and patella among the components of a bone ``mask``, labelled by anatomy.
 
     Parameters
@@ -180,7 +195,10 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
         centroids_lps = geometry.index_to_lps((centroids_kji + start)[:, ::-1])
         measures = measure_boxes(components, start, boxes[:CANDIDATES], sizes, geometry, mask.shape, field_of_view)
         names, report["warnings"] = name_components(
-            centroids_lps, sizes, fits=lambda assignment: not assignment_reasons(assignment, measures), widest_at=[m.widest_at for m in measures]
+            centroids_lps,
+            sizes,
+            fits=lambda assignment: not assignment_reasons(assignment, measures),
+            widest_at=[m.widest_at for m in measures],
         )
         lookup = np.zeros(len(sizes) + 1, np.uint8)
         for n, name in enumerate(names):
@@ -200,7 +218,9 @@ def label_bones(mask: np.ndarray, geometry: Geometry, min_fraction: float = MIN_
     report["missing"] = [bone.key for bone in BONES if bone.key not in report["found"]]
     if report["missing"]:  # why components were not taken for the missing bones
         report["warnings"] += [rejection_warning(entry) for entry in report["rejected"]]
-        report["warnings"].append(f"not found: {', '.join(report['missing'])} (no component of that bone's size where it should be)")
+        report["warnings"].append(
+            f"not found: {', '.join(report['missing'])} (no component of that bone's size where it should be)"
+        )
     for warning in report["warnings"]:
         log.warning(warning)
     return labels, report

@@ -48,7 +48,9 @@ def _closed_in_box(crop: np.ndarray, radius: float, sampling: np.ndarray) -> np.
     return edt.edtsq(dilated.view(np.uint8), anisotropy=anisotropy, black_border=False, parallel=threads) > limit
 
 
-def close_bones(labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), units: str = "voxels", field_of_view=None) -> np.ndarray:
+def close_bones(
+    labels: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0), units: str = "voxels", field_of_view=None
+) -> np.ndarray:
     """Close every bone of a label map with a ball, growing only into background.
 
     Parameters
@@ -105,7 +107,8 @@ def bone_boxes(labels: np.ndarray, margin=(0, 0, 0)) -> dict[int, tuple[slice, .
         box = bounding_box(inner == bone.label)
         if box is not None:
             boxes[bone.label] = tuple(
-                slice(max(0, o.start + b.start - int(m)), min(n, o.start + b.stop + int(m))) for o, b, m, n in zip(outer, box, margin, labels.shape)
+                slice(max(0, o.start + b.start - int(m)), min(n, o.start + b.stop + int(m)))
+                for o, b, m, n in zip(outer, box, margin, labels.shape)
             )
     return boxes
 
@@ -165,4 +168,7 @@ def bounding_box(mask: np.ndarray, margin=(0, 0, 0)) -> tuple[slice, ...] | None
         return None
     slab = mask[planes[0] : planes[-1] + 1]
     extents = [planes, np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))]
-    return tuple(slice(max(0, int(found[0]) - int(m)), min(n, int(found[-1]) + 1 + int(m))) for found, m, n in zip(extents, margin, mask.shape))
+    return tuple(
+        slice(max(0, int(found[0]) - int(m)), min(n, int(found[-1]) + 1 + int(m)))
+        for found, m, n in zip(extents, margin, mask.shape)
+    )

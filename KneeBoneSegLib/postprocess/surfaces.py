@@ -179,10 +179,16 @@ def is_watertight(surface: Surface) -> bool:
         return False
     undirected = np.sort(_edge_keys(np.sort(directed, axis=1), base))
     # Sorted, every key exactly twice: equal in pairs, and each pair unlike the next.
-    return bool(len(undirected) % 2 == 0 and np.array_equal(undirected[0::2], undirected[1::2]) and np.all(undirected[1:-1:2] != undirected[2::2]))
+    return bool(
+        len(undirected) % 2 == 0
+        and np.array_equal(undirected[0::2], undirected[1::2])
+        and np.all(undirected[1:-1:2] != undirected[2::2])
+    )
 
 
-def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, corner=(0, 0, 0)) -> tuple[Surface, dict]:
+def bone_surface(
+    mask: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, corner=(0, 0, 0)
+) -> tuple[Surface, dict]:
     """The smoothed closed surface of one bone and its measurements.
 
     ``corner``: as for :func:`extract_surface`.
@@ -207,7 +213,9 @@ def bone_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int
     return smoothed, report
 
 
-def bone_surfaces(labels: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, done=None) -> dict[int, tuple[Surface, dict]]:
+def bone_surfaces(
+    labels: np.ndarray, geometry: Geometry, smoothing_iterations: int = 20, done=None
+) -> dict[int, tuple[Surface, dict]]:
     """:func:`bone_surface` of every bone of a label map, the bones in parallel threads.
 
     Each bone is cut out of ``labels`` by its bounding box

@@ -160,10 +160,14 @@ def labels_onto_grid(labels, reference, names=("the label map", "the reference i
     reached = ijk_map[:3, :3] @ corners + ijk_map[:3, 3:]
     extent = np.asarray(labels.shape_ijk)[:, None] - 0.5
     if np.any(reached.max(axis=1) < -0.5) or np.any(reached.min(axis=1) > extent[:, 0]):
-        raise InputError(f"{names[0]} and {names[1]} do not overlap in patient space; check that they belong to the same scan")
+        raise InputError(
+            f"{names[0]} and {names[1]} do not overlap in patient space; check that they belong to the same scan"
+        )
     matrix = ijk_map[:3, :3][::-1, ::-1]
     offset = ijk_map[:3, 3][::-1]
-    return ndimage.affine_transform(labels.array, matrix, offset, output_shape=reference.array.shape, order=0, mode="constant", cval=0)
+    return ndimage.affine_transform(
+        labels.array, matrix, offset, output_shape=reference.array.shape, order=0, mode="constant", cval=0
+    )
 
 
 #: Scans whose image axes all lie within this angle of the patient's axes go to the model's grid along
@@ -182,7 +186,9 @@ def obliquity_degrees(direction) -> float:
     return float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
 
 
-def resample_onto(array: np.ndarray, geometry, target, shape, order: int = 1, fill: float = 0.0, extrapolate: bool = False) -> np.ndarray:
+def resample_onto(
+    array: np.ndarray, geometry, target, shape, order: int = 1, fill: float = 0.0, extrapolate: bool = False
+) -> np.ndarray:
     """``array`` (on ``geometry``) sampled at the voxel centres of the grid ``target`` of ``shape`` (k, j, i).
 
     Any two grids in patient space, with any directions: SimpleITK's
@@ -215,7 +221,10 @@ def smooth_for_spacing(array: np.ndarray, spacing_ijk, target_spacing_ijk) -> np
 
     ``target_spacing_ijk`` is the spacing the array is going to (one value or three, along i, j, k).
     """
-    step_kji = np.broadcast_to(np.asarray(target_spacing_ijk, dtype=float), (3,))[::-1] / np.asarray(spacing_ijk, dtype=float)[::-1]
+    step_kji = (
+        np.broadcast_to(np.asarray(target_spacing_ijk, dtype=float), (3,))[::-1]
+        / np.asarray(spacing_ijk, dtype=float)[::-1]
+    )
     result = np.asarray(array, dtype=np.float32)
     for axis in reversed(range(3)):
         if step_kji[axis] > 1:
@@ -242,7 +251,9 @@ class ModelGrid:
         self.scan_geometry, self.scan_shape = geometry, tuple(int(n) for n in scan_shape)
         self.reoriented = obliquity_degrees(geometry.direction) > MAX_ALIGNED_DEGREES
         if not self.reoriented:
-            self.shape = grid_shape_for_spacing(self.scan_shape, geometry.spacing, spacing_mm) if spacing_mm else self.scan_shape
+            self.shape = (
+                grid_shape_for_spacing(self.scan_shape, geometry.spacing, spacing_mm) if spacing_mm else self.scan_shape
+            )
             step = np.asarray(geometry.spacing) * np.asarray(self.scan_shape[::-1]) / np.asarray(self.shape[::-1])
             origin = geometry.index_to_lps((0.5 * step / np.asarray(geometry.spacing) - 0.5)[None])[0]
             self.geometry = Geometry(step, origin, geometry.direction)
@@ -252,7 +263,9 @@ class ModelGrid:
         else:  # each patient axis at the spacing of the image axis nearest it
             nearest = np.abs(geometry.direction_matrix).argmax(axis=1)
             spacing = np.asarray(geometry.spacing)[nearest]
-        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in self.scan_shape[::-1]], indexing="ij")).reshape(3, -1).T
+        corners = (
+            np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in self.scan_shape[::-1]], indexing="ij")).reshape(3, -1).T
+        )
         lps = geometry.index_to_lps(corners)
         low, high = lps.min(axis=0), lps.max(axis=0)
         counts_ijk = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
@@ -275,7 +288,9 @@ class ModelGrid:
         if not self.reoriented:
             return resample_to_shape(image, self.shape, order=1)
         smoothed = smooth_for_spacing(image, self.scan_geometry.spacing, self.geometry.spacing)
-        return resample_onto(smoothed, self.scan_geometry, self.geometry, self.shape, order=1, fill=0.0, extrapolate=False)
+        return resample_onto(
+            smoothed, self.scan_geometry, self.geometry, self.shape, order=1, fill=0.0, extrapolate=False
+        )
 
     def to_scan(self, values: np.ndarray) -> np.ndarray:
         """A model-grid map (probability, disagreement) back on the scan's grid (linear; float32)."""

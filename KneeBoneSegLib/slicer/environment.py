@@ -81,9 +81,15 @@ FIRST_USE = (
         (("3.10", "1.23.2", 27), ("3.9", "1.19.2", 25)),
         "runs the network; 1.19.2 is the last release for Python 3.9, 1.23.2 the last with Intel-Mac wheels",
     ),
-    Requirement("edt", "edt", "3.1", (("3.9", "3.1.2", 3),), "exact multi-threaded distance transforms for the closing"),
-    Requirement("fill-voids", "fill_voids", "2.1", (("3.9", "2.1.2", 3),), "fills the holes inside each bone (with fastremap)"),
-    Requirement("connected-components-3d", "cc3d", "4.1", (("3.9", "4.1.1", 5),), "labels the bone mask's connected components"),
+    Requirement(
+        "edt", "edt", "3.1", (("3.9", "3.1.2", 3),), "exact multi-threaded distance transforms for the closing"
+    ),
+    Requirement(
+        "fill-voids", "fill_voids", "2.1", (("3.9", "2.1.2", 3),), "fills the holes inside each bone (with fastremap)"
+    ),
+    Requirement(
+        "connected-components-3d", "cc3d", "4.1", (("3.9", "4.1.1", 5),), "labels the bone mask's connected components"
+    ),
     Requirement("slicerio", "slicerio", "1.1", (("3.9", "1.4.0", 1),), "writes the .seg.nrrd file"),
     Requirement("tqdm", "tqdm", "4.60", (("3.9", "4.70.1", 1),), "progress of the command line"),
 )
@@ -142,7 +148,9 @@ def requirement_problems(path: Optional[List[str]] = None) -> Dict[str, str]:
         if found is None:
             problems[requirement.distribution] = "not installed"
         elif version_tuple(found) < version_tuple(requirement.minimum):
-            problems[requirement.distribution] = f"{found} is installed; KneeBoneSeg needs {requirement.minimum} or later"
+            problems[requirement.distribution] = (
+                f"{found} is installed; KneeBoneSeg needs {requirement.minimum} or later"
+            )
     return problems
 
 
@@ -202,7 +210,9 @@ def ensure_requirements(
         f"Install {', '.join(pins)} now (about {megabytes} MB to download)?"
     )
     if not confirm(question):
-        return RequirementsOutcome(ready=False, status="The packages were not installed; KneeBoneSeg cannot run without them.")
+        return RequirementsOutcome(
+            ready=False, status="The packages were not installed; KneeBoneSeg cannot run without them."
+        )
     installing(f"Installing {', '.join(pins)}...")
     try:
         install(pins)
@@ -277,7 +287,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif argv[:1] == ["vtk"] and len(argv) == 2:
         lines = [f"vtk=={SLICER_RELEASES[argv[1]]['vtk']}"]
     else:
-        print("usage: python -m KneeBoneSegLib.slicer.environment {shipped VERSION | vtk VERSION | python VERSION | first-use}", file=sys.stderr)
+        print(
+            "usage: python -m KneeBoneSegLib.slicer.environment {shipped VERSION | vtk VERSION | python VERSION | first-use}",
+            file=sys.stderr,
+        )
         return 2
     print("\n".join(lines))
     return 0

@@ -16,9 +16,9 @@ worker processes:
 - Every temporary folder is removed: on Cancel, on failure (of the run or of
   loading its results), when the kept output is replaced or discarded (scene
   close), and when the module is cleaned up.
-- What the panel offers at a moment (:func:`panel_state`): nothing that
-  starts work, nor the choosers of a run's nodes, while a run or an install
-  is under way.
+
+What the panel shows and offers, which the module reads at every Slicer
+start, is in :mod:`.panel`, which imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import vtk
 from ..errors import InputError
 from ..io.images import read_volume, write_volume
 from ..io.outputs import PROBABILITY_FILE, read_outputs, summary_line, write_json
-from ..options import SegmentOptions, option_fields, options_from_mapping
+from ..options import SegmentOptions
 from .worker import WorkerProcess, worker_environment
 
 # The MRML conversions (.mrml) are imported where they are used: they need Slicer's MRML classes, which the
@@ -130,7 +130,11 @@ class SegmentationRuns:
 
     def can_reuse(self, volume_node, options: SegmentOptions) -> bool:
         """True when the kept network output belongs to this volume, placed as it is now, and these network options."""
-        return self._kept is not None and volume_node is not None and self._kept.reuse_key == self.reuse_key(volume_node, options)
+        return (
+            self._kept is not None
+            and volume_node is not None
+            and self._kept.reuse_key == self.reuse_key(volume_node, options)
+        )
 
     def reapplies(self, volume_node, segmentation_node, options: SegmentOptions) -> bool:
         """True when a change of post-processing options should re-apply them at once.
@@ -178,7 +182,13 @@ class SegmentationRuns:
         # A network run keeps its probability, from which a change of the post-processing runs again without the network.
         request = options if reuse else options.with_values(keep_probability=True)
         worker = self._start_worker("KneeBoneSeg-", arguments, request, on_progress)
-        run = SegmentationRun(volume_node.GetID(), segmentation_node.GetID() if segmentation_node is not None else None, reuse_key, worker, options)
+        run = SegmentationRun(
+            volume_node.GetID(),
+            segmentation_node.GetID() if segmentation_node is not None else None,
+            reuse_key,
+            worker,
+            options,
+        )
         self._running.append(run)
         return run
 
@@ -221,7 +231,13 @@ class SegmentationRuns:
         self._keep(run, node)
         return node
 
-    def start_batch(self, inputs: Sequence[str], outdir: str, options: SegmentOptions, on_progress: Optional[Callable[[str, float], None]] = None) -> WorkerProcess:
+    def start_batch(
+        self,
+        inputs: Sequence[str],
+        outdir: str,
+        options: SegmentOptions,
+        on_progress: Optional[Callable[[str, float], None]] = None,
+    ) -> WorkerProcess:
         """Start ``kneeboneseg batch`` on ``inputs`` (files, folders, CSV files) into ``outdir`` in the background.
 
         Resumes what an earlier batch into ``outdir`` did. Finish it with
@@ -229,12 +245,19 @@ class SegmentationRuns:
         done stays done, and the next batch into ``outdir`` goes on from there).
         """
         options.validate()
-        return self._start_worker("KneeBoneSeg-batch-", lambda work_folder: ["batch", *map(str, inputs), "-o", str(outdir)], options, on_progress)
+        return self._start_worker(
+            "KneeBoneSeg-batch-",
+            lambda work_folder: ["batch", *map(str, inputs), "-o", str(outdir)],
+            options,
+            on_progress,
+        )
 
     def assemble_sample(self, folder: Path, on_idle: Optional[Callable[[], None]] = None) -> Optional[str]:
         """Assemble the public sample scan into ``folder`` (``kneeboneseg sample``) in the background and wait,
         calling ``on_idle`` meanwhile; the worker's one-line error, or None once the files are there."""
-        worker = self._start_worker("KneeBoneSeg-sample-", lambda work_folder: ["sample", "-o", str(folder)], None, None)
+        worker = self._start_worker(
+            "KneeBoneSeg-sample-", lambda work_folder: ["sample", "-o", str(folder)], None, None
+        )
         try:
             worker.wait(on_idle=on_idle)
         finally:
@@ -251,8 +274,20 @@ class SegmentationRuns:
         """
         work_folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.temporary_folder))
         try:
-            request = [] if options is None else ["--options", str(write_json(options.to_request(), work_folder / "options.json"))]
-            command = [*self.python_command, "-m", "KneeBoneSegLib", *arguments(work_folder), *request, "--progress", "json"]
+            request = (
+                []
+                if options is None
+                else ["--options", str(write_json(options.to_request(), work_folder / "options.json"))]
+            )
+            command = [
+                *self.python_command,
+                "-m",
+                "KneeBoneSegLib",
+                *arguments(work_folder),
+                *request,
+                "--progress",
+                "json",
+            ]
             return WorkerProcess(command, work_folder, worker_environment(os.environ, self.library_folder), on_progress)
         except BaseException:
             shutil.rmtree(work_folder, ignore_errors=True)
@@ -287,132 +322,6 @@ class SegmentationRuns:
         self.discard_kept()
         (run.work_folder / "input.nrrd").unlink(missing_ok=True)
         self._kept = KeptOutput(run.reuse_key, run.work_folder, **shown)
-
-
-def export_folder(remembered: str, scene_folder: str, documents_folder: str) -> Path:
-    """Where STL files go by default: the last folder used, else the scene's, else the user's documents.
-
-    A folder is taken only when it is an existing absolute path, so an
-    unsaved scene's ``"."`` (Slicer's working directory, often the
-    application's own folder) is never chosen.
-    """
-    for candidate in (remembered, scene_folder):
-        if candidate and os.path.isabs(candidate) and os.path.isdir(candidate):
-            return Path(candidate)
-    return Path(documents_folder)
-
-
-def batch_folders(scans_folder: str, results_folder: str) -> tuple:
-    """The panel's batch folders as ``(scans, results)`` paths, checked.
-
-    ctkDirectoryButton shows ``"."`` until a folder is chosen, which the
-    batch would take as Slicer's working directory (often the application's
-    own folder or the user's home): only absolute paths are taken.
-
-    Raises
-    ------
-    InputError
-        When a folder is not chosen, the scans folder does not exist, or the
-        results would go inside the scans folder (a later batch would take
-        them for scans).
-    """
-    if not (scans_folder and results_folder and os.path.isabs(scans_folder) and os.path.isabs(results_folder)):
-        raise InputError("choose the folder of scans and the folder for the results first")
-    scans, results = Path(scans_folder).resolve(), Path(results_folder).resolve()
-    if not scans.is_dir():
-        raise InputError(f"the folder of scans {scans} does not exist: choose another one")
-    if results == scans or scans in results.parents:
-        raise InputError(f"the results folder {results} is inside the folder of scans: choose one outside it")
-    return scans, results
-
-
-@dataclass(frozen=True)
-class PanelState:
-    """What the module's panel offers at one moment; the widget shows it as it is."""
-
-    choosers_enabled: bool  #: the input volume, output segmentation and model choosers
-    segment_enabled: bool
-    segment_tooltip: str
-    export_enabled: bool
-    show_3d_enabled: bool
-
-
-def panel_state(has_input: bool, has_output: bool, running: bool, installing: bool, can_reuse: bool) -> PanelState:
-    """The panel's state from what is chosen and what is under way.
-
-    A run is bound to the nodes it started with, so their choosers are locked
-    while it runs; nothing that starts work is offered while a run or a
-    package install is under way. ``can_reuse``: the kept network output
-    fits the chosen volume and network settings (:meth:`SegmentationRuns.can_reuse`).
-    """
-    busy = running or installing
-    if installing:
-        tooltip = "Installing the Python packages KneeBoneSeg needs..."
-    elif not has_input:
-        tooltip = "Choose an input volume first."
-    elif can_reuse:
-        tooltip = "Re-apply closing and smoothing to the kept network output (fast)."
-    else:
-        tooltip = "Run the network and segment femur, tibia and patella."
-    return PanelState(
-        choosers_enabled=not busy,
-        segment_enabled=has_input and not busy,
-        segment_tooltip=tooltip,
-        export_enabled=has_output and not busy,
-        show_3d_enabled=has_output,
-    )
-
-
-def device_description(device: str, last_device: Optional[str]) -> str:
-    """The panel's line under the device choice: where the next run will compute."""
-    if device == "auto":
-        return f"Last run used {last_device}." if last_device else "The GPU if one is found, else the CPU."
-    if device == "gpu":
-        return "A GPU (the run stops with a message if none is found)."
-    return "The CPU."
-
-
-#: The options the module's panel shows, in its order; the others keep their defaults there.
-PANEL_OPTIONS = ("model", "projections", "fusion", "closing_radius", "closing_units", "smoothing_iterations", "device", "precision")
-
-
-@dataclass(frozen=True)
-class PanelParameter:
-    """A field of the module's parameter node, derived from the option it shows (:func:`panel_parameters`)."""
-
-    name: str  #: the parameter's name, which the .ui's widgets name in their SlicerParameterName
-    kind: type
-    default: object
-    help: str
-    choices: Optional[tuple] = None
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
-
-
-def panel_parameters() -> List[PanelParameter]:
-    """The parameter node's fields: one per option of :data:`PANEL_OPTIONS`, with its type, default, choices and range.
-
-    ``projections`` shows as a check box, ``three_projections``: checked runs
-    3 projections, unchecked the scan's own one. It starts checked, as the
-    shipped model's card asks (the option's default, None, means the card's).
-    """
-    parameters = []
-    for option in option_fields():
-        if option.name not in PANEL_OPTIONS:
-            continue
-        meta = option.metadata
-        if option.name == "projections":
-            parameters.append(PanelParameter("three_projections", bool, True, meta["help"]))
-            continue
-        parameters.append(PanelParameter(option.name, meta["kind"], option.default, meta["help"], meta["choices"], meta["minimum"], meta["maximum"]))
-    return parameters
-
-
-def panel_options(parameters) -> SegmentOptions:
-    """The run's options from the panel's parameter node (or any object with the fields of :func:`panel_parameters`)."""
-    values = {parameter.name: getattr(parameters, parameter.name) for parameter in panel_parameters()}
-    values["projections"] = 3 if values.pop("three_projections") else 1
-    return options_from_mapping(values)
 
 
 #: The table node attribute that says which batch folder its cases are in.
@@ -473,11 +382,17 @@ def load_case(scene, table_node, row: int):
     )
 
     table = table_node.GetTable()
-    cells = {table.GetColumnName(column): table.GetValue(row, column).ToString() for column in range(table.GetNumberOfColumns())}
+    cells = {
+        table.GetColumnName(column): table.GetValue(row, column).ToString()
+        for column in range(table.GetNumberOfColumns())
+    }
     if cells.get("status") == "error":
         raise InputError(f"case {cells['id']} has no bones to show: {cells.get('error', '')}")
     case_folder = str(Path(table_node.GetAttribute(BATCH_FOLDER_ATTRIBUTE)) / cells["id"])
-    shown = [_node_with_attribute(scene, class_name, CASE_FOLDER_ATTRIBUTE, case_folder) for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")]
+    shown = [
+        _node_with_attribute(scene, class_name, CASE_FOLDER_ATTRIBUTE, case_folder)
+        for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")
+    ]
     if all(shown):
         return tuple(shown)
     for node in shown:
@@ -485,7 +400,9 @@ def load_case(scene, table_node, row: int):
             scene.RemoveNode(node)
     written = read_outputs(Path(case_folder))
     volume_node = volume_to_node(read_volume(written.report["input"]), scene, cells["id"])
-    segmentation = bones_to_segmentation_node(written, scene, reference_volume_node=volume_node, name=f"{cells['id']} bones")
+    segmentation = bones_to_segmentation_node(
+        written, scene, reference_volume_node=volume_node, name=f"{cells['id']} bones"
+    )
     for node in (volume_node, segmentation):
         node.SetAttribute(CASE_FOLDER_ATTRIBUTE, case_folder)
     return volume_node, segmentation

@@ -231,7 +231,9 @@ def labels_to_segmentation_node(
         )
 
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(BONES) + 1)[1:]) + 1
-    library_surfaces = bool(surfaces) and all(BONE_BY_LABEL[int(label)].key in surfaces for label in present if int(label) in BONE_BY_LABEL)
+    library_surfaces = bool(surfaces) and all(
+        BONE_BY_LABEL[int(label)].key in surfaces for label in present if int(label) in BONE_BY_LABEL
+    )
     # Chosen while the segmentation is empty: changing it later drops every other representation.
     segmentation.SetSourceRepresentationName(CLOSED_SURFACE if library_surfaces else BINARY_LABELMAP)
     for label in present:
@@ -343,7 +345,12 @@ def bones_to_segmentation_node(written, target, reference_volume_node=None, name
     what was written (:func:`edited_since_written` compares with it).
     """
     node = labels_to_segmentation_node(
-        written.labels.array, written.labels.geometry, target, reference_volume_node=reference_volume_node, surfaces=written.surfaces, name=name
+        written.labels.array,
+        written.labels.geometry,
+        target,
+        reference_volume_node=reference_volume_node,
+        surfaces=written.surfaces,
+        name=name,
     )
     mark_verdicts(node, written.verdict)
     node.SetAttribute(WRITTEN_CONTENT_ATTRIBUTE, content_digest(node))
@@ -385,7 +392,9 @@ def content_digest(segmentation_node) -> str:
             continue
         hashed.append(data)
         for array in _representation_arrays(data):
-            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(array)))  # hashed in place, no copy of the voxels
+            digest.update(
+                np.ascontiguousarray(numpy_support.vtk_to_numpy(array))
+            )  # hashed in place, no copy of the voxels
         if isinstance(data, vtk.vtkImageData):
             digest.update(repr(data.GetExtent()).encode())
             if isinstance(data, slicer.vtkOrientedImageData):

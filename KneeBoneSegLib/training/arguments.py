@@ -20,53 +20,168 @@ _NOT_OPTIONS = ("images", "labels", "output", "resume", "overwrite", "progress_b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``kneeboneseg train``'s arguments to ``parser`` (read them back with :func:`config_from_args`)."""
     default = TrainingConfig(images=[], labels=[], output=Path("model.keras"))
-    parser.add_argument("pairs", nargs="*", type=Path, metavar="IMAGE LABELS",
-                        help="training scans, each followed by its label map (labels > 0 are bone); none when every crop is synthetic")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.keras); its card, loss curves and checkpoint go beside it")
-    parser.add_argument("--architecture", choices=ARCHITECTURES, default=default.architecture,
-                        help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.network.architectures; default: %(default)s)")
-    parser.add_argument("--base-filters", type=int, default=None, help="filters of the first level (default: the architecture's)")
+    parser.add_argument(
+        "pairs",
+        nargs="*",
+        type=Path,
+        metavar="IMAGE LABELS",
+        help="training scans, each followed by its label map (labels > 0 are bone); none when every crop is synthetic",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="model file to write (.keras); its card, loss curves and checkpoint go beside it",
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default=default.architecture,
+        help="the network and its sub-volumes, stride, batch and epochs (see KneeBoneSegLib.network.architectures; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--base-filters", type=int, default=None, help="filters of the first level (default: the architecture's)"
+    )
     parser.add_argument("--depth", type=int, default=None, help="pooling steps (default: the architecture's)")
-    parser.add_argument("--patch-size", type=int, default=None, help="sub-volume edge in voxels (default: the architecture's)")
-    parser.add_argument("--stride", type=int, default=None, help="inference stride recorded in the card (default: the architecture's)")
-    parser.add_argument("--spacing-mm", type=_spacing, default=default.spacing_mm,
-                        help="isotropic voxel size the model works at, or 'none' for the scan's own grid (default: %(default)s)")
-    parser.add_argument("--normalization", type=_json_object, default=default.normalization,
-                        help="intensity normalisation as JSON (default: %(default)s)")
-    parser.add_argument("--train-range-i", type=int, nargs=2, metavar=("FROM", "TO"), default=None,
-                        help="train only on input voxels FROM <= i < TO along the first image axis; the rest is recorded as held out")
+    parser.add_argument(
+        "--patch-size", type=int, default=None, help="sub-volume edge in voxels (default: the architecture's)"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="inference stride recorded in the card (default: the architecture's)"
+    )
+    parser.add_argument(
+        "--spacing-mm",
+        type=_spacing,
+        default=default.spacing_mm,
+        help="isotropic voxel size the model works at, or 'none' for the scan's own grid (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--normalization",
+        type=_json_object,
+        default=default.normalization,
+        help="intensity normalisation as JSON (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-range-i",
+        type=int,
+        nargs=2,
+        metavar=("FROM", "TO"),
+        default=None,
+        help="train only on input voxels FROM <= i < TO along the first image axis; the rest is recorded as held out",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's)")
-    parser.add_argument("--steps-per-epoch", type=int, default=default.steps_per_epoch, help="batches per epoch (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sub-volumes per batch (default: the architecture's)")
-    parser.add_argument("--norm-layer", choices=NORMALIZATIONS, default=None, help="normalisation after each convolution (default: the architecture's)")
-    parser.add_argument("--soft-labels", type=_boolean, default=None, metavar="true|false",
-                        help="train on the share of bone per voxel of the model's grid (default: the architecture's)")
-    parser.add_argument("--crops-past-range", type=_boolean, default=default.crops_past_range, metavar="true|false",
-                        help="let sub-volumes reach half their edge past --train-range-i, seeing the image there but not its labels (default: %(default)s)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget: stop at the first epoch end past it (a later --resume goes on)")
-    parser.add_argument("--learning-rate", type=float, default=default.learning_rate, help="Adam's learning rate (default: %(default)s; the paper used 1e-4)")
-    parser.add_argument("--dice-weight", type=float, default=default.dice_weight, help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)")
-    parser.add_argument("--boundary-fraction", type=float, default=default.boundary_fraction,
-                        help="share of sub-volumes centred near a bone boundary (default: %(default)s)")
-    parser.add_argument("--validation-patches", type=int, default=default.validation_patches, help="fixed validation sub-volumes (default: %(default)s)")
-    parser.add_argument("--augmentation", type=_augmentation, default=default.augmentation,
-                        help=f"'none', or JSON overriding some of {json.dumps(asdict(default.augmentation))}")
-    parser.add_argument("--synthetic-map", dest="synthetic_maps", nargs=2, action="append", default=[], metavar=("LABELS", "BONES"),
-                        help="a label map of another knee to synthesise training images from, and its bone values ('5,6,7', or 'all' "
-                             "for every non-zero one); the other values are other structures. Repeat for more maps")
-    parser.add_argument("--synthetic-fraction", type=float, default=default.synthetic_fraction,
-                        help="share of the crops synthesised from label maps; 1: no real image at all (default: %(default)s)")
-    parser.add_argument("--synthesize-training-labels", type=_boolean, default=default.synthesize_training_labels, metavar="true|false",
-                        help="synthesise images from the training pairs' label maps too, on their training range (default: %(default)s)")
-    parser.add_argument("--synthesis", type=_synthesis, default=default.synthesis,
-                        help=f"how images are synthesised: JSON overriding some of {json.dumps(asdict(default.synthesis))}")
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=default.steps_per_epoch, help="batches per epoch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sub-volumes per batch (default: the architecture's)"
+    )
+    parser.add_argument(
+        "--norm-layer",
+        choices=NORMALIZATIONS,
+        default=None,
+        help="normalisation after each convolution (default: the architecture's)",
+    )
+    parser.add_argument(
+        "--soft-labels",
+        type=_boolean,
+        default=None,
+        metavar="true|false",
+        help="train on the share of bone per voxel of the model's grid (default: the architecture's)",
+    )
+    parser.add_argument(
+        "--crops-past-range",
+        type=_boolean,
+        default=default.crops_past_range,
+        metavar="true|false",
+        help="let sub-volumes reach half their edge past --train-range-i, seeing the image there but not its labels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-time budget: stop at the first epoch end past it (a later --resume goes on)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=default.learning_rate,
+        help="Adam's learning rate (default: %(default)s; the paper used 1e-4)",
+    )
+    parser.add_argument(
+        "--dice-weight",
+        type=float,
+        default=default.dice_weight,
+        help="weight of a soft Dice term added to the cross-entropy (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--boundary-fraction",
+        type=float,
+        default=default.boundary_fraction,
+        help="share of sub-volumes centred near a bone boundary (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--validation-patches",
+        type=int,
+        default=default.validation_patches,
+        help="fixed validation sub-volumes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--augmentation",
+        type=_augmentation,
+        default=default.augmentation,
+        help=f"'none', or JSON overriding some of {json.dumps(asdict(default.augmentation))}",
+    )
+    parser.add_argument(
+        "--synthetic-map",
+        dest="synthetic_maps",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABELS", "BONES"),
+        help="a label map of another knee to synthesise training images from, and its bone values ('5,6,7', or 'all' "
+        "for every non-zero one); the other values are other structures. Repeat for more maps",
+    )
+    parser.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=default.synthetic_fraction,
+        help="share of the crops synthesised from label maps; 1: no real image at all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--synthesize-training-labels",
+        type=_boolean,
+        default=default.synthesize_training_labels,
+        metavar="true|false",
+        help="synthesise images from the training pairs' label maps too, on their training range (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--synthesis",
+        type=_synthesis,
+        default=default.synthesis,
+        help=f"how images are synthesised: JSON overriding some of {json.dumps(asdict(default.synthesis))}",
+    )
     parser.add_argument("--seed", type=int, default=default.seed, help="(default: %(default)s)")
-    parser.add_argument("--initial-model", type=Path, default=None,
-                        help="fine-tune this .keras model (its card sets patch size, normalisation and spacing)")
+    parser.add_argument(
+        "--initial-model",
+        type=Path,
+        default=None,
+        help="fine-tune this .keras model (its card sets patch size, normalisation and spacing)",
+    )
     parser.add_argument("--name", default=None, help="model name in its card (default: the output's file name)")
-    parser.add_argument("--resume", action="store_true", help="continue the training whose checkpoint is beside OUTPUT, exactly where it stopped")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the training whose checkpoint is beside OUTPUT, exactly where it stopped",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start again even if OUTPUT or its checkpoint exists")
-    parser.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="no progress bar (epoch lines are still logged)")
+    parser.add_argument(
+        "--no-progress-bar",
+        dest="progress_bar",
+        action="store_false",
+        help="no progress bar (epoch lines are still logged)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -97,7 +212,10 @@ def command_line(config: TrainingConfig) -> str:
             for path, bones in value:
                 words += ["--synthetic-map", _portable(path), "all" if bones is None else ",".join(map(str, bones))]
         elif isinstance(value, Augmentation):
-            words += [flag, "none" if value == Augmentation.none() else json.dumps(_changes(value, default.augmentation))]
+            words += [
+                flag,
+                "none" if value == Augmentation.none() else json.dumps(_changes(value, default.augmentation)),
+            ]
         elif isinstance(value, Synthesis):
             words += [flag, json.dumps(_changes(value, default.synthesis))]
         elif isinstance(value, dict):
@@ -141,7 +259,7 @@ def _json_object(text: str) -> dict:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"method\": \"percentile\"}'")
+        raise argparse.ArgumentTypeError('give a JSON object, e.g. \'{"method": "percentile"}\'')
     return value
 
 

@@ -52,7 +52,9 @@ def spatial_matrix(augmentation: Augmentation, rng: np.random.Generator, dimensi
     return matrix
 
 
-def augment_intensities(image: np.ndarray, augmentation: Augmentation, rng: np.random.Generator, unit: np.ndarray) -> np.ndarray:
+def augment_intensities(
+    image: np.ndarray, augmentation: Augmentation, rng: np.random.Generator, unit: np.ndarray
+) -> np.ndarray:
     """Gamma, a smooth bias field, contrast and noise on a normalised sub-volume (or slice crop).
 
     ``unit`` is the crop's axis coordinates scaled to [-1, 1], the same along each axis.
@@ -62,7 +64,9 @@ def augment_intensities(image: np.ndarray, augmentation: Augmentation, rng: np.r
     if augmentation.bias_field:
         # A quadratic in the crop's coordinates: each axis, its square, and each pair's product.
         axes = [unit.reshape([-1 if a == axis else 1 for a in range(image.ndim)]) for axis in range(image.ndim)]
-        terms = axes + [u**2 for u in axes] + [axes[a] * axes[b] for a, b in itertools.combinations(range(image.ndim), 2)]
+        terms = (
+            axes + [u**2 for u in axes] + [axes[a] * axes[b] for a, b in itertools.combinations(range(image.ndim), 2)]
+        )
         c = rng.uniform(-1.0, 1.0, size=len(terms)).astype(np.float32)
         log_field = sum(coefficient * term for coefficient, term in zip(c, terms))
         amplitude = rng.uniform(0.0, augmentation.bias_field) / max(float(np.abs(log_field).max()), 1e-6)
@@ -71,5 +75,7 @@ def augment_intensities(image: np.ndarray, augmentation: Augmentation, rng: np.r
         mean = image.mean()
         image = (image - mean) * np.float32(rng.uniform(1 - augmentation.contrast, 1 + augmentation.contrast)) + mean
     if augmentation.noise:
-        image = image + np.float32(rng.uniform(0.0, augmentation.noise)) * rng.standard_normal(image.shape, dtype=np.float32)
+        image = image + np.float32(rng.uniform(0.0, augmentation.noise)) * rng.standard_normal(
+            image.shape, dtype=np.float32
+        )
     return image.astype(np.float32, copy=False)

@@ -74,7 +74,9 @@ class TrainingConfig:
         self.images = [Path(p) for p in self.images]
         self.labels = [Path(p) for p in self.labels]
         self.output = Path(self.output)
-        self.synthetic_maps = [(Path(path), None if bones is None else tuple(int(v) for v in bones)) for path, bones in self.synthetic_maps]
+        self.synthetic_maps = [
+            (Path(path), None if bones is None else tuple(int(v) for v in bones)) for path, bones in self.synthetic_maps
+        ]
         if len(self.images) != len(self.labels) or not (self.images or self.synthetic_fraction == 1.0):
             raise InputError("give one or more IMAGE LABELS pairs (an image, then its label map)")
         if self.output.suffix != ".keras":
@@ -85,12 +87,19 @@ class TrainingConfig:
             raise InputError(f"the synthetic fraction must lie in [0, 1], not {self.synthetic_fraction}")
         synthesizing = bool(self.synthetic_maps) or self.synthesize_training_labels
         if synthesizing != (self.synthetic_fraction > 0):
-            raise InputError("give label maps to synthesise from (--synthetic-map or --synthesize-training-labels) and a --synthetic-fraction above 0, both or neither")
+            raise InputError(
+                "give label maps to synthesise from (--synthetic-map or --synthesize-training-labels) and a --synthetic-fraction above 0, both or neither"
+            )
         if synthesizing and ARCHITECTURES[self.architecture].dimensions != 2:
             raise InputError("images are synthesised for the 2D networks: use --architecture slices")
         fill_from_architecture(self)
-        positive = {"epochs": self.epochs, "steps per epoch": self.steps_per_epoch, "batch size": self.batch_size,
-                    "validation patches": self.validation_patches, "learning rate": self.learning_rate}
+        positive = {
+            "epochs": self.epochs,
+            "steps per epoch": self.steps_per_epoch,
+            "batch size": self.batch_size,
+            "validation patches": self.validation_patches,
+            "learning rate": self.learning_rate,
+        }
         for what, value in positive.items():
             if not value > 0:
                 raise InputError(f"{what} must be positive, not {value}")

@@ -23,10 +23,14 @@ class TrainingVolume:
     bone: np.ndarray  # uint8 0/1, or float32 share of bone per voxel (soft labels); 0 where not trained on
     boundary: np.ndarray  # flat indices of trained bone voxels that touch background
     record: dict  # what the card says about this pair
-    trained: np.ndarray | None = None  # uint8 1 where the loss counts (None: everywhere), when the image reaches past the range
+    trained: np.ndarray | None = (
+        None  # uint8 1 where the loss counts (None: everywhere), when the image reaches past the range
+    )
 
 
-def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="", soft_labels=False, context_mm=0.0) -> TrainingVolume:
+def prepare_volume(
+    image, labels, spacing_mm=None, normalization=None, train_range_i=None, name="", soft_labels=False, context_mm=0.0
+) -> TrainingVolume:
     """Bring an image and its label map (:class:`~KneeBoneSegLib.volume.Volume`) to the model's grid.
 
     The image is normalised over the whole scan (as at inference), both are
@@ -45,11 +49,17 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
     beyond it blends into them), and the labels are zero everywhere else.
     """
     if image.array.shape != labels.array.shape:
-        raise InputError(f"{name}: the image has {image.shape_ijk} voxels but its labels {labels.shape_ijk}; give labels on the image's grid")
+        raise InputError(
+            f"{name}: the image has {image.shape_ijk} voxels but its labels {labels.shape_ijk}; give labels on the image's grid"
+        )
     if not np.allclose(image.geometry.ijk_to_lps, labels.geometry.ijk_to_lps, atol=1e-3 * min(image.geometry.spacing)):
-        raise InputError(f"{name}: the label map does not lie on the image's grid (spacing, origin or direction differ); resample it to the image")
+        raise InputError(
+            f"{name}: the label map does not lie on the image's grid (spacing, origin or direction differ); resample it to the image"
+        )
     if np.issubdtype(labels.array.dtype, np.floating):
-        raise InputError(f"{name}: the labels are a probability map; give a label map or binary mask (labels > 0 are bone)")
+        raise InputError(
+            f"{name}: the labels are a probability map; give a label map or binary mask (labels > 0 are bone)"
+        )
     normalized = normalize_intensities(image.array, normalization)
     bone = labels.array > 0
     shape_i = image.array.shape[2]
@@ -74,7 +84,9 @@ def prepare_volume(image, labels, spacing_mm=None, normalization=None, train_ran
         inside = grid.from_scan(inside.astype(np.float32)) >= 0.999
     bone = np.ascontiguousarray(np.where(inside, bone, 0), dtype=np.float32 if soft_labels else np.uint8)
     if not bone.any():
-        raise InputError(f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i")
+        raise InputError(
+            f"{name}: the labels mark no bone (no voxel > 0) in the training range; check the label map and --train-range-i"
+        )
     solid = bone >= 0.5
     boundary = np.flatnonzero(solid & ~ndimage.binary_erosion(solid | ~inside, border_value=1))
     record = {
@@ -158,7 +170,9 @@ class PatchSampler:
         shape = (self.patch_size,) * 3
         image = ndimage.map_coordinates(volume.image, coordinates, order=1, mode="nearest", output=np.float32)
         # Soft labels are shares, interpolated as the image is; hard ones stay 0/1.
-        bone = ndimage.map_coordinates(volume.bone, coordinates, order=1 if volume.bone.dtype == np.float32 else 0, mode="nearest")
+        bone = ndimage.map_coordinates(
+            volume.bone, coordinates, order=1 if volume.bone.dtype == np.float32 else 0, mode="nearest"
+        )
         image = augment_intensities(image.reshape(shape), self.augmentation, self.rng, self._unit)
         if volume.trained is None:
             return image, bone.reshape(shape)
@@ -227,8 +241,15 @@ class SliceSampler(PatchSampler):
             voxel = self.rng.integers(0, shape)
         axis = int(self.rng.integers(3))
         in_plane = np.delete(np.asarray(voxel), axis)
-        corner = np.clip(in_plane - size // 2 + self.rng.integers(-(size // 4), size // 4 + 1, size=2), 0, np.delete(shape, axis) - size)
-        coordinates = spatial_matrix(self.augmentation, self.rng, dimensions=2) @ self._offsets + (corner + (size - 1) / 2)[:, None]
+        corner = np.clip(
+            in_plane - size // 2 + self.rng.integers(-(size // 4), size // 4 + 1, size=2),
+            0,
+            np.delete(shape, axis) - size,
+        )
+        coordinates = (
+            spatial_matrix(self.augmentation, self.rng, dimensions=2) @ self._offsets
+            + (corner + (size - 1) / 2)[:, None]
+        )
         return volume, axis, int(voxel[axis]), coordinates
 
     def _sample(self, array, axis: int, index: int, coordinates, order: int, outside=None) -> np.ndarray:
@@ -256,7 +277,9 @@ class SyntheticSliceSampler(SliceSampler):
         spacing = np.delete(label_map.spacing_mm, axis)
         coordinates = coordinates + elastic_displacement(self.patch_size, spacing, self.synthesis, self.rng)
         labels = self._sample(label_map.labels, axis, index, coordinates, order=0)
-        bone = self._sample(label_map.bone, axis, index, coordinates, order=1 if label_map.bone.dtype == np.float32 else 0)
+        bone = self._sample(
+            label_map.bone, axis, index, coordinates, order=1 if label_map.bone.dtype == np.float32 else 0
+        )
         depth = self._sample(label_map.bone_depth_mm, axis, index, coordinates, order=1)
         body = self._sample(label_map.body_mm, axis, index, coordinates, order=1)
         image = synthesize_crop(labels, label_map.is_bone, depth, body, spacing, self.synthesis, self.rng)
@@ -277,7 +300,11 @@ class MixedSampler:
 
     @property
     def state(self) -> dict:
-        return {"mix": self.rng.bit_generator.state, "synthetic": self.synthetic.state, "real": None if self.real is None else self.real.state}
+        return {
+            "mix": self.rng.bit_generator.state,
+            "synthetic": self.synthetic.state,
+            "real": None if self.real is None else self.real.state,
+        }
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["mix"]
@@ -290,7 +317,9 @@ class MixedSampler:
         return stack_crops([source._patch() for source in sources])
 
 
-def samplers(volumes, config: "TrainingConfig", patch_size: int, dimensions: int, label_maps=()) -> tuple[PatchSampler, tuple[np.ndarray, np.ndarray]]:
+def samplers(
+    volumes, config: "TrainingConfig", patch_size: int, dimensions: int, label_maps=()
+) -> tuple[PatchSampler, tuple[np.ndarray, np.ndarray]]:
     """The training sampler for the network's ``dimensions`` and its fixed validation batch.
 
     With ``label_maps`` (:class:`~.synthesis.LabelMap`), a share
@@ -299,12 +328,24 @@ def samplers(volumes, config: "TrainingConfig", patch_size: int, dimensions: int
     synthetic ones are what synthesis makes them).
     """
     kind = SliceSampler if dimensions == 2 else PatchSampler
-    real = kind(volumes, patch_size, config.boundary_fraction, config.augmentation, seed=config.seed) if volumes else None
-    real_validation = kind(volumes, patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1]) if volumes else None
+    real = (
+        kind(volumes, patch_size, config.boundary_fraction, config.augmentation, seed=config.seed) if volumes else None
+    )
+    real_validation = (
+        kind(volumes, patch_size, config.boundary_fraction, Augmentation.none(), seed=[config.seed, 1])
+        if volumes
+        else None
+    )
     if not label_maps:
         return real, real_validation.batch(config.validation_patches)
-    synthetic = SyntheticSliceSampler(label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 2])
-    synthetic_validation = SyntheticSliceSampler(label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 3])
+    synthetic = SyntheticSliceSampler(
+        label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 2]
+    )
+    synthetic_validation = SyntheticSliceSampler(
+        label_maps, patch_size, config.boundary_fraction, config.synthesis, seed=[config.seed, 3]
+    )
     sampler = MixedSampler(real, synthetic, config.synthetic_fraction, seed=[config.seed, 4])
-    validation = MixedSampler(real_validation, synthetic_validation, config.synthetic_fraction, seed=[config.seed, 5]).batch(config.validation_patches)
+    validation = MixedSampler(
+        real_validation, synthetic_validation, config.synthetic_fraction, seed=[config.seed, 5]
+    ).batch(config.validation_patches)
     return sampler, validation

@@ -91,18 +91,39 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     for image_path, labels_path in zip(config.images, config.labels) if config.synthetic_fraction < 1 else ():
         image = read_volume(image_path)
         # Half a sub-volume past the range: every crop still has at least half its voxels trained on.
-        context_mm = card.patch_size / 2 * (card.spacing_mm[0] if card.spacing_mm else image.geometry.spacing[0]) if config.crops_past_range else 0.0
-        volume = prepare_volume(image, read_mask(labels_path), card.spacing_mm, card.normalization, config.train_range_i,
-                                name=str(labels_path), soft_labels=config.soft_labels, context_mm=context_mm)
-        volume.record.update(image=image_path.name, labels=labels_path.name, image_sha256=_sha256(image_path), labels_sha256=_sha256(labels_path))
+        context_mm = (
+            card.patch_size / 2 * (card.spacing_mm[0] if card.spacing_mm else image.geometry.spacing[0])
+            if config.crops_past_range
+            else 0.0
+        )
+        volume = prepare_volume(
+            image,
+            read_mask(labels_path),
+            card.spacing_mm,
+            card.normalization,
+            config.train_range_i,
+            name=str(labels_path),
+            soft_labels=config.soft_labels,
+            context_mm=context_mm,
+        )
+        volume.record.update(
+            image=image_path.name,
+            labels=labels_path.name,
+            image_sha256=_sha256(image_path),
+            labels_sha256=_sha256(labels_path),
+        )
         volumes.append(volume)
         data.append(volume.record)
     label_maps = _label_maps(config, card)
     synthesis_record = [label_map.record for label_map in label_maps]
     # The scan's length along i, from its image or, when only its labels were used, from them.
-    lengths = [record["shape_ijk"][0] for record in data] + [record["shape_ijk"][0] for record in synthesis_record if "train_range_i" in record]
+    lengths = [record["shape_ijk"][0] for record in data] + [
+        record["shape_ijk"][0] for record in synthesis_record if "train_range_i" in record
+    ]
     card.heldout = heldout_range(config.train_range_i, lengths[0]) if lengths else None
-    sampler, (validation_x, validation_y) = samplers(volumes, config, card.patch_size, network_dimensions(card), label_maps)
+    sampler, (validation_x, validation_y) = samplers(
+        volumes, config, card.patch_size, network_dimensions(card), label_maps
+    )
 
     network.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bone_loss(config.dice_weight))
     network.optimizer.build(network.trainable_variables)
@@ -111,11 +132,22 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
     if config.resume and config.checkpoint_path.is_file():
         state, best_weights = _load_checkpoint(config.checkpoint_path, network, state.signature)
         sampler.set_state(state.sampler)
-        log.info("Resuming %s at step %d (epoch %d)", config.output, state.step, state.step // config.steps_per_epoch + 1)
+        log.info(
+            "Resuming %s at step %d (epoch %d)", config.output, state.step, state.step // config.steps_per_epoch + 1
+        )
 
     total_steps = config.epochs * config.steps_per_epoch
     run_start = time.perf_counter() - state.seconds
-    with logging_redirect_tqdm(), tqdm(total=total_steps, initial=state.step, unit="step", disable=None if config.progress_bar else True, desc="training") as bar:
+    with (
+        logging_redirect_tqdm(),
+        tqdm(
+            total=total_steps,
+            initial=state.step,
+            unit="step",
+            disable=None if config.progress_bar else True,
+            desc="training",
+        ) as bar,
+    ):
         while state.step < total_steps:
             images, bone = sampler.batch(config.batch_size)
             loss = float(network.train_on_batch(images, bone, return_dict=True)["loss"])
@@ -127,9 +159,21 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if state.step % config.steps_per_epoch == 0:
-                best_weights = _end_epoch(config, card, network, state, best_weights, (validation_x, validation_y), data, started, synthesis_record)
+                best_weights = _end_epoch(
+                    config,
+                    card,
+                    network,
+                    state,
+                    best_weights,
+                    (validation_x, validation_y),
+                    data,
+                    started,
+                    synthesis_record,
+                )
                 if config.max_minutes is not None and state.seconds >= 60 * config.max_minutes:
-                    log.info("time budget of %g min spent at step %d of %d", config.max_minutes, state.step, total_steps)
+                    log.info(
+                        "time budget of %g min spent at step %d of %d", config.max_minutes, state.step, total_steps
+                    )
                     break
             try:
                 if progress is not None:
@@ -149,7 +193,9 @@ def train(config: TrainingConfig, progress: Progress | None = None) -> TrainingR
 def _end_epoch(config, card, network, state: _State, best_weights, validation, data, started, synthesis_record):
     """Validate, keep the best weights, save model, checkpoint and curves, log one line."""
     epoch = state.step // config.steps_per_epoch
-    validation_loss = float(network.evaluate(*validation, batch_size=config.batch_size, verbose=0, return_dict=True)["loss"])
+    validation_loss = float(
+        network.evaluate(*validation, batch_size=config.batch_size, verbose=0, return_dict=True)["loss"]
+    )
     entry = {
         "epoch": epoch,
         "step": state.step,
@@ -169,7 +215,12 @@ def _end_epoch(config, card, network, state: _State, best_weights, validation, d
     write_loss_curves(state.history, config.curves_path)
     log.info(
         "epoch %d/%d: loss %.4f, validation loss %.4f%s, %.0f s",
-        epoch, config.epochs, entry["loss"], validation_loss, " (best, saved)" if improved else "", state.seconds,
+        epoch,
+        config.epochs,
+        entry["loss"],
+        validation_loss,
+        " (best, saved)" if improved else "",
+        state.seconds,
     )
     return best_weights
 
@@ -181,7 +232,9 @@ def _label_maps(config: TrainingConfig, card: ModelCard) -> list:
         sources += [(path, None, config.train_range_i) for path in config.labels]
     label_maps = []
     for path, bones, train_range_i in sources:
-        label_map = prepare_label_map(read_mask(path), bones, card.spacing_mm, train_range_i, name=path.name, soft_labels=config.soft_labels)
+        label_map = prepare_label_map(
+            read_mask(path), bones, card.spacing_mm, train_range_i, name=path.name, soft_labels=config.soft_labels
+        )
         label_map.record["sha256"] = _sha256(path)
         label_maps.append(label_map)
     return label_maps
@@ -201,7 +254,9 @@ def _initial_network(config: TrainingConfig):
     """The network to train and the card it will be saved with."""
     if config.initial_model is not None:
         if Path(config.initial_model).suffix != ".keras":
-            raise InputError(f"{config.initial_model}: fine-tuning starts from the .keras file (an .onnx file holds no trainable weights)")
+            raise InputError(
+                f"{config.initial_model}: fine-tuning starts from the .keras file (an .onnx file holds no trainable weights)"
+            )
         start = load_model(config.initial_model)
         card = ModelCard(
             name=config.name or config.output.stem,
@@ -272,7 +327,9 @@ def _load_checkpoint(path: Path, network, signature: dict):
         state = _State(**json.loads(str(stored["state"])))
         if state.signature != signature:
             changed = sorted(k for k in signature if signature.get(k) != (state.signature or {}).get(k))
-            raise InputError(f"{path} was made with other settings ({', '.join(changed)}); resume with the same ones or start again with --overwrite")
+            raise InputError(
+                f"{path} was made with other settings ({', '.join(changed)}); resume with the same ones or start again with --overwrite"
+            )
         count = len(network.get_weights())
         network.set_weights([stored[f"weight{n}"] for n in range(count)])
         best_weights = [stored[f"best{n}"] for n in range(count)]
@@ -281,9 +338,15 @@ def _load_checkpoint(path: Path, network, signature: dict):
     return state, best_weights
 
 
-def _training_record(config: TrainingConfig, state: _State, data: list, started: datetime.datetime, synthesis_record: list) -> dict:
+def _training_record(
+    config: TrainingConfig, state: _State, data: list, started: datetime.datetime, synthesis_record: list
+) -> dict:
     """The card's ``training`` entry: enough to reproduce the run and to judge it."""
-    synthesis = {"fraction": config.synthetic_fraction, "label_maps": synthesis_record, "settings": asdict(config.synthesis)}
+    synthesis = {
+        "fraction": config.synthetic_fraction,
+        "label_maps": synthesis_record,
+        "settings": asdict(config.synthesis),
+    }
     return {
         "command": command_line(config),
         "data": data,

@@ -18,8 +18,13 @@ def write_loss_curves(history: list[dict], path) -> Path:
     epochs = [entry["epoch"] for entry in history]
     figure, axes = pyplot.subplots(figsize=(6, 3.6), dpi=100)
     try:
-        for key, label, colour in (("loss", "training", TRAINING_COLOUR), ("validation_loss", "validation", VALIDATION_COLOUR)):
-            axes.plot(epochs, [entry[key] for entry in history], label=label, color=[c / 255 for c in colour], linewidth=2)
+        for key, label, colour in (
+            ("loss", "training", TRAINING_COLOUR),
+            ("validation_loss", "validation", VALIDATION_COLOUR),
+        ):
+            axes.plot(
+                epochs, [entry[key] for entry in history], label=label, color=[c / 255 for c in colour], linewidth=2
+            )
         axes.set(xlabel="epoch", ylabel="loss", yscale="log")
         axes.grid(True, which="both", color="0.9")
         axes.legend()

@@ -58,7 +58,9 @@ class Synthesis:
     line_mm: tuple = (0.3, 1.0)  # half the width of those lines
     joint_darker: float = 0.0  # the labelled structures that are not bone darker than every marrow
     # The sampler's own changes for synthetic crops, whatever the real crops get.
-    augmentation: Augmentation = Augmentation(rotation_deg=15.0, scale=0.15, gamma=0.4, bias_field=0.5, contrast=0.2, noise=0.05)
+    augmentation: Augmentation = Augmentation(
+        rotation_deg=15.0, scale=0.15, gamma=0.4, bias_field=0.5, contrast=0.2, noise=0.05
+    )
 
 
 @dataclass
@@ -84,7 +86,9 @@ class LabelMap:
         return np.asarray(self.record["spacing_kji_mm"], dtype=np.float32)
 
 
-def prepare_label_map(labels, bone_labels=None, spacing_mm=None, train_range_i=None, name: str = "", soft_labels: bool = True) -> LabelMap:
+def prepare_label_map(
+    labels, bone_labels=None, spacing_mm=None, train_range_i=None, name: str = "", soft_labels: bool = True
+) -> LabelMap:
     """Bring a label map (:class:`~KneeBoneSegLib.volume.Volume`) to the model's grid for synthesis.
 
     Parameters
@@ -168,7 +172,9 @@ def elastic_displacement(size: int, spacing_mm, settings: Synthesis, rng: np.ran
     """A smooth random displacement of a ``size``^2 crop's sample points, in voxels of the slice: shape (2, size*size)."""
     if not settings.elastic_mm:
         return np.zeros((2, size * size), np.float32)
-    field = np.stack([smooth_field(rng.uniform(-1.0, 1.0, size=(4, 4)).astype(np.float32), (size, size)) for _ in range(2)])
+    field = np.stack(
+        [smooth_field(rng.uniform(-1.0, 1.0, size=(4, 4)).astype(np.float32), (size, size)) for _ in range(2)]
+    )
     scale = rng.uniform(0.0, settings.elastic_mm) / np.asarray(spacing_mm, np.float32)
     return (field * scale[:, None, None]).reshape(2, -1)
 
@@ -180,7 +186,9 @@ def _distance_to_cuts(field: np.ndarray, cuts: np.ndarray, spacing_mm) -> np.nda
     return np.abs(field[..., None] - cuts).min(axis=-1) / slope
 
 
-def synthesize_crop(labels, is_bone, bone_depth_mm, body_mm, spacing_mm, settings: Synthesis, rng: np.random.Generator) -> np.ndarray:
+def synthesize_crop(
+    labels, is_bone, bone_depth_mm, body_mm, spacing_mm, settings: Synthesis, rng: np.random.Generator
+) -> np.ndarray:
     """One crop's image from its sampled label map: structures, cortex, background tissues, air and blur.
 
     Parameters
@@ -221,11 +229,15 @@ def synthesize_crop(labels, is_bone, bone_depth_mm, body_mm, spacing_mm, setting
     image = image + spread * rng.standard_normal(size, dtype=np.float32)
     if settings.tissue_lines and classes > 1 and rng.uniform() < settings.tissue_lines:
         lines = (labels == 0) & (_distance_to_cuts(field, cuts, spacing_mm) < rng.uniform(*settings.line_mm))
-        image[lines] = rng.uniform(*settings.cortex_intensity) + 0.02 * rng.standard_normal(int(lines.sum()), dtype=np.float32)
+        image[lines] = rng.uniform(*settings.cortex_intensity) + 0.02 * rng.standard_normal(
+            int(lines.sum()), dtype=np.float32
+        )
     # Cortex: a dark shell of random thickness inside every bone.
     in_bone = is_bone[labels]
     cortex = in_bone & (bone_depth_mm < rng.uniform(*settings.cortex_mm))
-    image[cortex] = rng.uniform(*settings.cortex_intensity) + 0.02 * rng.standard_normal(int(cortex.sum()), dtype=np.float32)
+    image[cortex] = rng.uniform(*settings.cortex_intensity) + 0.02 * rng.standard_normal(
+        int(cortex.sum()), dtype=np.float32
+    )
     # Air beyond a body outline a random margin from the structures, the outline wavy.
     wave = smooth_field(rng.standard_normal((4, 4)).astype(np.float32), size)
     margin = rng.uniform(*settings.body_margin_mm) * (1.0 + 0.3 * wave)

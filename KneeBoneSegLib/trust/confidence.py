@@ -60,7 +60,11 @@ class ProjectionRange:
 
 
 def bone_confidence(
-    labels: np.ndarray, probability: np.ndarray, disagreement: np.ndarray | None, threshold: float = 0.5, counted_i: slice | None = None
+    labels: np.ndarray,
+    probability: np.ndarray,
+    disagreement: np.ndarray | None,
+    threshold: float = 0.5,
+    counted_i: slice | None = None,
 ) -> dict:
     """Per bone present in ``labels``: ``sure_share`` and ``surface_disagreement`` (see module doc).
 
@@ -99,10 +103,14 @@ def bone_confidence(
             counted = (i >= counted_i.start) & (i < counted_i.stop)
         if not inside[..., counted].any():
             continue
-        sure = np.count_nonzero(probability[box][..., counted][inside[..., counted]] >= threshold + SURE_MARGIN) / np.count_nonzero(inside[..., counted])
+        sure = np.count_nonzero(
+            probability[box][..., counted][inside[..., counted]] >= threshold + SURE_MARGIN
+        ) / np.count_nonzero(inside[..., counted])
         entry = {"sure_share": round(float(sure), 4), "surface_disagreement": None}
         if disagreement is not None:
             surface = inside & ~ndimage.binary_erosion(inside)
-            entry["surface_disagreement"] = round(float(disagreement[box][..., counted][surface[..., counted]].mean()), 4)
+            entry["surface_disagreement"] = round(
+                float(disagreement[box][..., counted][surface[..., counted]].mean()), 4
+            )
         found[bone.key] = entry
     return found

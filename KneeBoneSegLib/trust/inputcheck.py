@@ -92,7 +92,11 @@ def compare_with_card(image: np.ndarray, spacing, tags: dict, card) -> dict:
             differences.append(
                 f"the intensity histogram differs from the training scan's (distance {distance:.2f}, "
                 f"tolerance {trained['histogram_tolerance']:.2f})"
-                + (": the contrast looks inverted" if inverted else ": another contrast, fat suppression or another body part")
+                + (
+                    ": the contrast looks inverted"
+                    if inverted
+                    else ": another contrast, fat suppression or another body part"
+                )
             )
     if tags:
         checked.append("DICOM tags")
@@ -117,11 +121,19 @@ def _tag_differences(tags: dict, trained: dict) -> list[str]:
     if is_fat_suppressed(tags) and not trained.get("fat_suppressed", False):
         differences.append("fat-suppressed (the model was trained without fat suppression)")
     echo = _number(tags.get("EchoTime"))
-    if echo is not None and echo > T2_WEIGHTED_ECHO_MS and trained.get("echo_time_ms", T2_WEIGHTED_ECHO_MS + 1) <= T2_WEIGHTED_ECHO_MS:
-        differences.append(f"T2-weighted, echo time {echo:g} ms (the model was trained at {trained['echo_time_ms']:g} ms)")
+    if (
+        echo is not None
+        and echo > T2_WEIGHTED_ECHO_MS
+        and trained.get("echo_time_ms", T2_WEIGHTED_ECHO_MS + 1) <= T2_WEIGHTED_ECHO_MS
+    ):
+        differences.append(
+            f"T2-weighted, echo time {echo:g} ms (the model was trained at {trained['echo_time_ms']:g} ms)"
+        )
     family = str(tags.get("ScanningSequence", "")).upper()
     if family and trained.get("scanning_sequence") and trained["scanning_sequence"] not in family:
-        differences.append(f"scanning sequence {family.strip()} (the model was trained on {trained['scanning_sequence']}, gradient echo)")
+        differences.append(
+            f"scanning sequence {family.strip()} (the model was trained on {trained['scanning_sequence']}, gradient echo)"
+        )
     body = str(tags.get("BodyPartExamined", "")).strip().upper()
     if body and not any(word in body for word in _KNEE_WORDS):
         differences.append(f"body part {body} (the model segments knees)")

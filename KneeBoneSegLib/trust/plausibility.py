@@ -76,8 +76,12 @@ class BoneRule:
 # 36.3 mm, 99.0 cm3 (cut below); patella 46.4 x 24.6 x 44.4 mm, 18.6 cm3.
 RULES = {
     #                min extent LR, AP, SI     max extent LR, AP, SI     end   shaft  min cut
-    "femur": BoneRule((55.0, 45.0, 40.0), (105.0, 90.0, float("inf")), 100.0, 38.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")),
-    "tibia": BoneRule((55.0, 35.0, 30.0), (100.0, 75.0, float("inf")), 90.0, 35.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")),
+    "femur": BoneRule(
+        (55.0, 45.0, 40.0), (105.0, 90.0, float("inf")), 100.0, 38.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")
+    ),
+    "tibia": BoneRule(
+        (55.0, 35.0, 30.0), (100.0, 75.0, float("inf")), 90.0, 35.0, 5.0, ("mahfouz2012", "cheng2009", "shaft")
+    ),
     "patella": BoneRule((28.0, 12.0, 25.0), (65.0, 38.0, 65.0), None, None, 2.0, ("iranpour2008",)),
 }
 
@@ -175,7 +179,9 @@ class FieldOfView:
         return bool(self.outside(np.argwhere(beside) + [g.start for g in grown]).any())
 
 
-def measure_boxes(components: np.ndarray, start, boxes, sizes, geometry: Geometry, shape, field_of_view: FieldOfView | None = None) -> list[ComponentMeasure]:
+def measure_boxes(
+    components: np.ndarray, start, boxes, sizes, geometry: Geometry, shape, field_of_view: FieldOfView | None = None
+) -> list[ComponentMeasure]:
     """Volume, LPS extent and field-of-view contact of the components of a crop of a scan.
 
     Parameters
@@ -207,8 +213,14 @@ def measure_boxes(components: np.ndarray, start, boxes, sizes, geometry: Geometr
         mask = components[box] == n + 1
         ends_lps = geometry.index_to_lps((row_ends(mask) + corner)[:, ::-1])
         box_lps = np.stack([ends_lps.min(axis=0) - half_voxel, ends_lps.max(axis=0) + half_voxel])
-        cut = any(c == 0 or c + m == size for c, m, size in zip(corner, mask.shape, shape)) or (field_of_view is not None and field_of_view.touches(mask, corner))
-        measures.append(ComponentMeasure(sizes[n] * voxel_mm3, box_lps[1] - box_lps[0], box_lps, cut, _widest_at(mask, corner, geometry)))
+        cut = any(c == 0 or c + m == size for c, m, size in zip(corner, mask.shape, shape)) or (
+            field_of_view is not None and field_of_view.touches(mask, corner)
+        )
+        measures.append(
+            ComponentMeasure(
+                sizes[n] * voxel_mm3, box_lps[1] - box_lps[0], box_lps, cut, _widest_at(mask, corner, geometry)
+            )
+        )
     return measures
 
 
@@ -236,7 +248,9 @@ def _widest_at(mask: np.ndarray, corner, geometry: Geometry) -> float:
         return 0.5
     to_lps = geometry.direction_matrix * np.asarray(geometry.spacing)
     corner = np.asarray(corner, dtype=float)
-    superior = to_lps[2, 0] * (2 * i + corner[2]) + to_lps[2, 1] * (2 * j + corner[1]) + to_lps[2, 2] * (2 * k + corner[0])
+    superior = (
+        to_lps[2, 0] * (2 * i + corner[2]) + to_lps[2, 1] * (2 * j + corner[1]) + to_lps[2, 2] * (2 * k + corner[0])
+    )
     low, high = float(superior.min()), float(superior.max())
     if high - low < 2 * _SLAB_MM:
         return 0.5
@@ -268,7 +282,9 @@ def bone_reasons(bone: str, measure: ComponentMeasure) -> list[str]:
         )
     if measure.cut:
         if measure.volume_mm3 < 1000 * rule.min_cut_volume_cm3:
-            reasons.append(f"{measure.volume_mm3 / 1000:.1f} cm3 at the edge of the field of view, too little to tell it is a {bone}")
+            reasons.append(
+                f"{measure.volume_mm3 / 1000:.1f} cm3 at the edge of the field of view, too little to tell it is a {bone}"
+            )
     else:
         for axis, extent, least in zip(AXES, measure.extent_mm, rule.min_extent_mm):
             if extent < least:
@@ -290,13 +306,19 @@ def assignment_reasons(assignment: dict, measures: list[ComponentMeasure]) -> li
     if "femur" in boxes and "tibia" in boxes:
         gap = boxes["femur"][0, 2] - boxes["tibia"][1, 2]  # LPS +z is superior
         if gap > MAX_FEMUR_TIBIA_GAP_MM:
-            reasons.append(f"femur {gap:.0f} mm above the tibia, more than a knee joint's gap ({MAX_FEMUR_TIBIA_GAP_MM:.0f} mm)")
+            reasons.append(
+                f"femur {gap:.0f} mm above the tibia, more than a knee joint's gap ({MAX_FEMUR_TIBIA_GAP_MM:.0f} mm)"
+            )
         if -gap > MAX_FEMUR_TIBIA_OVERLAP_MM:
-            reasons.append(f"tibia reaching {-gap:.0f} mm above the femur's lowest point, more than the tibial spines do ({MAX_FEMUR_TIBIA_OVERLAP_MM:.0f} mm)")
+            reasons.append(
+                f"tibia reaching {-gap:.0f} mm above the femur's lowest point, more than the tibial spines do ({MAX_FEMUR_TIBIA_OVERLAP_MM:.0f} mm)"
+            )
     if "femur" in boxes and "patella" in boxes:
         gap = box_gap_mm(boxes["femur"], boxes["patella"])
         if gap > MAX_PATELLA_FEMUR_GAP_MM:
-            reasons.append(f"patella {gap:.0f} mm from the femur, too far to articulate with it ({MAX_PATELLA_FEMUR_GAP_MM:.0f} mm at most)")
+            reasons.append(
+                f"patella {gap:.0f} mm from the femur, too far to articulate with it ({MAX_PATELLA_FEMUR_GAP_MM:.0f} mm at most)"
+            )
     return reasons
 
 

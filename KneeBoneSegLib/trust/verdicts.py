@@ -76,12 +76,16 @@ def judge(report: dict, thresholds: dict | None = None) -> dict:
             verdict = FAILED if verdict == FAILED else REVIEW
         neighbour = PLACED_AGAINST.get(bone.key)
         if neighbour and neighbour not in report.get("bones", {}):
-            reasons.append(f"name uncertain: its place could not be checked against the {neighbour}, which was not found, so it may be another bone")
+            reasons.append(
+                f"name uncertain: its place could not be checked against the {neighbour}, which was not found, so it may be another bone"
+            )
             verdict = FAILED if verdict == FAILED else REVIEW
         bones[bone.key] = {"verdict": verdict, "reasons": reasons}
 
     verdicts = [entry["verdict"] for entry in bones.values()]
-    run_reasons = [f"{key} {entry['verdict']}: {entry['reasons'][0]}" for key, entry in bones.items() if entry["verdict"] != OK]
+    run_reasons = [
+        f"{key} {entry['verdict']}: {entry['reasons'][0]}" for key, entry in bones.items() if entry["verdict"] != OK
+    ]
     if differences:
         run_reasons.append("the scan differs from what the model was trained on: " + "; ".join(differences))
     if confidence is None:

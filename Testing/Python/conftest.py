@@ -97,7 +97,15 @@ def measure_components(components, sizes, geometry, count, field_of_view=None):
 
     from KneeBoneSegLib.trust.plausibility import measure_boxes
 
-    return measure_boxes(components, (0, 0, 0), ndimage.find_objects(components, max_label=count), sizes, geometry, components.shape, field_of_view)
+    return measure_boxes(
+        components,
+        (0, 0, 0),
+        ndimage.find_objects(components, max_label=count),
+        sizes,
+        geometry,
+        components.shape,
+        field_of_view,
+    )
 
 
 def needs_keras():
@@ -212,7 +220,10 @@ def write_threshold_onnx(path, card=None, patch_size: int = 16, dimensions: int 
         "threshold",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("bone_probability", TensorProto.FLOAT, shape)],
-        initializer=[helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]), helper.make_tensor("offset", TensorProto.FLOAT, [], [-20.0])],
+        initializer=[
+            helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]),
+            helper.make_tensor("offset", TensorProto.FLOAT, [], [-20.0]),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -43,6 +43,23 @@ def phantoms(tmp_path_factory):
     return folder
 
 
+def _command_line_options(phantoms) -> list:
+    """:func:`_options`' model and settings as ``kneeboneseg`` flags, without a progress bar."""
+    model = str(phantoms / "threshold.onnx")
+    return [
+        "--model",
+        model,
+        "--closing-radius",
+        "2",
+        "--smoothing-iterations",
+        "2",
+        "--device",
+        "cpu",
+        "--progress",
+        "none",
+    ]
+
+
 def _options(phantoms, **changes) -> SegmentOptions:
     settings = dict(model=str(phantoms / "threshold.onnx"), closing_radius=2.0, smoothing_iterations=2, device="cpu")
     return SegmentOptions(**{**settings, **changes})
@@ -52,8 +69,13 @@ def test_cases_come_from_files_csv_rows_and_dicom_series(phantoms, tmp_path):
     cases = find_cases([phantoms / "left.nrrd", phantoms / "right.nii.gz", phantoms / "left.nrrd"])
     assert [case.id for case in cases] == ["left", "right", "left-2"]
     table = tmp_path / "cohort.csv"
-    table.write_text(f"id,path\nknee 1,{os.path.relpath(phantoms / 'left.nrrd', tmp_path)}\nknee 2,{phantoms / 'right.nii.gz'}\n")
-    assert find_cases([table]) == [Case("knee_1", (phantoms / "left.nrrd").resolve()), Case("knee_2", phantoms / "right.nii.gz")]
+    table.write_text(
+        f"id,path\nknee 1,{os.path.relpath(phantoms / 'left.nrrd', tmp_path)}\nknee 2,{phantoms / 'right.nii.gz'}\n"
+    )
+    assert find_cases([table]) == [
+        Case("knee_1", (phantoms / "left.nrrd").resolve()),
+        Case("knee_2", phantoms / "right.nii.gz"),
+    ]
     with pytest.raises(InputError, match="does not exist"):
         find_cases([tmp_path / "absent.nrrd"])
     (tmp_path / "bad.csv").write_text("name,file\nx,y\n")
@@ -72,7 +94,10 @@ def test_a_folder_is_a_case_per_image_file_in_its_tree_without_a_library_warning
     (scans / "knee01.seg.nrrd").write_bytes((phantoms / "left.nrrd").read_bytes())  # a segmentation, not a scan
     cases = find_cases([scans])
     assert [(case.id, case.input.relative_to(scans).as_posix()) for case in cases] == [
-        ("knee01", "knee01.nrrd"), ("knee02", "knee02.MHA"), ("knee03", "site b/knee03.nii.gz"), ("knee04", "site b/knee04.nii")
+        ("knee01", "knee01.nrrd"),
+        ("knee02", "knee02.MHA"),
+        ("knee03", "site b/knee03.nii.gz"),
+        ("knee04", "site b/knee04.nii"),
     ]
     assert "GDCM" not in capfd.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -87,20 +112,31 @@ def test_each_dicom_series_is_a_case_named_from_its_tags(sample_dicom, phantoms,
     tree = tmp_path / "tree"
     shutil.copytree(sample_dicom, tree / "dicom")
     shutil.copy(phantoms / "left.nrrd", tree / "left.nrrd")
-    assert [(found.id, found.input.parent.name) for found in find_cases([tree])] == [("left", "tree"), (case.id, "dicom")]
+    assert [(found.id, found.input.parent.name) for found in find_cases([tree])] == [
+        ("left", "tree"),
+        (case.id, "dicom"),
+    ]
 
 
 def test_a_cohort_runs_once_resumes_and_contains_its_faults(phantoms, tmp_path):
     cases = find_cases([phantoms / "left.nrrd", phantoms / "broken.nrrd", phantoms / "right.nii.gz"])
     seen = []
-    rows = segment_many(cases, tmp_path / "cohort", _options(phantoms), progress=lambda done, total, row: seen.append((done, total)))
+    rows = segment_many(
+        cases, tmp_path / "cohort", _options(phantoms), progress=lambda done, total, row: seen.append((done, total))
+    )
     assert [row["status"] for row in rows] == ["ok", "error", "ok"] and seen[-1] == (3, 3)
     assert "broken.nrrd" in rows[1]["error"] and "\n" not in rows[1]["error"]
     assert failures(rows) == 1
     table = _table(tmp_path / "cohort")
     assert list(table[0]) == COLUMNS and [row["id"] for row in table] == ["left", "broken", "right"]
-    assert float(table[0]["femur_volume_mm3"]) > 0 and table[0]["femur_verdict"] == "ok" and len(table[0]["model_sha256"]) == 64
-    assert (tmp_path / "cohort" / "left" / "femur.stl").is_file() and (tmp_path / "cohort" / "logs" / "left.log").read_text()
+    assert (
+        float(table[0]["femur_volume_mm3"]) > 0
+        and table[0]["femur_verdict"] == "ok"
+        and len(table[0]["model_sha256"]) == 64
+    )
+    assert (tmp_path / "cohort" / "left" / "femur.stl").is_file() and (
+        tmp_path / "cohort" / "logs" / "left.log"
+    ).read_text()
 
     summary = tmp_path / "cohort" / "left" / "summary.json"
     written = summary.stat().st_mtime_ns
@@ -136,8 +172,8 @@ def test_two_worker_processes_give_the_same_table(phantoms, tmp_path):
 def test_the_command_line_counts_failures_in_its_exit_status(phantoms, tmp_path):
     from KneeBoneSegLib.cli import main
 
-    argv = ["batch", str(phantoms / "left.nrrd"), str(phantoms / "broken.nrrd"), "-o", str(tmp_path / "cohort"),
-            "--model", str(phantoms / "threshold.onnx"), "--closing-radius", "2", "--device", "cpu", "--progress", "none"]  # fmt: skip
+    argv = ["batch", str(phantoms / "left.nrrd"), str(phantoms / "broken.nrrd"), "-o", str(tmp_path / "cohort")]
+    argv += _command_line_options(phantoms)
     assert main(argv) == 1
     assert [row["status"] for row in _table(tmp_path / "cohort")] == ["ok", "error"]
     assert main(["batch", str(tmp_path / "absent.nrrd"), "-o", str(tmp_path / "other"), "--progress", "none"]) == 2
@@ -146,14 +182,16 @@ def test_the_command_line_counts_failures_in_its_exit_status(phantoms, tmp_path)
 def test_batch_writes_for_each_case_what_segment_writes_for_the_same_options(phantoms, tmp_path):
     from KneeBoneSegLib.cli import main
 
-    flags = ["--model", str(phantoms / "threshold.onnx"), "--closing-radius", "2", "--device", "cpu", "--progress", "none",
-             "--nifti", "--save-probability", "--save-uncertainty"]  # fmt: skip
+    flags = [*_command_line_options(phantoms), "--nifti", "--save-probability", "--save-uncertainty"]
     assert main(["segment", str(phantoms / "left.nrrd"), "-o", str(tmp_path / "alone"), *flags]) == 0
     assert main(["batch", str(phantoms / "left.nrrd"), "-o", str(tmp_path / "cohort"), *flags]) == 0
     written = sorted(path.name for path in (tmp_path / "alone").iterdir())
     assert {"labels.nii.gz", "probability.nrrd", "uncertainty.nrrd"} <= set(written)
     assert sorted(path.name for path in (tmp_path / "cohort" / "left").iterdir()) == written
-    assert read_volume(tmp_path / "cohort" / "left" / "labels.nii.gz").array.tolist() == read_volume(tmp_path / "alone" / "labels.nii.gz").array.tolist()
+    assert (
+        read_volume(tmp_path / "cohort" / "left" / "labels.nii.gz").array.tolist()
+        == read_volume(tmp_path / "alone" / "labels.nii.gz").array.tolist()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +201,11 @@ def sample_cohort(sample_dir, tmp_path_factory):
     scan = read_volume(sample_dir / "knee_mri.nrrd")
     paths = []
     # crop-b is the whole knee, so that it takes several seconds: the signal arrives while it runs.
-    for name, start, size in (("crop-a", (64, 112, 136), (112, 192, 160)), ("crop-b", (0, 0, 0), scan.array.shape), ("crop-c", (56, 104, 132), (112, 192, 160))):
+    for name, start, size in (
+        ("crop-a", (64, 112, 136), (112, 192, 160)),
+        ("crop-b", (0, 0, 0), scan.array.shape),
+        ("crop-c", (56, 104, 132), (112, 192, 160)),
+    ):
         box = tuple(slice(s, s + n) for s, n in zip(start, size))
         write_volume(Volume(scan.array[box], scan.geometry.cropped(start)), folder / f"{name}.nrrd")
         paths.append(folder / f"{name}.nrrd")
@@ -178,14 +220,37 @@ def sample_cohort(sample_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_a_batch_interrupted_by_a_signal_goes_on_where_it_stopped(sample_cohort, tmp_path):
     out = tmp_path / "cohort"
-    command = [sys.executable, "-m", "KneeBoneSegLib", "batch", *map(str, sample_cohort), "-o", str(out),
-               "--projections", "1", "--device", "cpu", "--progress", "none"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "batch",
+        *map(str, sample_cohort),
+        "-o",
+        str(out),
+        "--projections",
+        "1",
+        "--device",
+        "cpu",
+        "--progress",
+        "none",
+    ]
     environment = dict(os.environ, PYTHONPATH=LIBRARY_FOLDER)
     # A shell starts background jobs with SIGINT ignored, and children inherit that: restore Ctrl-C's default.
-    first = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    first = subprocess.Popen(
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
-    while not ((out / TABLE_FILE).is_file() and len(_table(out)) >= 1) and time.monotonic() < deadline and first.poll() is None:
+    while (
+        not ((out / TABLE_FILE).is_file() and len(_table(out)) >= 1)
+        and time.monotonic() < deadline
+        and first.poll() is None
+    ):
         time.sleep(0.02)
     first.send_signal(signal.SIGINT)  # a real Ctrl-C, after the first case has ended
     _, err = first.communicate(timeout=120)
@@ -210,7 +275,9 @@ def test_a_cohort_on_a_local_dask_cluster_survives_a_lost_worker(sample_cohort, 
     """A real LocalCluster of 2 worker processes; the one running crop-b is killed in the middle of it."""
     import threading
 
-    distributed = pytest.importorskip("distributed", reason='the cluster path needs Dask: pip install "kneeboneseg[cluster]"')
+    distributed = pytest.importorskip(
+        "distributed", reason='the cluster path needs Dask: pip install "kneeboneseg[cluster]"'
+    )
     cases = find_cases(sample_cohort[:3])
     out = tmp_path / "cohort"
     killed = {}
@@ -227,7 +294,10 @@ def test_a_cohort_on_a_local_dask_cluster_survives_a_lost_worker(sample_cohort, 
                 killed[address] = pid
                 return
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         watcher = threading.Thread(target=kill_the_worker_of_crop_b, args=(client,))
         watcher.start()
         rows = segment_many(cases, out, SegmentOptions(projections=1, device="cpu"), client=client)

@@ -38,15 +38,40 @@ def run(argv, capsys):
 
 def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_path, capsys):
     folder = scan_and_model
-    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.onnx",
-                        "--closing-radius", "2", "--progress", "none", "--nifti", "--save-probability"], capsys)
+    code, out, _ = run(
+        [
+            "segment",
+            folder / "knee.nrrd",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            folder / "threshold.onnx",
+            "--closing-radius",
+            "2",
+            "--progress",
+            "none",
+            "--nifti",
+            "--save-probability",
+        ],
+        capsys,
+    )
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["femur.stl", "labels.nii.gz", "patella.stl", "probability.nrrd", "segmentation.seg.nrrd", "summary.json", "tibia.stl"]
+    assert names == [
+        "femur.stl",
+        "labels.nii.gz",
+        "patella.stl",
+        "probability.nrrd",
+        "segmentation.seg.nrrd",
+        "summary.json",
+        "tibia.stl",
+    ]
     assert "femur" in out and "cm3" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["missing"] == [] and summary["device"].startswith("cpu")
-    assert {"normalise", "network", "components", "closing", "surfaces"} <= set(summary["timings_s"])  # fusion is part of network
+    assert {"normalise", "network", "components", "closing", "surfaces"} <= set(
+        summary["timings_s"]
+    )  # fusion is part of network
     assert summary["model"]["name"] == "threshold" and summary["options"]["closing_radius"] == 2
     assert summary["options"]["skip_air_tiles"] is True
     truth = read_mask(folder / "truth.nrrd").array
@@ -57,8 +82,23 @@ def test_segment_writes_segmentation_surfaces_and_summary(scan_and_model, tmp_pa
 
 def test_progress_json_streams_stages_then_done(scan_and_model, tmp_path, capsys):
     folder = scan_and_model
-    code, out, _ = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.onnx",
-                        "--projections", "1", "--no-surfaces", "--all-tiles", "--progress", "json"], capsys)
+    code, out, _ = run(
+        [
+            "segment",
+            folder / "knee.nrrd",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            folder / "threshold.onnx",
+            "--projections",
+            "1",
+            "--no-surfaces",
+            "--all-tiles",
+            "--progress",
+            "json",
+        ],
+        capsys,
+    )
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[-1]["done"] is True
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["options"]["skip_air_tiles"] is False
@@ -81,28 +121,45 @@ def _write(path, array, spacing=(0.5, 0.5, 0.5)):
         (lambda d: _write(d / "flat.nrrd", np.zeros((40, 40), np.int16)), "2D"),
         (lambda d: _write(d / "rgb.nrrd", np.zeros((20, 20, 20, 3), np.uint8)), "single-channel"),
         (lambda d: _write(d / "constant.nrrd", np.full((20, 20, 20), 7, np.int16)), "constant"),
-        (lambda d: _write(d / "nan.nrrd", np.where(np.indices((20, 20, 20))[0] == 3, np.nan, 1.0).astype(np.float32)), "NaN"),
+        (
+            lambda d: _write(
+                d / "nan.nrrd", np.where(np.indices((20, 20, 20))[0] == 3, np.nan, 1.0).astype(np.float32)
+            ),
+            "NaN",
+        ),
         (lambda d: _write(d / "tiny.nrrd", np.random.default_rng(0).random((8, 30, 30)).astype(np.float32)), "smaller"),
     ],
 )
 def test_bad_inputs_fail_with_one_line_and_leave_nothing(scan_and_model, tmp_path, capsys, make_input, words):
     path = make_input(tmp_path)
-    code, out, err = run(["segment", path, "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx", "--progress", "none"], capsys)
+    code, out, err = run(
+        ["segment", path, "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx", "--progress", "none"],
+        capsys,
+    )
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and err.startswith("kneeboneseg: error:") and words.lower() in err.lower(), err
+    assert (
+        len(err.strip().splitlines()) == 1 and err.startswith("kneeboneseg: error:") and words.lower() in err.lower()
+    ), err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     "name,model_content,words",
-    [("model.onnx", None, "not found"), ("model.onnx", b"not an onnx graph", "could not load the model"),
-     ("model.keras", b"not a zip file", "not a Keras"), ("model.h5", b"", "ends in .onnx")],
-)  # fmt: skip
+    [
+        ("model.onnx", None, "not found"),
+        ("model.onnx", b"not an onnx graph", "could not load the model"),
+        ("model.keras", b"not a zip file", "not a Keras"),
+        ("model.h5", b"", "ends in .onnx"),
+    ],
+)
 def test_bad_model_files_fail_with_one_line(scan_and_model, tmp_path, capsys, name, model_content, words):
     model = tmp_path / name
     if model_content is not None:
         model.write_bytes(model_content)
-    code, _, err = run(["segment", scan_and_model / "knee.nrrd", "-o", tmp_path / "out", "--model", model, "--progress", "none"], capsys)
+    code, _, err = run(
+        ["segment", scan_and_model / "knee.nrrd", "-o", tmp_path / "out", "--model", model, "--progress", "none"],
+        capsys,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and words.lower() in err.lower(), err
     assert not (tmp_path / "out").exists()
 
@@ -131,24 +188,44 @@ def test_an_occupied_output_folder_is_refused_before_the_scan_is_segmented(sampl
     before = (outdir / "plan.stl").stat()
     start = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-m", "KneeBoneSegLib", "segment", str(sample_dir / "knee_mri.nrrd"), "-o", str(outdir), "--progress", "none"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "KneeBoneSegLib",
+            "segment",
+            str(sample_dir / "knee_mri.nrrd"),
+            "-o",
+            str(outdir),
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.perf_counter() - start
-    assert completed.returncode == 2 and completed.stderr.count("\n") == 1 and "--overwrite" in completed.stderr, completed.stderr
+    assert completed.returncode == 2 and completed.stderr.count("\n") == 1 and "--overwrite" in completed.stderr, (
+        completed.stderr
+    )
     assert seconds < 5, f"refused only after {seconds:.1f} s"
     assert sorted(path.name for path in outdir.iterdir()) == ["plan.stl"]
-    assert (outdir / "plan.stl").read_bytes() == b"the surgeon's own file" and (outdir / "plan.stl").stat().st_mtime_ns == before.st_mtime_ns
+    assert (outdir / "plan.stl").read_bytes() == b"the surgeon's own file" and (
+        outdir / "plan.stl"
+    ).stat().st_mtime_ns == before.st_mtime_ns
 
 
-def test_contradicting_options_and_an_unrunnable_precision_are_refused_before_the_scan_is_read(scan_and_model, tmp_path, capsys):
+def test_contradicting_options_and_an_unrunnable_precision_are_refused_before_the_scan_is_read(
+    scan_and_model, tmp_path, capsys
+):
     missing_scan = tmp_path / "not_yet_there.nrrd"  # a refusal that reads the scan would name this file instead
     model = scan_and_model / "threshold.onnx"
     for extra, words in (
         (["--precision", "bf16", "--engine", "onnxruntime"], "--precision bf16 needs OpenVINO"),
         (["--threshold", "1.5"], "threshold must lie between 0 and 1"),
     ):
-        code, _, err = run(["segment", missing_scan, "-o", tmp_path / "out", "--model", model, "--progress", "none", *extra], capsys)
+        code, _, err = run(
+            ["segment", missing_scan, "-o", tmp_path / "out", "--model", model, "--progress", "none", *extra], capsys
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "not_yet_there" not in err, err
     assert not (tmp_path / "out").exists()
 
@@ -156,8 +233,22 @@ def test_contradicting_options_and_an_unrunnable_precision_are_refused_before_th
 def test_thick_slices_warn_and_still_run(tmp_path, capsys, caplog, scan_and_model):
     image, _, _ = knee_phantom(shape=(24, 64, 64))
     write_volume(Volume(image, Geometry((0.35, 0.35, 3.0), (0, 0, 0))), tmp_path / "thick.nrrd")
-    code, _, _ = run(["segment", tmp_path / "thick.nrrd", "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx",
-                      "--closing-radius", "0", "--no-surfaces", "--progress", "none"], capsys)
+    code, _, _ = run(
+        [
+            "segment",
+            tmp_path / "thick.nrrd",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            scan_and_model / "threshold.onnx",
+            "--closing-radius",
+            "0",
+            "--no-surfaces",
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert any("3 mm" in w and "isotropic" in w for w in summary["warnings"]), summary["warnings"]
@@ -168,7 +259,9 @@ def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, 
     truth = sample_dir / "knee_bones_labels.nrrd"
     code, _, _ = run(["postprocess", truth, "-o", tmp_path / "bones", "--progress", "none", "--nifti"], capsys)
     assert code == 0
-    assert {"femur.stl", "tibia.stl", "patella.stl", "segmentation.seg.nrrd", "summary.json"} <= {p.name for p in (tmp_path / "bones").iterdir()}
+    assert {"femur.stl", "tibia.stl", "patella.stl", "segmentation.seg.nrrd", "summary.json"} <= {
+        p.name for p in (tmp_path / "bones").iterdir()
+    }
     summary = json.loads((tmp_path / "bones" / "summary.json").read_text())
     assert all(bone["surface"]["watertight"] for bone in summary["bones"].values())
     code, out, _ = run(["evaluate", tmp_path / "bones" / "labels.nii.gz", truth, "--json"], capsys)
@@ -180,7 +273,9 @@ def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, 
 
 
 def test_the_console_script_runs_as_a_module():
-    completed = subprocess.run([sys.executable, "-m", "KneeBoneSegLib", "info", "--json"], capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-m", "KneeBoneSegLib", "info", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     info = json.loads(completed.stdout)
     assert info["devices"]["auto"] in ("cpu", "gpu") and "onnxruntime" in info["versions"]
@@ -210,7 +305,16 @@ def test_evaluate_help_says_which_argument_is_the_prediction_and_which_the_refer
 def test_segmenting_imports_no_scikit_image(scan_and_model, tmp_path):
     """scikit-image is off the run path, so Slicer's first use does not install it (tests and benchmarks compare with it)."""
     folder = scan_and_model
-    argv = ["segment", str(folder / "knee.nrrd"), "-o", str(tmp_path / "out"), "--model", str(folder / "threshold.onnx"), "--progress", "none"]
+    argv = [
+        "segment",
+        str(folder / "knee.nrrd"),
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(folder / "threshold.onnx"),
+        "--progress",
+        "none",
+    ]
     code = f"import sys; from KneeBoneSegLib.cli import main; status = main({argv!r}); print(status, 'skimage' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
@@ -219,18 +323,60 @@ def test_segmenting_imports_no_scikit_image(scan_and_model, tmp_path):
 def test_an_options_file_sets_the_run_and_flags_given_win_over_it(scan_and_model, tmp_path, capsys):
     """The Slicer module hands its background process a request file: the same options, by their names."""
     request = tmp_path / "options.json"
-    request.write_text(json.dumps({"closing_radius": 0.0, "smoothing_iterations": 2, "threshold": 0.3, "surfaces": False}))
-    argv = ["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "out", "--options", request, "--threshold", "0.4", "--progress", "none"]
+    request.write_text(
+        json.dumps({"closing_radius": 0.0, "smoothing_iterations": 2, "threshold": 0.3, "surfaces": False})
+    )
+    argv = [
+        "postprocess",
+        scan_and_model / "truth.nrrd",
+        "-o",
+        tmp_path / "out",
+        "--options",
+        request,
+        "--threshold",
+        "0.4",
+        "--progress",
+        "none",
+    ]
     code, _, _ = run(argv, capsys)
     options = json.loads((tmp_path / "out" / "summary.json").read_text())["options"]
-    assert code == 0 and (options["closing_radius"], options["smoothing_iterations"], options["surfaces"], options["threshold"]) == (0.0, 2, False, 0.4)
+    assert code == 0 and (
+        options["closing_radius"],
+        options["smoothing_iterations"],
+        options["surfaces"],
+        options["threshold"],
+    ) == (0.0, 2, False, 0.4)
     assert not list((tmp_path / "out").glob("*.stl"))
 
     request.write_text(json.dumps({"closing_radius": -2}))
-    code, _, err = run(["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "refused", "--options", request, "--progress", "none"], capsys)
+    code, _, err = run(
+        [
+            "postprocess",
+            scan_and_model / "truth.nrrd",
+            "-o",
+            tmp_path / "refused",
+            "--options",
+            request,
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 2 and "closing radius must be at least 0" in err and len(err.strip().splitlines()) == 1
     request.write_text("[1, 2]")
-    code, _, err = run(["postprocess", scan_and_model / "truth.nrrd", "-o", tmp_path / "refused", "--options", request, "--progress", "none"], capsys)
+    code, _, err = run(
+        [
+            "postprocess",
+            scan_and_model / "truth.nrrd",
+            "-o",
+            tmp_path / "refused",
+            "--options",
+            request,
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 2 and "must hold a JSON object of options" in err and not (tmp_path / "refused").exists()
 
 
@@ -240,9 +386,13 @@ def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path
     truth = scan_and_model / "truth.nrrd"
     for argv, expected in (([], available_cores()), (["--threads", "1"], 1)):
         out = tmp_path / f"out{expected}{len(argv)}"
-        code, _, _ = run(["postprocess", truth, "-o", out, "--closing-radius", "2", "--progress", "none", *argv], capsys)
+        code, _, _ = run(
+            ["postprocess", truth, "-o", out, "--closing-radius", "2", "--progress", "none", *argv], capsys
+        )
         summary = json.loads((out / "summary.json").read_text())
-        assert code == 0 and summary["threads"] == expected and sorted(summary["bones"]) == ["femur", "patella", "tibia"]
+        assert (
+            code == 0 and summary["threads"] == expected and sorted(summary["bones"]) == ["femur", "patella", "tibia"]
+        )
     code, _, err = run(["postprocess", truth, "-o", tmp_path / "zero", "--threads", "0", "--progress", "none"], capsys)
     assert code == 2 and "threads" in err and len(err.strip().splitlines()) == 1
 
@@ -267,8 +417,21 @@ def test_threads_option_reaches_the_run_and_its_summary(scan_and_model, tmp_path
 )
 def test_every_segment_option_reaches_the_run(scan_and_model, tmp_path, capsys, argv, field, value):
     folder = scan_and_model
-    code, _, err = run(["segment", folder / "knee.nrrd", "-o", tmp_path / "out", "--model", folder / "threshold.onnx",
-                        "--no-surfaces", "--progress", "none", *argv], capsys)
+    code, _, err = run(
+        [
+            "segment",
+            folder / "knee.nrrd",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            folder / "threshold.onnx",
+            "--no-surfaces",
+            "--progress",
+            "none",
+            *argv,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["options"][field] == value
 
@@ -304,9 +467,34 @@ def test_evaluate_prints_a_table_of_each_bone_and_refuses_bad_inputs(scan_and_mo
 def test_train_runs_through_the_command_line(scan_and_model, tmp_path, capsys):
     pytest.importorskip("keras", reason="training needs Keras: pip install kneeboneseg[train]")
     folder = scan_and_model
-    code, _, err = run(["train", folder / "knee.nrrd", folder / "truth.nrrd", "-o", tmp_path / "tiny.keras", "--base-filters", "4",
-                        "--depth", "2", "--patch-size", "16", "--stride", "8", "--epochs", "1", "--steps-per-epoch", "2",
-                        "--batch-size", "2", "--validation-patches", "2", "--normalization", '{"method": "minmax"}'], capsys)
+    code, _, err = run(
+        [
+            "train",
+            folder / "knee.nrrd",
+            folder / "truth.nrrd",
+            "-o",
+            tmp_path / "tiny.keras",
+            "--base-filters",
+            "4",
+            "--depth",
+            "2",
+            "--patch-size",
+            "16",
+            "--stride",
+            "8",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "2",
+            "--validation-patches",
+            "2",
+            "--normalization",
+            '{"method": "minmax"}',
+        ],
+        capsys,
+    )
     assert code == 0, err
     card = json.loads((tmp_path / "tiny.json").read_text())
     assert card["patch_size"] == 16 and card["training"]["steps"] == 2 and (tmp_path / "tiny.keras").is_file()
@@ -317,6 +505,19 @@ def test_asking_for_a_gpu_where_there_is_none_is_a_one_line_error(scan_and_model
 
     if set(GPU_PROVIDERS) & set(onnxruntime_providers()):
         pytest.skip("ONNX Runtime has a GPU provider on this machine")
-    code, _, err = run(["segment", scan_and_model / "knee.nrrd", "-o", tmp_path / "out", "--model", scan_and_model / "threshold.onnx",
-                        "--device", "gpu", "--progress", "none"], capsys)
+    code, _, err = run(
+        [
+            "segment",
+            scan_and_model / "knee.nrrd",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            scan_and_model / "threshold.onnx",
+            "--device",
+            "gpu",
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no GPU" in err and not (tmp_path / "out").exists()

@@ -63,7 +63,8 @@ def _reoriented(labels, geometry, permutation, flips):
 
 
 @pytest.mark.parametrize(
-    "permutation,flips", [((0, 1, 2), ()), ((0, 1, 2), (0,)), ((2, 0, 1), (1,)), ((1, 2, 0), (0, 2)), ((2, 1, 0), (0, 1, 2))]
+    "permutation,flips",
+    [((0, 1, 2), ()), ((0, 1, 2), (0,)), ((2, 0, 1), (1,)), ((1, 2, 0), (0, 2)), ((2, 1, 0), (0, 1, 2))],
 )
 def test_bones_are_named_from_patient_coordinates_not_array_order(permutation, flips):
     _, truth, geometry = knee_phantom()

@@ -32,9 +32,16 @@ from KneeBoneSegLib.pipeline import SegmentOptions, segment
 from KneeBoneSegLib.volume import Volume
 
 MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-SHIPPED = tuple(f"kneeboneseg-{family}{fold}" for family in ("compact", "slices") for fold in ("", "-fold-right", "-fold-left"))
+SHIPPED = tuple(
+    f"kneeboneseg-{family}{fold}" for family in ("compact", "slices") for fold in ("", "-fold-right", "-fold-left")
+)
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
-ONNX_ENGINES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed"))]
+ONNX_ENGINES = [
+    "onnxruntime",
+    pytest.param(
+        "openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed")
+    ),
+]
 
 
 def random_input(card: ModelCard, rng) -> np.ndarray:
@@ -87,7 +94,9 @@ def test_bfloat16_is_a_choice_where_the_cpu_has_it_and_a_clear_refusal_where_not
 
 def test_other_precisions_are_refused_with_the_choices(tmp_path):
     path = write_threshold_onnx(tmp_path / "threshold.onnx")
-    with pytest.raises(InputError, match="ONNX Runtime runs this network in float32 only; --precision bf16 needs OpenVINO"):
+    with pytest.raises(
+        InputError, match="ONNX Runtime runs this network in float32 only; --precision bf16 needs OpenVINO"
+    ):
         open_network(path, engine="onnxruntime", precision="bf16")
     with pytest.raises(InputError, match="precision must be one of f32, bf16, not 'fp16'"):
         open_network(path, precision="fp16")
@@ -109,21 +118,39 @@ def sample_crop(sample_dir):
 @pytest.fixture(scope="module")
 def onnxruntime_on_the_crop(sample_crop):
     """The reference every other engine is held to: ONNX Runtime in float32 on the sample crop."""
-    return segment(sample_crop, load_model(MODELS / SHIPPED_MODEL, engine="onnxruntime"), SegmentOptions(surfaces=False, device="cpu"))
+    return segment(
+        sample_crop,
+        load_model(MODELS / SHIPPED_MODEL, engine="onnxruntime"),
+        SegmentOptions(surfaces=False, device="cpu"),
+    )
 
 
 @pytest.mark.parametrize(
     "engine",
     [
-        pytest.param("keras", marks=pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="the Keras engine needs the [train] extra")),
-        pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed")),
+        pytest.param(
+            "keras",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("keras") is None, reason="the Keras engine needs the [train] extra"
+            ),
+        ),
+        pytest.param(
+            "openvino",
+            marks=pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO ([openvino] extra) is not installed"),
+        ),
     ],
 )
 @pytest.mark.slow
-def test_every_installed_engine_gives_onnxruntimes_bones_on_the_sample_scan(sample_crop, onnxruntime_on_the_crop, engine):
+def test_every_installed_engine_gives_onnxruntimes_bones_on_the_sample_scan(
+    sample_crop, onnxruntime_on_the_crop, engine
+):
     """By default every engine computes in float32, so on any CPU (AVX2, AVX-512, AMX) the bones are the same."""
     model_file = Path(SHIPPED_MODEL).with_suffix(".keras") if engine == "keras" else SHIPPED_MODEL
-    result = segment(sample_crop, load_model(MODELS / model_file, engine="auto" if engine == "keras" else engine), SegmentOptions(surfaces=False, device="cpu"))
+    result = segment(
+        sample_crop,
+        load_model(MODELS / model_file, engine="auto" if engine == "keras" else engine),
+        SegmentOptions(surfaces=False, device="cpu"),
+    )
     reference = onnxruntime_on_the_crop
     assert (result.report["engine"]["engine"], result.report["engine"]["precision"]) == (engine, "f32")
     assert reference.report["engine"]["precision"] == "f32"
@@ -135,10 +162,14 @@ def test_every_installed_engine_gives_onnxruntimes_bones_on_the_sample_scan(samp
 
 @pytest.mark.parametrize("engine", ONNX_ENGINES)
 def test_the_summary_says_which_engine_device_threads_and_precision_ran(tmp_path, engine):
-    path = write_threshold_onnx(tmp_path / "threshold.onnx", ModelCard(patch_size=16, stride=8, normalization={"method": "minmax"}))
+    path = write_threshold_onnx(
+        tmp_path / "threshold.onnx", ModelCard(patch_size=16, stride=8, normalization={"method": "minmax"})
+    )
     image, _, geometry = knee_phantom()
     model = load_model(path, engine=engine, threads=1)
-    result = segment(Volume(image, geometry), model, SegmentOptions(projections=1, surfaces=False, threads=1, device="cpu"))
+    result = segment(
+        Volume(image, geometry), model, SegmentOptions(projections=1, surfaces=False, threads=1, device="cpu")
+    )
     ran = result.report["engine"]
     assert (ran["engine"], ran["device"], ran["threads"], ran["precision"]) == (engine, "cpu", 1, "f32")
     assert ran["cpu"]["name"] and ran["cpu"]["instruction_sets"]  # which CPU ran it, and what arithmetic it offers
@@ -149,13 +180,19 @@ def test_gpu_provider_choice():
     cpu_only = ("CPUExecutionProvider",)
     assert select_onnxruntime_providers("auto", cpu_only) == ["CPUExecutionProvider"]
     assert select_onnxruntime_providers("cpu", ("CUDAExecutionProvider", *cpu_only)) == ["CPUExecutionProvider"]
-    assert select_onnxruntime_providers("gpu", ("CoreMLExecutionProvider", "CUDAExecutionProvider", *cpu_only)) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_onnxruntime_providers("gpu", ("CoreMLExecutionProvider", "CUDAExecutionProvider", *cpu_only)) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert select_onnxruntime_providers("auto", ("DmlExecutionProvider", *cpu_only))[0] == "DmlExecutionProvider"
     with pytest.raises(InputError, match="no GPU provider.*onnxruntime-gpu"):
         select_onnxruntime_providers("gpu", cpu_only)
     with pytest.raises(InputError, match="device must be one of"):
         select_onnxruntime_providers("tpu", cpu_only)
-    assert select_openvino_device("auto", ["CPU", "GPU.0"]) == "GPU" and select_openvino_device("cpu", ["CPU", "GPU.0"]) == "CPU"
+    assert (
+        select_openvino_device("auto", ["CPU", "GPU.0"]) == "GPU"
+        and select_openvino_device("cpu", ["CPU", "GPU.0"]) == "CPU"
+    )
     with pytest.raises(InputError, match="OpenVINO sees no GPU"):
         select_openvino_device("gpu", ["CPU"])
 
@@ -172,10 +209,27 @@ def test_asking_for_a_gpu_on_a_machine_without_one_is_a_one_line_error(tmp_path)
     image, _, geometry = knee_phantom()
     write_volume(Volume(image, geometry), tmp_path / "knee.nrrd")
     completed = subprocess.run(
-        [sys.executable, "-m", "KneeBoneSegLib", "segment", str(tmp_path / "knee.nrrd"), "-o", str(tmp_path / "out"),
-         "--model", str(path), "--device", "gpu", "--engine", "onnxruntime", "--progress", "none"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "KneeBoneSegLib",
+            "segment",
+            str(tmp_path / "knee.nrrd"),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(path),
+            "--device",
+            "gpu",
+            "--engine",
+            "onnxruntime",
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 2 and completed.stderr.count("\n") == 1, completed.stderr
     assert "--device gpu" in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "out").exists()
@@ -214,11 +268,16 @@ def test_an_unknown_engine_and_a_missing_openvino_are_clear_errors(tmp_path):
     path = write_threshold_onnx(tmp_path / "threshold.onnx")
     with pytest.raises(InputError, match="engine must be one of"):
         open_network(path, engine="tensorrt")
-    with pytest.raises(InputError, match="engine keras runs .keras files, not .onnx; use --engine auto or openvino, onnxruntime"):
+    with pytest.raises(
+        InputError, match="engine keras runs .keras files, not .onnx; use --engine auto or openvino, onnxruntime"
+    ):
         open_network(path, engine="keras")
     assert set(ENGINES) == {"auto", *ENGINE_REGISTRY}, "the options offer every engine of the registry"
     if not HAS_OPENVINO:
-        with pytest.raises(InputError, match=r"needs OpenVINO \(--engine openvino\), which is not installed; pip install kneeboneseg\[openvino\]"):
+        with pytest.raises(
+            InputError,
+            match=r"needs OpenVINO \(--engine openvino\), which is not installed; pip install kneeboneseg\[openvino\]",
+        ):
             open_network(path, engine="openvino")
 
 
@@ -228,18 +287,42 @@ def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_chec
     import sysconfig
 
     root = Path(__file__).resolve().parents[2]
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if built.returncode != 0 and "No module named" in built.stderr:
         pytest.skip(f"this environment cannot build wheels without isolation: {built.stderr.strip().splitlines()[-1]}")
     assert built.returncode == 0, built.stderr
     # A bare environment that sees this one's dependencies, but not the checkout, gets the wheel.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
     env_python = tmp_path / "env" / "bin" / "python"
-    env_site = subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    env_site = subprocess.run(
+        [str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(env_site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env_python), "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(env_python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        timeout=300,
+    )
     image, _, geometry = knee_phantom()
     write_volume(Volume(image, geometry), tmp_path / "knee.nrrd")
     script = (
@@ -252,8 +335,12 @@ def test_a_wheel_install_carries_the_shipped_model_and_segments_without_the_chec
         "print(json.dumps({'module': models.__file__, 'model': str(model.path), 'engine': result.report['engine']['engine']}))\n"
     )
     outside_checkout = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    completed = subprocess.run([str(env_python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=outside_checkout)
+    completed = subprocess.run(
+        [str(env_python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=outside_checkout
+    )
     assert completed.returncode == 0, completed.stderr
     ran = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert str(root) not in ran["module"] and str(root) not in ran["model"]  # neither the code nor the model came from the checkout
+    assert (
+        str(root) not in ran["module"] and str(root) not in ran["model"]
+    )  # neither the code nor the model came from the checkout
     assert ran["model"].endswith(f"share/kneeboneseg/Models/{SHIPPED_MODEL}")

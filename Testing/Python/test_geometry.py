@@ -40,7 +40,11 @@ def thick():
 
 def test_the_sagittal_test_grid_is_what_it_says():
     # i runs anterior-posterior (LPS y), j superior-inferior (z), k left-right (x), whatever the tilt.
-    assert view_orders(sagittal_geometry().direction_matrix) == {"axial": (1, 2, 0), "coronal": (2, 1, 0), "sagittal": (0, 1, 2)}
+    assert view_orders(sagittal_geometry().direction_matrix) == {
+        "axial": (1, 2, 0),
+        "coronal": (2, 1, 0),
+        "sagittal": (0, 1, 2),
+    }
 
 
 def test_projections_are_named_by_patient_orientation_on_a_sagittal_scan():
@@ -60,7 +64,11 @@ def test_projections_are_named_by_patient_orientation_on_a_sagittal_scan():
 def test_one_projection_is_axial_whatever_plane_the_scan_was_stored_in():
     image, _, axial = knee_phantom()
     # The same voxels stored as a sagittal series: array axes (i, k, j) of the axial one.
-    sagittal = Geometry((axial.spacing[1], axial.spacing[2], axial.spacing[0]), axial.origin, np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float).ravel())
+    sagittal = Geometry(
+        (axial.spacing[1], axial.spacing[2], axial.spacing[0]),
+        axial.origin,
+        np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float).ravel(),
+    )
     stored = np.ascontiguousarray(image.transpose(2, 0, 1))
     np.testing.assert_allclose(sagittal.index_to_lps([[3, 5, 7]]), axial.index_to_lps([[7, 3, 5]]))
     model = Model(KerasNetwork(position_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX))
@@ -76,11 +84,21 @@ def test_the_models_grid_follows_each_axis_spacing():
     geometry = sagittal_geometry(tilt_deg=MAX_ALIGNED_DEGREES - 1)
     image, labels = patient_phantom(THICK_SHAPE, geometry)
     assert grid_shape_for_spacing(THICK_SHAPE, geometry.spacing, 2.0) == (60, 90, 60)
-    model = Model(KerasNetwork(threshold_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]))
+    model = Model(
+        KerasNetwork(threshold_network(16)),
+        ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[2.0, 2.0, 2.0]),
+    )
     totals = []
     options = SegmentOptions(projections=1, skip_air_tiles=False, batch_size=1, closing_radius=0, surfaces=False)
-    result = segment(Volume(image, geometry), model, options, progress=lambda s, f: totals.append(f) if s == "network: axial" else None)
-    assert round(1 / min(f for f in totals if f > 0)) == 7 * 11 * 7  # tiles of 16 at stride 8 over 60 x 90 x 60 (padded to 64 x 96 x 64)
+    result = segment(
+        Volume(image, geometry),
+        model,
+        options,
+        progress=lambda s, f: totals.append(f) if s == "network: axial" else None,
+    )
+    assert (
+        round(1 / min(f for f in totals if f > 0)) == 7 * 11 * 7
+    )  # tiles of 16 at stride 8 over 60 x 90 x 60 (padded to 64 x 96 x 64)
     assert result.labels.shape == THICK_SHAPE and result.report["missing"] == []
     for label in (1, 2, 3):
         assert dice(result.labels == label, labels == label) > 0.85, label
@@ -99,7 +117,9 @@ def test_the_default_closing_is_the_papers_sphere_in_millimetres_on_thick_slices
     assert (options.closing_radius, options.closing_units) == (3.2, "mm")
     closed = postprocess(Volume(bone, geometry), options).labels
     assert not closed[gap].any()  # a 3.2 mm ball passes through a 9 mm gap
-    papers_rule = postprocess(Volume(bone, geometry), SegmentOptions(closing_radius=9, closing_units="voxels", surfaces=False)).labels
+    papers_rule = postprocess(
+        Volume(bone, geometry), SegmentOptions(closing_radius=9, closing_units="voxels", surfaces=False)
+    ).labels
     assert papers_rule[gap].all()  # 9 voxels reach 27 mm across 3 mm slices
 
 
@@ -122,9 +142,14 @@ def test_outputs_keep_a_thick_oblique_sagittal_grid(thick, tmp_path):
 
 def test_an_input_smaller_than_a_sub_volume_on_the_models_grid_is_refused():
     image, _, _ = knee_phantom(shape=(24, 24, 24))
-    model = Model(KerasNetwork(threshold_network(16)), ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]))
+    model = Model(
+        KerasNetwork(threshold_network(16)),
+        ModelCard(patch_size=16, stride=8, normalization=MINMAX, spacing_mm=[1.0, 1.0, 1.0]),
+    )
     # 24 voxels of 0.5 mm are 12 of the model's 1 mm voxels: less than one 16-voxel sub-volume.
-    with pytest.raises(InputError, match="12 x 12 x 12 voxels on the model's 1 x 1 x 1 mm grid, smaller than the model's 16 x 16 x 16"):
+    with pytest.raises(
+        InputError, match="12 x 12 x 12 voxels on the model's 1 x 1 x 1 mm grid, smaller than the model's 16 x 16 x 16"
+    ):
         segment(Volume(image, Geometry((0.5, 0.5, 0.5), (0, 0, 0))), model, SegmentOptions())
 
 
@@ -145,7 +170,9 @@ def _evaluate(prediction, reference, capsys):
 def test_evaluate_scores_a_prediction_where_it_lies_not_where_its_array_starts(truth_file, tmp_path, capsys):
     path, labels, geometry = truth_file
     step = int(round(10.0 / geometry.spacing[0]))  # 10 mm along i, in voxels
-    moved = Geometry(geometry.spacing, np.add(geometry.origin, (step * geometry.spacing[0], 0.0, 0.0)), geometry.direction)
+    moved = Geometry(
+        geometry.spacing, np.add(geometry.origin, (step * geometry.spacing[0], 0.0, 0.0)), geometry.direction
+    )
     write_volume(Volume(labels, moved), tmp_path / "moved.nrrd")
     code, metrics, err = _evaluate(tmp_path / "moved.nrrd", path, capsys)
     assert code == 0 and "resampled" in err
@@ -158,7 +185,9 @@ def test_evaluate_scores_a_prediction_where_it_lies_not_where_its_array_starts(t
 def test_evaluate_resamples_a_finer_grid_of_the_same_bones(truth_file, tmp_path, capsys):
     path, labels, geometry = truth_file
     finer = np.repeat(np.repeat(np.repeat(labels, 2, 0), 2, 1), 2, 2)  # each voxel as 2 x 2 x 2 half-size voxels
-    fine_geometry = Geometry(np.divide(geometry.spacing, 2), np.subtract(geometry.origin, np.divide(geometry.spacing, 4)), geometry.direction)
+    fine_geometry = Geometry(
+        np.divide(geometry.spacing, 2), np.subtract(geometry.origin, np.divide(geometry.spacing, 4)), geometry.direction
+    )
     write_volume(Volume(finer, fine_geometry), tmp_path / "fine.nrrd")
     code, metrics, _ = _evaluate(tmp_path / "fine.nrrd", path, capsys)
     assert code == 0 and all(metrics[key]["dice"] == 1.0 for key in ("femur", "tibia", "patella", "all"))
@@ -166,6 +195,8 @@ def test_evaluate_resamples_a_finer_grid_of_the_same_bones(truth_file, tmp_path,
 
 def test_evaluate_refuses_grids_that_do_not_overlap(truth_file, tmp_path, capsys):
     path, labels, geometry = truth_file
-    write_volume(Volume(labels, Geometry(geometry.spacing, np.add(geometry.origin, (0.0, 500.0, 0.0)))), tmp_path / "far.nrrd")
+    write_volume(
+        Volume(labels, Geometry(geometry.spacing, np.add(geometry.origin, (0.0, 500.0, 0.0)))), tmp_path / "far.nrrd"
+    )
     code, _, err = _evaluate(tmp_path / "far.nrrd", path, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "do not overlap" in err and "far.nrrd" in err

@@ -38,7 +38,9 @@ def test_tiles_cover_the_padded_volume(shape, patch, stride):
 def test_mean_aggregation_puts_every_voxel_back_where_it_came_from(rng, batch_size):
     image = rng.random((37, 29, 22)).astype(np.float32)
     calls = []
-    result = predict_volume(image, identity_network(16), 16, 8, batch_size, "mean", progress=lambda d, t: calls.append((d, t)))
+    result = predict_volume(
+        image, identity_network(16), 16, 8, batch_size, "mean", progress=lambda d, t: calls.append((d, t))
+    )
     np.testing.assert_allclose(result, image, atol=1e-5)
     tiles = len(tile_corners(padded_shape(image.shape, 16, 8), 16, 8))
     assert calls[-1] == (-(-tiles // batch_size),) * 2 and [d for d, _ in calls] == list(range(1, len(calls) + 1))
@@ -59,7 +61,16 @@ def test_air_tiles_are_left_out_of_the_network_and_come_out_as_background(rng, a
 
     def predict(skip_below):
         calls = []
-        result = predict_volume(image, identity_network(16), 16, 8, 1, aggregate, progress=lambda d, t: calls.append(t), skip_below=skip_below)
+        result = predict_volume(
+            image,
+            identity_network(16),
+            16,
+            8,
+            1,
+            aggregate,
+            progress=lambda d, t: calls.append(t),
+            skip_below=skip_below,
+        )
         batches[skip_below] = calls[-1]
         return result
 
@@ -153,7 +164,14 @@ def test_slices_are_predicted_whole_and_put_back_in_place_and_air_slices_are_lef
     image = rng.random((9, 13, 18), dtype=np.float32) + 1.0
     image[[0, 4]] = 0.05  # slices of air
     calls = []
-    predicted = predict_slices(image, identity, multiple=8, batch_size=batch_size, progress=lambda done, total: calls.append((done, total)), skip_below=0.1)
+    predicted = predict_slices(
+        image,
+        identity,
+        multiple=8,
+        batch_size=batch_size,
+        progress=lambda done, total: calls.append((done, total)),
+        skip_below=0.1,
+    )
     expected = image.copy()
     expected[[0, 4]] = 0.0
     np.testing.assert_allclose(predicted, expected, atol=1e-6)
@@ -180,7 +198,9 @@ def test_a_whole_volume_runs_in_one_call_on_the_same_weights(rng):
     free = network.with_free_sides()
     cube = rng.random((16, 16, 16), dtype=np.float32)
     # On a sub-volume's own size the free network is the tiled one, weights and all.
-    np.testing.assert_allclose(predict_whole_volume(cube, free, 4), network.predict_on_batch(cube[None, ..., None])[0, ..., 0], atol=1e-5)
+    np.testing.assert_allclose(
+        predict_whole_volume(cube, free, 4), network.predict_on_batch(cube[None, ..., None])[0, ..., 0], atol=1e-5
+    )
     odd = rng.random((18, 21, 30), dtype=np.float32)  # sides the poolings do not divide: grown, then cut back
     whole = predict_whole_volume(odd, free, 4)
     assert whole.shape == odd.shape and whole.dtype == np.float32 and np.all((whole >= 0) & (whole <= 1))

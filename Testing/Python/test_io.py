@@ -188,7 +188,11 @@ def test_folder_without_dicom(tmp_path):
 
 @pytest.mark.parametrize(
     "name, content",
-    [("scan.nrrd", b"not an image at all"), ("scan.nii.gz", b"\x1f\x8b not gzip either"), ("scan.mha", b"ObjectType = ")],
+    [
+        ("scan.nrrd", b"not an image at all"),
+        ("scan.nii.gz", b"\x1f\x8b not gzip either"),
+        ("scan.mha", b"ObjectType = "),
+    ],
 )
 def test_unreadable_file(tmp_path, name, content):
     path = tmp_path / name
@@ -370,7 +374,11 @@ def test_read_mask_of_the_sample_label_map(sample_dir, sample_labels):
     mask = read_mask(sample_dir / "knee_bones_labels.nrrd")
 
     assert mask.geometry == sample_labels.geometry
-    assert np.bincount(mask.array.ravel()).tolist()[1:] == [3964981, 2275584, 426609]  # femur, tibia, patella voxels of the published label map
+    assert np.bincount(mask.array.ravel()).tolist()[1:] == [
+        3964981,
+        2275584,
+        426609,
+    ]  # femur, tibia, patella voxels of the published label map
 
 
 def test_overlapping_reads_in_threads_leave_itk_warnings_as_they_were():

@@ -41,7 +41,12 @@ def _imports(path: Path) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             if base.split(".")[0] == "KneeBoneSegLib":
                 # "from . import x" names a module when x is one.
-                found.update(f"{base}.{alias.name}" if (LIBRARY.parent / f"{base}.{alias.name}".replace(".", "/")).with_suffix(".py").exists() else base for alias in node.names)
+                found.update(
+                    f"{base}.{alias.name}"
+                    if (LIBRARY.parent / f"{base}.{alias.name}".replace(".", "/")).with_suffix(".py").exists()
+                    else base
+                    for alias in node.names
+                )
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "KneeBoneSegLib")
     return found - {name}

@@ -31,7 +31,11 @@ def test_average_hausdorff_equals_pymia(rng):
     prediction[:10] = False  # one directed distance much larger than the other
     spacing_kji = (0.8, 0.5, 0.35)
     metric = AverageDistance()
-    metric.prediction, metric.reference, metric.spacing = prediction.astype(np.uint8), reference.astype(np.uint8), spacing_kji
+    metric.prediction, metric.reference, metric.spacing = (
+        prediction.astype(np.uint8),
+        reference.astype(np.uint8),
+        spacing_kji,
+    )
     assert average_hausdorff(prediction, reference, spacing_kji[::-1]) == pytest.approx(metric.calculate(), rel=1e-6)
 
 

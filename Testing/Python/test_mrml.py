@@ -135,7 +135,11 @@ def test_segments_are_named_coloured_and_coded(scene, phantom):
     segmentation = node.GetSegmentation()
 
     assert node.GetName() == "knee" and node.GetScene() is scene
-    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == ["Femur", "Tibia", "Patella"]
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == [
+        "Femur",
+        "Tibia",
+        "Patella",
+    ]
     for bone in BONES:
         segment = segmentation.GetSegment(bone.name)
         assert segment.GetColor() == pytest.approx(bone.color)
@@ -156,7 +160,9 @@ def test_segments_are_named_coloured_and_coded(scene, phantom):
         assert entry.GetTerminologyContextName().startswith("Segmentation category and type")
 
         # The segment holds exactly the bone's voxels, and a closed surface.
-        labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+        labelmap = segment.GetRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        )
         from vtk.util.numpy_support import vtk_to_numpy
 
         voxels = vtk_to_numpy(labelmap.GetPointData().GetScalars())
@@ -209,6 +215,7 @@ def test_library_surfaces_are_the_ones_shown_and_exported(scene, phantom, tmp_pa
     exported = read_stl(tmp_path / "knee_Femur.stl")
     original = surfaces["femur"]
     assert len(exported.faces) == len(original.faces)
+
     # Same points in the same place (STL stores float32), same orientation (volume sign).
     def by_position(vertices):
         return vertices[np.lexsort(vertices.T[::-1])]
@@ -227,7 +234,9 @@ def test_segmentation_follows_the_reference_volume(scene, phantom):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     volume_node.SetAndObserveTransformNodeID(transform.GetID())
 
-    node = labels_to_segmentation_node(labels, volume_from_node(volume_node).geometry, scene, reference_volume_node=volume_node)
+    node = labels_to_segmentation_node(
+        labels, volume_from_node(volume_node).geometry, scene, reference_volume_node=volume_node
+    )
     assert node.GetTransformNodeID() == transform.GetID()
     # The patella's centre, as the segmentation node reports it, is the centre of its voxels.
     centre_ras = np.array(node.GetSegmentCenterRAS("Patella"))
@@ -244,11 +253,18 @@ def test_console_workflow_from_volume_node_to_stl(scene, tmp_path):
 
     image, truth, geometry = knee_phantom()
     volume_node = volume_to_node(Volume(image, geometry), scene, "knee MRI")
-    model = load_model(write_threshold_onnx(tmp_path / "threshold.onnx", ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})))
+    model = load_model(
+        write_threshold_onnx(
+            tmp_path / "threshold.onnx",
+            ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"}),
+        )
+    )
 
     options = SegmentOptions(projections=1, closing_radius=1, smoothing_iterations=5)
     result = segment(volume_from_node(volume_node), model, options)
-    node = labels_to_segmentation_node(result.labels, result.geometry, scene, reference_volume_node=volume_node, surfaces=result.surfaces)
+    node = labels_to_segmentation_node(
+        result.labels, result.geometry, scene, reference_volume_node=volume_node, surfaces=result.surfaces
+    )
     written = export_segments_to_stl(node, tmp_path)
 
     assert node.GetSegmentation().GetNumberOfSegments() == 3
@@ -258,7 +274,13 @@ def test_console_workflow_from_volume_node_to_stl(scene, tmp_path):
         assert 2 * np.count_nonzero(found & expected) / (np.count_nonzero(found) + np.count_nonzero(expected)) > 0.9
 
 
-TERMINOLOGY_FILE = Path(__file__).resolve().parents[2] / "KneeBoneSeg" / "Resources" / "Terminologies" / "SegmentationCategoryType-KneeBoneSeg.term.json"
+TERMINOLOGY_FILE = (
+    Path(__file__).resolve().parents[2]
+    / "KneeBoneSeg"
+    / "Resources"
+    / "Terminologies"
+    / "SegmentationCategoryType-KneeBoneSeg.term.json"
+)
 
 
 def _segment_tag(segment) -> str:
@@ -284,17 +306,31 @@ def test_every_bone_resolves_in_the_terminology_the_extension_ships(scene, phant
         categories.append(category)
     for bone in BONES:
         entry = slicer.vtkSlicerTerminologyEntry()
-        assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(_segment_tag(node.GetSegmentation().GetSegment(bone.name)), entry)
-        assert entry.GetTerminologyContextName() == loaded, "the segment names a terminology the extension does not ship"
-        (category,) = [c for c in categories if (c.GetCodingSchemeDesignator(), c.GetCodeValue()) == ("SCT", SNOMED_ANATOMICAL_STRUCTURE)]
+        assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(
+            _segment_tag(node.GetSegmentation().GetSegment(bone.name)), entry
+        )
+        assert entry.GetTerminologyContextName() == loaded, (
+            "the segment names a terminology the extension does not ship"
+        )
+        (category,) = [
+            c
+            for c in categories
+            if (c.GetCodingSchemeDesignator(), c.GetCodeValue()) == ("SCT", SNOMED_ANATOMICAL_STRUCTURE)
+        ]
         types = []
         for n in range(logic.GetNumberOfTypesInTerminologyCategory(loaded, category)):
             found = slicer.vtkSlicerTerminologyType()
             assert logic.GetNthTypeInTerminologyCategory(loaded, category, n, found)
             types.append(found)
-        (bone_type,) = [t for t in types if (t.GetCodingSchemeDesignator(), t.GetCodeValue()) == ("SCT", SNOMED_BONE_STRUCTURE[bone.name])]
+        (bone_type,) = [
+            t
+            for t in types
+            if (t.GetCodingSchemeDesignator(), t.GetCodeValue()) == ("SCT", SNOMED_BONE_STRUCTURE[bone.name])
+        ]
         assert bone_type.GetCodeMeaning() == entry.GetTypeObject().GetCodeMeaning()
-        np.testing.assert_allclose(np.array(bone_type.GetRecommendedDisplayRGBValue()) / 255, bone.color, atol=0.5 / 255)
+        np.testing.assert_allclose(
+            np.array(bone_type.GetRecommendedDisplayRGBValue()) / 255, bone.color, atol=0.5 / 255
+        )
 
 
 def test_reference_geometry_of_a_transformed_oblique_volume_is_the_volume_grid(scene, phantom):
@@ -304,13 +340,19 @@ def test_reference_geometry_of_a_transformed_oblique_volume_is_the_volume_grid(s
     volume_node = volume_to_node(Volume(image, OBLIQUE), scene, "knee MRI")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     moved = vtk.vtkMatrix4x4()
-    moved.DeepCopy(np.block([[ROTATION.T, np.array([[50.0], [-20.0], [10.0]])], [np.zeros((1, 3)), np.ones((1, 1))]]).ravel())
+    moved.DeepCopy(
+        np.block([[ROTATION.T, np.array([[50.0], [-20.0], [10.0]])], [np.zeros((1, 3)), np.ones((1, 1))]]).ravel()
+    )
     transform.SetMatrixTransformToParent(moved)
     volume_node.SetAndObserveTransformNodeID(transform.GetID())
 
-    node = labels_to_segmentation_node(labels, volume_from_node(volume_node).geometry, scene, reference_volume_node=volume_node)
+    node = labels_to_segmentation_node(
+        labels, volume_from_node(volume_node).geometry, scene, reference_volume_node=volume_node
+    )
     reference = slicer.vtkOrientedImageData()
-    parameter = node.GetSegmentation().GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    parameter = node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    )
     assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(parameter, reference)
     reference_to_local = vtk.vtkMatrix4x4()
     reference.GetImageToWorldMatrix(reference_to_local)
@@ -348,7 +390,13 @@ def test_library_surfaces_survive_show_3d_and_smoothing_toggles(scene, phantom, 
         np.testing.assert_array_equal(after[name].faces, mesh.faces, err_msg=name)
     for bone in BONES:
         assert len(after[f"knee_{bone.name}.stl"].faces) == len(surfaces[bone.key].faces), "not the library's surface"
-        assert enclosed_volume(after[f"knee_{bone.name}.stl"]) == pytest.approx(enclosed_volume(surfaces[bone.key]), rel=1e-4)
+        assert enclosed_volume(after[f"knee_{bone.name}.stl"]) == pytest.approx(
+            enclosed_volume(surfaces[bone.key]), rel=1e-4
+        )
     # The labels stay what the 2D views show.
-    labelmap = node.GetSegmentation().GetSegment("Femur").GetRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+    labelmap = (
+        node.GetSegmentation()
+        .GetSegment("Femur")
+        .GetRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+    )
     assert labelmap is not None

@@ -29,7 +29,9 @@ def test_paper_unet_has_the_papers_filters_pooling_and_output():
     assert len(_layers_of(model, keras.layers.BatchNormalization)) == len(convs)
     assert [layer.pool_size for layer in _layers_of(model, keras.layers.MaxPooling3D)] == [(2, 2, 2)] * 4
     ups = _layers_of(model, keras.layers.Conv3DTranspose)
-    assert [(u.filters, u.kernel_size, u.strides) for u in ups] == [(f, (2, 2, 2), (2, 2, 2)) for f in (512, 256, 128, 64)]
+    assert [(u.filters, u.kernel_size, u.strides) for u in ups] == [
+        (f, (2, 2, 2), (2, 2, 2)) for f in (512, 256, 128, 64)
+    ]
     assert len(_layers_of(model, keras.layers.Concatenate)) == 4
     assert model.output_shape == (None, 64, 64, 64, 1)
     assert model.layers[-1].activation.__name__ == "sigmoid"
@@ -47,8 +49,16 @@ def test_a_unet_without_a_patch_size_runs_whole_volumes_and_slices(rng):
     whole = build_unet(patch_size=None, base_filters=4, depth=2, normalization="instance")
     whole.set_weights(patch.get_weights())
     cube = rng.random((1, 16, 16, 16, 1), dtype=np.float32)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(whole(cube)), keras.ops.convert_to_numpy(patch(cube)), atol=1e-6)
-    assert keras.ops.convert_to_numpy(whole(rng.random((1, 12, 20, 32, 1), dtype=np.float32))).shape == (1, 12, 20, 32, 1)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(whole(cube)), keras.ops.convert_to_numpy(patch(cube)), atol=1e-6
+    )
+    assert keras.ops.convert_to_numpy(whole(rng.random((1, 12, 20, 32, 1), dtype=np.float32))).shape == (
+        1,
+        12,
+        20,
+        32,
+        1,
+    )
     slices = build_unet(patch_size=None, base_filters=4, depth=2, dimensions=2)
     assert _layers_of(slices, keras.layers.Conv2D) and not _layers_of(slices, keras.layers.Conv3D)
     assert keras.ops.convert_to_numpy(slices(rng.random((3, 20, 32, 1), dtype=np.float32))).shape == (3, 20, 32, 1)
@@ -61,7 +71,9 @@ def test_patch_size_must_fit_the_depth():
 
 def test_model_and_card_round_trip(tmp_path, rng):
     network = build_unet(patch_size=16, base_filters=2, depth=2)
-    card = ModelCard(name="tiny", architecture={"base_filters": 2, "depth": 2}, patch_size=16, stride=8, spacing_mm=[0.7, 0.7, 0.7])
+    card = ModelCard(
+        name="tiny", architecture={"base_filters": 2, "depth": 2}, patch_size=16, stride=8, spacing_mm=[0.7, 0.7, 0.7]
+    )
     path = save_model(network, card, tmp_path / "tiny.keras")
     loaded = load_model(path)
     assert loaded.card == card
@@ -90,7 +102,9 @@ def test_bare_keras_file_like_the_papers_notebook_loads_with_card_settings(tmp_p
 
     loaded = load_model(path)
     assert (loaded.card.patch_size, loaded.card.stride) == (32, 16)
-    paper_card = ModelCard(patch_size=32, stride=16, normalization={"method": "divide", "to_uint8": True, "divisor": 255})
+    paper_card = ModelCard(
+        patch_size=32, stride=16, normalization={"method": "divide", "to_uint8": True, "divisor": 255}
+    )
     loaded = load_model(path, card=paper_card)
     image = normalize_intensities(rng.integers(0, 4096, (32, 32, 32)), loaded.card.normalization)
     out = loaded.network.predict_on_batch(image[None, ..., None].astype(np.float32))
@@ -100,7 +114,9 @@ def test_bare_keras_file_like_the_papers_notebook_loads_with_card_settings(tmp_p
     record = export_onnx(path)
     exported = load_model(path.with_suffix(".onnx"), engine="onnxruntime")
     assert record["max_abs_difference"] <= 1e-4 and exported.network.describe()["engine"] == "onnxruntime"
-    np.testing.assert_allclose(exported.network.predict_on_batch(image[None, ..., None].astype(np.float32)), out, atol=1e-4)
+    np.testing.assert_allclose(
+        exported.network.predict_on_batch(image[None, ..., None].astype(np.float32)), out, atol=1e-4
+    )
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):

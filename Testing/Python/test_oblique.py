@@ -37,7 +37,9 @@ def _turn_id(turn) -> str:
 def _voxel_extent_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     """LR, AP, SI extent of a mask's voxels (their faces) from every voxel's corners: the definition, slowly."""
     centres = geometry.index_to_lps(np.argwhere(mask)[:, ::-1])
-    corners = geometry.index_to_lps(np.array(np.meshgrid(*[[-0.5, 0.5]] * 3, indexing="ij")).reshape(3, -1).T) - geometry.index_to_lps(np.zeros((1, 3)))
+    corners = geometry.index_to_lps(
+        np.array(np.meshgrid(*[[-0.5, 0.5]] * 3, indexing="ij")).reshape(3, -1).T
+    ) - geometry.index_to_lps(np.zeros((1, 3)))
     return (centres.max(axis=0) + corners.max(axis=0)) - (centres.min(axis=0) + corners.min(axis=0))
 
 
@@ -90,13 +92,18 @@ def test_a_bone_running_into_the_zero_filled_margin_of_a_turned_scan_is_cut():
     # A zero voxel beside a bone within the scan (noise in dark cortex) is no edge of the scan.
     dark_beside = scan.copy()
     dark_beside[30, 30, 36] = 0
-    assert not measure_components(components, [corner.sum(), inside.sum()], geometry, 2, FieldOfView(dark_beside))[1].cut
+    assert not measure_components(components, [corner.sum(), inside.sum()], geometry, 2, FieldOfView(dark_beside))[
+        1
+    ].cut
 
 
 def _lone_bone(widens_superiorly: bool, geometry: Geometry, shape) -> np.ndarray:
     """A long bone that widens at one end: a tibia's plateau above its shaft, or a femur's condyles below it."""
     k, j, i = np.indices(shape, dtype=float)
-    x, y, z = (geometry.index_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)) - geometry.index_to_lps([(np.asarray(shape[::-1]) - 1) / 2])).T.reshape(3, *shape)
+    x, y, z = (
+        geometry.index_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+        - geometry.index_to_lps([(np.asarray(shape[::-1]) - 1) / 2])
+    ).T.reshape(3, *shape)
     shaft = (x**2 + y**2 <= 14**2) & (np.abs(z) <= 45)
     end = ((x / 38) ** 2 + (y / 28) ** 2 + ((z - (30 if widens_superiorly else -30)) / 18) ** 2) <= 1
     return shaft | end
@@ -132,7 +139,9 @@ def test_a_double_oblique_scan_goes_to_the_network_upright_and_comes_back_on_its
     # The upright grid holds every corner of the scan's box.
     corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape[::-1]], indexing="ij")).reshape(3, -1).T
     inside_ijk = np.linalg.inv(grid.geometry.ijk_to_lps) @ np.c_[scan_geometry.index_to_lps(corners), np.ones(8)].T
-    assert np.all(inside_ijk[:3].T >= -0.5 - 1e-6) and np.all(inside_ijk[:3].T <= np.asarray(grid.shape[::-1]) - 0.5 + 1e-6)
+    assert np.all(inside_ijk[:3].T >= -0.5 - 1e-6) and np.all(
+        inside_ijk[:3].T <= np.asarray(grid.shape[::-1]) - 0.5 + 1e-6
+    )
     scanned = grid.scanned()
     assert scanned[tuple(n // 2 for n in grid.shape)] and not scanned[0, 0, 0]
     # A smooth map in patient space comes back where it was.
@@ -146,7 +155,9 @@ def test_a_double_oblique_scan_goes_to_the_network_upright_and_comes_back_on_its
 
 @pytest.fixture(scope="module")
 def threshold_model(tmp_path_factory):
-    card = ModelCard(name="threshold", patch_size=16, stride=8, spacing_mm=[1.5, 1.5, 1.5], normalization={"method": "percentile"})
+    card = ModelCard(
+        name="threshold", patch_size=16, stride=8, spacing_mm=[1.5, 1.5, 1.5], normalization={"method": "percentile"}
+    )
     return load_model(write_threshold_onnx(tmp_path_factory.mktemp("model") / "threshold.onnx", card))
 
 
@@ -156,8 +167,15 @@ def test_the_pipeline_on_a_turned_phantom_scan(turn, threshold_model):
     shape = (120, 120, 120)
     upright_geometry = Geometry((1.5,) * 3, (-90.0, -90.0, -90.0))
     image, truth = patient_phantom(shape, upright_geometry)
-    scan, moved = turned(Volume(image, upright_geometry), rotation(*turn)), turned(Volume(truth, upright_geometry), rotation(*turn), order=0)
-    result = segment(scan, threshold_model, SegmentOptions(projections=3, closing_radius=2, smoothing_iterations=5, keep_uncertainty=True))
+    scan, moved = (
+        turned(Volume(image, upright_geometry), rotation(*turn)),
+        turned(Volume(truth, upright_geometry), rotation(*turn), order=0),
+    )
+    result = segment(
+        scan,
+        threshold_model,
+        SegmentOptions(projections=3, closing_radius=2, smoothing_iterations=5, keep_uncertainty=True),
+    )
     assert result.report["missing"] == []
     for label, name in BONES.items():
         assert dice(result.labels == label, moved.array == label) > 0.95, name
@@ -186,7 +204,9 @@ def onto_turned_grid(volume: Volume, turn: np.ndarray) -> Volume:
     along = np.abs(direction.T @ geometry.direction_matrix) @ (spacing * shape_ijk) / spacing
     counts = np.ceil(along).astype(int) + 1
     centre = geometry.index_to_lps(((shape_ijk - 1) / 2)[None])[0]
-    target = Geometry(tuple(spacing), tuple(centre - direction @ (spacing * (counts - 1) / 2)), tuple(direction.ravel()))
+    target = Geometry(
+        tuple(spacing), tuple(centre - direction @ (spacing * (counts - 1) / 2)), tuple(direction.ravel())
+    )
     labels = np.zeros(tuple(counts[::-1]), dtype=volume.array.dtype)
     for label in np.unique(volume.array[volume.array > 0]):
         labels[resample_onto(volume.array == label, geometry, target, labels.shape, order=1) >= 0.5] = label
@@ -197,7 +217,10 @@ def onto_turned_grid(volume: Volume, turn: np.ndarray) -> Volume:
 def coarse_truth(sample_labels):
     """The sample's ground truth at every third voxel: about 1.05 mm, so that each turned case runs in seconds."""
     geometry = sample_labels.geometry
-    return Volume(np.ascontiguousarray(sample_labels.array[::3, ::3, ::3]), Geometry(tuple(3 * np.asarray(geometry.spacing)), geometry.origin, geometry.direction))
+    return Volume(
+        np.ascontiguousarray(sample_labels.array[::3, ::3, ::3]),
+        Geometry(tuple(3 * np.asarray(geometry.spacing)), geometry.origin, geometry.direction),
+    )
 
 
 #: Post-processing as a run does it, surfaces left out (they are checked on the turned phantom's whole run).
@@ -226,7 +249,10 @@ def test_the_ground_truth_on_a_turned_grid_gives_the_upright_bones(turn, coarse_
         assert np.bincount(moved.array[result.labels == label], minlength=4).argmax() == label, name
         volume, upright_volume = (r.report["bones"][name]["volume_mm3"] for r in (result, upright_bones))
         assert abs(volume - upright_volume) <= 0.02 * upright_volume, (name, volume, upright_volume)
-        extents = [[bone["extent_mm"][axis] for axis in ("left-right", "anterior-posterior", "superior-inferior")] for bone in (found, upright)]
+        extents = [
+            [bone["extent_mm"][axis] for axis in ("left-right", "anterior-posterior", "superior-inferior")]
+            for bone in (found, upright)
+        ]
         np.testing.assert_allclose(*extents, atol=2.0, err_msg=name)
         assert result.verdict["bones"][name]["verdict"] != FAILED
     assert result.verdict["run"] != FAILED
@@ -238,7 +264,10 @@ def test_a_tibia_beside_a_femur_too_large_to_be_one_is_not_handed_over_as_a_femu
     _, truth = patient_phantom(shape, geometry)
     # A femur merged with what surrounds it (as on thick slices): wider than any femur, so rejected.
     k, j, i = np.indices(shape, dtype=float)
-    x, y, z = (geometry.index_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)) - geometry.index_to_lps([(np.asarray(shape[::-1]) - 1) / 2])).T.reshape(3, *shape)
+    x, y, z = (
+        geometry.index_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+        - geometry.index_to_lps([(np.asarray(shape[::-1]) - 1) / 2])
+    ).T.reshape(3, *shape)
     swollen = ((x / 70) ** 2 + ((y - 10) / 40) ** 2 + ((z - 45) / 40) ** 2) <= 1
     mask = (truth == 2) | (swollen & (z > 20))
     labels, components = label_bones(mask, geometry)
@@ -273,15 +302,21 @@ def upright_run(sample_scan, shipped_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("turn", [("z", 20), ("xy", (20, 25))], ids=_turn_id)
 @pytest.mark.slow
-def test_the_sample_scan_on_turned_grids_gives_the_same_bones(turn, sample_scan, sample_labels, shipped_model, upright_run):
+def test_the_sample_scan_on_turned_grids_gives_the_same_bones(
+    turn, sample_scan, sample_labels, shipped_model, upright_run
+):
     scan, truth = turned(sample_scan, rotation(*turn)), turned(sample_labels, rotation(*turn), order=0)
     result = segment(scan, shipped_model, SAMPLE_OPTIONS)
     assert result.report["missing"] == [], result.report["components"]["rejected"]
-    assert result.verdict["run"] != FAILED and all(bone["verdict"] != FAILED for bone in result.verdict["bones"].values())
+    assert result.verdict["run"] != FAILED and all(
+        bone["verdict"] != FAILED for bone in result.verdict["bones"].values()
+    )
     assert dice(result.labels > 0, truth.array > 0) >= 0.97
     for label, name in BONES.items():
         found = result.labels == label
         # Named as what it is: most of what bears a bone's name is that bone in the moved ground truth.
         assert np.bincount(truth.array[found], minlength=4).argmax() == label, name
         # As good as on the upright scan (a training-scan figure; the patella scores 0.96 there with one projection).
-        assert dice(found, truth.array == label) >= dice(upright_run.labels == label, sample_labels.array == label) - 0.01, name
+        assert (
+            dice(found, truth.array == label) >= dice(upright_run.labels == label, sample_labels.array == label) - 0.01
+        ), name

@@ -9,7 +9,7 @@ import pytest
 from KneeBoneSegLib.cli import build_parser
 from KneeBoneSegLib.errors import InputError
 from KneeBoneSegLib.options import STAGES, SegmentOptions, option_fields, options_from_arguments, options_from_mapping
-from KneeBoneSegLib.slicer.logic import panel_options, panel_parameters
+from KneeBoneSegLib.slicer.panel import panel_options, panel_parameters
 
 
 def test_every_option_has_one_stage_help_and_a_command_that_offers_it():
@@ -17,16 +17,36 @@ def test_every_option_has_one_stage_help_and_a_command_that_offers_it():
         meta = option.metadata
         assert meta["stage"] in STAGES and meta["help"] and meta["commands"], option.name
     assert {option.name for option in option_fields("postprocess")} == {
-        "threshold", "closing_radius", "closing_units", "fill_holes", "smoothing_iterations", "surfaces"
-    }  # fmt: skip
+        "threshold",
+        "closing_radius",
+        "closing_units",
+        "fill_holes",
+        "smoothing_iterations",
+        "surfaces",
+    }
 
 
 def test_the_command_line_offers_each_option_and_reads_back_what_was_given():
     parser = build_parser()
-    arguments = parser.parse_args(["segment", "in.nrrd", "-o", "out", "--projections", "1", "--all-tiles", "--no-fill-holes", "--closing-units", "voxels"])
+    arguments = parser.parse_args(
+        [
+            "segment",
+            "in.nrrd",
+            "-o",
+            "out",
+            "--projections",
+            "1",
+            "--all-tiles",
+            "--no-fill-holes",
+            "--closing-units",
+            "voxels",
+        ]
+    )
     options = options_from_arguments(arguments)
     # Only what was given changes; a unit given without a radius takes that unit's default radius (the paper's 9 voxels).
-    assert options == SegmentOptions(projections=1, skip_air_tiles=False, fill_holes=False, closing_units="voxels", closing_radius=9.0)
+    assert options == SegmentOptions(
+        projections=1, skip_air_tiles=False, fill_holes=False, closing_units="voxels", closing_radius=9.0
+    )
     segment_help = parser._subparsers._group_actions[0].choices["segment"].format_help()
     for option in option_fields():
         flag = option.metadata["flag"] or "--" + option.name.replace("_", "-")
@@ -34,7 +54,9 @@ def test_the_command_line_offers_each_option_and_reads_back_what_was_given():
     post = options_from_arguments(parser.parse_args(["postprocess", "mask.nrrd", "-o", "out", "--threshold", "0.3"]))
     assert post == SegmentOptions(threshold=0.3)
     with pytest.raises(SystemExit):
-        parser.parse_args(["postprocess", "mask.nrrd", "-o", "out", "--projections", "1"])  # a network option means nothing there
+        parser.parse_args(
+            ["postprocess", "mask.nrrd", "-o", "out", "--projections", "1"]
+        )  # a network option means nothing there
 
 
 def test_wrong_values_and_unknown_names_are_refused_in_one_line():
@@ -53,7 +75,9 @@ def test_wrong_values_and_unknown_names_are_refused_in_one_line():
 
 
 def test_a_request_round_trips_through_json_and_the_network_key_holds_only_network_options():
-    options = SegmentOptions(projections=3, fusion="vote", closing_radius=2.0, device="cpu", precision="bf16", model="m.onnx")
+    options = SegmentOptions(
+        projections=3, fusion="vote", closing_radius=2.0, device="cpu", precision="bf16", model="m.onnx"
+    )
     assert options_from_mapping(json.loads(json.dumps(options.to_request()))) == options
     network = dict(options.network_key())
     assert set(network) == {option.name for option in option_fields("network")}
@@ -75,8 +99,12 @@ def test_the_panels_parameters_are_derived_from_the_options():
         if parameter.name == "three_projections":
             continue
         option = options[parameter.name]
-        assert (parameter.kind, parameter.default, parameter.choices) == (option.metadata["kind"], option.default, option.metadata["choices"])
+        assert (parameter.kind, parameter.default, parameter.choices) == (
+            option.metadata["kind"],
+            option.default,
+            option.metadata["choices"],
+        )
     assert panel_options(_ParameterNode()) == SegmentOptions(projections=3)
-    assert panel_options(_ParameterNode(three_projections=False, closing_units="voxels", closing_radius=9.0)) == SegmentOptions(
-        projections=1, closing_units="voxels", closing_radius=9.0
-    )
+    assert panel_options(
+        _ParameterNode(three_projections=False, closing_units="voxels", closing_radius=9.0)
+    ) == SegmentOptions(projections=1, closing_units="voxels", closing_radius=9.0)

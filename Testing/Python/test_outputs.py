@@ -136,7 +136,9 @@ def test_outputs_appear_only_when_the_run_succeeds(tmp_path):
     assert names_in(tmp_path) == ["results"]
 
 
-@pytest.mark.parametrize("stop", [RuntimeError("network failed"), Cancelled("stopped by the user"), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "stop", [RuntimeError("network failed"), Cancelled("stopped by the user"), KeyboardInterrupt()]
+)
 def test_a_failed_or_cancelled_run_leaves_nothing(tmp_path, stop):
     outdir = tmp_path / "results"
 
@@ -293,7 +295,9 @@ def test_refuses_a_read_only_parent(tmp_path):
             pass
         else:
             probe.rmdir()
-            pytest.skip("running with privileges that ignore folder permissions (root): chmod 0o500 does not stop writes")
+            pytest.skip(
+                "running with privileges that ignore folder permissions (root): chmod 0o500 does not stop writes"
+            )
 
         with pytest.raises(OutputError, match="cannot write in") as raised:
             with output_directory(parent / "results"):

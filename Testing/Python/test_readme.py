@@ -35,7 +35,9 @@ def test_readme_tables_are_the_ones_the_benchmark_results_give(readme_tables, re
     standing = readme_tables.readme_tables(readme)
     assert set(standing) == set(readme_tables.TABLES), "the README lacks a generated table's markers"
     for name, table in readme_tables.TABLES.items():
-        assert standing[name] == table(), f"README table {name} is stale: run python bench/readme_tables.py --update README.md"
+        assert standing[name] == table(), (
+            f"README table {name} is stale: run python bench/readme_tables.py --update README.md"
+        )
 
 
 def test_readme_tables_follow_the_results_files(readme_tables, readme, tmp_path):
@@ -62,7 +64,9 @@ def test_each_shipped_card_holds_the_held_out_figures_the_readme_shows(readme_ta
         carded = card.quality["heldout"]
         default_row = measured["variants"][0][0]
         for bone, figures in measured["heldout"][default_row].items():
-            assert carded["metrics"][bone]["dice"] == round(figures["dice"], 4), f"{family} card, {bone}: run heldout_table.py --held-out-from --write-card"
+            assert carded["metrics"][bone]["dice"] == round(figures["dice"], 4), (
+                f"{family} card, {bone}: run heldout_table.py --held-out-from --write-card"
+            )
 
 
 def _subcommands():
@@ -71,12 +75,18 @@ def _subcommands():
 
 
 def test_readme_shows_every_option_of_the_command_line(readme):
-    (block,) = [block for block in re.findall(r"```bash\n(.*?)```", readme, re.S) if "kneeboneseg segment INPUT" in block]
+    (block,) = [
+        block for block in re.findall(r"```bash\n(.*?)```", readme, re.S) if "kneeboneseg segment INPUT" in block
+    ]
     for name, parser in _subcommands().items():
         assert f"kneeboneseg {name} " in block, f"the README's command line lacks kneeboneseg {name}"
         for action in parser._actions:
-            long_options = [option for option in action.option_strings if option.startswith("--") and option != "--help"]
-            if long_options and not any(re.search(rf"{re.escape(option)}\b", block) for option in action.option_strings):
+            long_options = [
+                option for option in action.option_strings if option.startswith("--") and option != "--help"
+            ]
+            if long_options and not any(
+                re.search(rf"{re.escape(option)}\b", block) for option in action.option_strings
+            ):
                 pytest.fail(f"the README's command line lacks {name} {long_options[0]}")
 
 

@@ -16,7 +16,9 @@ def scipy_resample(array, shape, order):
     if order == 1 and np.any(factors < 1):
         sigma = np.sqrt(np.maximum(0.0, 1.0 / factors**2 - 1.0)) / 2.0
         source = ndimage.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
-    return ndimage.zoom(source, factors, order=order, mode="nearest", grid_mode=True, output=array.dtype if order == 0 else np.float32)
+    return ndimage.zoom(
+        source, factors, order=order, mode="nearest", grid_mode=True, output=array.dtype if order == 0 else np.float32
+    )
 
 
 @pytest.mark.parametrize("shape", [(9, 40, 33), (30, 12, 20), (17, 17, 17), (4, 3, 60)])
@@ -51,4 +53,6 @@ def test_the_sample_scan_goes_to_the_model_grid_and_back_as_scipy_would(sample_d
     coarse_shape = grid_shape_for_spacing(crop.shape, volume.geometry.spacing, 0.7)
     coarse = resample_to_shape(crop, coarse_shape)
     np.testing.assert_allclose(coarse, scipy_resample(crop, coarse_shape, 1), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(resample_to_shape(coarse, crop.shape), scipy_resample(coarse, crop.shape, 1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        resample_to_shape(coarse, crop.shape), scipy_resample(coarse, crop.shape, 1), rtol=0, atol=1e-6
+    )

@@ -63,7 +63,10 @@ def test_the_fold_models_reproduce_their_cards_held_out_figures(sample_scan):
     split = (right.card.heldout["from"] + left.card.heldout["to"]) // 2  # where the card's stitching cut
     assert f"at {split}" in card["protocol"]
     probability = np.empty(image.array.shape, np.float32)
-    for model, side, box in ((left, slice(0, split), slice(0, split + MARGIN)), (right, slice(split, None), slice(split - MARGIN, None))):
+    for model, side, box in (
+        (left, slice(0, split), slice(0, split + MARGIN)),
+        (right, slice(split, None), slice(split - MARGIN, None)),
+    ):
         crop = Volume(image.array[..., box], image.geometry.cropped((0, 0, box.start)))
         fused = model.predict(crop, SegmentOptions(projections=3, fusion="or"))
         probability[..., side] = fused[..., side.start - box.start : (side.stop or image.array.shape[2]) - box.start]

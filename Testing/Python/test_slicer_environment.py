@@ -37,7 +37,11 @@ def _installed(folder, distribution, version):
 
 
 def test_supported_slicers_and_their_pythons():
-    assert {version: release["python"] for version, release in SLICER_RELEASES.items()} == {"5.6": "3.9", "5.8": "3.9", "5.10": "3.12"}
+    assert {version: release["python"] for version, release in SLICER_RELEASES.items()} == {
+        "5.6": "3.9",
+        "5.8": "3.9",
+        "5.10": "3.12",
+    }
     for release in SLICER_RELEASES.values():
         assert set(release["shipped"]) == {"numpy", "scipy", "SimpleITK"}
 
@@ -49,7 +53,9 @@ def test_first_use_installs_the_onnx_runtime_not_tensorflow(slicer_version):
     names = {requirement.split("==")[0].lower() for requirement in requirements}
     assert names == {"onnxruntime", "edt", "fill-voids", "connected-components-3d", "slicerio", "tqdm"}
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "torch", "jax", "scikit-image"}
-    assert not names & {name.lower() for name in SLICER_RELEASES[slicer_version]["shipped"]}, "never replace what Slicer ships"
+    assert not names & {name.lower() for name in SLICER_RELEASES[slicer_version]["shipped"]}, (
+        "never replace what Slicer ships"
+    )
     pins, megabytes = install_plan(dict.fromkeys(names, "not installed"), python)
     assert sorted(pins) == sorted(requirements) and 20 < megabytes < 60
 
@@ -64,7 +70,12 @@ def test_python_39_gets_the_last_releases_that_support_it():
 def test_problems_name_missing_and_too_old_packages(tmp_path):
     site = tmp_path / "site-packages"
     _installed(site, "slicerio", "1.0.0")  # as another extension may have left it
-    for name, version in (("edt", "3.1.2"), ("fill-voids", "2.1.2"), ("connected-components-3d", "4.1.1"), ("tqdm", "4.66.1")):
+    for name, version in (
+        ("edt", "3.1.2"),
+        ("fill-voids", "2.1.2"),
+        ("connected-components-3d", "4.1.1"),
+        ("tqdm", "4.66.1"),
+    ):
         _installed(site, name, version)
     problems = requirement_problems([str(site)])
     assert problems == {
@@ -75,7 +86,9 @@ def test_problems_name_missing_and_too_old_packages(tmp_path):
     assert [pin.split("==")[0] for pin in pins] == ["onnxruntime", "slicerio"]
 
     _installed(site, "onnxruntime", "1.19.2")
-    (site / "slicerio-1.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: slicerio\nVersion: 1.4.0\n")
+    (site / "slicerio-1.0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: slicerio\nVersion: 1.4.0\n"
+    )
     assert requirement_problems([str(site)]) == {}
     assert installed_version("SlicerIO", [str(site)]) == "1.4.0"
 
@@ -161,7 +174,9 @@ def test_ci_reads_the_versions_from_here(capsys):
         shipped_requirements("5.2")
 
 
-@pytest.mark.skipif("KNEEBONESEG_SLICER" not in os.environ, reason="only in CI's stand-ins for Slicer's Python (.ci/slicer_python.sh)")
+@pytest.mark.skipif(
+    "KNEEBONESEG_SLICER" not in os.environ, reason="only in CI's stand-ins for Slicer's Python (.ci/slicer_python.sh)"
+)
 def test_this_environment_is_the_slicer_it_stands_in_for():
     release = SLICER_RELEASES[os.environ["KNEEBONESEG_SLICER"]]
     assert sys.version_info[:2] == version_tuple(release["python"])
@@ -177,7 +192,11 @@ def test_minimum_versions_are_the_packages_dependencies():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
-    dependencies = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)",?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M))
+    dependencies = dict(
+        re.findall(
+            r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)",?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M
+        )
+    )
     for requirement in FIRST_USE:
         assert dependencies[requirement.distribution] == requirement.minimum, requirement.distribution
 
@@ -190,8 +209,12 @@ def test_the_module_files_import_before_the_first_use_install():
     from KneeBoneSegLib.slicer.environment import FIRST_USE
 
     absent = [requirement.import_name for requirement in FIRST_USE]
-    modules = ["cli", "slicer.logic", "slicer.environment", "slicer.gui", "slicer.sampledata", "slicer.worker"] + (["slicer.mrml"] if _has_mrml() else [])
-    code = f"import sys\nfor name in {absent!r}: sys.modules[name] = None\n" + "".join(f"import KneeBoneSegLib.{name}\n" for name in modules)
+    modules = ["cli", "slicer.logic", "slicer.environment", "slicer.gui", "slicer.sampledata", "slicer.worker"] + (
+        ["slicer.mrml"] if _has_mrml() else []
+    )
+    code = f"import sys\nfor name in {absent!r}: sys.modules[name] = None\n" + "".join(
+        f"import KneeBoneSegLib.{name}\n" for name in modules
+    )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr.strip().splitlines()[-1]
 

@@ -77,7 +77,7 @@ def test_every_widget_the_module_uses_is_in_the_ui(module_tree, ui_widgets):
 
 def test_ui_widgets_show_parameters_of_the_parameter_node(ui_widgets):
     """The module builds its parameter node from the library's panel_parameters(); the .ui binds widgets to them."""
-    from KneeBoneSegLib.slicer.logic import panel_parameters
+    from KneeBoneSegLib.slicer.panel import panel_parameters
 
     kinds = {parameter.name: parameter.kind.__name__ for parameter in panel_parameters()}
     kinds.update(inputVolume="vtkMRMLScalarVolumeNode", outputSegmentation="vtkMRMLSegmentationNode")
@@ -88,7 +88,9 @@ def test_ui_widgets_show_parameters_of_the_parameter_node(ui_widgets):
                 bound[prop.find("string").text] = widget.get("class")
     for parameter, widget_class in bound.items():
         assert parameter in kinds, f"the .ui binds '{parameter}', which the parameter node lacks"
-        assert widget_class in CONNECTABLE[kinds[parameter]], f"{parameter}: {widget_class} cannot show {kinds[parameter]}"
+        assert widget_class in CONNECTABLE[kinds[parameter]], (
+            f"{parameter}: {widget_class} cannot show {kinds[parameter]}"
+        )
     # Every parameter is shown; the model path's widget is set by the panel (a ctkPathLineEdit has no connector).
     assert set(kinds) - set(bound) == {"model"}
 
@@ -111,16 +113,26 @@ def test_logic_offers_the_documented_console_api(module_tree):
 
     # Every option of the library by its name (options_from_mapping refuses others).
     segment = _method(logic, "segment")
-    assert [argument.arg for argument in segment.args.args] == ["self", "volumeNode", "segmentationNode"] and segment.args.kwarg.arg == "options"
+    assert [argument.arg for argument in segment.args.args] == [
+        "self",
+        "volumeNode",
+        "segmentationNode",
+    ] and segment.args.kwarg.arg == "options"
     assert "options_from_mapping" in _calls(segment) and ast.get_docstring(segment)
 
     export = _method(logic, "exportSTL")
     assert [argument.arg for argument in export.args.args] == ["self", "segmentationNode", "folder"]
     assert ast.get_docstring(export)
 
-    for name, base in (("KneeBoneSeg", "ScriptedLoadableModule"), ("KneeBoneSegWidget", "ScriptedLoadableModuleWidget"), ("KneeBoneSegTest", "ScriptedLoadableModuleTest")):
+    for name, base in (
+        ("KneeBoneSeg", "ScriptedLoadableModule"),
+        ("KneeBoneSegWidget", "ScriptedLoadableModuleWidget"),
+        ("KneeBoneSegTest", "ScriptedLoadableModuleTest"),
+    ):
         assert base in [getattr(b, "id", None) for b in _class(module_tree, name).bases]
-    assert "runTest" in {node.name for node in _class(module_tree, "KneeBoneSegTest").body if isinstance(node, ast.FunctionDef)}
+    assert "runTest" in {
+        node.name for node in _class(module_tree, "KneeBoneSegTest").body if isinstance(node, ast.FunctionDef)
+    }
 
 
 def test_module_cmake_lists_every_module_file():
@@ -128,7 +140,9 @@ def test_module_cmake_lists_every_module_file():
     scripts = set(lists["MODULE_PYTHON_SCRIPTS"])
     resources = set(lists["MODULE_PYTHON_RESOURCES"])
     on_disk_scripts = {path.relative_to(MODULE_DIR).as_posix() for path in MODULE_DIR.glob("*.py")}
-    on_disk_resources = {path.relative_to(MODULE_DIR).as_posix() for path in (MODULE_DIR / "Resources").rglob("*") if path.is_file()}
+    on_disk_resources = {
+        path.relative_to(MODULE_DIR).as_posix() for path in (MODULE_DIR / "Resources").rglob("*") if path.is_file()
+    }
     assert scripts == on_disk_scripts
     assert resources == on_disk_resources
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
@@ -191,11 +205,15 @@ def test_slicer_docs_show_what_exists(module_tree):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (ROOT / image).is_file(), image
-    logic_methods = {node.name for node in _class(module_tree, "KneeBoneSegLogic").body if isinstance(node, ast.FunctionDef)}
+    logic_methods = {
+        node.name for node in _class(module_tree, "KneeBoneSegLogic").body if isinstance(node, ast.FunctionDef)
+    }
     called = set(re.findall(r"\blogic\.(\w+)\(", text))
     assert {"segment", "exportSTL"} <= called <= logic_methods
     assert 'getModuleLogic("KneeBoneSeg")' in text
-    assert "--python-code" in (ROOT / "docs" / "slicer.md").read_text(encoding="utf-8"), "say how to run the self-test without the main window"
+    assert "--python-code" in (ROOT / "docs" / "slicer.md").read_text(encoding="utf-8"), (
+        "say how to run the self-test without the main window"
+    )
 
 
 # The widget needs the Slicer application, so what it decides lives in the
@@ -260,21 +278,35 @@ def test_each_panel_event_goes_to_the_library_call_that_decides_it(module_tree):
     for (cls, name), calls in wiring.items():
         assert calls <= set(_calls(_method(cls, name))), f"{cls.name}.{name} must call {calls}"
     # A run's results go to the nodes it started with, never to what the selectors show when it ends.
-    finish = [node for node in ast.walk(_method(widget, "onPollRun")) if isinstance(node, ast.Call) and _dotted(node.func) == "self.logic.finishRun"]
+    finish = [
+        node
+        for node in ast.walk(_method(widget, "onPollRun"))
+        if isinstance(node, ast.Call) and _dotted(node.func) == "self.logic.finishRun"
+    ]
     assert [ast.unparse(call) for call in finish] == ["self.logic.finishRun(run)"]
     # The widgets are bound once per parameter node (KneeBoneSegLib.slicer.gui), never by connectGui, whose tag
     # Slicer 5.6 and 5.8 do not return; re-apply follows the signals the library names (no combo box refill).
     source = MODULE_SOURCE.read_text(encoding="utf-8")
     assert "connectGui(" not in source and "disconnectGui(" not in source
-    assert "getattr(self.ui, name).connect(signal, self.onPostprocessingSettingChanged)" in ast.unparse(_method(widget, "setup"))
-    assert "onPostprocessingSettingChanged" not in re.sub(r"getattr\(self\.ui, name\)\.connect\(signal, self\.onPostprocessingSettingChanged\)|def onPostprocessingSettingChanged", "", source)
+    assert "getattr(self.ui, name).connect(signal, self.onPostprocessingSettingChanged)" in ast.unparse(
+        _method(widget, "setup")
+    )
+    assert "onPostprocessingSettingChanged" not in re.sub(
+        r"getattr\(self\.ui, name\)\.connect\(signal, self\.onPostprocessingSettingChanged\)|def onPostprocessingSettingChanged",
+        "",
+        source,
+    )
     # Work is polled from a Qt timer: a reader thread starves under PythonQt.
     assert "threading" not in MODULE_SOURCE.read_text(encoding="utf-8")
-    assert 'slicer.app.connect("aboutToQuit()", self.close)' in ast.unparse(_method(logic, "__init__")).replace("'", '"')
+    assert 'slicer.app.connect("aboutToQuit()", self.close)' in ast.unparse(_method(logic, "__init__")).replace(
+        "'", '"'
+    )
 
 
 def test_self_test_without_the_sample_passes_and_says_so(module_tree):
-    assert "skipTest" not in MODULE_SOURCE.read_text(encoding="utf-8") and "SkipTest" not in MODULE_SOURCE.read_text(encoding="utf-8")
+    assert "skipTest" not in MODULE_SOURCE.read_text(encoding="utf-8") and "SkipTest" not in MODULE_SOURCE.read_text(
+        encoding="utf-8"
+    )
     run_test = _method(_class(module_tree, "KneeBoneSegTest"), "runTest")
     first = run_test.body[0]
     assert isinstance(first, ast.If) and ast.unparse(first.test) == "sampleDataFolder() is None"
@@ -284,7 +316,9 @@ def test_self_test_without_the_sample_passes_and_says_so(module_tree):
 
 def test_stl_export_starts_in_a_real_folder_and_remembers_it(module_tree):
     widget = _class(module_tree, "KneeBoneSegWidget")
-    assert ("self.ui.exportDirectoryButton.directory", "str(self.logic.defaultExportFolder())") in _assigned(_method(widget, "setup"))
+    assert ("self.ui.exportDirectoryButton.directory", "str(self.logic.defaultExportFolder())") in _assigned(
+        _method(widget, "setup")
+    )
     export = ast.unparse(_method(widget, "onExportSTLButton"))
     assert "qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)" in export
     assert "export_folder" in _calls(_method(_class(module_tree, "KneeBoneSegLogic"), "defaultExportFolder"))
@@ -299,7 +333,10 @@ def test_the_terminology_the_segments_name_is_shipped_and_loaded(module_tree):
     assert f"Resources/Terminologies/{name}" in _cmake_lists(MODULE_DIR / "CMakeLists.txt")["MODULE_PYTHON_RESOURCES"]
     import json
 
-    assert json.loads(path.read_text(encoding="utf-8"))["SegmentationCategoryTypeContextName"] == SLICER_TERMINOLOGY_CONTEXT
+    assert (
+        json.loads(path.read_text(encoding="utf-8"))["SegmentationCategoryTypeContextName"]
+        == SLICER_TERMINOLOGY_CONTEXT
+    )
     assert 'slicer.app.connect("startupCompleted()", loadTerminology)' in source
     assert "loadTerminology" in _calls(_method(_class(module_tree, "KneeBoneSegWidget"), "setup"))
 
@@ -308,18 +345,28 @@ def test_extensions_index_reads_literal_urls_and_a_matching_licence():
     text = (ROOT / "CMakeLists.txt").read_text()
     for variable in ("HOMEPAGE", "ICONURL", "SCREENSHOTURLS"):
         (value,) = re.findall(rf'set\(EXTENSION_{variable} "([^"]*)"\)', text)
-        assert re.fullmatch(r"https://[^\s${}]+", value), f"EXTENSION_{variable} must be a literal https:// URL, not {value!r}"
+        assert re.fullmatch(r"https://[^\s${}]+", value), (
+            f"EXTENSION_{variable} must be a literal https:// URL, not {value!r}"
+        )
     licence = (ROOT / "LICENSE").read_text(encoding="utf-8")
     declared = re.search(r'license = \{ text = "([^"]+)" \}', (ROOT / "pyproject.toml").read_text()).group(1)
     assert declared == "Apache-2.0"
     assert "Apache License" in licence.splitlines()[0] and "Version 2.0, January 2004" in licence
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in licence
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "Slicer" in readme and re.search(r"Extensions Index.*?prefix|prefix.*?Extensions Index", readme, re.S), "say how the repository name meets the index's naming rule"
+    assert "Slicer" in readme and re.search(r"Extensions Index.*?prefix|prefix.*?Extensions Index", readme, re.S), (
+        "say how the repository name meets the index's naming rule"
+    )
 
 
 def test_sample_data_assembles_the_public_dataset_with_the_library_command(module_tree):
-    register = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData")
+    register = next(
+        node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData"
+    )
     assert "sample_data_source" in _calls(register) and "customDownloader=loadSampleScan" in ast.unparse(register)
-    load = next(node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadSampleScan")
-    assert "backgroundRuns().assemble_sample" in _calls(load)  # the library's worker helper, tested in test_slicer_logic
+    load = next(
+        node for node in module_tree.body if isinstance(node, ast.FunctionDef) and node.name == "loadSampleScan"
+    )
+    assert "backgroundRuns().assemble_sample" in _calls(
+        load
+    )  # the library's worker helper, tested in test_slicer_logic

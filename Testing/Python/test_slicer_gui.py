@@ -29,9 +29,13 @@ from KneeBoneSegLib.slicer.gui import (  # noqa: E402
     ParameterGuiBinding,
     parameter_widgets,
 )
-from KneeBoneSegLib.slicer.logic import panel_parameters  # noqa: E402
+from KneeBoneSegLib.slicer.panel import panel_parameters  # noqa: E402
 
-CHOICES = {parameter.name: [str(choice) for choice in parameter.choices] for parameter in panel_parameters() if parameter.choices}
+CHOICES = {
+    parameter.name: [str(choice) for choice in parameter.choices]
+    for parameter in panel_parameters()
+    if parameter.choices
+}
 DEFAULTS = {parameter.name: str(parameter.default) for parameter in panel_parameters() if parameter.choices}
 
 

@@ -22,12 +22,15 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import vtk  # noqa: E402
 
 from KneeBoneSegLib.options import SegmentOptions  # noqa: E402
-from KneeBoneSegLib.slicer.logic import SegmentationRuns, export_folder  # noqa: E402
+from KneeBoneSegLib.slicer.logic import SegmentationRuns  # noqa: E402
 from KneeBoneSegLib.slicer.mrml import volume_from_node, volume_to_node  # noqa: E402
+from KneeBoneSegLib.slicer.panel import export_folder  # noqa: E402
 from KneeBoneSegLib.volume import Volume  # noqa: E402
 
 LIBRARY_FOLDER = str(Path(__file__).resolve().parents[2])
-OPTIONS = SegmentOptions(projections=1, fusion="or", closing_radius=1.0, closing_units="voxels", smoothing_iterations=2, device="cpu")
+OPTIONS = SegmentOptions(
+    projections=1, fusion="or", closing_radius=1.0, closing_units="voxels", smoothing_iterations=2, device="cpu"
+)
 
 
 def _work_folders(folder: Path) -> list:
@@ -36,7 +39,9 @@ def _work_folders(folder: Path) -> list:
 
 def _phantom_volume(scene, name, origin_shift=0.0):
     image, _, geometry = knee_phantom(shape=(52, 48, 48))  # wider than one 64^3 sub-volume on the model's 0.7 mm grid
-    geometry = type(geometry)(geometry.spacing, tuple(np.add(geometry.origin, (origin_shift, 0.0, 0.0))), geometry.direction)
+    geometry = type(geometry)(
+        geometry.spacing, tuple(np.add(geometry.origin, (origin_shift, 0.0, 0.0))), geometry.direction
+    )
     return volume_to_node(Volume(image, geometry), scene, name)
 
 
@@ -55,7 +60,17 @@ def segmented(tmp_path_factory):
     run.worker.wait()
     assert run.worker.error is None, run.worker.error
     node = runs.finish(run, scene)
-    return {"scene": scene, "runs": runs, "knee": knee, "other": other, "target": target, "node": node, "temporary": temporary, "progress": progress, "run": run}
+    return {
+        "scene": scene,
+        "runs": runs,
+        "knee": knee,
+        "other": other,
+        "target": target,
+        "node": node,
+        "temporary": temporary,
+        "progress": progress,
+        "run": run,
+    }
 
 
 @pytest.mark.slow
@@ -81,7 +96,9 @@ def test_kept_network_output_is_reused_only_while_the_volume_stays_where_it_was(
     # By construction: an option of the network's stage forces a new network run, one of the later stages does not.
     assert not runs.can_reuse(knee, OPTIONS.with_values(projections=3))
     assert not runs.can_reuse(knee, OPTIONS.with_values(precision="bf16"))
-    assert runs.can_reuse(knee, OPTIONS.with_values(closing_radius=3.0, smoothing_iterations=5, threshold=0.4, device="auto", threads=1))
+    assert runs.can_reuse(
+        knee, OPTIONS.with_values(closing_radius=3.0, smoothing_iterations=5, threshold=0.4, device="auto", threads=1)
+    )
     assert not runs.can_reuse(segmented["other"], OPTIONS)
 
     origin = knee.GetOrigin()
@@ -119,11 +136,17 @@ def test_postprocessing_is_reapplied_only_when_it_changed_for_the_bones_it_made(
     assert not runs.reapplies(knee, target, OPTIONS), "the bones were made with these options"
     assert runs.reapplies(knee, target, OPTIONS.with_values(closing_radius=2.0))
     assert runs.reapplies(knee, target, OPTIONS.with_values(smoothing_iterations=5))
-    assert not runs.reapplies(knee, target, OPTIONS.with_values(device="auto", threads=1)), "a run option changes no bone"
-    assert not runs.reapplies(knee, target, OPTIONS.with_values(closing_radius=2.0, projections=3)), "a network option needs the network"
+    assert not runs.reapplies(knee, target, OPTIONS.with_values(device="auto", threads=1)), (
+        "a run option changes no bone"
+    )
+    assert not runs.reapplies(knee, target, OPTIONS.with_values(closing_radius=2.0, projections=3)), (
+        "a network option needs the network"
+    )
     assert not runs.reapplies(segmented["other"], target, OPTIONS.with_values(closing_radius=2.0))
     elsewhere = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "the user's own")
-    assert not runs.reapplies(knee, elsewhere, OPTIONS.with_values(closing_radius=2.0)), "only the segmentation the bones went to"
+    assert not runs.reapplies(knee, elsewhere, OPTIONS.with_values(closing_radius=2.0)), (
+        "only the segmentation the bones went to"
+    )
     assert not runs.reapplies(knee, None, OPTIONS.with_values(closing_radius=2.0))
     scene.RemoveNode(elsewhere)
 
@@ -202,7 +225,11 @@ def test_reapplying_postprocessing_reuses_the_kept_output_and_cleans_up(segmente
     reapplied.worker.wait()
     orphaned.worker.wait()
     node = runs.finish(reapplied, scene)
-    assert node.GetName() == "knee bones" and node.GetScene() is scene and node.GetSegmentation().GetNumberOfSegments() >= 1
+    assert (
+        node.GetName() == "knee bones"
+        and node.GetScene() is scene
+        and node.GetSegmentation().GetNumberOfSegments() >= 1
+    )
     # The kept output now stands for the re-applied bones in the new node.
     assert not runs.reapplies(knee, node, OPTIONS.with_values(closing_radius=0.0, smoothing_iterations=0))
     assert runs.reapplies(knee, node, OPTIONS)
@@ -252,8 +279,12 @@ def test_a_batch_of_two_cases_ends_in_a_table_whose_rows_load_each_case(tmp_path
     (tmp_path / "temp").mkdir()
     runs = SegmentationRuns([sys.executable], LIBRARY_FOLDER, str(tmp_path / "temp"))
     stages = []
-    worker = runs.start_batch([str(tmp_path / "knee-a.nrrd"), str(tmp_path / "knee-b.nrrd")], str(tmp_path / "cohort"), OPTIONS,
-                              on_progress=lambda stage, fraction: stages.append(fraction))  # fmt: skip
+    worker = runs.start_batch(
+        [str(tmp_path / "knee-a.nrrd"), str(tmp_path / "knee-b.nrrd")],
+        str(tmp_path / "cohort"),
+        OPTIONS,
+        on_progress=lambda stage, fraction: stages.append(fraction),
+    )
     worker.wait()
     scene = slicer.vtkMRMLScene()
     table = finish_batch(worker, scene)
@@ -267,7 +298,10 @@ def test_a_batch_of_two_cases_ends_in_a_table_whose_rows_load_each_case(tmp_path
 
     # Each click on a row (a double-click's first one too) shows the case; it is loaded once.
     def counts():
-        return [scene.GetNodesByClass(name).GetNumberOfItems() for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")]
+        return [
+            scene.GetNodesByClass(name).GetNumberOfItems()
+            for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")
+        ]
 
     loaded = counts()
     assert load_case(scene, table, 1) == (volume_node, segmentation) and counts() == loaded
@@ -275,7 +309,11 @@ def test_a_batch_of_two_cases_ends_in_a_table_whose_rows_load_each_case(tmp_path
     assert other_volume.GetName() == "knee-a" and counts() == [loaded[0] + 1, loaded[1] + 1]
     scene.RemoveNode(segmentation)  # half a case is loaded whole again, without a second volume
     again = load_case(scene, table, 1)
-    assert again[0].GetName() == "knee-b" and again[1].GetName() == "knee-b bones" and counts() == [loaded[0] + 1, loaded[1] + 1]
+    assert (
+        again[0].GetName() == "knee-b"
+        and again[1].GetName() == "knee-b bones"
+        and counts() == [loaded[0] + 1, loaded[1] + 1]
+    )
 
 
 def test_the_cases_table_uses_no_deprecated_call(tmp_path):

@@ -13,7 +13,7 @@ import itertools
 import pytest
 
 from KneeBoneSegLib.errors import InputError
-from KneeBoneSegLib.slicer.logic import batch_folders, device_description, panel_state
+from KneeBoneSegLib.slicer.panel import batch_folders, device_description, panel_state
 
 MOMENTS = [
     dict(zip(("has_input", "has_output", "running", "installing", "can_reuse"), values))
@@ -36,7 +36,10 @@ def test_the_segment_button_says_what_it_will_do():
     assert "input volume" in panel_state(has_input=False, can_reuse=False, **idle).segment_tooltip
     assert "Run the network" in panel_state(has_input=True, can_reuse=False, **idle).segment_tooltip
     assert "Re-apply closing and smoothing" in panel_state(has_input=True, can_reuse=True, **idle).segment_tooltip
-    assert "Installing" in panel_state(has_input=True, has_output=False, running=False, installing=True, can_reuse=True).segment_tooltip
+    assert (
+        "Installing"
+        in panel_state(has_input=True, has_output=False, running=False, installing=True, can_reuse=True).segment_tooltip
+    )
 
 
 def test_the_device_line_says_where_the_next_run_computes():
@@ -50,7 +53,12 @@ def test_a_batch_without_chosen_folders_is_refused_in_one_line(tmp_path, monkeyp
     """ctkDirectoryButton shows "." until a folder is chosen: the batch must not take Slicer's working directory."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "scans").mkdir()
-    for scans, results in ((".", "."), ("", str(tmp_path / "out")), (str(tmp_path / "scans"), "."), ("scans", str(tmp_path / "out"))):
+    for scans, results in (
+        (".", "."),
+        ("", str(tmp_path / "out")),
+        (str(tmp_path / "scans"), "."),
+        ("scans", str(tmp_path / "out")),
+    ):
         with pytest.raises(InputError, match="^choose the folder of scans and the folder for the results first$"):
             batch_folders(scans, results)
     with pytest.raises(InputError, match="does not exist"):

@@ -36,7 +36,7 @@ def test_registering_the_sample_and_building_the_panel_import_nothing_heavy(tmp_
     script = (
         "import json, os, sys\n"
         "from KneeBoneSegLib.slicer.sampledata import sample_data_source\n"
-        "from KneeBoneSegLib.slicer.logic import panel_parameters\n"
+        "from KneeBoneSegLib.slicer.panel import panel_parameters\n"
         f"sample_data_source(os.environ, {str(tmp_path)!r}, 'icon.png'); panel_parameters()\n"
         "print(json.dumps(sorted(m for m in ('numpy', 'SimpleITK', 'scipy', 'vtk', 'slicer') if m in sys.modules)))\n"
     )
@@ -77,4 +77,7 @@ def test_a_complete_sample_folder_in_the_environment_comes_first(tmp_path):
     assert sample_folder({SAMPLE_DIR_ENV: str(own)}, str(tmp_path / "cache")) is None
     _write_sample(own)
     assert sample_folder({SAMPLE_DIR_ENV: str(own)}, str(tmp_path / "cache")) == own
-    assert sample_data_source({SAMPLE_DIR_ENV: str(own)}, str(tmp_path / "cache"), "icon.png")["uris"] == (own / SAMPLE_FILES[0]).as_uri()
+    assert (
+        sample_data_source({SAMPLE_DIR_ENV: str(own)}, str(tmp_path / "cache"), "icon.png")["uris"]
+        == (own / SAMPLE_FILES[0]).as_uri()
+    )

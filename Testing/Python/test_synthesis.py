@@ -89,7 +89,9 @@ def test_each_structure_gets_its_own_intensity_a_dark_cortex_and_air_beyond_the_
     labels, is_bone, depth, body = _square_bone_and_cartilage()
     image = synthesize_crop(labels, is_bone, depth, body, (1.0, 1.0), PLAIN, rng)
     marrow, cartilage = image[24:40, 24:40], image[20:44, 49:51]
-    assert np.ptp(marrow) == 0 and np.ptp(cartilage) < 0.1, "no spread: one intensity per structure (cortex noise aside)"
+    assert np.ptp(marrow) == 0 and np.ptp(cartilage) < 0.1, (
+        "no spread: one intensity per structure (cortex noise aside)"
+    )
     cortex = image[labels == 1][depth[labels == 1] < PLAIN.cortex_mm[0]]
     assert cortex.max() < PLAIN.cortex_intensity[1] + 0.1
     air = image[body > PLAIN.body_margin_mm[1] * 1.3]
@@ -138,7 +140,9 @@ def test_synthetic_crops_carry_the_maps_bone_and_replay_from_their_state():
     sampler = SyntheticSliceSampler([label_map], 16, 0.5, replace(PLAIN, elastic_mm=2.0), seed=0)
     images, targets = sampler.batch(12)
     assert images.shape == (12, 16, 16, 1) and targets.shape == (12, 16, 16, 1)
-    assert 0.0 <= targets.min() and targets.max() <= 1.0 and 0.05 < targets.mean() < 0.95, "boundary crops hold bone and not bone"
+    assert 0.0 <= targets.min() and targets.max() <= 1.0 and 0.05 < targets.mean() < 0.95, (
+        "boundary crops hold bone and not bone"
+    )
     state = sampler.state
     first = sampler.batch(4)
     sampler.set_state(state)
@@ -174,17 +178,38 @@ def test_the_command_line_takes_label_maps_their_bones_and_the_ratio(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    arguments = ["-o", str(tmp_path / "m.keras"), "--architecture", "slices", "--synthetic-map", "a.nrrd", "5,6,7",
-                 "--synthetic-map", "b.nrrd", "all", "--synthetic-fraction", "1"]
+    arguments = [
+        "-o",
+        str(tmp_path / "m.keras"),
+        "--architecture",
+        "slices",
+        "--synthetic-map",
+        "a.nrrd",
+        "5,6,7",
+        "--synthetic-map",
+        "b.nrrd",
+        "all",
+        "--synthetic-fraction",
+        "1",
+    ]
     config = config_from_args(parser.parse_args(arguments))
     assert config.images == [] and config.synthetic_maps == [(Path("a.nrrd"), (5, 6, 7)), (Path("b.nrrd"), None)]
     rebuilt = config_from_args(parser.parse_args(__import__("shlex").split(command_line(config))[2:]))
     assert rebuilt.synthetic_maps == config.synthetic_maps and rebuilt.synthetic_fraction == 1.0
     # The generator's settings: some overridden as JSON, recorded in the command, read back the same.
-    decoys = config_from_args(parser.parse_args([*arguments, "--synthesis", '{"tissue_lines": 0.5, "line_mm": [0.2, 0.4], "augmentation": {"noise": 0.1}}']))
-    assert decoys.synthesis == replace(Synthesis(), tissue_lines=0.5, line_mm=(0.2, 0.4), augmentation=replace(Synthesis().augmentation, noise=0.1))
+    decoys = config_from_args(
+        parser.parse_args(
+            [*arguments, "--synthesis", '{"tissue_lines": 0.5, "line_mm": [0.2, 0.4], "augmentation": {"noise": 0.1}}']
+        )
+    )
+    assert decoys.synthesis == replace(
+        Synthesis(), tissue_lines=0.5, line_mm=(0.2, 0.4), augmentation=replace(Synthesis().augmentation, noise=0.1)
+    )
     assert "--synthesis" in command_line(decoys) and "--synthesis" not in command_line(config)
-    assert config_from_args(parser.parse_args(__import__("shlex").split(command_line(decoys))[2:])).synthesis == decoys.synthesis
+    assert (
+        config_from_args(parser.parse_args(__import__("shlex").split(command_line(decoys))[2:])).synthesis
+        == decoys.synthesis
+    )
     with pytest.raises(SystemExit):
         parser.parse_args([*arguments, "--synthesis", '{"tissue_line": 0.5}'])
     with pytest.raises(SystemExit):
@@ -195,12 +220,29 @@ def test_the_command_line_takes_label_maps_their_bones_and_the_ratio(tmp_path):
             config_from_args(parser.parse_args([*pairs, "-o", str(tmp_path / "m.keras"), *extra]))
         return str(error.value)
 
-    assert "IMAGE LABELS" in refused("--architecture", "slices", "--synthetic-map", "a.nrrd", "all", "--synthetic-fraction", "0.5")
-    assert "both or neither" in refused("--architecture", "slices", "--synthetic-fraction", "0.5", pairs=("i.nrrd", "l.nrrd"))
-    assert "both or neither" in refused("--architecture", "slices", "--synthetic-map", "a.nrrd", "all", pairs=("i.nrrd", "l.nrrd"))
-    assert "--architecture slices" in refused("--synthetic-map", "a.nrrd", "all", "--synthetic-fraction", "0.5", pairs=("i.nrrd", "l.nrrd"))
-    assert "integers" in refused("--architecture", "slices", "--synthetic-map", "a.nrrd", "femur", "--synthetic-fraction", "1")
-    unknown = TrainingConfig(images=[], labels=[], output=tmp_path / "m.keras", architecture="unet9", synthetic_maps=[("a.nrrd", None)], synthetic_fraction=1.0)
+    assert "IMAGE LABELS" in refused(
+        "--architecture", "slices", "--synthetic-map", "a.nrrd", "all", "--synthetic-fraction", "0.5"
+    )
+    assert "both or neither" in refused(
+        "--architecture", "slices", "--synthetic-fraction", "0.5", pairs=("i.nrrd", "l.nrrd")
+    )
+    assert "both or neither" in refused(
+        "--architecture", "slices", "--synthetic-map", "a.nrrd", "all", pairs=("i.nrrd", "l.nrrd")
+    )
+    assert "--architecture slices" in refused(
+        "--synthetic-map", "a.nrrd", "all", "--synthetic-fraction", "0.5", pairs=("i.nrrd", "l.nrrd")
+    )
+    assert "integers" in refused(
+        "--architecture", "slices", "--synthetic-map", "a.nrrd", "femur", "--synthetic-fraction", "1"
+    )
+    unknown = TrainingConfig(
+        images=[],
+        labels=[],
+        output=tmp_path / "m.keras",
+        architecture="unet9",
+        synthetic_maps=[("a.nrrd", None)],
+        synthetic_fraction=1.0,
+    )
     with pytest.raises(InputError, match="architecture must be one of"):
         unknown.validate()
     assert TrainingConfig(images=[], labels=[], output=tmp_path / "m.keras").synthetic_fraction == 0.0
@@ -219,10 +261,24 @@ def test_a_fold_trained_on_synthetic_images_alone_never_reads_the_real_image(tmp
     write_volume(_other_knee(), tmp_path / "other.nrrd")
     (tmp_path / "image.nrrd").write_text("not an image: never read")
     config = TrainingConfig(
-        images=[tmp_path / "image.nrrd"], labels=[tmp_path / "labels.nrrd"], output=tmp_path / "fold.keras", architecture="slices",
-        base_filters=4, depth=2, patch_size=16, stride=16, spacing_mm=1.0, epochs=2, steps_per_epoch=2, batch_size=4, validation_patches=4,
-        train_range_i=(0, 30), synthetic_maps=[(tmp_path / "other.nrrd", (5, 6, 7))], synthetic_fraction=1.0,
-        synthesize_training_labels=True, progress_bar=False,
+        images=[tmp_path / "image.nrrd"],
+        labels=[tmp_path / "labels.nrrd"],
+        output=tmp_path / "fold.keras",
+        architecture="slices",
+        base_filters=4,
+        depth=2,
+        patch_size=16,
+        stride=16,
+        spacing_mm=1.0,
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=4,
+        validation_patches=4,
+        train_range_i=(0, 30),
+        synthetic_maps=[(tmp_path / "other.nrrd", (5, 6, 7))],
+        synthetic_fraction=1.0,
+        synthesize_training_labels=True,
+        progress_bar=False,
     )
     result = train(config)
     training = result.card.training
@@ -232,4 +288,7 @@ def test_a_fold_trained_on_synthetic_images_alone_never_reads_the_real_image(tmp
     assert all(len(m["sha256"]) == 64 for m in maps) and training["synthesis"]["fraction"] == 1.0
     assert tuple(training["synthesis"]["settings"]["cortex_mm"]) == Synthesis().cortex_mm
     assert result.card.heldout == {"axis": "i", "from": 30, "to": 48}
-    assert "--synthetic-map other.nrrd 5,6,7" in training["command"] and "--synthesize-training-labels True" in training["command"]
+    assert (
+        "--synthetic-map other.nrrd 5,6,7" in training["command"]
+        and "--synthesize-training-labels True" in training["command"]
+    )

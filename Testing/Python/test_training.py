@@ -37,7 +37,10 @@ def training_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("training_pair")
     sample = os.environ.get(SAMPLE_ENV)
     if sample and (Path(sample) / "knee_mri.nrrd").is_file():
-        image, labels = read_volume(Path(sample) / "knee_mri.nrrd"), read_volume(Path(sample) / "knee_bones_labels.nrrd")
+        image, labels = (
+            read_volume(Path(sample) / "knee_mri.nrrd"),
+            read_volume(Path(sample) / "knee_bones_labels.nrrd"),
+        )
         centre = np.round(np.mean(np.nonzero(labels.array == 3), axis=1)).astype(int)
         start = np.clip(centre - CROP // 2, 0, np.array(labels.array.shape) - CROP)
         box = tuple(slice(s, s + CROP) for s in start)
@@ -102,7 +105,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
     assert training["augmentation"]["projections"] is True
 
     # The saved file holds the best epoch's weights: on the run's validation sub-volumes it scores the best loss.
-    volume = prepare_volume(read_volume(training_pair[0]), read_volume(training_pair[1]), training_pair[2], card.normalization)
+    volume = prepare_volume(
+        read_volume(training_pair[0]), read_volume(training_pair[1]), training_pair[2], card.normalization
+    )
     images, bone = PatchSampler([volume], 16, 0.5, Augmentation.none(), seed=[0, 1]).batch(4)
     probability = np.clip(np.asarray(model.network.predict_on_batch(images), np.float64), 1e-7, 1 - 1e-7)
     saved_loss = -np.mean(bone * np.log(probability) + (1 - bone) * np.log(1 - probability))
@@ -111,7 +116,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_with_card_and_curv
     # Beside it, the same network as ONNX, which segmenting runs without Keras; the card records the export.
     exported = load_model(output.with_suffix(".onnx"), engine="onnxruntime")
     assert exported.card.export["onnx"]["onnx_sha256"] == file_sha256(output.with_suffix(".onnx"))
-    np.testing.assert_allclose(exported.network.predict_on_batch(images), model.network.predict_on_batch(images), atol=1e-4)
+    np.testing.assert_allclose(
+        exported.network.predict_on_batch(images), model.network.predict_on_batch(images), atol=1e-4
+    )
 
     curves = sitk.GetArrayFromImage(sitk.ReadImage(str(output.with_suffix(".loss.png"))))[..., :3].astype(int)
     assert curves.shape == (360, 600, 3)
@@ -210,7 +217,9 @@ def test_crops_past_the_range_see_the_image_there_but_never_its_labels():
     image[:, :, 40:], labels[:, :, 40:] = 100000.0, 2  # past the range: all bright, all bone
     geometry = Geometry((0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
 
-    volume = prepare_volume(Volume(image, geometry), Volume(labels, geometry), spacing_mm=1.0, train_range_i=(0, 32), context_mm=8.0)
+    volume = prepare_volume(
+        Volume(image, geometry), Volume(labels, geometry), spacing_mm=1.0, train_range_i=(0, 32), context_mm=8.0
+    )
     assert volume.image.shape == (16, 16, 24) and volume.record["image_range_i"] == [0, 48]
     assert volume.image[:, :, 21:].min() > 0.9  # the bright image past the range is there to be seen
     trained_i = np.flatnonzero(volume.trained.any(axis=(0, 1)))
@@ -256,8 +265,14 @@ def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tm
     from KneeBoneSegLib.network.unet import build_unet
 
     spacing = [0.7, 0.7, 1.05]  # a model trained on anisotropic voxels
-    start = save_model(Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras")
-    result = train(_tiny_config(training_pair, tmp_path / "tuned.keras", initial_model=start, spacing_mm=None, epochs=1, steps_per_epoch=1))
+    start = save_model(
+        Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras"
+    )
+    result = train(
+        _tiny_config(
+            training_pair, tmp_path / "tuned.keras", initial_model=start, spacing_mm=None, epochs=1, steps_per_epoch=1
+        )
+    )
     image = read_volume(training_pair[0])
     expected_kji = grid_shape_for_spacing(image.array.shape, image.geometry.spacing, spacing)
     assert result.card.spacing_mm == spacing
@@ -291,13 +306,30 @@ def test_an_architecture_gives_the_settings_a_run_leaves_unset():
     from KneeBoneSegLib.network.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
     for name in ARCHITECTURES:
-        config = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture=name).validate()
+        config = TrainingConfig(
+            images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture=name
+        ).validate()
         preset = ARCHITECTURES[name]
-        assert (config.base_filters, config.depth, config.patch_size, config.stride, config.batch_size, config.epochs) == (
-            preset.base_filters, preset.depth, preset.patch_size, preset.stride, preset.batch_size, preset.epochs)
-    assert TrainingConfig(images=[], labels=[], output=Path("m.keras")).architecture == DEFAULT_ARCHITECTURE == "compact"  # the shipped models' recipe
-    paper = TrainingConfig(images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture="paper", patch_size=32).validate()
-    assert (paper.base_filters, paper.depth, paper.patch_size, paper.stride) == (64, 4, 32, ARCHITECTURES["paper"].stride)
+        assert (
+            config.base_filters,
+            config.depth,
+            config.patch_size,
+            config.stride,
+            config.batch_size,
+            config.epochs,
+        ) == (preset.base_filters, preset.depth, preset.patch_size, preset.stride, preset.batch_size, preset.epochs)
+    assert (
+        TrainingConfig(images=[], labels=[], output=Path("m.keras")).architecture == DEFAULT_ARCHITECTURE == "compact"
+    )  # the shipped models' recipe
+    paper = TrainingConfig(
+        images=[Path("a.nrrd")], labels=[Path("b.nrrd")], output=Path("m.keras"), architecture="paper", patch_size=32
+    ).validate()
+    assert (paper.base_filters, paper.depth, paper.patch_size, paper.stride) == (
+        64,
+        4,
+        32,
+        ARCHITECTURES["paper"].stride,
+    )
     words = shlex.split(command_line(paper))
     assert words[words.index("--architecture") + 1] == "paper" and words[words.index("--patch-size") + 1] == "32"
     assert "--base-filters" not in words and "--stride" not in words  # the architecture's own values need no option
@@ -308,7 +340,15 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
     """The whole-knee experiments' recipe (architecture ``coarse``) on a crop: few steps, the full path."""
     import onnxruntime
 
-    coarse = partial(_tiny_config, training_pair, architecture="coarse", norm_layer=None, soft_labels=None, epochs=3, learning_rate=1e-2)
+    coarse = partial(
+        _tiny_config,
+        training_pair,
+        architecture="coarse",
+        norm_layer=None,
+        soft_labels=None,
+        epochs=3,
+        learning_rate=1e-2,
+    )
     config = coarse(tmp_path / "coarse.keras").validate()
     assert (config.norm_layer, config.soft_labels) == ("instance", True)  # the architecture's, as it gives them
     result = train(config)
@@ -330,7 +370,9 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
     # Crops past the training range: the image reaches half a sub-volume further, the loss stays on the range.
     past = train(coarse(tmp_path / "past.keras", train_range_i=(0, 40), crops_past_range=True, epochs=1))
     (record,) = past.card.training["data"]
-    context = round(8 * past.card.spacing_mm[0] / float(read_volume(image_path).geometry.spacing[0]))  # half of a 16-voxel crop
+    context = round(
+        8 * past.card.spacing_mm[0] / float(read_volume(image_path).geometry.spacing[0])
+    )  # half of a 16-voxel crop
     assert record["image_range_i"] == [0, 40 + context] and np.isfinite(past.history[-1]["loss"])
 
     # The ONNX export runs on ONNX Runtime and gives Keras's probabilities.
@@ -341,9 +383,22 @@ def test_the_coarse_recipe_trains_on_soft_targets_with_instance_norm_resumes_and
 
 
 @pytest.mark.slow
-def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_exports_free_sides(training_pair, tmp_path):
+def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_exports_free_sides(
+    training_pair, tmp_path
+):
     """The whole-knee network's recipe (architecture ``slices``) on a crop: few steps, the full path."""
-    slices = partial(_tiny_config, training_pair, architecture="slices", base_filters=4, depth=2, patch_size=16, batch_size=4, soft_labels=None, epochs=3, learning_rate=1e-2)
+    slices = partial(
+        _tiny_config,
+        training_pair,
+        architecture="slices",
+        base_filters=4,
+        depth=2,
+        patch_size=16,
+        batch_size=4,
+        soft_labels=None,
+        epochs=3,
+        learning_rate=1e-2,
+    )
     result = train(slices(tmp_path / "slices.keras", train_range_i=(0, 40), crops_past_range=True))
     losses = [entry["loss"] for entry in result.history]
     assert losses[-1] < losses[0]
@@ -361,7 +416,9 @@ def test_the_slices_recipe_trains_a_2d_network_on_crops_of_all_three_planes_and_
     assert train(budgeted).steps == budgeted.steps_per_epoch
     resumed = train(replace(budgeted, max_minutes=None, resume=True))
     whole = train(slices(tmp_path / "whole.keras"))
-    assert [entry["loss"] for entry in resumed.history] == pytest.approx([entry["loss"] for entry in whole.history], rel=1e-4)
+    assert [entry["loss"] for entry in resumed.history] == pytest.approx(
+        [entry["loss"] for entry in whole.history], rel=1e-4
+    )
 
 
 def test_slice_crops_keep_image_and_labels_aligned_in_every_plane_and_see_no_label_past_the_range():

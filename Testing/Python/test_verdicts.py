@@ -106,7 +106,10 @@ def test_verdicts_follow_confidence_and_input_differences():
     verdict = judge(report, thresholds)
     assert verdict["run"] == "review"
     assert [verdict["bones"][key]["verdict"] for key in ("femur", "tibia", "patella")] == ["ok", "review", "missing"]
-    assert "sure" in verdict["bones"]["tibia"]["reasons"][0] and "1 component rejected" in verdict["bones"]["patella"]["reasons"][0]
+    assert (
+        "sure" in verdict["bones"]["tibia"]["reasons"][0]
+        and "1 component rejected" in verdict["bones"]["patella"]["reasons"][0]
+    )
 
     report["confidence"]["femur"]["sure_share"] = 0.3
     report["confidence"]["tibia"]["surface_disagreement"] = 0.5
@@ -129,7 +132,13 @@ def test_input_check_names_what_differs_from_the_card(sample_dicom):
     image = np.random.default_rng(0).random((40, 40, 40), np.float32)
     same = compare_with_card(image, (0.35, 0.35, 0.35), trained, card)
     assert not any("T scanner" in d or "fat" in d or "body part" in d for d in same["differences"])
-    other = {**trained, "MagneticFieldStrength": "3", "ScanOptions": "FS\\SAT_GEMS", "EchoTime": "85", "BodyPartExamined": "HEAD"}
+    other = {
+        **trained,
+        "MagneticFieldStrength": "3",
+        "ScanOptions": "FS\\SAT_GEMS",
+        "EchoTime": "85",
+        "BodyPartExamined": "HEAD",
+    }
     differences = " | ".join(compare_with_card(image, (0.31, 0.31, 1.5), other, card)["differences"])
     for words in ("3 T scanner", "fat-suppressed", "T2-weighted", "body part HEAD", "coarser", "histogram"):
         assert words in differences
@@ -140,7 +149,9 @@ def phantom_on_disk(tmp_path):
     image, labels, geometry = knee_phantom()
     write_volume(Volume(image, geometry), tmp_path / "knee.nrrd")
     noise = np.random.default_rng(3).random((40, 40, 40)).astype(np.float32)
-    write_volume(Volume(noise, Geometry((0.1, 0.1, 0.1), (0.0, 0.0, 0.0))), tmp_path / "noise.nrrd")  # 4 mm: no bone fits
+    write_volume(
+        Volume(noise, Geometry((0.1, 0.1, 0.1), (0.0, 0.0, 0.0))), tmp_path / "noise.nrrd"
+    )  # 4 mm: no bone fits
     card = ModelCard(name="threshold", patch_size=16, stride=8, normalization={"method": "minmax"})
     write_threshold_onnx(tmp_path / "threshold.onnx", card)
     return tmp_path
@@ -148,7 +159,18 @@ def phantom_on_disk(tmp_path):
 
 def test_cli_exits_3_when_no_bone_passes_and_keeps_the_outputs_marked(phantom_on_disk, capsys):
     folder = phantom_on_disk
-    code = main(["segment", str(folder / "noise.nrrd"), "-o", str(folder / "out"), "--model", str(folder / "threshold.onnx"), "--progress", "none"])
+    code = main(
+        [
+            "segment",
+            str(folder / "noise.nrrd"),
+            "-o",
+            str(folder / "out"),
+            "--model",
+            str(folder / "threshold.onnx"),
+            "--progress",
+            "none",
+        ]
+    )
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == EXIT_NO_BONE == 3
     assert last_line.startswith("FAILED: femur missing (not found")
@@ -156,12 +178,28 @@ def test_cli_exits_3_when_no_bone_passes_and_keeps_the_outputs_marked(phantom_on
     assert summary["verdict"]["run"] == "failed" and "no bone passed" in summary["verdict"]["reasons"][0]
     assert (folder / "out" / "segmentation.seg.nrrd").is_file()
 
-    code = main(["segment", str(folder / "knee.nrrd"), "-o", str(folder / "knee"), "--model", str(folder / "threshold.onnx"), "--progress", "none", "--save-uncertainty"])
+    code = main(
+        [
+            "segment",
+            str(folder / "knee.nrrd"),
+            "-o",
+            str(folder / "knee"),
+            "--model",
+            str(folder / "threshold.onnx"),
+            "--progress",
+            "none",
+            "--save-uncertainty",
+        ]
+    )
     assert code == 0
     summary = json.loads((folder / "knee" / "summary.json").read_text())
     assert summary["verdict"]["run"] == "ok" and set(summary["confidence"]) == {"femur", "tibia", "patella"}
     uncertainty = read_volume(folder / "knee" / "uncertainty.nrrd")
-    assert uncertainty.array.shape == knee_phantom()[0].shape and 0 <= uncertainty.array.min() and uncertainty.array.max() <= 1
+    assert (
+        uncertainty.array.shape == knee_phantom()[0].shape
+        and 0 <= uncertainty.array.min()
+        and uncertainty.array.max() <= 1
+    )
 
 
 def test_failed_bones_are_marked_in_segment_names_and_files(tmp_path):
@@ -171,7 +209,12 @@ def test_failed_bones_are_marked_in_segment_names_and_files(tmp_path):
     result.report["verdict"]["bones"]["patella"]["verdict"] = "review"
     written = write_outputs(result, tmp_path / "out")
     assert (tmp_path / "out" / "tibia.failed.stl").is_file() and not (tmp_path / "out" / "tibia.stl").exists()
-    segments = {s["id"]: s for s in slicerio.read_segmentation(str(tmp_path / "out" / "segmentation.seg.nrrd"), skip_voxels=True)["segments"]}
+    segments = {
+        s["id"]: s
+        for s in slicerio.read_segmentation(str(tmp_path / "out" / "segmentation.seg.nrrd"), skip_voxels=True)[
+            "segments"
+        ]
+    }
     assert segments["Femur"]["name"] == "Femur" and segments["Tibia"]["name"] == "Tibia (failed)"
     assert segments["Tibia"]["status"] == "flagged" and segments["Patella"]["name"] == "Patella (review)"
     assert "tibia failed" in written["summary_line"]
@@ -183,7 +226,11 @@ def test_failed_bones_are_marked_in_segment_names_and_files(tmp_path):
     for key in ("tibia", "patella"):  # the same mesh (STL keeps float32 triangles, not the vertex order)
         read_mesh, mesh = read.surfaces[key], result.surfaces[key]
         assert len(read_mesh.faces) == len(mesh.faces)
-        np.testing.assert_allclose([read_mesh.vertices.min(0), read_mesh.vertices.max(0)], [mesh.vertices.min(0), mesh.vertices.max(0)], atol=1e-4)
+        np.testing.assert_allclose(
+            [read_mesh.vertices.min(0), read_mesh.vertices.max(0)],
+            [mesh.vertices.min(0), mesh.vertices.max(0)],
+            atol=1e-4,
+        )
     assert read.path(PROBABILITY_FILE) is None and read.path(SEGMENTATION_FILE) == tmp_path / "out" / SEGMENTATION_FILE
     with pytest.raises(InputError, match="not an output folder"):
         read_outputs(tmp_path)
@@ -240,7 +287,9 @@ def test_femur_only_crop_gives_a_femur_to_review_and_two_missing(sample_scan, sa
     result = segment(_crop(sample_scan, FEMUR_ONLY), shipped, SegmentOptions(surfaces=False))
     bones = result.verdict["bones"]
     # Right, but a lone bone's name rests on its shape alone: never ok.
-    assert bones["femur"]["verdict"] == "review" and bones["tibia"]["verdict"] == bones["patella"]["verdict"] == "missing"
+    assert (
+        bones["femur"]["verdict"] == "review" and bones["tibia"]["verdict"] == bones["patella"]["verdict"] == "missing"
+    )
     assert any(reason.startswith("name uncertain") for reason in bones["femur"]["reasons"])
     assert "not found" in bones["tibia"]["reasons"][0] and result.verdict["run"] == "review"
     _assert_no_wrong_bone(result, sample_labels.array[FEMUR_ONLY])
@@ -290,7 +339,9 @@ def test_a_head_is_not_a_knee(shipped):
         start = (96 - size) // 2
         head[k, start : start + size, start : start + size] = resize(slice_2d, (size, size), anti_aliasing=True)
     head = ndimage.gaussian_filter(head, 0.7) * 1000 + np.random.default_rng(1).normal(0, 10, head.shape)
-    result = segment(Volume(head.astype(np.float32), Geometry((1.2, 1.2, 1.2), (0, 0, 0))), shipped, SegmentOptions(surfaces=False))
+    result = segment(
+        Volume(head.astype(np.float32), Geometry((1.2, 1.2, 1.2), (0, 0, 0))), shipped, SegmentOptions(surfaces=False)
+    )
     assert result.report["bones"] == {} and result.verdict["run"] == "failed", result.verdict
     assert all(v["verdict"] == "missing" for v in result.verdict["bones"].values())
 

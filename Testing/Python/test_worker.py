@@ -69,7 +69,9 @@ def test_progress_arrives_while_the_worker_runs(tmp_path):
         """,
     )
     seen = []
-    worker = WorkerProcess(command, _work_folder(tmp_path), on_progress=lambda stage, fraction: seen.append((stage, fraction)))
+    worker = WorkerProcess(
+        command, _work_folder(tmp_path), on_progress=lambda stage, fraction: seen.append((stage, fraction))
+    )
     _poll_until(worker, lambda: seen)
     assert seen == [("Predicting", 0.25)]
     assert worker.poll(), "the worker is still waiting, so poll must say it runs"
@@ -156,7 +158,12 @@ def test_worker_environment_puts_the_library_first_and_ignores_user_settings(tmp
     home = tmp_path / "home"
     (home / ".keras").mkdir(parents=True)
     (home / ".keras" / "keras.json").write_text(json.dumps({"backend": "jax"}))
-    base = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "PYTHONPATH": os.pathsep.join(["/elsewhere", LIBRARY_FOLDER])}
+    base = {
+        **os.environ,
+        "HOME": str(home),
+        "USERPROFILE": str(home),
+        "PYTHONPATH": os.pathsep.join(["/elsewhere", LIBRARY_FOLDER]),
+    }
     base.pop("KERAS_BACKEND", None)
     environment = worker_environment(base, LIBRARY_FOLDER)
     assert environment["PYTHONPATH"].split(os.pathsep) == [LIBRARY_FOLDER, "/elsewhere"]
@@ -179,8 +186,20 @@ def test_worker_environment_puts_the_library_first_and_ignores_user_settings(tmp
 
 def test_the_real_command_line_reports_a_user_error_through_the_runner(tmp_path):
     missing = tmp_path / "no-such-scan.nrrd"
-    command = [sys.executable, "-m", "KneeBoneSegLib", "postprocess", str(missing), "-o", str(tmp_path / "out"), "--progress", "json"]
-    worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(poll_interval=0.05)
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "postprocess",
+        str(missing),
+        "-o",
+        str(tmp_path / "out"),
+        "--progress",
+        "json",
+    ]
+    worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(
+        poll_interval=0.05
+    )
     assert worker.outputs is None
     assert str(missing.name) in worker.error and "Traceback" not in worker.error
 
@@ -200,20 +219,48 @@ def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels
 
     scan = read_volume(sample_dir / "knee_mri.nrrd")
     corner = [crop.start for crop in SAMPLE_CROP][::-1]  # i, j, k
-    geometry = type(scan.geometry)(scan.geometry.spacing, tuple(scan.geometry.index_to_lps(np.array(corner, float))), scan.geometry.direction)
+    geometry = type(scan.geometry)(
+        scan.geometry.spacing, tuple(scan.geometry.index_to_lps(np.array(corner, float))), scan.geometry.direction
+    )
     crop_path = tmp_path / "crop.nrrd"
     write_volume(Volume(scan.array[SAMPLE_CROP], geometry), crop_path)
 
     work_folder = _work_folder(tmp_path)
-    command = [sys.executable, "-m", "KneeBoneSegLib", "segment", str(crop_path), "-o", str(work_folder / "output"),
-               "--projections", "1", "--device", "cpu", "--save-probability", "--progress", "json"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "segment",
+        str(crop_path),
+        "-o",
+        str(work_folder / "output"),
+        "--projections",
+        "1",
+        "--device",
+        "cpu",
+        "--save-probability",
+        "--progress",
+        "json",
+    ]
     stages = []
-    worker = WorkerProcess(command, work_folder, worker_environment(os.environ, LIBRARY_FOLDER), lambda stage, fraction: stages.append(fraction))
+    worker = WorkerProcess(
+        command,
+        work_folder,
+        worker_environment(os.environ, LIBRARY_FOLDER),
+        lambda stage, fraction: stages.append(fraction),
+    )
     worker.wait(poll_interval=0.05)
     assert worker.error is None, worker.error
     assert stages, "no progress arrived while the worker ran"
     written = {Path(path).name for path in worker.outputs}
-    assert {"segmentation.seg.nrrd", "probability.nrrd", "summary.json", "femur.stl", "tibia.stl", "patella.stl"} <= written
+    assert {
+        "segmentation.seg.nrrd",
+        "probability.nrrd",
+        "summary.json",
+        "femur.stl",
+        "tibia.stl",
+        "patella.stl",
+    } <= written
 
     labels = read_volume(work_folder / "output" / "segmentation.seg.nrrd")
     np.testing.assert_allclose(labels.geometry.origin, geometry.origin, atol=1e-6)
@@ -227,8 +274,21 @@ def test_the_worker_segments_a_crop_of_the_sample_scan(sample_dir, sample_labels
 def test_the_sample_command_reports_through_the_runner(tmp_path):
     """Sample Data's download in Slicer runs ``kneeboneseg sample --progress json`` in a worker."""
     absent = (tmp_path / "absent.zip").as_uri()
-    command = [sys.executable, "-m", "KneeBoneSegLib", "sample", "-o", str(tmp_path / "sample"), "--url", absent, "--progress", "json"]
-    worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(poll_interval=0.05)
+    command = [
+        sys.executable,
+        "-m",
+        "KneeBoneSegLib",
+        "sample",
+        "-o",
+        str(tmp_path / "sample"),
+        "--url",
+        absent,
+        "--progress",
+        "json",
+    ]
+    worker = WorkerProcess(command, _work_folder(tmp_path), worker_environment(os.environ, LIBRARY_FOLDER)).wait(
+        poll_interval=0.05
+    )
     assert worker.outputs is None and worker.error.startswith("could not download the sample scan from"), worker.error
     assert not (tmp_path / "sample").exists()
 
@@ -242,6 +302,8 @@ def test_the_sample_is_assembled_by_a_worker_whose_error_comes_back_in_one_line(
     taken.mkdir()
     (taken / "notes.txt").write_text("the user's")
     idle = []
-    error = SegmentationRuns([sys.executable], str(Path(__file__).resolve().parents[2]), str(tmp_path / "temp")).assemble_sample(taken, on_idle=lambda: idle.append(1))
+    error = SegmentationRuns(
+        [sys.executable], str(Path(__file__).resolve().parents[2]), str(tmp_path / "temp")
+    ).assemble_sample(taken, on_idle=lambda: idle.append(1))
     assert error and "\n" not in error and str(taken) in error
     assert (taken / "notes.txt").read_text() == "the user's" and not list((tmp_path / "temp").iterdir())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from ..io.images import read_mask, read_volume
 from ..network.architectures import ARCHITECTURES
 from ..network.export import export_onnx
 from ..network.models import ModelCard, file_sha256, load_model, network_dimensions, save_model
+from ..threads import available_cores
 from .arguments import command_line
 from .config import TrainingConfig, TrainingResult
 from .data import heldout_range, prepare_volume, samplers
@@ -378,11 +378,10 @@ def _training_record(
 def _machine() -> dict:
     import keras
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "system": platform.system(),
         "machine": platform.machine(),
-        "cpus": cpus,
+        "cpus": available_cores(),
         "devices": _devices(),
         "python": platform.python_version(),
         "numpy": np.__version__,

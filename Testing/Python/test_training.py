@@ -261,12 +261,12 @@ def test_labels_reach_the_coarse_grid_where_the_bone_is_not_half_a_fine_voxel_of
 
 @pytest.mark.slow
 def test_fine_tuning_uses_each_axis_spacing_of_the_models_card(training_pair, tmp_path):
-    from KneeBoneSegLib.network.models import Model, ModelCard, save_model
+    from KneeBoneSegLib.network.models import ModelCard, save_model
     from KneeBoneSegLib.network.unet import build_unet
 
     spacing = [0.7, 0.7, 1.05]  # a model trained on anisotropic voxels
     start = save_model(
-        Model(build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing)), tmp_path / "start.keras"
+        build_unet(16, 4, 2), ModelCard(patch_size=16, stride=8, spacing_mm=spacing), tmp_path / "start.keras"
     )
     result = train(
         _tiny_config(

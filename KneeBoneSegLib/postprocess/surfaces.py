@@ -8,6 +8,9 @@ millimetres through the image geometry, then smoothed
 by Laplacian smoothing with inverse-distance weights as in the paper: each
 vertex moves towards the average of its neighbours, nearer neighbours
 weighing more. Each step is one sparse matrix product over all vertices.
+Smoothing shrinks a surface; a uniform offset along the vertex normals then
+gives back the volume of the bone's voxels (not in the paper), so that a
+printed bone holds as much bone as its segmentation.
 """
 
 from __future__ import annotations
@@ -155,6 +158,41 @@ def smooth_laplacian(surface: Surface, iterations: int = 20, relaxation: float =
     return Surface(vertices, surface.faces)
 
 
+def vertex_normals(surface: Surface) -> np.ndarray:
+    """(N, 3) unit normals at the vertices: the mean of the adjoining faces' normals, weighted by their areas."""
+    a, b, c = (np.take(surface.vertices, surface.faces[:, n], axis=0) for n in range(3))
+    face_normals = np.cross(b - a, c - a)  # twice the area, outward for a closed mesh wound as ours
+    count = len(surface.vertices)
+    normals = np.stack(
+        [
+            sum(
+                np.bincount(surface.faces[:, corner], weights=face_normals[:, axis], minlength=count)
+                for corner in range(3)
+            )
+            for axis in range(3)
+        ],
+        axis=1,
+    )
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def with_volume(surface: Surface, volume_mm3: float, steps: int = 3) -> Surface:
+    """``surface`` moved along its vertex normals by the one distance that makes it enclose ``volume_mm3``.
+
+    Laplacian smoothing shrinks a closed surface, most where it curves most,
+    so a small bone loses the largest share (the sample's patella 0.59 %). A
+    uniform offset along the normals gives the volume back without undoing
+    the smoothing; the offset solves ``V(d) = volume_mm3`` by Newton steps
+    (``dV/dd`` is the surface's area).
+    """
+    vertices = surface.vertices.astype(np.float64, copy=True)
+    normals = vertex_normals(surface)
+    for _ in range(steps):
+        moved = Surface(vertices, surface.faces)
+        vertices += normals * ((volume_mm3 - enclosed_volume(moved)) / surface_area(moved))
+    return Surface(vertices, surface.faces)
+
+
 def enclosed_volume(surface: Surface) -> float:
     """Signed volume (mm3) enclosed by a closed mesh; positive when normals point out."""
     a, b, c = (np.take(surface.vertices, surface.faces[:, n], axis=0) for n in range(3))
@@ -193,18 +231,26 @@ def bone_surface(
 
     ``corner``: as for :func:`extract_surface`.
 
+    The smoothed surface encloses the bone's volume, its voxels' (:func:`with_volume`):
+    the STL a clinician prints holds as much bone as the segmentation.
+
     Returns
     -------
     surface : Surface
     report : dict
-        ``vertices``, ``faces``, ``volume_mm3_before_smoothing``,
-        ``volume_mm3`` (after), ``area_mm2``, ``watertight``.
+        ``vertices``, ``faces``, ``volume_mm3_voxels`` (the mask's),
+        ``volume_mm3_before_smoothing`` (marching cubes'), ``volume_mm3``
+        (the smoothed surface's), ``area_mm2``, ``watertight``.
     """
     raw = extract_surface(mask, geometry, corner)
+    voxels_mm3 = float(np.count_nonzero(mask)) * float(np.prod(geometry.spacing))
     smoothed = smooth_laplacian(raw, smoothing_iterations)
+    if smoothing_iterations > 0:
+        smoothed = with_volume(smoothed, voxels_mm3)
     report = {
         "vertices": len(smoothed.vertices),
         "faces": len(smoothed.faces),
+        "volume_mm3_voxels": round(voxels_mm3, 1),
         "volume_mm3_before_smoothing": round(enclosed_volume(raw), 1),
         "volume_mm3": round(enclosed_volume(smoothed), 1),
         "area_mm2": round(surface_area(smoothed), 1),

@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--json", action="store_true", help="print one JSON object keyed by femur, tibia, patella, all"
     )
+    evaluate.add_argument(
+        "--surfaces",
+        action="store_true",
+        help="also the distance from each predicted bone's smoothed surface (its STL) to the reference's: mean and 95th percentile, mm",
+    )
 
     train = commands.add_parser("train", help="train or fine-tune the 3D U-Net on image + label-map pairs")
     add_training_arguments(train)
@@ -346,7 +351,7 @@ def _run_evaluate(args, reporter: _Reporter) -> int:
             f"kneeboneseg: note: {args.prediction} lies on another grid than {args.reference}; resampled onto it (nearest neighbour)",
             file=sys.stderr,
         )
-    metrics = evaluate_labels(predicted, reference.array, reference.geometry.spacing)
+    metrics = evaluate_labels(predicted, reference.array, reference.geometry.spacing, surfaces=args.surfaces)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
     return 0
 

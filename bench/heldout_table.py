@@ -264,7 +264,8 @@ def measure_family(
         probability = stitched(fused[sides["low"]], fused[sides["high"]], split)
         del fused
         labels = row_labels(probability, scan, projections, fusion, radius_mm, fill)
-        rows[name] = evaluate_labels(labels, truth, spacing)
+        # The default row is measured as printed too: each bone's STL against the ground truth's (surface distances).
+        rows[name] = evaluate_labels(labels, truth, spacing, surfaces=name == variants[0][0])
         if name == variants[0][0] and labels_out:
             write_volume(Volume(labels, scan.geometry), labels_out)
         print(
@@ -277,7 +278,7 @@ def measure_family(
     segmented = [segment(scan, model, SegmentOptions(surfaces=False)) for model in models]
     print(f"each fold's own segment of the whole scan, default settings: {time.perf_counter() - start:.0f} s")
     each_fold = evaluate_labels(
-        stitched(segmented[sides["low"]].labels, segmented[sides["high"]].labels, split), truth, spacing
+        stitched(segmented[sides["low"]].labels, segmented[sides["high"]].labels, split), truth, spacing, surfaces=True
     )
 
     default = variants[0][0]

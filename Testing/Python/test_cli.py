@@ -270,6 +270,11 @@ def test_postprocess_and_evaluate_the_sample_ground_truth(sample_dir, tmp_path, 
     # Closing only adds voxels, so the closed ground truth still overlaps the original almost entirely.
     assert all(0.97 < metrics[key]["dice"] <= 1.0 for key in metrics)
     assert set(metrics["all"]) == {"dice", "iou", "ahd_voxels", "ahd_mm", "hd95_mm"}
+    code, out, _ = run(["evaluate", tmp_path / "bones" / "labels.nii.gz", truth, "--surfaces"], capsys)
+    assert code == 0 and "surf95 mm" in out.splitlines()[0]
+    # The closed truth's surfaces lie within a voxel or two (0.35 mm) of the truth's own, on average well within one.
+    patella = next(line for line in out.splitlines() if line.startswith("patella")).split()
+    assert 0.0 < float(patella[-2]) < 0.35 and float(patella[-2]) <= float(patella[-1])
 
 
 def test_the_console_script_runs_as_a_module():

@@ -54,3 +54,20 @@ def test_evaluate_ground_truth_against_itself_and_a_perturbed_copy(sample_labels
         assert spacing[0] < result[bone]["hd95_mm"] <= 2 * spacing[0] + 1e-6
     assert result["patella"]["dice"] < result["femur"]["dice"]  # a smaller bone loses more to the same shift
     assert "patella" in format_metrics_table(result)
+
+
+def test_surface_distances_run_from_the_predicted_bones_stl_to_the_references():
+    k, j, i = np.indices((40, 40, 40))
+    reference = ((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2 <= 10**2).astype(np.uint8)
+    grown = ((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2 <= 12**2).astype(np.uint8)  # the same bone, 2 voxels larger
+    spacing = (0.5, 0.5, 0.5)
+    same = evaluate_labels(reference, reference, spacing, surfaces=True)["femur"]
+    assert same["surface_mean_mm"] == 0.0 and same["surface_p95_mm"] == 0.0
+    larger = evaluate_labels(grown, reference, spacing, surfaces=True)
+    assert larger["femur"]["surface_mean_mm"] == pytest.approx(1.0, abs=0.1)  # 2 voxels of 0.5 mm
+    assert larger["femur"]["surface_p95_mm"] >= larger["femur"]["surface_mean_mm"]
+    assert larger["tibia"]["surface_mean_mm"] == float("inf")  # no tibia on either side
+    assert (
+        "surface_mean_mm" not in larger["all"]
+        and "surface_mean_mm" not in evaluate_labels(grown, reference, spacing)["femur"]
+    )

@@ -259,7 +259,7 @@ def whole_volume_probability(scan: Volume, keras_path: Path, mirror: bool = Fals
     probability = sum(
         np.flip(predict_whole_volume(np.flip(model_input.image, axes), network, multiple), axes) for axes in flips
     ) / len(flips)
-    return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
+    return model_input.grid.to_scan(probability)
 
 
 def slices_probability(scan: Volume, model, planes, mirror: bool = False) -> np.ndarray:
@@ -278,7 +278,7 @@ def slices_probability(scan: Volume, model, planes, mirror: bool = False) -> np.
         ) / len(flips)
         total += np.moveaxis(predicted, 0, axis)
     probability = total / len(planes)
-    return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
+    return model_input.grid.to_scan(probability)
 
 
 def gated_fine(scan: Volume, coarse: np.ndarray, options: SegmentOptions) -> np.ndarray:

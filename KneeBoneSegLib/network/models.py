@@ -133,16 +133,11 @@ class Model:
         sub-volumes, an uncertainty map from one projection.
         """
         opened = self.opened_with()
-        asked = {
-            "engine": options.engine,
-            "device": options.device,
-            "precision": options.precision,
-            "threads": options.threads,
-        }
-        for name, value in asked.items():
-            if value not in (None, "auto", opened[name]):
+        for name, ran in opened.items():
+            value = getattr(options, name)
+            if value not in (None, "auto", ran):
                 raise InputError(
-                    f"the options ask for {name} {value}, but the model was opened for {opened[name]}; "
+                    f"the options ask for {name} {value}, but the model was opened for {ran}; "
                     f"open it with load_model(..., {name}={value!r}) or leave {name} out of the options"
                 )
         slices = network_dimensions(self.card) == 2
@@ -235,7 +230,7 @@ class Model:
         probability = fuse_probabilities(
             self.projection_maps(model_input, options, progress), self.fusion_rule(options.fusion)
         )
-        return model_input.grid.to_scan(probability) if model_input.grid.resamples else probability
+        return model_input.grid.to_scan(probability)
 
 
 def card_path(model_path: str | os.PathLike) -> Path:

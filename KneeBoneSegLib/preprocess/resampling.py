@@ -293,7 +293,8 @@ class ModelGrid:
         )
 
     def to_scan(self, values: np.ndarray) -> np.ndarray:
-        """A model-grid map (probability, disagreement) back on the scan's grid (linear; float32)."""
+        """A model-grid map (probability, disagreement) back on the scan's grid (linear; float32): the map
+        itself where the model's grid is the scan's."""
         if not self.reoriented:
             return resample_to_shape(values, self.scan_shape, order=1)
         return resample_onto(values, self.geometry, self.scan_geometry, self.scan_shape, order=1, extrapolate=True)

@@ -354,34 +354,20 @@ def test_an_options_file_sets_the_run_and_flags_given_win_over_it(scan_and_model
     assert not list((tmp_path / "out").glob("*.stl"))
 
     request.write_text(json.dumps({"closing_radius": -2}))
-    code, _, err = run(
-        [
-            "postprocess",
-            scan_and_model / "truth.nrrd",
-            "-o",
-            tmp_path / "refused",
-            "--options",
-            request,
-            "--progress",
-            "none",
-        ],
-        capsys,
-    )
+    refused = [
+        "postprocess",
+        scan_and_model / "truth.nrrd",
+        "-o",
+        tmp_path / "refused",
+        "--options",
+        request,
+        "--progress",
+        "none",
+    ]
+    code, _, err = run(refused, capsys)
     assert code == 2 and "closing radius must be at least 0" in err and len(err.strip().splitlines()) == 1
     request.write_text("[1, 2]")
-    code, _, err = run(
-        [
-            "postprocess",
-            scan_and_model / "truth.nrrd",
-            "-o",
-            tmp_path / "refused",
-            "--options",
-            request,
-            "--progress",
-            "none",
-        ],
-        capsys,
-    )
+    code, _, err = run(refused, capsys)
     assert code == 2 and "must hold a JSON object of options" in err and not (tmp_path / "refused").exists()
 
 
